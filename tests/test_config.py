@@ -1,0 +1,112 @@
+import re
+from pathlib import Path
+
+import pytest
+
+from rabtriever_ray.config import (
+    ConfigError,
+    PromptConfig,
+    StudentConfig,
+    TeacherConfig,
+    config_help,
+    load_config,
+    to_dict,
+)
+from rabtriever_ray.models import load_causal_lm
+from rabtriever_ray.prompts import PromptBuilder
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
+# Which dataclass each folder under configs/ holds.
+CONFIG_CLASSES = {"teacher": TeacherConfig}
+
+
+def test_there_are_configs():
+    assert CONFIGS
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_every_yaml_loads_and_starts_with_its_command(path):
+    assert path.read_text().startswith("#"), f"{path} must start with a comment giving its command"
+    config = load_config(CONFIG_CLASSES[path.parent.name], path)
+    if isinstance(config, TeacherConfig):
+        # The prompt renders with a real chat-template tokenizer and its answer words are single tokens.
+        _, tokenizer = load_causal_lm("tiny-random-llama", device="cpu")
+        builder = PromptBuilder(tokenizer, config.prompt)
+        assert builder.pair_prompts(["q"], ["d"]).input_ids
+
+
+def test_defaults_yaml_and_overrides_compose(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text("model: tiny-random-llama\nprompt:\n  max_doc_tokens: 64\n")
+    config = load_config(
+        TeacherConfig,
+        path,
+        ["prompt.max_query_tokens=32", "max_batch_tokens=100", "dtype=bfloat16", "prompt.system=None"],
+    )
+    assert config.model == "tiny-random-llama"
+    assert config.prompt.max_doc_tokens == 64 and config.prompt.max_query_tokens == 32
+    assert config.max_batch_tokens == 100 and config.dtype == "bfloat16" and config.prompt.system is None
+    assert config.prompt.instruction == PromptConfig().instruction
+    assert to_dict(config)["prompt"]["max_doc_tokens"] == 64
+
+
+def test_command_line_type_conversion():
+    config = load_config(StudentConfig, None, ["input_norm=false", "proj_dim=8", "predictor_hidden= 16"])
+    assert config.input_norm is False and config.proj_dim == 8 and config.predictor_hidden == 16
+    assert load_config(StudentConfig, None, ["input_norm=yes"]).input_norm is True
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["prompt.max_doc_tokns=5"],
+            "unknown config key 'prompt.max_doc_tokns'; did you mean 'prompt.max_doc_tokens'",
+        ),
+        (["modle=x"], "unknown config key 'modle'"),
+        (["max_batch_tokens=lots"], "max_batch_tokens='lots' is not a valid int"),
+        (["dtype=float8"], "'dtype' must be one of"),
+        (["prompt=3"], "'prompt' is a section"),
+        (["nokey"], "not of the form key=value"),
+        (["prompt.max_doc_tokens=0"], "prompt.max_doc_tokens must be >= 1"),
+    ],
+)
+def test_bad_overrides_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(TeacherConfig, None, overrides)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("modell: x\n", "unknown config key 'modell'"),
+        (
+            "prompt:\n  answer_yes: yes\n",
+            "'prompt.answer_yes' expects str, got bool True \\(quote it in YAML\\)",
+        ),
+        ("prompt:\n  yes: x\n", "key prompt.True is not a string"),
+        ("max_batch_tokens: 1.5\n", "'max_batch_tokens' expects int"),
+        ("prompt: 3\n", "'prompt' must be a mapping"),
+        ("- a\n- b\n", "expected a mapping at the top level"),
+        ("a: [\n", "not valid YAML"),
+        ("prompt:\n  max_query_tokens: -1\n", "prompt.max_query_tokens must be >= 1"),
+    ],
+)
+def test_bad_yaml_names_the_file_and_key(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(TeacherConfig, path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(TeacherConfig, "/no/such/file.yaml")
+
+
+def test_help_lists_every_key_with_its_help():
+    text = config_help(TeacherConfig)
+    for key in ("model", "prompt.instruction", "prompt.max_doc_tokens", "max_batch_tokens", "dtype"):
+        assert f"  {key} (" in text
+    assert "documents are cut at the end" in text

@@ -1,0 +1,97 @@
+import pytest
+
+from rabtriever_ray.config import PromptConfig
+from rabtriever_ray.models import build_tiny_tokenizer
+from rabtriever_ray.prompts import PromptBuilder, PromptError, document_text
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer()
+
+
+def test_pair_prompt_puts_document_before_query_before_instruction(tokenizer):
+    config = PromptConfig(instruction="Is this support strategy an appropriate next reply?")
+    builder = PromptBuilder(tokenizer, config)
+    encoded = builder.pair_prompts(["how are you"], ["the document text"])
+    text = tokenizer.decode(encoded.input_ids[0])
+    doc_at, query_at, instr_at = (
+        text.index("the document text"),
+        text.index("how are you"),
+        text.index(config.instruction),
+    )
+    assert doc_at < query_at < instr_at
+    assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\n")
+    # Segment-wise tokenisation equals tokenising the rendered text in one go.
+    assert encoded.input_ids[0] == tokenizer(text, add_special_tokens=False).input_ids
+
+
+def test_plain_template_without_chat_template():
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = None
+    builder = PromptBuilder(tokenizer, PromptConfig(system="Be brief."))
+    text = tokenizer.decode(builder.pair_prompts(["q"], ["d"]).input_ids[0])
+    assert text.startswith("Be brief.\n\nDocument:\nd\n\nQuery:\nq") and text.endswith("Answer:")
+
+
+def test_system_message_is_rendered(tokenizer):
+    builder = PromptBuilder(tokenizer, PromptConfig(system="You judge relevance."))
+    assert tokenizer.decode(builder.pair_prompts(["q"], ["d"]).input_ids[0]).startswith(
+        "<|im_start|>system\nYou judge relevance."
+    )
+
+
+def test_query_prompt_is_the_pair_prompt_with_an_empty_document(tokenizer):
+    builder = PromptBuilder(tokenizer)
+    assert (
+        builder.query_prompts(["some query"]).input_ids
+        == builder.pair_prompts(["some query"], [""]).input_ids
+    )
+    doc = builder.document_prompts(["only the document"])
+    assert tokenizer.decode(doc.input_ids[0]) == "only the document"
+    with pytest.raises(ValueError, match="document 1 is empty"):
+        builder.document_prompts(["fine", ""])
+
+
+def test_truncation_cuts_documents_at_the_end_and_queries_at_the_start(tokenizer):
+    config = PromptConfig(max_doc_tokens=6, max_query_tokens=5)
+    builder = PromptBuilder(tokenizer, config)
+    doc = "first words of the document then many more words that will not fit"
+    query = "Seeker: an old turn that will be cut\nSupporter: the latest turn"
+    short = builder.pair_prompts(["hi"], ["short"])
+    cut = builder.pair_prompts([query], [doc])
+    assert cut.doc_truncated == [True] and cut.query_truncated == [True] and cut.n_truncated == 1
+    assert short.truncated == [False] and short.n_truncated == 0
+    assert cut.doc_tokens == [6] and cut.query_tokens == [5]
+    text = tokenizer.decode(cut.input_ids[0])
+    full_doc = tokenizer(doc, add_special_tokens=False).input_ids
+    full_query = tokenizer(query, add_special_tokens=False).input_ids
+    assert tokenizer.decode(full_doc[:6]) in text and tokenizer.decode(full_doc[6:]) not in text
+    assert tokenizer.decode(full_query[-5:]) in text and "an old turn" not in text
+    # Instruction and answer position survive any truncation.
+    assert text.endswith(f"{config.instruction} {config.answer_hint}<|im_end|>\n<|im_start|>assistant\n")
+    expected_len = len(short.input_ids[0]) - short.doc_tokens[0] - short.query_tokens[0] + 6 + 5
+    assert len(cut.input_ids[0]) == expected_len
+    docs = builder.document_prompts([doc])
+    assert docs.doc_truncated == [True] and docs.input_ids[0] == full_doc[:6]
+
+
+def test_answer_tokens_resolve_to_single_tokens(tokenizer):
+    builder = PromptBuilder(tokenizer)
+    assert tokenizer.decode([builder.yes_id]) == "yes" and tokenizer.decode([builder.no_id]) == "no"
+    assert builder.yes_id != builder.no_id
+
+
+def test_multi_token_answer_is_a_clear_error(tokenizer):
+    with pytest.raises(PromptError, match="cannot express the answer 'Absolutely'"):
+        PromptBuilder(tokenizer, PromptConfig(answer_yes="Absolutely"))
+
+
+def test_pair_lists_must_align(tokenizer):
+    with pytest.raises(ValueError, match="must align"):
+        PromptBuilder(tokenizer).pair_prompts(["a", "b"], ["c"])
+
+
+def test_document_text_joins_title():
+    assert document_text("Title", "Body") == "Title\nBody"
+    assert document_text("", "Body") == document_text(None, "Body") == "Body"

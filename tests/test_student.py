@@ -1,0 +1,102 @@
+import pytest
+import torch
+from conftest import DOCUMENTS, QUERIES
+
+from rabtriever_ray.config import StudentConfig
+from rabtriever_ray.predictor import Predictor, count_parameters
+from rabtriever_ray.student import Rabtriever
+
+
+@pytest.fixture(scope="module")
+def student(tiny_teacher):
+    return Rabtriever(tiny_teacher, StudentConfig(predictor_hidden=32, proj_dim=16))
+
+
+def _train_predictor_a_little(student):
+    with torch.no_grad():
+        for p in student.predictor.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+
+
+def test_backbone_and_head_are_frozen_and_shared(tiny_teacher, student):
+    assert all(not p.requires_grad for p in tiny_teacher.model.parameters())
+    assert student.head.lm_head.weight.data_ptr() == tiny_teacher.model.lm_head.weight.data_ptr()
+    assert student.head.norm is tiny_teacher.model.model.norm
+    names = set(student.state_dict())
+    assert names and all(n.split(".")[0] in {"predictor", "q_proj", "d_proj"} for n in names)
+    assert all(p.requires_grad for p in student.parameters())
+
+
+def test_encoders_return_pre_norm_states(student, tiny_teacher):
+    h_q = student.encode_queries(QUERIES)
+    h_d = student.encode_documents(DOCUMENTS)
+    assert h_q.shape == (len(QUERIES), 64) and h_d.shape == (len(DOCUMENTS), 64)
+    ids = tiny_teacher.prompts.document_prompts(DOCUMENTS[:1]).input_ids[0]
+    with torch.no_grad():
+        logits = tiny_teacher.model(torch.tensor([ids])).logits[0, -1]
+    torch.testing.assert_close(student.head.logits(h_d[0]), logits, atol=1e-5, rtol=1e-5)
+
+
+def test_untrained_predictor_returns_the_query_embedding(student):
+    h_q = torch.randn(3, 64)
+    h_d = torch.randn(3, 64)
+    assert torch.equal(student.predict(h_q, h_d), h_q)
+
+
+def test_untrained_student_with_empty_document_equals_the_teacher(student, tiny_teacher):
+    """Exact consistency: the student query prompt is the teacher prompt with an empty document."""
+    teacher = tiny_teacher.score(QUERIES, [""] * len(QUERIES))
+    h_q = student.encode_queries(QUERIES)
+    h_d = student.encode_documents(DOCUMENTS)  # ignored by the zero-initialised predictor
+    torch.testing.assert_close(h_q, teacher.hidden, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(student.score(h_q, h_d), teacher.score, atol=1e-5, rtol=1e-5)
+
+
+def test_score_matrix_equals_pairwise_scores_and_depends_on_the_document(student):
+    _train = student.predictor.state_dict()
+    try:
+        _train_predictor_a_little(student)
+        h_q = student.encode_queries(QUERIES)
+        h_d = student.encode_documents(DOCUMENTS)
+        matrix = student.score_matrix(h_q, h_d, max_chunk_bytes=1)  # one query row per chunk
+        assert matrix.shape == (len(QUERIES), len(DOCUMENTS))
+        whole = student.score_matrix(h_q, h_d)
+        torch.testing.assert_close(matrix, whole, atol=1e-5, rtol=1e-5)
+        for i in range(len(QUERIES)):
+            for j in range(len(DOCUMENTS)):
+                pair = student.score(h_q[i : i + 1], h_d[j : j + 1])
+                assert matrix[i, j].item() == pytest.approx(pair.item(), abs=1e-5)
+        assert matrix[0].std() > 0  # a trained predictor reads the document
+    finally:
+        student.predictor.load_state_dict(_train)
+
+
+def test_scores_match_full_vocabulary_log_probs(student):
+    h = torch.randn(5, 64)
+    score, logp_yes, logp_no = student.head.log_probs(h)
+    torch.testing.assert_close(score, logp_yes - logp_no, atol=1e-5, rtol=1e-5)
+
+
+def test_first_stage_vectors_are_unit_norm_and_start_symmetric(student):
+    h = torch.randn(4, 64)
+    q, d = student.embed_queries(h), student.embed_documents(h)
+    assert q.shape == (4, 16)
+    torch.testing.assert_close(q.norm(dim=-1), torch.ones(4))
+    torch.testing.assert_close(q, d)  # same initial map for queries and documents
+    torch.testing.assert_close(student.first_stage_scores(h, h).diagonal(), torch.ones(4))
+
+
+def test_gradients_reach_only_the_trainable_parts(student):
+    h_q, h_d = student.encode_queries(QUERIES[:2]), student.encode_documents(DOCUMENTS[:2])
+    student.zero_grad()
+    (student.score(h_q, h_d).sum() + student.first_stage_scores(h_q, h_d).sum()).backward()
+    assert student.predictor.fc_out.weight.grad is not None and student.q_proj.weight.grad is not None
+    assert all(p.grad is None for p in student.teacher.model.parameters())
+    student.zero_grad()
+
+
+def test_predictor_parameter_count_formula():
+    d, hidden = 576, 1024
+    expected = 2 * 2 * d + (3 * d * hidden + hidden) + (hidden * d + d)
+    assert count_parameters(Predictor(d, hidden)) == expected
+    assert count_parameters(Predictor(d, hidden, input_norm=False)) == expected - 4 * d

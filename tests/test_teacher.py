@@ -1,0 +1,69 @@
+import pytest
+import torch
+from conftest import DOCUMENTS, QUERIES
+
+from rabtriever_ray.config import TeacherConfig, load_config
+from rabtriever_ray.teacher import GenerativeReranker
+
+
+def test_scores_have_documented_shapes_and_meaning(tiny_teacher):
+    out = tiny_teacher.score(QUERIES, DOCUMENTS)
+    n = len(QUERIES)
+    assert out.score.shape == out.logp_yes.shape == out.logp_no.shape == (n,)
+    assert out.hidden.shape == (n, 64) and out.hidden.dtype == torch.float32
+    assert out.query_tokens.dtype == out.doc_tokens.dtype == torch.int32
+    assert out.truncated.dtype == torch.bool and out.truncated.tolist()[:3] == [True, False, True]
+    assert (out.logp_yes < 0).all() and (out.logp_no < 0).all()
+    torch.testing.assert_close(out.score, out.logp_yes - out.logp_no, atol=1e-5, rtol=1e-5)
+
+
+def test_lm_head_of_final_norm_of_hidden_reproduces_the_logits(tiny_teacher):
+    model = tiny_teacher.model
+    out = tiny_teacher.score(QUERIES, DOCUMENTS)
+    prompts = tiny_teacher.prompts.pair_prompts(QUERIES, DOCUMENTS)
+    for row, ids in enumerate(prompts.input_ids):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            reproduced = model.lm_head(model.model.norm(out.hidden[row]))
+        torch.testing.assert_close(reproduced, logits, atol=1e-5, rtol=1e-5)
+        logp = torch.log_softmax(logits, -1)
+        assert out.logp_yes[row].item() == pytest.approx(logp[tiny_teacher.prompts.yes_id].item(), abs=1e-5)
+        assert out.logp_no[row].item() == pytest.approx(logp[tiny_teacher.prompts.no_id].item(), abs=1e-5)
+
+
+def test_batched_equals_one_pair_at_a_time(padded_teacher):
+    padded_teacher.max_batch_tokens = 4096  # everything in one padded batch
+    batched = padded_teacher.score(QUERIES, DOCUMENTS)
+    lengths = [len(ids) for ids in padded_teacher.prompts.pair_prompts(QUERIES, DOCUMENTS).input_ids]
+    assert len(set(lengths)) > 1  # padding really happens
+    for row, (query, doc) in enumerate(zip(QUERIES, DOCUMENTS)):
+        single = padded_teacher.score([query], [doc])
+        for name in ("score", "logp_yes", "logp_no", "hidden"):
+            torch.testing.assert_close(
+                getattr(batched, name)[row], getattr(single, name)[0], atol=1e-4, rtol=1e-4
+            )
+
+
+def test_small_token_budget_gives_the_same_scores(tiny_teacher):
+    big = tiny_teacher.score(QUERIES, DOCUMENTS)
+    tiny_teacher.max_batch_tokens = 1
+    try:
+        small = tiny_teacher.score(QUERIES, DOCUMENTS)
+    finally:
+        tiny_teacher.max_batch_tokens = 8192
+    torch.testing.assert_close(small.score, big.score, atol=1e-4, rtol=1e-4)
+
+
+def test_from_config(tmp_path):
+    path = tmp_path / "teacher.yaml"
+    path.write_text(
+        "model: tiny-random-llama\nprompt:\n  instruction: Does the abstract support or refute the claim?\n"
+    )
+    teacher = GenerativeReranker.from_config(load_config(TeacherConfig, path), device="cpu")
+    assert teacher.prompts.config.instruction.startswith("Does the abstract")
+    assert teacher.score(["claim"], ["abstract"]).score.shape == (1,)
+
+
+def test_empty_input_gives_empty_output(tiny_teacher):
+    out = tiny_teacher.score([], [])
+    assert out.score.shape == (0,) and out.hidden.shape == (0, 64)
