@@ -79,6 +79,7 @@ class TeacherConfig:
     model: str = option("smollm2-135m", "model spec: smollm2-135m, tiny-random-llama, a HF id or a directory")
     prompt: PromptConfig = option(PromptConfig(), "prompt template and truncation")
     max_batch_tokens: int = option(8192, "padded tokens per forward batch (rows x longest sequence)")
+    share_prefix: bool = option(True, "run a prompt prefix shared by several pairs (same document) once")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", "auto: bf16 on GPU, fp32 on CPU"
     )

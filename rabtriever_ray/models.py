@@ -15,7 +15,9 @@ last token of each sequence, *before* the final norm, so that ``lm_head(final_no
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import inspect
 import os
 import shutil
 import tempfile
@@ -266,19 +268,24 @@ def backbone(model: nn.Module) -> nn.Module:
     return model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
 
 
-def token_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
-    """Group sequence indices into batches, longest first, so that rows x longest length <= max_batch_tokens.
+def token_batches(lengths: Sequence[int], max_batch_tokens: int, max_padding: float = 0.1) -> list[list[int]]:
+    """Group sequence indices into batches, longest first, with rows x longest length <= max_batch_tokens.
 
-    Sorting by length keeps padding low; a sequence longer than the budget gets a batch of its own.
+    A batch also closes when the next sequence is more than ``max_padding`` (a fraction) shorter than the
+    batch's longest, so no row carries more than that share of padding: on CPUs the forward cost is linear
+    in padded tokens and bigger batches buy little. A sequence longer than the budget gets a batch of its own.
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
     current: list[int] = []
     for index in order:
-        longest = lengths[current[0]] if current else lengths[index]
-        if current and longest * (len(current) + 1) > max_batch_tokens:
-            batches.append(current)
-            current = []
+        if current:
+            longest = lengths[current[0]]
+            too_big = longest * (len(current) + 1) > max_batch_tokens
+            too_short = lengths[index] < longest * (1.0 - max_padding)
+            if too_big or too_short:
+                batches.append(current)
+                current = []
         current.append(index)
     if current:
         batches.append(current)
@@ -310,39 +317,118 @@ def last_token_hidden(
     pad_id: int,
     padding_side: str = "right",
     max_batch_tokens: int = 16384,
+    stats: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """Pre-final-norm hidden state at the last real token of each sequence: ``[len(sequences), hidden]`` float32.
 
     Batches are formed by `token_batches` and padded on ``padding_side``; results come back in input order.
     The forward runs under ``torch.inference_mode``; the returned tensor is an ordinary tensor, usable as an
-    input or target of trainable modules.
+    input or target of trainable modules. ``stats``, when given, accumulates ``tokens`` (real), ``padded_tokens``
+    (rows x longest, what the forward computed) and ``forwards``.
     """
     device = next(model.parameters()).device
-    norm = final_norm(model)
+    out = torch.empty(
+        (len(sequences), model.config.hidden_size), dtype=torch.float32
+    )  # outside inference mode
+    with _capture_pre_norm(model) as captured, torch.inference_mode():
+        for batch in token_batches([len(s) for s in sequences], max_batch_tokens):
+            input_ids, attention_mask, position_ids = pad_batch(
+                [sequences[i] for i in batch], pad_id, padding_side, device
+            )
+            _count(stats, attention_mask)
+            backbone(model)(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            )
+            # Left padding puts every last token in the final column; right padding at length - 1.
+            if padding_side == "left":
+                last = torch.full((len(batch),), input_ids.shape[1] - 1, device=device)
+            else:
+                last = attention_mask.sum(-1) - 1
+            rows = captured[-1][torch.arange(len(batch), device=device), last]
+            out[torch.as_tensor(batch)] = rows.float().cpu()
+    return out
+
+
+def shared_prefix_last_hidden(
+    model: nn.Module,
+    prefixes: Sequence[Sequence[int]],
+    tails: Sequence[Sequence[int]],
+    prefix_of: Sequence[int],
+    pad_id: int,
+    max_batch_tokens: int = 16384,
+    stats: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """`last_token_hidden` of ``prefixes[prefix_of[i]] + tails[i]``, running each shared prefix only once.
+
+    Each prefix's keys and values are computed once. Tails are then batched by length across prefixes: a
+    batch's cache holds each row's prefix keys/values left-padded to the batch's longest prefix (masked out),
+    and its tail tokens continue at positions after its own prefix. This saves the prefixes' share of the
+    compute, e.g. template + document for every pair that shares a document.
+    Returns ``[len(tails), hidden]`` float32, equal to the full-sequence result up to float rounding.
+    """
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    out = torch.empty((len(tails), model.config.hidden_size), dtype=torch.float32)
+    decoder = backbone(model)
+    cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    with _capture_pre_norm(model) as captured, torch.inference_mode():
+        # Per prefix: keys and values of every layer, stacked as [layers, 2, kv_heads, length, head_dim].
+        prefix_kv = []
+        for prefix in prefixes:
+            head = decoder(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True)
+            _count(stats, torch.ones((1, len(prefix))))
+            cache = getattr(head, "cache", None) or head.past_key_values
+            prefix_kv.append(
+                torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
+            )
+        for batch in token_batches([len(t) for t in tails], max_batch_tokens):
+            input_ids, tail_mask, _ = pad_batch([tails[i] for i in batch], pad_id, "right", device)
+            _count(stats, tail_mask)
+            rows, length = input_ids.shape
+            lengths = [prefix_kv[prefix_of[i]].shape[3] for i in batch]
+            longest = max(lengths)
+            layers, _, kv_heads, _, head_dim = prefix_kv[prefix_of[batch[0]]].shape
+            kv = prefix_kv[0].new_zeros((layers, 2, rows, kv_heads, longest, head_dim))
+            prefix_mask = torch.zeros((rows, longest), dtype=tail_mask.dtype, device=device)
+            for row, (index, n) in enumerate(zip(batch, lengths)):
+                kv[:, :, row, :, longest - n :] = prefix_kv[prefix_of[index]]
+                prefix_mask[row, longest - n :] = 1
+            attention_mask = torch.cat([prefix_mask, tail_mask], 1)
+            position_ids = torch.tensor(lengths, device=device)[:, None] + torch.arange(length, device=device)
+            cache = DynamicCache(ddp_cache_data=[(kv[layer, 0], kv[layer, 1]) for layer in range(layers)])
+            decoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=True,
+                **{cache_arg: cache},
+            )
+            last = tail_mask.sum(-1) - 1
+            out[torch.as_tensor(batch)] = captured[-1][torch.arange(rows, device=device), last].float().cpu()
+    return out
+
+
+@contextlib.contextmanager
+def _capture_pre_norm(model: nn.Module):
+    """Collect the input of the final norm (the pre-norm hidden states) of each forward inside the block."""
     captured: list[torch.Tensor] = []
-    handle = norm.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
-    hidden_size = model.config.hidden_size
-    out = torch.empty((len(sequences), hidden_size), dtype=torch.float32)  # allocated outside inference mode
+    handle = final_norm(model).register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
     try:
-        with torch.inference_mode():
-            for batch in token_batches([len(s) for s in sequences], max_batch_tokens):
-                input_ids, attention_mask, position_ids = pad_batch(
-                    [sequences[i] for i in batch], pad_id, padding_side, device
-                )
-                captured.clear()
-                backbone(model)(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    use_cache=False,
-                )
-                # Left padding puts every last token in the final column; right padding at length - 1.
-                if padding_side == "left":
-                    last = torch.full((len(batch),), input_ids.shape[1] - 1, device=device)
-                else:
-                    last = attention_mask.sum(-1) - 1
-                rows = captured[-1][torch.arange(len(batch), device=device), last]
-                out[torch.as_tensor(batch)] = rows.float().cpu()
+        yield captured
     finally:
         handle.remove()
-    return out
+
+
+def _count(stats: dict[str, int] | None, attention_mask: torch.Tensor) -> None:
+    if stats is not None:
+        stats["tokens"] = stats.get("tokens", 0) + int(attention_mask.sum())
+        stats["padded_tokens"] = stats.get("padded_tokens", 0) + attention_mask.numel()
+        stats["forwards"] = stats.get("forwards", 0) + 1
+
+
+def padding_waste(lengths: Sequence[int], max_batch_tokens: int) -> float:
+    """Share of pad tokens when sequences of these lengths are batched by `token_batches`."""
+    batches = token_batches(lengths, max_batch_tokens)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    return 1.0 - sum(lengths) / padded if padded else 0.0

@@ -44,6 +44,10 @@ class EncodedPrompts:
     doc_tokens: list[int] = field(default_factory=list)  # document tokens kept (0 for query prompts)
     query_truncated: list[bool] = field(default_factory=list)
     doc_truncated: list[bool] = field(default_factory=list)
+    # Leading tokens that depend only on the document (template + document + label), and on nothing (template):
+    # prompts that share them can share that part of the forward pass. 0 where nothing is shared.
+    shared_tokens: list[int] = field(default_factory=list)
+    template_tokens: int = 0
 
     @property
     def truncated(self) -> list[bool]:
@@ -146,6 +150,8 @@ class PromptBuilder:
             doc_tokens=[len(d) for d in doc_ids],
             query_truncated=query_cut,
             doc_truncated=doc_cut,
+            shared_tokens=[len(self._prefix) + len(d) + len(self._middle) for d in doc_ids],
+            template_tokens=len(self._prefix),
         )
 
     def query_prompts(self, queries: Sequence[str]) -> EncodedPrompts:
@@ -164,4 +170,5 @@ class PromptBuilder:
             doc_tokens=[len(d) for d in doc_ids],
             query_truncated=[False] * len(doc_ids),
             doc_truncated=doc_cut,
+            shared_tokens=[0] * len(doc_ids),
         )

@@ -65,11 +65,11 @@ class Rabtriever(nn.Module):
 
     def encode_queries(self, texts: Sequence[str]) -> torch.Tensor:
         """``[n, d]`` float32: pre-norm hidden state at the answer position of the empty-document prompt."""
-        return self.teacher.encode(self.teacher.prompts.query_prompts(texts).input_ids)
+        return self.teacher.encode(self.teacher.prompts.query_prompts(texts))
 
     def encode_documents(self, texts: Sequence[str]) -> torch.Tensor:
         """``[m, d]`` float32: pre-norm hidden state at the last token of the document alone."""
-        return self.teacher.encode(self.teacher.prompts.document_prompts(texts).input_ids)
+        return self.teacher.encode(self.teacher.prompts.document_prompts(texts))
 
     # -- scoring (trainable) ------------------------------------------------------------------------------------
 

@@ -9,14 +9,15 @@ reproduces the teacher's logits.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .config import PromptConfig, TeacherConfig
-from .models import last_token_hidden, load_causal_lm
-from .prompts import PromptBuilder
+from .models import last_token_hidden, load_causal_lm, shared_prefix_last_hidden
+from .prompts import EncodedPrompts, PromptBuilder
 from .scoring import YesNoHead
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,42 +43,77 @@ class GenerativeReranker:
         model, tokenizer: from `load_causal_lm`.
         prompt_config: the prompt template, answer words and truncation limits.
         max_batch_tokens: padded tokens per forward batch; pairs are sorted by length to keep padding low.
+        share_prefix: run a prompt prefix shared by several pairs once and reuse its keys and values: the
+            template and document for pairs with the same document, else the template alone.
+
+    ``stats`` accumulates ``tokens`` (real tokens run), ``padded_tokens`` and ``forwards`` over all calls.
     """
 
     def __init__(
-        self, model, tokenizer, prompt_config: PromptConfig | None = None, max_batch_tokens: int = 8192
+        self,
+        model,
+        tokenizer,
+        prompt_config: PromptConfig | None = None,
+        max_batch_tokens: int = 8192,
+        share_prefix: bool = True,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.prompts = PromptBuilder(tokenizer, prompt_config)
         self.head = YesNoHead(model, self.prompts.yes_id, self.prompts.no_id)
         self.max_batch_tokens = max_batch_tokens
+        self.share_prefix = share_prefix
+        self.stats: dict[str, int] = {}
 
     @classmethod
     def from_config(
         cls, config: TeacherConfig, device: str | torch.device | None = None
     ) -> GenerativeReranker:
         model, tokenizer = load_causal_lm(config.model, device=device, dtype=_DTYPES.get(config.dtype))
-        return cls(model, tokenizer, config.prompt, config.max_batch_tokens)
+        return cls(model, tokenizer, config.prompt, config.max_batch_tokens, config.share_prefix)
 
     @property
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
 
-    def encode(self, input_ids: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Pre-norm last-token hidden states ``[n, d]`` of already-built prompts."""
-        return last_token_hidden(
+    def encode(self, prompts: EncodedPrompts) -> torch.Tensor:
+        """Pre-norm last-token hidden states ``[n, d]`` of built prompts (see `PromptBuilder`)."""
+        ids = prompts.input_ids
+        if not (self.share_prefix and len(ids) > 1 and prompts.template_tokens):
+            return last_token_hidden(
+                self.model,
+                ids,
+                pad_id=self.tokenizer.pad_token_id,
+                padding_side=self.tokenizer.padding_side,
+                max_batch_tokens=self.max_batch_tokens,
+                stats=self.stats,
+            )
+        # Pairs whose document is shared by another pair share template + document; the rest share the template.
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for index, shared in enumerate(prompts.shared_tokens):
+            groups[tuple(ids[index][:shared])].append(index)
+        template = tuple(ids[0][: prompts.template_tokens])
+        prefix_index: dict[tuple[int, ...], int] = {}
+        prefix_of = [0] * len(ids)
+        for head, members in groups.items():
+            key = head if len(members) >= 2 else template
+            for index in members:
+                prefix_of[index] = prefix_index.setdefault(key, len(prefix_index))
+        prefixes = list(prefix_index)
+        return shared_prefix_last_hidden(
             self.model,
-            input_ids,
+            prefixes,
+            [ids[i][len(prefixes[prefix_of[i]]) :] for i in range(len(ids))],
+            prefix_of,
             pad_id=self.tokenizer.pad_token_id,
-            padding_side=self.tokenizer.padding_side,
             max_batch_tokens=self.max_batch_tokens,
+            stats=self.stats,
         )
 
     def score(self, queries: Sequence[str], documents: Sequence[str], head_chunk: int = 256) -> TeacherScores:
         """Score aligned ``queries[i]`` / ``documents[i]`` pairs (see `TeacherScores`)."""
         prompts = self.prompts.pair_prompts(queries, documents)
-        hidden = self.encode(prompts.input_ids)
+        hidden = self.encode(prompts)
         answers = torch.empty(
             (3, len(hidden)), dtype=torch.float32
         )  # ordinary tensor, filled in inference mode

@@ -40,3 +40,14 @@ def test_cuda_defaults_to_bf16_and_matches_fp32():
     loss = student.score(h_q, h_d).sum()
     loss.backward()
     assert student.predictor.fc_out.weight.grad is not None
+
+
+def test_cuda_shared_prefix_matches_plain_batching():
+    model, tokenizer = load_causal_lm("tiny-random-llama", dtype=torch.float32)
+    teacher = GenerativeReranker(model, tokenizer, PromptConfig(max_doc_tokens=48, max_query_tokens=32))
+    queries, documents = QUERIES * 2, [DOCUMENTS[0]] * 4 + DOCUMENTS
+    shared = teacher.score(queries, documents)
+    teacher.share_prefix = False
+    plain = teacher.score(queries, documents)
+    torch.testing.assert_close(shared.hidden, plain.hidden, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(shared.score, plain.score, atol=1e-4, rtol=1e-4)

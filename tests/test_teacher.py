@@ -67,3 +67,24 @@ def test_from_config(tmp_path):
 def test_empty_input_gives_empty_output(tiny_teacher):
     out = tiny_teacher.score([], [])
     assert out.score.shape == (0,) and out.hidden.shape == (0, 64)
+
+
+def test_shared_prefixes_give_the_same_scores_with_fewer_tokens(padded_teacher):
+    """Pairs sharing a document (and all sharing the template) run the shared prefix once."""
+    queries = QUERIES * 3
+    documents = [DOCUMENTS[0]] * 4 + [DOCUMENTS[1]] * 4 + DOCUMENTS  # two shared-document groups + singletons
+    padded_teacher.share_prefix = True
+    padded_teacher.stats = {}
+    shared = padded_teacher.score(queries, documents)
+    shared_tokens = padded_teacher.stats["tokens"]
+    padded_teacher.share_prefix = False
+    padded_teacher.stats = {}
+    plain = padded_teacher.score(queries, documents)
+    assert padded_teacher.stats["tokens"] == sum(
+        len(i) for i in padded_teacher.prompts.pair_prompts(queries, documents).input_ids
+    )
+    assert shared_tokens < padded_teacher.stats["tokens"]
+    for name in ("score", "logp_yes", "logp_no", "hidden"):
+        torch.testing.assert_close(getattr(shared, name), getattr(plain, name), atol=1e-4, rtol=1e-4)
+    single = torch.stack([padded_teacher.score([q], [d]).score[0] for q, d in zip(queries, documents)])
+    torch.testing.assert_close(shared.score, single, atol=1e-4, rtol=1e-4)

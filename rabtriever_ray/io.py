@@ -1,0 +1,74 @@
+"""Ray start-up and atomic outputs.
+
+Outputs are written into a hidden staging folder beside the target and renamed into place only when complete
+(manifest last), so an interrupted run never leaves a folder that looks finished, and a finished one is never
+overwritten by accident.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+
+
+class OutputExistsError(FileExistsError):
+    """The output folder already holds a finished run."""
+
+
+def init_ray(**kwargs: Any) -> None:
+    """Connect to the cluster named by ``RAY_ADDRESS`` (as under ``ray job submit``) or start local Ray.
+
+    Does nothing when Ray is already initialised in this process (tests, notebooks).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
+    else:
+        ray.init(**kwargs)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON to a temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def staging_dir(out: str | Path, overwrite: bool = False) -> Path:
+    """Check that ``out`` may be written and return a fresh staging folder beside it.
+
+    Refuses (`OutputExistsError`) when ``out`` exists and is not empty, unless ``overwrite``.
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        finished = (out / MANIFEST).is_file()
+        what = "a finished run" if finished else "files"
+        raise OutputExistsError(
+            f"{out} already holds {what}; pass --overwrite to replace it, or choose another --out"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    return staging
+
+
+def commit_dir(staging: Path, out: str | Path) -> None:
+    """Move a complete staging folder to ``out``, replacing what was there."""
+    out = Path(out)
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+    os.rename(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

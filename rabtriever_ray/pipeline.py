@@ -1,0 +1,312 @@
+"""The Ray Data teacher stage: candidate pairs stream through teacher actors that emit scores and embeddings.
+
+`teacher_stage(pairs, teacher)` is lazy: a ``map_batches`` over an actor pool (``ActorPoolStrategy``), each actor
+loading the teacher once and tokenising inside. It runs on GPUs when the cluster has them (``num_gpus`` per
+actor) and on CPUs otherwise. Actors that die are restarted and their batches retried, so every pair comes out
+exactly once. The distillation job consumes this Dataset directly; ``jobs/score_teacher.py`` writes it.
+
+Output schema (one row per (query, document) pair; `check_schema` enforces it when reading):
+
+==============  ==========================  ====================================================================
+column          dtype                       meaning
+==============  ==========================  ====================================================================
+query_id        string                      query ``_id``
+doc_id          string                      document ``_id``
+label           int8                        qrel grade; 0 judged query but unjudged document; -1 unknown
+query_text      string                      the query as given to the teacher (before truncation)
+doc_text        string                      the document as read (title, newline, text; before truncation)
+teacher_score   float32                     ``logp_yes - logp_no`` at the answer position (higher = relevant)
+logp_yes        float32                     log-probability of the "yes" token (log-softmax, full vocabulary)
+logp_no         float32                     log-probability of the "no" token
+teacher_hidden  fixed_size_list<float32>[d] final-layer hidden state at the answer position *before* the
+                                            final norm: ``lm_head(final_norm(h))`` gives the teacher's logits
+query_tokens    int32                       query tokens the teacher read (after truncation)
+doc_tokens      int32                       document tokens the teacher read (after truncation)
+truncated       bool                        the query or the document was cut
+==============  ==========================  ====================================================================
+
+The two text columns go beyond the scores so that training can encode exactly the texts the teacher read
+without a join against the corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .config import TeacherConfig
+from .data.candidates import PAIR_SCHEMA
+from .io import MANIFEST
+
+SCORE_COLUMNS = [
+    "teacher_score",
+    "logp_yes",
+    "logp_no",
+    "teacher_hidden",
+    "query_tokens",
+    "doc_tokens",
+    "truncated",
+]
+
+
+class SchemaError(ValueError):
+    """Teacher scores whose columns, dtypes or hidden size are not what this stage writes."""
+
+
+def output_schema(hidden_size: int) -> pa.Schema:
+    return pa.schema(
+        list(PAIR_SCHEMA)
+        + [
+            ("teacher_score", pa.float32()),
+            ("logp_yes", pa.float32()),
+            ("logp_no", pa.float32()),
+            ("teacher_hidden", pa.list_(pa.float32(), hidden_size)),
+            ("query_tokens", pa.int32()),
+            ("doc_tokens", pa.int32()),
+            ("truncated", pa.bool_()),
+        ]
+    )
+
+
+def check_schema(schema: pa.Schema, hidden_size: int | None = None, source: str = "teacher scores") -> int:
+    """Check a schema against `output_schema`; returns the hidden size. Extra columns are allowed."""
+    hidden_field = schema.field("teacher_hidden") if "teacher_hidden" in schema.names else None
+    if hidden_field is None or not pa.types.is_fixed_size_list(hidden_field.type):
+        raise SchemaError(f"{source}: column 'teacher_hidden' missing or not a fixed-size list of float32")
+    found = hidden_field.type.list_size
+    if hidden_size is not None and found != hidden_size:
+        raise SchemaError(
+            f"{source}: teacher_hidden has size {found}, but the model's hidden size is {hidden_size}"
+        )
+    for expected in output_schema(found):
+        if expected.name not in schema.names:
+            raise SchemaError(f"{source}: missing column {expected.name!r} ({expected.type})")
+        actual = schema.field(expected.name).type
+        if actual != expected.type:
+            raise SchemaError(f"{source}: column {expected.name!r} is {actual}, expected {expected.type}")
+    return found
+
+
+class TeacherScorer:
+    """Ray Data callable class: loads the teacher once per actor, scores a pyarrow batch of pairs.
+
+    Args:
+        teacher_config: model spec, prompt and batching of the teacher.
+        crash_once: test hook ``(marker_path, after_batches)``: the first actor to reach that many batches while
+            the marker does not exist creates it and kills its own process, as a crashed or preempted actor would.
+    """
+
+    def __init__(self, teacher_config: TeacherConfig, crash_once: tuple[str, int] | None = None):
+        from .teacher import GenerativeReranker
+
+        self.teacher = GenerativeReranker.from_config(teacher_config)
+        self.crash_once = crash_once
+        self.batches = 0
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.crash_once is not None:
+            marker, after = self.crash_once
+            if self.batches >= after and not os.path.exists(marker):
+                Path(marker).write_text(str(os.getpid()))
+                os._exit(1)
+        self.batches += 1
+        out = self.teacher.score(batch.column("query_text").to_pylist(), batch.column("doc_text").to_pylist())
+        hidden = out.hidden.numpy().astype(np.float32, copy=False)
+        d = hidden.shape[1]
+        columns = {name: batch.column(name) for name in PAIR_SCHEMA.names}
+        columns.update(
+            teacher_score=pa.array(out.score.numpy(), pa.float32()),
+            logp_yes=pa.array(out.logp_yes.numpy(), pa.float32()),
+            logp_no=pa.array(out.logp_no.numpy(), pa.float32()),
+            teacher_hidden=pa.FixedSizeListArray.from_arrays(pa.array(hidden.reshape(-1)), d),
+            query_tokens=pa.array(out.query_tokens.numpy(), pa.int32()),
+            doc_tokens=pa.array(out.doc_tokens.numpy(), pa.int32()),
+            truncated=pa.array(out.truncated.numpy(), pa.bool_()),
+        )
+        return pa.table(columns, schema=output_schema(d))
+
+
+def pairs_dataset(pairs: pa.Table, rows_per_block: int = 256):
+    """A Ray Dataset of candidate pairs (`PAIR_SCHEMA`), split into blocks so several actors share the work."""
+    import ray.data
+
+    blocks = [pairs.slice(i, rows_per_block) for i in range(0, max(len(pairs), 1), rows_per_block)]
+    return ray.data.from_arrow(blocks)
+
+
+def teacher_stage(
+    pairs,
+    teacher: TeacherConfig | str,
+    actors: tuple[int, int] = (1, 1),
+    gpus_per_actor: float | None = None,
+    cpus_per_actor: float = 1.0,
+    batch_size: int = 64,
+    max_restarts: int = -1,
+    max_task_retries: int = -1,
+    crash_once: tuple[str, int] | None = None,
+):
+    """Score a Dataset of candidate pairs with teacher actors; lazy (nothing runs until consumed).
+
+    Args:
+        pairs: a Ray Dataset with the `PAIR_SCHEMA` columns (see `pairs_dataset`).
+        teacher: a `TeacherConfig`, or a model spec with the default prompt.
+        actors: ``(min, max)`` actor-pool size; the pool autoscales in between.
+        gpus_per_actor: GPUs per actor; ``None`` means 1 when the cluster has GPUs, else 0.
+        cpus_per_actor: CPUs per actor (fractions let other stages run beside it on small machines).
+        batch_size: rows per ``map_batches`` call; the teacher further batches by tokens inside.
+        max_restarts, max_task_retries: actor restarts and per-batch retries after a crash (-1: unlimited).
+    """
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    config = teacher if isinstance(teacher, TeacherConfig) else TeacherConfig(model=teacher)
+    if gpus_per_actor is None:
+        gpus_per_actor = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    min_size, max_size = actors
+    if not 1 <= min_size <= max_size:
+        raise ValueError(f"actors must satisfy 1 <= min <= max, got {actors}")
+    # Ray Data already gives actor pools unlimited restarts and task retries (-1); pass them only when
+    # different, since Ray deprecates these extra remote args.
+    fault_args = {
+        name: value
+        for name, value in (("max_restarts", max_restarts), ("max_task_retries", max_task_retries))
+        if value != -1
+    }
+    return pairs.map_batches(
+        TeacherScorer,
+        fn_constructor_kwargs={"teacher_config": config, "crash_once": crash_once},
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(min_size=min_size, max_size=max_size),
+        num_gpus=gpus_per_actor,
+        num_cpus=cpus_per_actor,
+        **fault_args,
+    )
+
+
+def read_teacher_scores(path: str | Path, hidden_size: int | None = None):
+    """Read a finished ``jobs/score_teacher.py`` output as a Ray Dataset, checking manifest and schema."""
+    import pyarrow.parquet as pq
+    import ray.data
+
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise SchemaError(f"{path}: no {MANIFEST}; not a finished jobs/score_teacher.py output")
+    manifest = json.loads(manifest_path.read_text())
+    files = sorted((path / "data").glob("*.parquet"))
+    if not files:
+        raise SchemaError(f"{path}/data: no Parquet files")
+    check_schema(pq.read_schema(files[0]), hidden_size, source=str(files[0]))
+    return ray.data.read_parquet([str(f) for f in files]), manifest
+
+
+def summarize(path: str | Path) -> dict[str, Any]:
+    """Row, query, document and truncation counts of written Parquet files (read from a few columns only)."""
+    import pyarrow.parquet as pq
+
+    table = pq.ParquetDataset(str(path)).read(
+        columns=["query_id", "doc_id", "truncated", "query_tokens", "doc_tokens"]
+    )
+    return {
+        "rows": table.num_rows,
+        "queries": len(set(table.column("query_id").to_pylist())),
+        "documents": len(set(table.column("doc_id").to_pylist())),
+        "truncated": int(np.sum(table.column("truncated").to_numpy(zero_copy_only=False))),
+        "query_tokens": int(np.sum(table.column("query_tokens").to_numpy())),
+        "doc_tokens": int(np.sum(table.column("doc_tokens").to_numpy())),
+    }
+
+
+def write_teacher_scores(
+    data_dir: str | Path,
+    split: str | None,
+    out: str | Path,
+    teacher: TeacherConfig,
+    candidates: str = "all",
+    max_queries: int | None = None,
+    seed: int = 0,
+    training: bool = False,
+    on_bad_row: str = "fail",
+    overwrite: bool = False,
+    actors: tuple[int, int] = (1, 1),
+    gpus_per_actor: float | None = None,
+    cpus_per_actor: float = 1.0,
+    batch_size: int = 64,
+    crash_once: tuple[str, int] | None = None,
+) -> dict[str, Any]:
+    """Read a BEIR folder, build candidate pairs, score them with teacher actors and write ``out`` atomically.
+
+    ``out`` receives ``data/*.parquet`` (schema above), ``manifest.json`` and, when rows were skipped,
+    ``rejects.jsonl``. Returns the manifest.
+    """
+    import time
+
+    from .config import to_dict
+    from .data.beir import read_beir, write_rejects
+    from .data.candidates import build_pairs
+    from .io import commit_dir, init_ray, staging_dir, write_json_atomic
+
+    start = time.perf_counter()
+    staging = staging_dir(out, overwrite)  # refuse before any expensive work
+    try:
+        data = read_beir(data_dir, split, on_bad_row=on_bad_row)  # type: ignore[arg-type]
+        pairs = build_pairs(data, candidates, max_queries=max_queries, seed=seed, training=training)
+        if len(pairs) == 0:
+            raise ValueError(f"{data_dir}: no candidate pairs (split {split!r}, candidates {candidates!r})")
+        init_ray()  # after the input is known to be good: bad input fails fast, without starting Ray
+        stage = teacher_stage(
+            pairs_dataset(pairs),
+            teacher,
+            actors=actors,
+            gpus_per_actor=gpus_per_actor,
+            cpus_per_actor=cpus_per_actor,
+            batch_size=batch_size,
+            crash_once=crash_once,
+        )
+        stage.write_parquet(str(staging / "data"))
+        counts = summarize(staging / "data")
+        if counts["rows"] != len(pairs):
+            raise RuntimeError(f"wrote {counts['rows']} rows for {len(pairs)} candidate pairs")
+        if data.rejects:
+            write_rejects(data.rejects, staging / "rejects.jsonl")
+        import pyarrow.parquet as pq
+
+        hidden_size = check_schema(pq.read_schema(next((staging / "data").glob("*.parquet"))))
+        elapsed = time.perf_counter() - start
+        manifest = {
+            "format": "rabtriever-teacher-scores/1",
+            "data": str(data_dir),
+            "split": split,
+            "candidates": candidates,
+            "training": training,
+            "max_queries": max_queries,
+            "seed": seed,
+            "teacher": to_dict(teacher),
+            "prompt_template": _template_text(teacher),
+            "hidden_size": hidden_size,
+            **counts,
+            "rejected_rows": data.reject_counts(),
+            "elapsed_s": round(elapsed, 2),
+            "pairs_per_s": round(counts["rows"] / elapsed, 2),
+            "schema": {f.name: str(f.type) for f in output_schema(hidden_size)},
+        }
+        write_json_atomic(staging / MANIFEST, manifest)  # last: marks the folder complete
+        commit_dir(staging, out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _template_text(teacher: TeacherConfig) -> str:
+    """The teacher prompt with ``{document}`` / ``{query}`` placeholders, as the default template renders it."""
+    c = teacher.prompt
+    return f"{c.doc_label}:\n{{document}}\n\n{c.query_label}:\n{{query}}\n\n{c.instruction} {c.answer_hint}"

@@ -1,0 +1,208 @@
+import json
+
+import pytest
+from conftest import INSTRUCTIONS, SKILLS, write_beir
+
+from rabtriever_ray.data import (
+    DataError,
+    build_pairs,
+    parse_candidates,
+    read_beir,
+    select_queries,
+    write_rejects,
+)
+from rabtriever_ray.data.candidates import PAIR_SCHEMA, BM25Index
+
+BROKEN_CORPUS = [
+    '{"_id": "broken json", "text": ',  # line 7: malformed JSON
+    '{"title": "No id", "text": "a document without an id"}',  # line 8: missing _id
+    '{"_id": "empty_doc", "title": "", "text": "   "}',  # line 9: empty document
+    '{"_id": "pick_cup", "title": "Again", "text": "a duplicate id"}',  # line 10: duplicate
+    '["not", "an", "object"]',  # line 11
+]
+BROKEN_QUERIES = [
+    '{"_id": "q6", "text": ""}',  # line 6: empty query text
+    '{"_id": "q7"}',  # line 7: missing text
+    '{"_id": "q8", "text": "fine", "metadata": "nope"}',  # line 8: metadata not an object
+]
+BROKEN_QRELS = [
+    "q1\tno_such_doc\t1",  # line 7: unknown document
+    "q99\tpick_cup\t1",  # line 8: unknown query
+    "q2\tpick_cup\tmaybe",  # line 9: bad score
+    "q2\tpick_cup",  # line 10: two fields
+]
+
+
+@pytest.fixture
+def clean(tmp_path):
+    return write_beir(tmp_path / "clean")
+
+
+@pytest.fixture
+def broken(tmp_path):
+    return write_beir(
+        tmp_path / "broken",
+        extra_corpus_lines=BROKEN_CORPUS,
+        extra_query_lines=BROKEN_QUERIES,
+        extra_qrel_lines=BROKEN_QRELS,
+    )
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_reads_a_clean_folder(tmp_path, gz):
+    data = read_beir(write_beir(tmp_path / "d", gz=gz), "test")
+    assert list(data.corpus) == list(SKILLS) and list(data.queries) == list(INSTRUCTIONS)
+    assert data.corpus["pick_cup"].title == "Pick up the cup"
+    assert data.qrels["q1"] == {"wipe_table": 1} and data.rejects == []
+
+
+def test_split_keeps_only_judged_queries(tmp_path):
+    root = write_beir(tmp_path / "d")
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\twipe_table\t1\n")
+    assert list(read_beir(root, "test").queries) == ["q1"]
+    assert len(read_beir(root).queries) == len(INSTRUCTIONS)
+    with pytest.raises(DataError, match=r"no qrels for split 'train'.*available: \['test'\]"):
+        read_beir(root, "train")
+
+
+@pytest.mark.parametrize(
+    "file, lines, message",
+    [
+        ("corpus", BROKEN_CORPUS[:1], r"corpus.jsonl:7: field '<json>': malformed JSON"),
+        ("corpus", BROKEN_CORPUS[1:2], r"corpus.jsonl:7: field '_id': missing"),
+        ("corpus", BROKEN_CORPUS[2:3], r"corpus.jsonl:7: field 'text': empty document"),
+        (
+            "corpus",
+            BROKEN_CORPUS[3:4],
+            r"corpus.jsonl:7: field '_id': duplicate id 'pick_cup' \(first on line 1\)",
+        ),
+        ("queries", BROKEN_QUERIES[:1], r"queries.jsonl:6: field 'text': empty query text"),
+        ("queries", BROKEN_QUERIES[1:2], r"queries.jsonl:6: field 'text': missing"),
+        ("queries", BROKEN_QUERIES[2:3], r"queries.jsonl:6: field 'metadata': not a JSON object"),
+        ("qrels", BROKEN_QRELS[:1], r"test.tsv:7: field 'corpus-id': unknown document 'no_such_doc'"),
+        ("qrels", BROKEN_QRELS[1:2], r"test.tsv:7: field 'query-id': unknown query 'q99'"),
+        ("qrels", BROKEN_QRELS[2:3], r"test.tsv:7: field 'score': not an integer"),
+    ],
+)
+def test_fail_policy_names_file_line_and_field(tmp_path, file, lines, message):
+    keyword = {"corpus": "extra_corpus_lines", "queries": "extra_query_lines", "qrels": "extra_qrel_lines"}[
+        file
+    ]
+    root = write_beir(tmp_path / "d", **{keyword: lines})
+    with pytest.raises(DataError, match=message):
+        read_beir(root, "test")
+
+
+def test_skip_policy_records_every_bad_row(broken, tmp_path):
+    data = read_beir(broken, "test", on_bad_row="skip")
+    assert list(data.corpus) == list(SKILLS) and data.corpus["pick_cup"].title == "Pick up the cup"
+    assert list(data.queries) == list(INSTRUCTIONS)  # q8 is valid but unjudged in the split
+    reasons = [(r.file.rsplit("/", 1)[-1], r.line, r.field) for r in data.rejects]
+    assert reasons == [
+        ("corpus.jsonl", 7, "<json>"),
+        ("corpus.jsonl", 8, "_id"),
+        ("corpus.jsonl", 9, "text"),
+        ("corpus.jsonl", 10, "_id"),
+        ("corpus.jsonl", 11, "<json>"),
+        ("queries.jsonl", 6, "text"),
+        ("queries.jsonl", 7, "text"),
+        ("queries.jsonl", 8, "metadata"),
+        ("test.tsv", 7, "corpus-id"),
+        ("test.tsv", 8, "query-id"),
+        ("test.tsv", 9, "score"),
+        ("test.tsv", 10, "<row>"),
+    ]
+    assert data.reject_counts() == {"corpus.jsonl": 5, "queries.jsonl": 3, "test.tsv": 4}
+    path = tmp_path / "rejects.jsonl"
+    write_rejects(data.rejects, path)
+    first = json.loads(path.read_text().splitlines()[0])
+    assert first["line"] == 7 and first["raw"] == BROKEN_CORPUS[0] and "malformed JSON" in first["reason"]
+
+
+def test_bad_header_and_missing_folder(tmp_path):
+    root = write_beir(tmp_path / "d")
+    (root / "qrels" / "test.tsv").write_text("qid\tdocid\trel\nq1\twipe_table\t1\n")
+    with pytest.raises(DataError, match=r"test.tsv:1: field '<header>'"):
+        read_beir(root, "test")
+    with pytest.raises(DataError, match="data folder not found"):
+        read_beir(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no corpus.jsonl or corpus.jsonl.gz"):
+        read_beir(tmp_path / "empty")
+
+
+def test_all_candidates_and_labels(clean):
+    data = read_beir(clean, "test")
+    pairs = build_pairs(data, "all")
+    assert pairs.schema == PAIR_SCHEMA and len(pairs) == len(SKILLS) * len(INSTRUCTIONS)
+    rows = pairs.to_pylist()
+    positives = {(r["query_id"], r["doc_id"]) for r in rows if r["label"] == 1}
+    assert positives == {(q, d) for q, (_, d) in INSTRUCTIONS.items()}
+    assert {r["label"] for r in rows} == {0, 1}
+    assert rows[0]["doc_text"] == "Pick up the cup\nGrasp a cup by its handle and lift it from the table."
+    unjudged = build_pairs(read_beir(clean), "all")  # no split: labels unknown
+    assert set(unjudged.column("label").to_pylist()) == {-1}
+
+
+def test_max_queries_is_a_seeded_subset(clean):
+    data = read_beir(clean, "test")
+    a, b, c = (
+        select_queries(data, 3, seed=0),
+        select_queries(data, 3, seed=0),
+        select_queries(data, 3, seed=5),
+    )
+    assert a == b and len(a) == 3 and set(a) <= set(INSTRUCTIONS)
+    assert a != c or select_queries(data, 3, seed=7) != a
+    assert len(build_pairs(data, "all", max_queries=2)) == 2 * len(SKILLS)
+
+
+def test_bm25_candidates_and_training_positives(clean):
+    data = read_beir(clean, "test")
+    index = BM25Index(list(data.corpus), [f"{d.title}\n{d.text}" for d in data.corpus.values()])
+    hits, scores = index.search(["fill my glass with water"], 2)
+    assert hits[0][0] == "pour_water" and scores[0][0] >= scores[0][1]
+    plain = build_pairs(data, "bm25:1")
+    assert len(plain) == len(INSTRUCTIONS)
+    training = build_pairs(data, "bm25:1", training=True)
+    per_query = {}
+    for row in training.to_pylist():
+        per_query.setdefault(row["query_id"], []).append(row["doc_id"])
+    for qid, (_, positive) in INSTRUCTIONS.items():
+        assert positive in per_query[qid]  # added when BM25 missed it
+    missed = sum(
+        1
+        for q, (_, pos) in INSTRUCTIONS.items()
+        if pos
+        not in plain.filter(plain.column("query_id").to_numpy(zero_copy_only=False) == q)
+        .column("doc_id")
+        .to_pylist()
+    )
+    assert len(training) == len(plain) + missed
+
+
+def test_run_file_candidates(clean, tmp_path):
+    data = read_beir(clean, "test")
+    run = tmp_path / "run.trec"
+    run.write_text("q1 Q0 wipe_table 1 9.0 bm25\nq1 Q0 pick_cup 2 3.0 bm25\nq2 Q0 pour_water 1 5.0 bm25\n")
+    pairs = build_pairs(data, str(run), query_ids=["q1", "q2"])
+    assert pairs.column("doc_id").to_pylist() == ["wipe_table", "pick_cup", "pour_water"]
+    run.write_text("q1 Q0 nonexistent 1 9.0 bm25\n")
+    with pytest.raises(DataError, match=r"run.trec:1: field 'docid': unknown document"):
+        build_pairs(data, str(run))
+
+
+def test_parse_candidates_errors():
+    assert parse_candidates("bm25:20") == ("bm25", 20)
+    with pytest.raises(DataError, match="integer K"):
+        parse_candidates("bm25:many")
+    with pytest.raises(DataError, match="no run file"):
+        parse_candidates("dense:10")
+
+
+def test_bundled_demo_data_is_clean_and_split():
+    from rabtriever_ray.data import DEMO_DATA
+
+    train, dev = read_beir(DEMO_DATA, "train"), read_beir(DEMO_DATA, "dev")
+    assert len(train.corpus) == 30 and len(train.queries) == 150 and len(dev.queries) == 60
+    assert not set(train.queries) & set(dev.queries) and train.rejects == dev.rejects == []
+    assert all(len(judged) == 1 for judged in {**train.qrels, **dev.qrels}.values())

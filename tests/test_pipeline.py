@@ -1,0 +1,183 @@
+"""The Ray Data teacher stage and jobs/score_teacher.py on local Ray with the tiny model."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import INSTRUCTIONS, SKILLS, write_beir
+
+from rabtriever_ray.config import PromptConfig, TeacherConfig
+from rabtriever_ray.data import build_pairs, read_beir
+from rabtriever_ray.io import OutputExistsError
+from rabtriever_ray.pipeline import (
+    SchemaError,
+    check_schema,
+    output_schema,
+    pairs_dataset,
+    read_teacher_scores,
+    teacher_stage,
+    write_teacher_scores,
+)
+from rabtriever_ray.teacher import GenerativeReranker
+
+TEACHER = TeacherConfig(
+    model="tiny-random-llama", prompt=PromptConfig(max_doc_tokens=24, max_query_tokens=16)
+)
+N_PAIRS = len(SKILLS) * len(INSTRUCTIONS)
+
+
+@pytest.fixture
+def beir(tmp_path):
+    return write_beir(tmp_path / "skills")
+
+
+def _stage_kwargs(**extra):
+    return {"cpus_per_actor": 0.5, "batch_size": 8, **extra}
+
+
+def test_stage_scores_equal_in_process_teacher(ray_local, beir):
+    pairs = build_pairs(read_beir(beir, "test"), "all")
+    rows = teacher_stage(pairs_dataset(pairs, rows_per_block=10), TEACHER, **_stage_kwargs()).to_arrow_refs()
+    table = pa.concat_tables(ray_local.get(rows))
+    assert table.num_rows == N_PAIRS
+    assert check_schema(table.schema, hidden_size=64) == 64 and table.schema.equals(output_schema(64))
+    table = table.sort_by([("query_id", "ascending"), ("doc_id", "ascending")])
+    model, tokenizer = __import__("rabtriever_ray.models", fromlist=["x"]).load_causal_lm(
+        "tiny-random-llama", "cpu"
+    )
+    reference = GenerativeReranker(model, tokenizer, TEACHER.prompt).score(
+        table.column("query_text").to_pylist(), table.column("doc_text").to_pylist()
+    )
+    np.testing.assert_allclose(table.column("teacher_score").to_numpy(), reference.score.numpy(), atol=1e-4)
+    np.testing.assert_allclose(table.column("logp_yes").to_numpy(), reference.logp_yes.numpy(), atol=1e-4)
+    hidden = np.stack(table.column("teacher_hidden").to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(hidden, reference.hidden.numpy(), atol=1e-4)
+    assert table.column("doc_tokens").to_pylist() == reference.doc_tokens.tolist()
+    assert table.column("truncated").to_pylist() == reference.truncated.tolist()
+
+
+def test_killed_actor_is_replaced_and_every_pair_written_once(ray_local, beir, tmp_path):
+    marker = tmp_path / "crashed"
+    out = tmp_path / "scores"
+    manifest = write_teacher_scores(
+        beir, "test", out, TEACHER, actors=(1, 1), crash_once=(str(marker), 1), **_stage_kwargs(batch_size=5)
+    )
+    assert marker.exists()  # an actor really died mid-stage (after its first batch)
+    table = pq.ParquetDataset(str(out / "data")).read()
+    pairs = list(zip(table.column("query_id").to_pylist(), table.column("doc_id").to_pylist()))
+    assert len(pairs) == len(set(pairs)) == N_PAIRS == manifest["rows"]
+
+
+def test_job_writes_parquet_and_manifest_and_refuses_rerun(ray_local, beir, tmp_path):
+    from score_teacher import main
+
+    out = tmp_path / "out"
+    args = [
+        "--data",
+        str(beir),
+        "--split",
+        "test",
+        "--out",
+        str(out),
+        "--model",
+        "tiny-random-llama",
+        "--cpus-per-actor",
+        "0.5",
+        "--batch-size",
+        "8",
+        "--max-queries",
+        "3",
+        "prompt.max_doc_tokens=24",
+    ]
+    manifest = main(args)
+    assert (
+        manifest["rows"] == 3 * len(SKILLS)
+        and manifest["queries"] == 3
+        and manifest["documents"] == len(SKILLS)
+    )
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk["teacher"]["model"] == "tiny-random-llama" and on_disk["hidden_size"] == 64
+    assert on_disk["teacher"]["prompt"]["max_doc_tokens"] == 24 and "{document}" in on_disk["prompt_template"]
+    assert on_disk["candidates"] == "all" and on_disk["elapsed_s"] > 0
+    assert not (out / "rejects.jsonl").exists()
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []  # no staging left behind
+    dataset, read_manifest = read_teacher_scores(out, hidden_size=64)
+    assert dataset.count() == manifest["rows"] and read_manifest["rows"] == manifest["rows"]
+    with pytest.raises(SchemaError, match="hidden size is 576"):
+        read_teacher_scores(out, hidden_size=576)
+
+    before = (out / "manifest.json").read_text()
+    with pytest.raises(OutputExistsError, match="already holds a finished run; pass --overwrite"):
+        main(args)
+    assert (out / "manifest.json").read_text() == before  # untouched
+    manifest = main(args[:-1] + ["--max-queries", "2", "--overwrite"])
+    assert manifest["rows"] == 2 * len(SKILLS)
+    assert pq.ParquetDataset(str(out / "data")).read().num_rows == 2 * len(SKILLS)
+
+
+def test_job_skip_policy_writes_rejects(ray_local, tmp_path):
+    root = write_beir(
+        tmp_path / "broken", extra_corpus_lines=['{"_id": "x", "text": '], extra_qrel_lines=["q1\tnope\t1"]
+    )
+    out = tmp_path / "out"
+    manifest = write_teacher_scores(root, "test", out, TEACHER, on_bad_row="skip", **_stage_kwargs())
+    assert manifest["rows"] == N_PAIRS and manifest["rejected_rows"] == {"corpus.jsonl": 1, "test.tsv": 1}
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["field"]) for r in rejects] == [(7, "<json>"), (7, "corpus-id")]
+
+
+def test_failed_run_leaves_nothing_that_looks_complete(ray_local, tmp_path):
+    root = write_beir(tmp_path / "broken", extra_corpus_lines=['{"_id": "x", "text": '])
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"corpus.jsonl:7"):
+        write_teacher_scores(root, "test", out, TEACHER, **_stage_kwargs())
+    assert not out.exists() and list(tmp_path.iterdir()) == [root]
+
+
+def test_check_schema_rejects_wrong_columns():
+    schema = output_schema(8)
+    assert check_schema(schema) == 8
+    with pytest.raises(SchemaError, match="column 'label' is int64, expected int8"):
+        check_schema(schema.set(schema.get_field_index("label"), pa.field("label", pa.int64())))
+    with pytest.raises(SchemaError, match="missing column 'logp_no'"):
+        check_schema(schema.remove(schema.get_field_index("logp_no")))
+    with pytest.raises(SchemaError, match="teacher_hidden"):
+        check_schema(pa.schema([("query_id", pa.string())]))
+
+
+def test_job_cli_reports_bad_input_without_traceback(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "jobs/score_teacher.py",
+            "--data",
+            str(tmp_path / "missing"),
+            "--out",
+            str(tmp_path / "o"),
+            "--model",
+            "tiny-random-llama",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        result.returncode == 2
+        and "data folder not found" in result.stderr
+        and "Traceback" not in result.stderr
+    )
+
+
+def test_corpus_and_queries_as_ray_datasets(ray_local, beir):
+    from rabtriever_ray.data.beir import corpus_dataset, queries_dataset
+
+    data = read_beir(beir, "test")
+    corpus = corpus_dataset(data).take_all()
+    assert [row["doc_id"] for row in corpus] == list(SKILLS)
+    assert corpus[0]["title"] == "Pick up the cup"
+    queries = queries_dataset(data).take_all()
+    assert {row["query_id"]: row["text"] for row in queries} == {k: t for k, (t, _) in INSTRUCTIONS.items()}
