@@ -104,6 +104,27 @@ class StudentConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
+@dataclass
+class LossConfig:
+    """The distillation loss mix; each term is logged on its own."""
+
+    w_jepa: float = option(1.0, "weight of the JEPA loss: predicted vs teacher hidden state")
+    w_rkl: float = option(1.0, "weight of the reverse KL between student and teacher LM-head distributions")
+    w_list: float = option(1.0, "weight of the listwise KL of first-stage scores against teacher scores")
+    w_rank: float = option(
+        0.0, "weight of the listwise KL of the predictor's own scores against teacher scores"
+    )
+    temperature: float = option(1.0, "temperature of the KL terms")
+    jepa_kind: Literal["mse", "smooth_l1", "cosine"] = option("mse", "distance used by the JEPA loss")
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        for name in ("w_jepa", "w_rkl", "w_list", "w_rank"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Loading and overriding.
 

@@ -12,13 +12,16 @@ inner-product space, so a FAISS index can shortlist candidates before the predic
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import StudentConfig
+from .config import StudentConfig, to_dict
 from .predictor import Predictor
 from .teacher import GenerativeReranker
 
@@ -44,6 +47,9 @@ class Rabtriever(nn.Module):
             self.predictor = Predictor(hidden_size, config.predictor_hidden, config.input_norm)
             self.q_proj = nn.Linear(hidden_size, config.proj_dim, bias=False)
             self.d_proj = nn.Linear(hidden_size, config.proj_dim, bias=False)
+        # Log of the factor that turns first-stage cosines into logits for the listwise loss (ranking by
+        # inner product, as a FAISS index does, does not depend on it).
+        self.first_stage_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         # Both projections start as the same random orthogonal map, so untrained first-stage scores are a
         # cosine similarity of the frozen embeddings rather than noise.
         init = torch.empty(config.proj_dim, hidden_size)
@@ -113,3 +119,32 @@ class Rabtriever(nn.Module):
     def first_stage_scores(self, h_query: torch.Tensor, h_doc: torch.Tensor) -> torch.Tensor:
         """``[n, m]`` inner products of the first-stage vectors."""
         return self.embed_queries(h_query) @ self.embed_documents(h_doc).T
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+
+    def save_trainable(self, path: str | Path, **metadata) -> None:
+        """Write the trainable parts to ``path/student.safetensors`` and their config to ``path/student.json``.
+
+        Never the frozen backbone: a checkpoint is loaded onto the teacher model it was trained with.
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
+        save_file(state, str(path / "student.safetensors"))
+        info = {"student": to_dict(self.config), "hidden_size": self.hidden_size, **metadata}
+        (path / "student.json").write_text(json.dumps(info, indent=2) + "\n")
+
+    def load_trainable(self, path: str | Path) -> dict:
+        """Load `save_trainable` output (safetensors only); returns its metadata. Shape mismatches are errors."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        info = json.loads((path / "student.json").read_text())
+        if info["hidden_size"] != self.hidden_size:
+            raise ValueError(
+                f"{path}: checkpoint hidden size {info['hidden_size']} != model hidden size {self.hidden_size}"
+            )
+        self.load_state_dict(load_file(str(path / "student.safetensors"), device=str(self._device())))
+        return info

@@ -23,7 +23,9 @@ def test_backbone_and_head_are_frozen_and_shared(tiny_teacher, student):
     assert student.head.lm_head.weight.data_ptr() == tiny_teacher.model.lm_head.weight.data_ptr()
     assert student.head.norm is tiny_teacher.model.model.norm
     names = set(student.state_dict())
-    assert names and all(n.split(".")[0] in {"predictor", "q_proj", "d_proj"} for n in names)
+    assert names and all(
+        n.split(".")[0] in {"predictor", "q_proj", "d_proj", "first_stage_scale"} for n in names
+    )
     assert all(p.requires_grad for p in student.parameters())
 
 

@@ -1,0 +1,99 @@
+"""Evaluation: retrieval metrics against qrels (ir-measures) and student-teacher agreement.
+
+Runs and qrels are ``{query_id: {doc_id: value}}``. `retrieval_metrics` averages over every judged query with at
+least one relevant document; a query missing from the run counts as 0 (ir-measures alone would skip it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+DEFAULT_MEASURES = ("nDCG@10", "RR@10", "R@1", "R@5", "R@100")
+
+Run = Mapping[str, Mapping[str, float]]
+Qrels = Mapping[str, Mapping[str, int]]
+
+
+def retrieval_metrics(run: Run, qrels: Qrels, measures: Sequence[str] = DEFAULT_MEASURES) -> dict[str, float]:
+    """Mean of each measure (ir-measures names, e.g. ``nDCG@10``, ``RR@10``, ``R@1``) over the judged queries."""
+    import ir_measures
+
+    parsed = [ir_measures.parse_measure(m) for m in measures]
+    judged = {
+        qid: {d: int(g) for d, g in docs.items()}
+        for qid, docs in qrels.items()
+        if any(g > 0 for g in docs.values())
+    }
+    if not judged:
+        raise ValueError("no judged query with a relevant document: cannot compute retrieval metrics")
+    scored = {qid: {d: float(s) for d, s in run[qid].items()} for qid in judged if run.get(qid)}
+    totals = dict.fromkeys(measures, 0.0)
+    names = dict(zip(parsed, measures))
+    for metric in ir_measures.iter_calc(parsed, judged, scored):
+        totals[names[metric.measure]] += metric.value
+    return {name: totals[name] / len(judged) for name in measures}
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share the mean of their positions), 0-based."""
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values), dtype=np.float64)
+    sorted_values = values[order]
+    start = 0
+    while start < len(values):
+        end = start
+        while end + 1 < len(values) and sorted_values[end + 1] == sorted_values[start]:
+            end += 1
+        ranks[order[start : end + 1]] = (start + end) / 2.0
+        start = end + 1
+    return ranks
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation with tie-averaged ranks; NaN when either side is constant."""
+    ra, rb = _ranks(np.asarray(a, dtype=np.float64)), _ranks(np.asarray(b, dtype=np.float64))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = np.sqrt((ra * ra).sum() * (rb * rb).sum())
+    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
+
+
+def agreement(student: Run, teacher: Run) -> dict[str, float]:
+    """How closely student scores follow the teacher's on the same (query, document) pairs.
+
+    ``spearman``: over all scored pairs pooled; ``spearman_per_query``: mean over queries with >= 2 candidates;
+    ``top1``: share of queries whose best document is the same for both.
+    """
+    pooled_s, pooled_t, per_query, top1 = [], [], [], []
+    for qid, teacher_docs in teacher.items():
+        docs = [d for d in teacher_docs if d in student.get(qid, {})]
+        if not docs:
+            continue
+        s = [student[qid][d] for d in docs]
+        t = [teacher_docs[d] for d in docs]
+        pooled_s += s
+        pooled_t += t
+        if len(docs) >= 2:
+            value = spearman(s, t)
+            if not np.isnan(value):
+                per_query.append(value)
+        top1.append(docs[int(np.argmax(s))] == docs[int(np.argmax(t))])
+    if not top1:
+        raise ValueError("student and teacher share no scored (query, document) pair")
+    return {
+        "spearman": spearman(pooled_s, pooled_t),
+        "spearman_per_query": float(np.mean(per_query)) if per_query else float("nan"),
+        "top1": float(np.mean(top1)),
+        "pairs": len(pooled_s),
+    }
+
+
+def run_from_rows(
+    query_ids: Sequence[str], doc_ids: Sequence[str], scores: Sequence[float]
+) -> dict[str, dict[str, float]]:
+    """Aligned columns -> ``{query_id: {doc_id: score}}``."""
+    run: dict[str, dict[str, float]] = {}
+    for qid, did, score in zip(query_ids, doc_ids, scores, strict=True):
+        run.setdefault(qid, {})[did] = float(score)
+    return run

@@ -1,0 +1,107 @@
+import pytest
+import torch
+from conftest import DOCUMENTS, QUERIES
+
+from rabtriever_ray.config import LossConfig, StudentConfig
+from rabtriever_ray.losses import jepa_loss, listwise_kl, reverse_kl
+from rabtriever_ray.student import Rabtriever
+from rabtriever_ray.train import EmbeddingCache, distill_losses, group_by_query
+
+
+@pytest.fixture
+def student(tiny_teacher):
+    return Rabtriever(tiny_teacher, StudentConfig(predictor_hidden=64, proj_dim=16))
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_teacher):
+    """Every query against every document, with the tiny teacher's outputs."""
+    queries = [q for q in QUERIES for _ in DOCUMENTS]
+    documents = [d for _ in QUERIES for d in DOCUMENTS]
+    out = tiny_teacher.score(queries, documents)
+    query_ids = [f"q{i}" for i in range(len(QUERIES)) for _ in DOCUMENTS]
+    return queries, documents, query_ids, out
+
+
+def test_embedding_cache_encodes_each_text_once(student):
+    calls = []
+
+    def encode(texts):
+        calls.append(list(texts))
+        return student.encode_queries(texts)
+
+    cache = EmbeddingCache(encode)
+    first = cache([QUERIES[0], QUERIES[1], QUERIES[0]])
+    second = cache([QUERIES[1], QUERIES[2]])
+    assert calls == [[QUERIES[0], QUERIES[1]], [QUERIES[2]]] and len(cache) == 3
+    torch.testing.assert_close(first[0], first[2])
+    torch.testing.assert_close(second, student.encode_queries([QUERIES[1], QUERIES[2]]))
+
+
+def test_group_by_query():
+    index, mask = group_by_query(["a", "b", "a", "c", "a"])
+    assert index.tolist() == [[0, 2, 4], [1, 0, 0], [3, 0, 0]]
+    assert mask.tolist() == [[True, True, True], [True, False, False], [True, False, False]]
+
+
+def test_loss_terms_equal_the_pure_functions(student, batch):
+    queries, documents, query_ids, out = batch
+    with torch.no_grad():
+        for p in student.predictor.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    h_q, h_d = student.encode_queries(queries), student.encode_documents(documents)
+    config = LossConfig(w_jepa=1.0, w_rkl=0.5, w_list=2.0, w_rank=0.25, temperature=2.0)
+    terms = distill_losses(student, h_q, h_d, out.hidden, out.score, query_ids, config)
+    predicted = student.predict(h_q, h_d)
+    assert terms["jepa"].item() == pytest.approx(jepa_loss(predicted, out.hidden).item(), rel=1e-5)
+    rkl = reverse_kl(student.head.logits(predicted), student.head.logits(out.hidden), 2.0)
+    assert terms["rkl"].item() == pytest.approx(rkl.item(), rel=1e-5)
+    n_docs = len(DOCUMENTS)
+    teacher_lists = out.score.view(len(QUERIES), n_docs)
+    first = (student.first_stage_scores(h_q[::n_docs], h_d[:n_docs])) * student.first_stage_scale.exp()
+    assert terms["list"].item() == pytest.approx(listwise_kl(first, teacher_lists, 2.0).item(), rel=1e-5)
+    rank = listwise_kl(student.head.score(predicted).view(len(QUERIES), n_docs), teacher_lists, 2.0)
+    assert terms["rank"].item() == pytest.approx(rank.item(), rel=1e-5)
+    expected = terms["jepa"] + 0.5 * terms["rkl"] + 2.0 * terms["list"] + 0.25 * terms["rank"]
+    assert terms["total"].item() == pytest.approx(expected.item(), rel=1e-6)
+    skipped = distill_losses(
+        student, h_q, h_d, out.hidden, out.score, query_ids, LossConfig(w_rkl=0.0, w_list=0.0)
+    )
+    assert skipped["rkl"].item() == skipped["list"].item() == 0.0
+
+
+def test_a_few_steps_reduce_the_loss_and_train_only_the_student(student, batch):
+    queries, documents, query_ids, out = batch
+    frozen = {n: p.clone() for n, p in student.teacher.model.named_parameters()}
+    query_cache, doc_cache = EmbeddingCache(student.encode_queries), EmbeddingCache(student.encode_documents)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=3e-3)
+    config = LossConfig(w_rank=1.0)
+    history = []
+    for _ in range(40):
+        terms = distill_losses(
+            student, query_cache(queries), doc_cache(documents), out.hidden, out.score, query_ids, config
+        )
+        optimizer.zero_grad()
+        terms["total"].backward()
+        optimizer.step()
+        history.append(terms["total"].item())
+    assert history[-1] < 0.5 * history[0]
+    assert len(query_cache) == len(QUERIES) and len(doc_cache) == len(DOCUMENTS)
+    for name, param in student.teacher.model.named_parameters():
+        assert torch.equal(param, frozen[name]), name
+
+
+def test_save_and_load_trainable_parts(student, tiny_teacher, tmp_path):
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+    student.save_trainable(tmp_path / "ckpt", teacher="tiny-random-llama", step=7)
+    assert (tmp_path / "ckpt" / "student.safetensors").is_file()
+    fresh = Rabtriever(tiny_teacher, student.config)
+    info = fresh.load_trainable(tmp_path / "ckpt")
+    assert info["teacher"] == "tiny-random-llama" and info["step"] == 7
+    for (name, a), (_, b) in zip(student.state_dict().items(), fresh.state_dict().items()):
+        assert torch.equal(a, b), name
+    other = Rabtriever(tiny_teacher, StudentConfig(predictor_hidden=8, proj_dim=16))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        other.load_trainable(tmp_path / "ckpt")
