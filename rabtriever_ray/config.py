@@ -125,6 +125,57 @@ class LossConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
+@dataclass
+class DistillConfig:
+    """A distillation run: data, teacher, student, loss, optimisation and the Ray cluster shape it uses."""
+
+    name: str = option("demo", "run name: the Ray Train run under storage_path, and runs/<name> by default")
+    out_dir: str | None = option(
+        None, "where report.json, checkpoint/ and training_curves.png go (default runs/<name>)"
+    )
+    storage_path: str | None = option(
+        None, "Ray Train storage (shared storage on a cluster); default <out_dir>/ray"
+    )
+    data_dir: str = option("", "folder holding the train and val data folders; empty: the bundled demo data")
+    train_data: str = option("", "train BEIR folder under data_dir (empty: data_dir itself)")
+    train_split: str = option("train", "qrels split of the training queries")
+    val_data: str = option("", "validation BEIR folder under data_dir (empty: data_dir itself)")
+    val_split: str = option("dev", "qrels split of the validation queries")
+    teacher: str = option("smollm2-135m", "teacher model spec (any spec load_causal_lm accepts)")
+    prompt: PromptConfig = option(PromptConfig(), "prompt template and truncation")
+    max_batch_tokens: int = option(8192, "teacher/encoder padded tokens per forward batch")
+    student: StudentConfig = option(StudentConfig(), "trainable parts")
+    loss: LossConfig = option(LossConfig(), "loss mix")
+    candidates: str = option("bm25:8", "training candidates per query: all | bm25:K | a TREC run file")
+    val_candidates: str = option("all", "validation candidates per query: all | bm25:K | a TREC run file")
+    max_train_queries: int | None = option(None, "seeded subset of training queries")
+    max_val_queries: int | None = option(None, "seeded subset of validation queries")
+    epochs: int = option(10, "passes over the training pairs")
+    batch_size: int = option(64, "pairs per worker per step")
+    lr: float = option(1e-3, "peak AdamW learning rate")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    warmup_steps: int = option(20, "linear warm-up steps before cosine decay")
+    grad_clip: float = option(1.0, "gradient-norm clip (0: off)")
+    seed: int = option(0, "seed for subsets, shuffling and initialisation")
+    num_workers: int = option(1, "Ray Train workers")
+    use_gpu: bool = option(False, "one GPU per training worker")
+    cpus_per_worker: float = option(1.0, "CPUs per training worker")
+    teacher_actors: int = option(1, "teacher actors streaming the training pairs")
+    teacher_cpus: float = option(1.0, "CPUs per teacher actor")
+    teacher_batch_size: int = option(
+        256, "pairs per teacher actor call (more pairs share more document prefixes)"
+    )
+    max_failures: int = option(1, "worker failures to recover from (from the last checkpoint)")
+    num_to_keep: int = option(2, "checkpoints kept")
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "num_workers", "teacher_actors"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Loading and overriding.
 

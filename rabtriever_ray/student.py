@@ -108,6 +108,16 @@ class Rabtriever(nn.Module):
         ]
         return torch.cat(out) if out else torch.empty((0, m))
 
+    def forward(self, h_query: torch.Tensor, h_doc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training forward for aligned pairs ``[n, d]``: (predicted embedding ``[n, d]``, first-stage logits ``[n]``).
+
+        Everything trainable is used here, so DDP (which wraps this module) syncs all of it.
+        """
+        first_stage = (self.embed_queries(h_query) * self.embed_documents(h_doc)).sum(
+            -1
+        ) * self.first_stage_scale.exp()
+        return self.predict(h_query, h_doc), first_stage
+
     def embed_queries(self, h_query: torch.Tensor) -> torch.Tensor:
         """First-stage query vectors ``[n, k]``, L2-normalised."""
         return F.normalize(self.q_proj(h_query.to(self._device())), dim=-1)

@@ -67,6 +67,7 @@ def group_by_query(query_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor
 
 def distill_losses(
     student: Rabtriever,
+    model: torch.nn.Module,
     h_query: torch.Tensor,
     h_doc: torch.Tensor,
     teacher_hidden: torch.Tensor,
@@ -77,7 +78,8 @@ def distill_losses(
     """Every loss term and their weighted ``total`` for a batch of ``n`` pairs (see the module docstring).
 
     Args:
-        student: the (possibly DDP-unwrapped) Rabtriever.
+        student: the Rabtriever (its frozen head scores the predictions).
+        model: what runs the forward: the student itself, or its DDP wrapper so gradients are synchronised.
         h_query, h_doc: ``[n, d]`` frozen embeddings of each pair's query and document.
         teacher_hidden: ``[n, d]`` teacher hidden states; teacher_score: ``[n]`` teacher scores.
         query_ids: ``n`` query ids; the listwise terms compare the candidates of each query within the batch.
@@ -85,7 +87,7 @@ def distill_losses(
     device = student.q_proj.weight.device
     teacher_hidden = teacher_hidden.to(device=device, dtype=torch.float32)
     teacher_score = teacher_score.to(device=device, dtype=torch.float32)
-    predicted = student.predict(h_query, h_doc)
+    predicted, first_stage = model(h_query, h_doc)
     zero = predicted.new_zeros(())
     terms: dict[str, torch.Tensor] = {}
     terms["jepa"] = jepa_loss(predicted, teacher_hidden, loss.jepa_kind) if loss.w_jepa else zero
@@ -98,12 +100,9 @@ def distill_losses(
     index, mask = group_by_query(query_ids)
     index, mask = index.to(device), mask.to(device)
     teacher_lists = teacher_score[index]
-    if loss.w_list:
-        first_stage = (student.embed_queries(h_query) * student.embed_documents(h_doc)).sum(-1)
-        first_stage = first_stage * student.first_stage_scale.exp()
-        terms["list"] = listwise_kl(first_stage[index], teacher_lists, loss.temperature, mask)
-    else:
-        terms["list"] = zero
+    terms["list"] = (
+        listwise_kl(first_stage[index], teacher_lists, loss.temperature, mask) if loss.w_list else zero
+    )
     if loss.w_rank:
         terms["rank"] = listwise_kl(
             student.head.score(predicted)[index], teacher_lists, loss.temperature, mask
@@ -117,3 +116,170 @@ def distill_losses(
         + loss.w_rank * terms["rank"]
     )
     return terms
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The Ray Train loop.
+
+
+def teacher_batch_tensors(batch) -> dict:
+    """A pyarrow batch of teacher-stage rows -> the tensors and lists one training step needs."""
+    import numpy as np
+
+    hidden = batch.column("teacher_hidden").combine_chunks()
+    width = hidden.type.list_size
+    return {
+        "query_id": batch.column("query_id").to_pylist(),
+        "query_text": batch.column("query_text").to_pylist(),
+        "doc_text": batch.column("doc_text").to_pylist(),
+        "teacher_score": torch.from_numpy(
+            np.array(batch.column("teacher_score").to_numpy(), dtype=np.float32)
+        ),
+        "teacher_hidden": torch.from_numpy(
+            np.array(hidden.flatten().to_numpy(), dtype=np.float32).reshape(-1, width)
+        ),
+    }
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate factor: linear warm-up to 1, then cosine decay to 0 at ``total_steps``."""
+    import math
+
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def validate(student: Rabtriever, val: dict, query_cache: EmbeddingCache, doc_cache: EmbeddingCache) -> dict:
+    """Student vs teacher on the validation pairs: agreement and retrieval metrics against the qrels."""
+    from .metrics import agreement, retrieval_metrics, run_from_rows
+
+    with torch.no_grad():
+        scores = student.score(query_cache(val["query_text"]), doc_cache(val["doc_text"])).cpu().tolist()
+    student_run = run_from_rows(val["query_id"], val["doc_id"], scores)
+    teacher_run = run_from_rows(val["query_id"], val["doc_id"], val["teacher_score"])
+    metrics = {
+        f"val/{k}": v
+        for k, v in retrieval_metrics(student_run, val["qrels"], ("R@1", "RR@10", "nDCG@10")).items()
+    }
+    agree = agreement(student_run, teacher_run)
+    metrics["val/spearman"] = agree["spearman"]
+    metrics["val/top1_agreement"] = agree["top1"]
+    return metrics
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker: distil the teacher's judgements into this worker's Rabtriever replica.
+
+    ``config``: ``distill`` (a `DistillConfig`), ``steps_per_epoch`` (the same on every worker, so every worker
+    reports equally often) and ``val`` (validation pairs with teacher scores and qrels, scored by rank 0).
+    Resumes from ``ray.train.get_checkpoint()`` (a failed worker, or a rerun with the same name).
+    """
+    import json
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import ray.train
+    import ray.train.torch
+
+    from .models import load_causal_lm
+    from .teacher import GenerativeReranker
+
+    cfg = config["distill"]
+    steps_per_epoch = config["steps_per_epoch"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(cfg.seed + rank)
+    device = ray.train.torch.get_device()
+    model, tokenizer = load_causal_lm(cfg.teacher, device=device)
+    teacher = GenerativeReranker(model, tokenizer, cfg.prompt, cfg.max_batch_tokens)
+    student = Rabtriever(teacher, cfg.student)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, total_steps)
+    )
+    start_epoch, step, history = 0, 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            student.load_trainable(directory)
+            state = torch.load(Path(directory) / "training_state.pt", weights_only=True)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
+            history = json.loads((Path(directory) / "history.json").read_text())
+    fault = config.get("fail_once_after_step")  # test hook: (marker path, step)
+    ddp_model = ray.train.torch.prepare_model(
+        student, parallel_strategy_kwargs={"find_unused_parameters": True}
+    )
+    query_cache, doc_cache = EmbeddingCache(student.encode_queries), EmbeddingCache(student.encode_documents)
+    shard = ray.train.get_dataset_shard("train")
+    stored: list[
+        dict
+    ] = []  # this worker's teacher outputs, kept after the first pass so later epochs reuse them
+    generator = torch.Generator().manual_seed(cfg.seed + rank)
+    for epoch in range(start_epoch, cfg.epochs):
+        if not stored:
+            source = (
+                teacher_batch_tensors(b)
+                for b in shard.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow", drop_last=True)
+            )
+        else:
+            source = (stored[i] for i in torch.randperm(len(stored), generator=generator).tolist())
+        sums: dict[str, float] = {}
+        pairs, started = 0, time.perf_counter()
+        for _, batch in zip(range(steps_per_epoch), source):
+            if len(stored) < steps_per_epoch and epoch == start_epoch:
+                stored.append(batch)
+            if fault and rank == 0 and step >= fault[1] and not Path(fault[0]).exists():
+                Path(fault[0]).write_text(str(step))
+                raise RuntimeError(f"injected worker failure at step {step}")
+            terms = distill_losses(
+                student,
+                ddp_model,
+                query_cache(batch["query_text"]),
+                doc_cache(batch["doc_text"]),
+                batch["teacher_hidden"],
+                batch["teacher_score"],
+                batch["query_id"],
+                cfg.loss,
+            )
+            optimizer.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            pairs += len(batch["query_id"])
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+        metrics = {f"loss/{k}": v / steps_per_epoch for k, v in sums.items()}
+        metrics.update(
+            epoch=epoch,
+            step=step,
+            lr=scheduler.get_last_lr()[0],
+            pairs_per_s=pairs * world / (time.perf_counter() - started),
+            encoded_queries=len(query_cache),
+            encoded_documents=len(doc_cache),
+        )
+        if rank == 0 and config.get("val"):
+            metrics.update(validate(student, config["val"], query_cache, doc_cache))
+        with tempfile.TemporaryDirectory() as directory:
+            checkpoint = None
+            if rank == 0:
+                student.save_trainable(directory, teacher=cfg.teacher, step=step, epoch=epoch)
+                state = {
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch,
+                    "step": step,
+                }
+                torch.save(state, Path(directory) / "training_state.pt")
+                history.append(metrics)
+                (Path(directory) / "history.json").write_text(json.dumps(history))
+                checkpoint = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(metrics, checkpoint=checkpoint)

@@ -5,6 +5,7 @@ import pytest
 
 from rabtriever_ray.config import (
     ConfigError,
+    DistillConfig,
     PromptConfig,
     StudentConfig,
     TeacherConfig,
@@ -17,7 +18,7 @@ from rabtriever_ray.prompts import PromptBuilder
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
 # Which dataclass each folder under configs/ holds.
-CONFIG_CLASSES = {"teacher": TeacherConfig}
+CONFIG_CLASSES = {"teacher": TeacherConfig, "configs": DistillConfig}
 
 
 def test_there_are_configs():

@@ -51,7 +51,7 @@ def test_loss_terms_equal_the_pure_functions(student, batch):
             p.add_(torch.randn_like(p) * 0.05)
     h_q, h_d = student.encode_queries(queries), student.encode_documents(documents)
     config = LossConfig(w_jepa=1.0, w_rkl=0.5, w_list=2.0, w_rank=0.25, temperature=2.0)
-    terms = distill_losses(student, h_q, h_d, out.hidden, out.score, query_ids, config)
+    terms = distill_losses(student, student, h_q, h_d, out.hidden, out.score, query_ids, config)
     predicted = student.predict(h_q, h_d)
     assert terms["jepa"].item() == pytest.approx(jepa_loss(predicted, out.hidden).item(), rel=1e-5)
     rkl = reverse_kl(student.head.logits(predicted), student.head.logits(out.hidden), 2.0)
@@ -65,7 +65,7 @@ def test_loss_terms_equal_the_pure_functions(student, batch):
     expected = terms["jepa"] + 0.5 * terms["rkl"] + 2.0 * terms["list"] + 0.25 * terms["rank"]
     assert terms["total"].item() == pytest.approx(expected.item(), rel=1e-6)
     skipped = distill_losses(
-        student, h_q, h_d, out.hidden, out.score, query_ids, LossConfig(w_rkl=0.0, w_list=0.0)
+        student, student, h_q, h_d, out.hidden, out.score, query_ids, LossConfig(w_rkl=0.0, w_list=0.0)
     )
     assert skipped["rkl"].item() == skipped["list"].item() == 0.0
 
@@ -79,7 +79,14 @@ def test_a_few_steps_reduce_the_loss_and_train_only_the_student(student, batch):
     history = []
     for _ in range(40):
         terms = distill_losses(
-            student, query_cache(queries), doc_cache(documents), out.hidden, out.score, query_ids, config
+            student,
+            student,
+            query_cache(queries),
+            doc_cache(documents),
+            out.hidden,
+            out.score,
+            query_ids,
+            config,
         )
         optimizer.zero_grad()
         terms["total"].backward()

@@ -1,0 +1,44 @@
+"""Distil the teacher (generative reranker) into Rabtriever with Ray Data + Ray Train.
+
+    python jobs/distill.py                                   # the embedded demo: local Ray, default model, demo data
+    python jobs/distill.py --config configs/distill/esconv_strategy.yaml num_workers=2
+    ray job submit --working-dir . -- python jobs/distill.py --config configs/distill/esconv_strategy.yaml
+
+Connects to a running cluster when RAY_ADDRESS is set (as under `ray job submit`), else starts local Ray.
+Trailing key=value arguments override the config (dotted keys for sections: loss.w_rank=0.5). Writes
+report.json, checkpoint/ and training_curves.png into out_dir (default runs/<name>); a rerun with the same name
+resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rabtriever_ray.config import ConfigError, DistillConfig, config_help, load_config
+from rabtriever_ray.distill import format_table, run_distill
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys:\n" + config_help(DistillConfig),
+    )
+    parser.add_argument("--config", default=None, help="distillation config YAML (configs/distill/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    args = parser.parse_args(argv)
+    config = load_config(DistillConfig, args.config, args.overrides)
+    report = run_distill(config)
+    print(format_table(report["final"]))
+    out_dir = config.out_dir or f"runs/{config.name}"
+    print(f"\nwrote {out_dir}/report.json, {out_dir}/checkpoint/, {out_dir}/training_curves.png")
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, FileExistsError, ValueError) as err:  # bad input: a clear message, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
