@@ -36,6 +36,13 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirro
     return field(default=default, metadata={"help": help}, **kwargs)
 
 
+def _at_least(config: Any, minimum: float, *names: str) -> None:
+    """Raise `ConfigError` naming the first field of ``names`` below ``minimum``."""
+    for name in names:
+        if getattr(config, name) < minimum:
+            raise ConfigError(f"{name} must be >= {minimum}, got {getattr(config, name)}")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The configs.
 
@@ -63,9 +70,7 @@ class PromptConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("max_doc_tokens", "max_query_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        _at_least(self, 1, "max_doc_tokens", "max_query_tokens")
         if not self.answer_yes.strip() or not self.answer_no.strip() or self.answer_yes == self.answer_no:
             raise ConfigError(
                 f"answer_yes/answer_no must be distinct and non-empty, got {self.answer_yes!r}/{self.answer_no!r}"
@@ -85,8 +90,7 @@ class TeacherConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.max_batch_tokens < 1:
-            raise ConfigError(f"max_batch_tokens must be >= 1, got {self.max_batch_tokens}")
+        _at_least(self, 1, "max_batch_tokens")
 
 
 @dataclass
@@ -99,9 +103,7 @@ class StudentConfig:
     seed: int = option(0, "seed for the trainable parts' initialisation")
 
     def __post_init__(self) -> None:
-        for name in ("predictor_hidden", "proj_dim"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        _at_least(self, 1, "predictor_hidden", "proj_dim")
 
 
 @dataclass
@@ -120,9 +122,7 @@ class LossConfig:
     def __post_init__(self) -> None:
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
-        for name in ("w_jepa", "w_rkl", "w_list", "w_rank"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        _at_least(self, 0, "w_jepa", "w_rkl", "w_list", "w_rank")
 
 
 @dataclass
@@ -169,9 +169,7 @@ class DistillConfig:
     num_to_keep: int = option(2, "checkpoints kept")
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "num_workers", "teacher_actors"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        _at_least(self, 1, "epochs", "batch_size", "num_workers", "teacher_actors", "teacher_batch_size")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
 
