@@ -110,11 +110,11 @@ class StudentConfig:
 class LossConfig:
     """The distillation loss mix; each term is logged on its own."""
 
-    w_jepa: float = option(1.0, "weight of the JEPA loss: predicted vs teacher hidden state")
+    w_jepa: float = option(0.1, "weight of the JEPA loss: predicted vs teacher hidden state")
     w_rkl: float = option(1.0, "weight of the reverse KL between student and teacher LM-head distributions")
     w_list: float = option(1.0, "weight of the listwise KL of first-stage scores against teacher scores")
     w_rank: float = option(
-        0.0, "weight of the listwise KL of the predictor's own scores against teacher scores"
+        1.0, "weight of the listwise KL of the predictor's own scores against teacher scores"
     )
     temperature: float = option(1.0, "temperature of the KL terms")
     jepa_kind: Literal["mse", "smooth_l1", "cosine"] = option("mse", "distance used by the JEPA loss")
@@ -150,7 +150,9 @@ class DistillConfig:
     val_candidates: str = option("all", "validation candidates per query: all | bm25:K | a TREC run file")
     max_train_queries: int | None = option(None, "seeded subset of training queries")
     max_val_queries: int | None = option(None, "seeded subset of validation queries")
-    epochs: int = option(10, "passes over the training pairs")
+    epochs: int = option(
+        20, "passes over the training pairs (after the first, the teacher outputs are reused)"
+    )
     batch_size: int = option(64, "pairs per worker per step")
     lr: float = option(1e-3, "peak AdamW learning rate")
     weight_decay: float = option(0.01, "AdamW weight decay")

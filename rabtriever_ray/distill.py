@@ -65,9 +65,13 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
         "batch_size": cfg.teacher_batch_size,
         "gpus_per_actor": 1.0 if cfg.use_gpu else 0.0,
     }
-    # Validation is scored before training starts, alone: it may use the training workers' CPUs too, and
-    # document-major order lets each teacher batch run a shared document prefix once for many queries.
-    val_cpus = cfg.teacher_cpus + cfg.cpus_per_worker * cfg.num_workers / cfg.teacher_actors
+    # Validation is scored before training starts, alone: it may use the training workers' CPUs too (up to one
+    # node's), and document-major order lets each teacher batch run a shared document prefix for many queries.
+    largest_node = max(n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"])
+    val_cpus = max(
+        cfg.teacher_cpus,
+        min(cfg.teacher_cpus + cfg.cpus_per_worker * cfg.num_workers / cfg.teacher_actors, largest_node),
+    )
     val_sorted = val_pairs.sort_by([("doc_id", "ascending"), ("query_id", "ascending")])
     t0 = time.perf_counter()
     val_stage = teacher_stage(
