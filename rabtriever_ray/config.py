@@ -146,6 +146,9 @@ class DistillConfig:
     max_batch_tokens: int = option(8192, "teacher/encoder padded tokens per forward batch")
     student: StudentConfig = option(StudentConfig(), "trainable parts")
     loss: LossConfig = option(LossConfig(), "loss mix")
+    teacher_data: str | None = option(
+        None, "pre-scored Parquet from jobs/score_teacher.py to train on, instead of the live teacher stage"
+    )
     candidates: str = option("bm25:8", "training candidates per query: all | bm25:K | a TREC run file")
     val_candidates: str = option("all", "validation candidates per query: all | bm25:K | a TREC run file")
     max_train_queries: int | None = option(None, "seeded subset of training queries")

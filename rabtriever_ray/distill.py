@@ -23,7 +23,8 @@ from .data import DEMO_DATA, build_pairs, read_beir
 from .data.candidates import BM25Index
 from .io import init_ray, write_json_atomic
 from .metrics import retrieval_metrics, run_from_rows
-from .pipeline import pairs_dataset, teacher_stage
+from .models import model_hidden_size
+from .pipeline import SchemaError, pairs_dataset, read_teacher_scores, teacher_stage
 
 METRICS = ("R@1", "RR@10", "nDCG@10")
 
@@ -47,17 +48,29 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
     started = time.perf_counter()
     out_dir = Path(cfg.out_dir or f"runs/{cfg.name}").resolve()
     storage = Path(cfg.storage_path).resolve() if cfg.storage_path else out_dir / "ray"
-    train_data = read_beir(_data_root(cfg, cfg.train_data), cfg.train_split)
     val_data = read_beir(_data_root(cfg, cfg.val_data), cfg.val_split)
-    train_pairs = build_pairs(train_data, cfg.candidates, cfg.max_train_queries, cfg.seed, training=True)
     val_pairs = build_pairs(val_data, cfg.val_candidates, cfg.max_val_queries, cfg.seed)
-    steps_per_epoch = len(train_pairs) // (cfg.batch_size * cfg.num_workers)
+    init_ray()
+    if cfg.teacher_data:
+        # Pre-scored pairs: checked against the teacher's hidden size and spec before anything runs.
+        train_stage, manifest = read_teacher_scores(
+            cfg.teacher_data, hidden_size=model_hidden_size(cfg.teacher)
+        )
+        if manifest["teacher"]["model"] != cfg.teacher:
+            raise SchemaError(
+                f"{cfg.teacher_data}: scored by teacher {manifest['teacher']['model']!r}, but teacher={cfg.teacher!r}"
+            )
+        n_train, n_train_queries = manifest["rows"], manifest["queries"]
+    else:
+        train_data = read_beir(_data_root(cfg, cfg.train_data), cfg.train_split)
+        train_pairs = build_pairs(train_data, cfg.candidates, cfg.max_train_queries, cfg.seed, training=True)
+        n_train, n_train_queries = len(train_pairs), len(set(train_pairs.column("query_id").to_pylist()))
+    steps_per_epoch = n_train // (cfg.batch_size * cfg.num_workers)
     if steps_per_epoch < 1:
         raise ValueError(
-            f"{len(train_pairs)} training pairs are fewer than batch_size x num_workers = "
+            f"{n_train} training pairs are fewer than batch_size x num_workers = "
             f"{cfg.batch_size * cfg.num_workers}; lower batch_size or add queries"
         )
-    init_ray()
     teacher = TeacherConfig(model=cfg.teacher, prompt=cfg.prompt, max_batch_tokens=cfg.max_batch_tokens)
     stage_args = {
         "actors": (1, cfg.teacher_actors),
@@ -86,9 +99,10 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
         for name in ("query_id", "doc_id", "query_text", "doc_text", "teacher_score")
     }
     val["qrels"] = {qid: val_data.qrels[qid] for qid in set(val["query_id"])}
-    train_stage = teacher_stage(
-        pairs_dataset(train_pairs, rows_per_block=cfg.teacher_batch_size), teacher, **stage_args
-    )
+    if not cfg.teacher_data:
+        train_stage = teacher_stage(
+            pairs_dataset(train_pairs, rows_per_block=cfg.teacher_batch_size), teacher, **stage_args
+        )
 
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -133,8 +147,9 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
         "final": final,
         "history": history,
         "counts": {
-            "train_queries": len(set(train_pairs.column("query_id").to_pylist())),
-            "train_pairs_scored_by_teacher": len(train_pairs),
+            "train_queries": n_train_queries,
+            "train_pairs": n_train,
+            "train_pairs_scored_by_teacher": 0 if cfg.teacher_data else n_train,
             "val_queries": len(val["qrels"]),
             "val_pairs_scored_by_teacher": len(val_pairs),
             "steps_per_epoch": steps_per_epoch,

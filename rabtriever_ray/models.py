@@ -75,6 +75,19 @@ def load_causal_lm(
     return model, tokenizer
 
 
+def model_hidden_size(spec: str) -> int:
+    """The hidden size of a model spec, from its config alone (no weights are loaded)."""
+    if spec == TINY_MODEL:
+        return 64
+    from transformers import AutoConfig
+
+    path = smollm2_cached_dir() if spec == DEFAULT_MODEL else spec
+    try:
+        return int(AutoConfig.from_pretrained(str(path)).hidden_size)
+    except OSError as err:
+        raise ModelLoadError(f"cannot read the config of model {spec!r} ({err})") from err
+
+
 def _load_pretrained(path: str | Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

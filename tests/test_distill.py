@@ -62,3 +62,36 @@ def test_two_workers_train_report_and_resume_after_a_failure(ray_local, tmp_path
 def test_too_few_pairs_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="fewer than batch_size x num_workers"):
         run_distill(_config(tmp_path, "batch_size=4096"))
+
+
+def test_training_on_pre_scored_parquet(ray_local, tmp_path):
+    from rabtriever_ray.config import PromptConfig, TeacherConfig
+    from rabtriever_ray.data import DEMO_DATA
+    from rabtriever_ray.pipeline import SchemaError, write_teacher_scores
+
+    scores = tmp_path / "scores"
+    teacher = TeacherConfig(
+        model="tiny-random-llama", prompt=PromptConfig(max_query_tokens=32, max_doc_tokens=48)
+    )
+    manifest = write_teacher_scores(
+        DEMO_DATA,
+        "train",
+        scores,
+        teacher,
+        candidates="bm25:4",
+        max_queries=16,
+        training=True,
+        cpus_per_actor=0.5,
+        batch_size=32,
+    )
+    config = _config(tmp_path, "name=pre_scored", "epochs=2", "num_workers=1", f"teacher_data={scores}")
+    report = run_distill(config)
+    assert (
+        report["counts"]["train_pairs"] == manifest["rows"]
+        and report["counts"]["train_pairs_scored_by_teacher"] == 0
+    )
+    assert [h["epoch"] for h in report["history"]] == [0, 1]
+
+    wrong = _config(tmp_path, "name=wrong", "num_workers=1", f"teacher_data={scores}", "teacher=smollm2-135m")
+    with pytest.raises(SchemaError, match="hidden size is 576"):
+        run_distill(wrong)
