@@ -424,9 +424,16 @@ def shared_prefix_last_hidden(
 
 @contextlib.contextmanager
 def _capture_pre_norm(model: nn.Module):
-    """Collect the input of the final norm (the pre-norm hidden states) of each forward inside the block."""
+    """Hold the input of the final norm (the pre-norm hidden states) of the latest forward inside the block.
+
+    Only the latest is kept, so memory does not grow with the number of batches.
+    """
     captured: list[torch.Tensor] = []
-    handle = final_norm(model).register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+
+    def keep_latest(_module, args):
+        captured[:] = [args[0]]
+
+    handle = final_norm(model).register_forward_pre_hook(keep_latest)
     try:
         yield captured
     finally:
