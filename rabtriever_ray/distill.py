@@ -168,12 +168,9 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
 def _final_metrics(last: dict, val: dict, val_data) -> dict[str, Any]:
     """Student (from the last validation), teacher and BM25 on the validation candidates."""
     teacher_run = run_from_rows(val["query_id"], val["doc_id"], val["teacher_score"])
-    docs = list(val_data.corpus)
-    from .prompts import document_text
-
-    bm25 = BM25Index(docs, [document_text(d.title, d.text) for d in val_data.corpus.values()])
+    bm25 = BM25Index.from_corpus(val_data)
     queries = sorted(set(val["query_id"]))
-    hits, scores = bm25.search([val_data.queries[q].text for q in queries], len(docs))
+    hits, scores = bm25.search([val_data.queries[q].text for q in queries], len(val_data.corpus))
     bm25_full = {q: dict(zip(h, map(float, s))) for q, h, s in zip(queries, hits, scores)}
     bm25_run = run_from_rows(
         val["query_id"],

@@ -212,14 +212,16 @@ def train_loop_per_worker(config: dict) -> None:
             start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
             history = json.loads((Path(directory) / "history.json").read_text())
     fault = config.get("fail_once_after_step")  # test hook: (marker path, step)
+    # DDP must be told when a zero loss weight leaves a trainable part out of the graph.
+    weights = cfg.loss
+    unused = weights.w_list == 0 or weights.w_jepa == weights.w_rkl == weights.w_rank == 0
     ddp_model = ray.train.torch.prepare_model(
-        student, parallel_strategy_kwargs={"find_unused_parameters": True}
+        student, parallel_strategy_kwargs={"find_unused_parameters": unused}
     )
     query_cache, doc_cache = EmbeddingCache(student.encode_queries), EmbeddingCache(student.encode_documents)
     shard = ray.train.get_dataset_shard("train")
-    stored: list[
-        dict
-    ] = []  # this worker's teacher outputs, kept after the first pass so later epochs reuse them
+    # This worker's teacher outputs, kept during the first pass so later epochs reuse them.
+    stored: list[dict] = []
     generator = torch.Generator().manual_seed(cfg.seed + rank)
     for epoch in range(start_epoch, cfg.epochs):
         if not stored:
@@ -232,7 +234,7 @@ def train_loop_per_worker(config: dict) -> None:
         sums: dict[str, float] = {}
         pairs, started = 0, time.perf_counter()
         for _, batch in zip(range(steps_per_epoch), source):
-            if len(stored) < steps_per_epoch and epoch == start_epoch:
+            if epoch == start_epoch:
                 stored.append(batch)
             if fault and rank == 0 and step >= fault[1] and not Path(fault[0]).exists():
                 Path(fault[0]).write_text(str(step))

@@ -85,6 +85,11 @@ class BM25Index:
             bm25s.tokenize(doc_texts, stopwords="en", show_progress=False), show_progress=False
         )
 
+    @classmethod
+    def from_corpus(cls, data: BeirData) -> BM25Index:
+        """An index over a BEIR corpus, each document read as title + text."""
+        return cls(list(data.corpus), [document_text(d.title, d.text) for d in data.corpus.values()])
+
     def search(self, queries: list[str], k: int) -> tuple[list[list[str]], np.ndarray]:
         """Top-``k`` doc ids per query (best first) and their scores ``[n, k]``."""
         k = min(k, len(self.doc_ids))
@@ -136,7 +141,7 @@ def build_pairs(
     if policy == "all":
         per_query = {qid: doc_ids for qid in query_ids}
     elif policy == "bm25":
-        index = BM25Index(doc_ids, [document_text(d.title, d.text) for d in data.corpus.values()])
+        index = BM25Index.from_corpus(data)
         hits, _ = index.search([data.queries[qid].text for qid in query_ids], int(arg))
         per_query = dict(zip(query_ids, hits))
     else:
