@@ -149,6 +149,9 @@ class DistillConfig:
     teacher_data: str | None = option(
         None, "pre-scored Parquet from jobs/score_teacher.py to train on, instead of the live teacher stage"
     )
+    val_teacher_data: str | None = option(
+        None, "pre-scored validation Parquet (jobs/score_teacher.py) instead of scoring the validation pairs"
+    )
     candidates: str = option("bm25:8", "training candidates per query: all | bm25:K | a TREC run file")
     val_candidates: str = option("all", "validation candidates per query: all | bm25:K | a TREC run file")
     max_train_queries: int | None = option(None, "seeded subset of training queries")
@@ -170,11 +173,41 @@ class DistillConfig:
     teacher_batch_size: int = option(
         256, "pairs per teacher actor call (more pairs share more document prefixes)"
     )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = option(
+        "PACK", "placement of the training workers (SPREAD: one per node where possible)"
+    )
+    strategy: Literal["ddp", "deepspeed"] = option(
+        "ddp", "data parallelism: torch DDP, or DeepSpeed (deepspeed.initialize with ZeRO)"
+    )
+    zero_stage: int = option(1, "DeepSpeed ZeRO stage (0, 1 or 2; the trainable parts are small)")
+    rounds: int = option(
+        1, "training rounds; rounds after the first train on pairs the current student samples"
+    )
+    round_k: int = option(4, "documents sampled per query from the student's softmax in each later round")
+    round_tau: float = option(1.0, "temperature of the student's softmax for the round sampling")
+    round_pool: str = option("all", "candidate pool the student samples from: all | bm25:K | a run file")
+    round_epochs: int | None = option(None, "epochs of each later round (default: epochs)")
     max_failures: int = option(1, "worker failures to recover from (from the last checkpoint)")
     num_to_keep: int = option(2, "checkpoints kept")
 
     def __post_init__(self) -> None:
-        _at_least(self, 1, "epochs", "batch_size", "num_workers", "teacher_actors", "teacher_batch_size")
+        _at_least(
+            self,
+            1,
+            "epochs",
+            "batch_size",
+            "num_workers",
+            "teacher_actors",
+            "teacher_batch_size",
+            "rounds",
+            "round_k",
+        )
+        if self.round_epochs is not None and self.round_epochs < 1:
+            raise ConfigError(f"round_epochs must be >= 1, got {self.round_epochs}")
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+        if self.round_tau <= 0:
+            raise ConfigError(f"round_tau must be > 0, got {self.round_tau}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
 

@@ -3,12 +3,17 @@
 `run_distill(config)`:
 
 1. reads the train and validation BEIR data and builds candidate pairs (training mode adds the positives);
-2. scores the validation pairs once with the teacher stage, and hands the *lazy* teacher stage over the training
-   pairs to Ray Train as ``datasets={"train": ...}``, so teacher actors and training workers run at the same time;
-3. runs `train.train_loop_per_worker` under ``TorchTrainer`` (DDP; ``RunConfig(name, storage_path)``, so a rerun
-   with the same name resumes from the latest checkpoint; ``FailureConfig`` recovers failed workers);
-4. writes ``out_dir/report.json`` (config, per-epoch history, final validation metrics of student, teacher and
-   BM25, agreement, timings, counts), ``out_dir/checkpoint/`` and ``out_dir/training_curves.png``.
+2. scores the validation pairs once with the teacher stage (or reads them, ``val_teacher_data``), and hands the
+   *lazy* teacher stage over the training pairs to Ray Train as ``datasets={"train": ...}``, so teacher actors and
+   training workers run at the same time (or reads pre-scored pairs, ``teacher_data``);
+3. runs `train.train_loop_per_worker` under ``TorchTrainer`` (DDP, or DeepSpeed with ``strategy=deepspeed``;
+   ``RunConfig(name, storage_path)``, so a rerun with the same name resumes from the latest checkpoint;
+   ``FailureConfig`` recovers failed workers);
+4. with ``rounds > 1``, each later round lets the current student draw the pairs the teacher scores next
+   (`rounds.sample_round_pairs`) and trains on from the previous round's checkpoint, as its own Ray Train run
+   (``<name>-round<r>``);
+5. writes ``out_dir/report.json`` (config, per-round and per-epoch history, final validation metrics of student,
+   teacher and BM25, agreement, timings, counts), ``out_dir/checkpoint/`` and ``out_dir/training_curves.png``.
 """
 
 from __future__ import annotations
@@ -34,43 +39,84 @@ def _data_root(cfg: DistillConfig, sub: str) -> Path:
     return root / sub if sub else root
 
 
+def _validation(
+    cfg: DistillConfig, val_data, teacher: TeacherConfig, stage_args: dict
+) -> tuple[dict, float, int]:
+    """Validation pairs with teacher scores and qrels: read from ``val_teacher_data`` or scored once, up front.
+
+    Returns ``(val, seconds, pairs the teacher scored)``.
+    """
+    import pyarrow as pa
+    import ray
+
+    t0 = time.perf_counter()
+    if cfg.val_teacher_data:
+        dataset, manifest = read_teacher_scores(
+            cfg.val_teacher_data, hidden_size=model_hidden_size(cfg.teacher)
+        )
+        _check_scored_by(cfg, cfg.val_teacher_data, manifest)
+        scored, n_scored = pa.concat_tables(ray.get(dataset.to_arrow_refs())), 0
+        unknown = set(scored.column("query_id").to_pylist()) - set(val_data.qrels)
+        if unknown:
+            raise SchemaError(
+                f"{cfg.val_teacher_data}: {len(unknown)} queries (e.g. {sorted(unknown)[0]!r}) have no qrels "
+                f"in {cfg.val_data or 'the validation data'} split {cfg.val_split!r}"
+            )
+    else:
+        val_pairs = build_pairs(val_data, cfg.val_candidates, cfg.max_val_queries, cfg.seed)
+        # Scored before training starts, alone: it may use the training workers' CPUs too (up to one node's),
+        # and document-major order lets each teacher batch run a shared document prefix for many queries.
+        val_cpus = max(
+            cfg.teacher_cpus,
+            min(cfg.teacher_cpus + cfg.cpus_per_worker * cfg.num_workers / cfg.teacher_actors, _node_cpus()),
+        )
+        val_sorted = val_pairs.sort_by([("doc_id", "ascending"), ("query_id", "ascending")])
+        stage = teacher_stage(
+            pairs_dataset(val_sorted, cfg.teacher_batch_size),
+            teacher,
+            **{**stage_args, "cpus_per_actor": val_cpus},
+        )
+        scored, n_scored = pa.concat_tables(ray.get(stage.to_arrow_refs())), len(val_pairs)
+    val = {
+        name: scored.column(name).to_pylist()
+        for name in ("query_id", "doc_id", "query_text", "doc_text", "teacher_score")
+    }
+    val["qrels"] = {qid: val_data.qrels[qid] for qid in set(val["query_id"])}
+    return val, time.perf_counter() - t0, n_scored
+
+
+def _check_scored_by(cfg: DistillConfig, path: str, manifest: dict) -> None:
+    """Pre-scored Parquet must come from this run's teacher model and prompt."""
+    scored_by = manifest["teacher"]
+    if scored_by["model"] != cfg.teacher:
+        raise SchemaError(f"{path}: scored by teacher {scored_by['model']!r}, but teacher={cfg.teacher!r}")
+    prompt = to_dict(cfg.prompt)
+    differ = sorted(k for k in prompt if scored_by["prompt"].get(k) != prompt[k])
+    if differ:
+        raise SchemaError(
+            f"{path}: scored with a different prompt (prompt.{differ[0]}={scored_by['prompt'].get(differ[0])!r}, "
+            f"this run has {prompt[differ[0]]!r}); rescore it or align the prompt config"
+        )
+
+
 def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None = None) -> dict[str, Any]:
     """Run one distillation (see the module docstring); returns the report that is also written to disk."""
     import json
 
-    import pyarrow as pa
-    import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from .rounds import sample_round_pairs
     from .train import train_loop_per_worker
 
     started = time.perf_counter()
     out_dir = Path(cfg.out_dir or f"runs/{cfg.name}").resolve()
     storage = Path(cfg.storage_path).resolve() if cfg.storage_path else out_dir / "ray"
     val_data = read_beir(_data_root(cfg, cfg.val_data), cfg.val_split)
-    val_pairs = build_pairs(val_data, cfg.val_candidates, cfg.max_val_queries, cfg.seed)
-    init_ray()
-    if cfg.teacher_data:
-        # Pre-scored pairs: checked against the teacher's hidden size and spec before anything runs.
-        train_stage, manifest = read_teacher_scores(
-            cfg.teacher_data, hidden_size=model_hidden_size(cfg.teacher)
-        )
-        if manifest["teacher"]["model"] != cfg.teacher:
-            raise SchemaError(
-                f"{cfg.teacher_data}: scored by teacher {manifest['teacher']['model']!r}, but teacher={cfg.teacher!r}"
-            )
-        n_train, n_train_queries = manifest["rows"], manifest["queries"]
-    else:
+    train_data = None
+    if not cfg.teacher_data or cfg.rounds > 1:
         train_data = read_beir(_data_root(cfg, cfg.train_data), cfg.train_split)
-        train_pairs = build_pairs(train_data, cfg.candidates, cfg.max_train_queries, cfg.seed, training=True)
-        n_train, n_train_queries = len(train_pairs), len(set(train_pairs.column("query_id").to_pylist()))
-    steps_per_epoch = n_train // (cfg.batch_size * cfg.num_workers)
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"{n_train} training pairs are fewer than batch_size x num_workers = "
-            f"{cfg.batch_size * cfg.num_workers}; lower batch_size or add queries"
-        )
+    init_ray()
     teacher = TeacherConfig(model=cfg.teacher, prompt=cfg.prompt, max_batch_tokens=cfg.max_batch_tokens)
     stage_args = {
         "actors": (1, cfg.teacher_actors),
@@ -78,62 +124,96 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
         "batch_size": cfg.teacher_batch_size,
         "gpus_per_actor": 1.0 if cfg.use_gpu else 0.0,
     }
-    # Validation is scored before training starts, alone: it may use the training workers' CPUs too (up to one
-    # node's), and document-major order lets each teacher batch run a shared document prefix for many queries.
-    largest_node = max(n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"])
-    val_cpus = max(
-        cfg.teacher_cpus,
-        min(cfg.teacher_cpus + cfg.cpus_per_worker * cfg.num_workers / cfg.teacher_actors, largest_node),
-    )
-    val_sorted = val_pairs.sort_by([("doc_id", "ascending"), ("query_id", "ascending")])
-    t0 = time.perf_counter()
-    val_stage = teacher_stage(
-        pairs_dataset(val_sorted, cfg.teacher_batch_size),
-        teacher,
-        **{**stage_args, "cpus_per_actor": val_cpus},
-    )
-    val_scored = pa.concat_tables(ray.get(val_stage.to_arrow_refs()))
-    val_teacher_s = time.perf_counter() - t0
-    val = {
-        name: val_scored.column(name).to_pylist()
-        for name in ("query_id", "doc_id", "query_text", "doc_text", "teacher_score")
-    }
-    val["qrels"] = {qid: val_data.qrels[qid] for qid in set(val["query_id"])}
+    if cfg.teacher_data:
+        # Pre-scored pairs: checked against the teacher's hidden size, spec and prompt before anything runs.
+        round0_stage, manifest = read_teacher_scores(
+            cfg.teacher_data, hidden_size=model_hidden_size(cfg.teacher)
+        )
+        _check_scored_by(cfg, cfg.teacher_data, manifest)
+        n_train, n_train_queries, n_scored = manifest["rows"], manifest["queries"], 0
+    else:
+        train_pairs = build_pairs(train_data, cfg.candidates, cfg.max_train_queries, cfg.seed, training=True)
+        n_train, n_train_queries = len(train_pairs), len(set(train_pairs.column("query_id").to_pylist()))
+        n_scored = n_train
+    _steps_per_epoch(n_train, cfg)  # fail before the validation scoring, not after
+    val, val_teacher_s, val_scored = _validation(cfg, val_data, teacher, stage_args)
     if not cfg.teacher_data:
-        train_stage = teacher_stage(
+        round0_stage = teacher_stage(
             pairs_dataset(train_pairs, rows_per_block=cfg.teacher_batch_size), teacher, **stage_args
         )
 
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "distill": cfg,
-            "steps_per_epoch": steps_per_epoch,
-            "val": val,
-            "fail_once_after_step": fail_once_after_step,
-        },
-        scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers,
-            use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker},
-        ),
-        datasets={"train": train_stage},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
-        run_config=RunConfig(
-            name=cfg.name,
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
-        ),
-    )
-    t0 = time.perf_counter()
-    result = trainer.fit()
-    train_s = time.perf_counter() - t0
-    if result.checkpoint is None:
-        raise RuntimeError(f"training finished without a checkpoint: {result.error}")
+    checkpoint, first_epoch, rounds, train_s = None, 0, [], 0.0
+    for round_index in range(cfg.rounds):
+        t0 = time.perf_counter()
+        if round_index == 0:
+            stage = round0_stage
+        else:
+            # The current student draws the pairs; the teacher scores exactly those, streaming into training.
+            pairs = sample_round_pairs(cfg, train_data, checkpoint, round_index, cpus=_node_cpus())
+            n_train, n_scored = len(pairs), len(pairs)
+            n_train_queries = len(set(pairs.column("query_id").to_pylist()))
+            stage = teacher_stage(
+                pairs_dataset(pairs, rows_per_block=cfg.teacher_batch_size), teacher, **stage_args
+            )
+        sample_s = time.perf_counter() - t0
+        epochs = cfg.epochs if round_index == 0 else (cfg.round_epochs or cfg.epochs)
+        steps_per_epoch = _steps_per_epoch(n_train, cfg)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={
+                "distill": cfg,
+                "steps_per_epoch": steps_per_epoch,
+                "val": val,
+                "fail_once_after_step": fail_once_after_step,
+                "round": round_index,
+                "first_epoch": first_epoch,
+                "end_epoch": first_epoch + epochs,
+                "init_checkpoint": checkpoint,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=cfg.num_workers,
+                use_gpu=cfg.use_gpu,
+                resources_per_worker={"CPU": cfg.cpus_per_worker},
+                placement_strategy=cfg.placement_strategy,
+            ),
+            datasets={"train": stage},
+            dataset_config=DataConfig(datasets_to_split=["train"]),
+            run_config=RunConfig(
+                # Each round is its own Ray Train run, so a rerun resumes the round it stopped in.
+                name=cfg.name if round_index == 0 else f"{cfg.name}-round{round_index}",
+                storage_path=str(storage),
+                failure_config=FailureConfig(max_failures=cfg.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
+            ),
+        )
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"round {round_index} finished without a checkpoint: {result.error}")
+        checkpoint = result.checkpoint
+        round_s = time.perf_counter() - t0
+        train_s += round_s
+        with checkpoint.as_directory() as directory:
+            history = json.loads((Path(directory) / "history.json").read_text())
+        this_round = [h for h in history if h.get("round", 0) == round_index]
+        before = [h for h in history if h.get("round", 0) == round_index - 1]
+        rounds.append(
+            {
+                "round": round_index,
+                "train_queries": n_train_queries,
+                "train_pairs": n_train,
+                "pairs_scored_by_teacher": n_scored,
+                "epochs": epochs,
+                "steps_per_epoch": steps_per_epoch,
+                "val_before": _val_metrics(before[-1]) if before else None,
+                "val_after": _val_metrics(this_round[-1]) if this_round else None,
+                "sample_s": round(sample_s, 1),
+                "elapsed_s": round(round_s, 1),
+            }
+        )
+        first_epoch += epochs
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    with result.checkpoint.as_directory() as directory:
+    with checkpoint.as_directory() as directory:
         staging = out_dir / ".checkpoint.partial"
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(directory, staging)
@@ -145,14 +225,16 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
     report = {
         "config": to_dict(cfg),
         "final": final,
+        "rounds": rounds,
         "history": history,
         "counts": {
-            "train_queries": n_train_queries,
-            "train_pairs": n_train,
-            "train_pairs_scored_by_teacher": 0 if cfg.teacher_data else n_train,
+            "train_queries": rounds[0]["train_queries"],
+            "train_pairs": rounds[0]["train_pairs"],
+            "train_pairs_scored_by_teacher": sum(r["pairs_scored_by_teacher"] for r in rounds),
             "val_queries": len(val["qrels"]),
-            "val_pairs_scored_by_teacher": len(val_pairs),
-            "steps_per_epoch": steps_per_epoch,
+            "val_pairs": len(val["query_id"]),
+            "val_pairs_scored_by_teacher": val_scored,
+            "steps_per_epoch": rounds[0]["steps_per_epoch"],
         },
         "timings_s": {
             "val_teacher": round(val_teacher_s, 1),
@@ -163,6 +245,27 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
     write_json_atomic(out_dir / "report.json", report)
     plot_curves(history, out_dir / "training_curves.png")
     return report
+
+
+def _steps_per_epoch(n_train: int, cfg: DistillConfig) -> int:
+    steps = n_train // (cfg.batch_size * cfg.num_workers)
+    if steps < 1:
+        raise ValueError(
+            f"{n_train} training pairs are fewer than batch_size x num_workers = "
+            f"{cfg.batch_size * cfg.num_workers}; lower batch_size or add queries"
+        )
+    return steps
+
+
+def _node_cpus() -> float:
+    """CPUs of the largest alive node (what one sampler actor may use while nothing else runs)."""
+    import ray
+
+    return max(n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"])
+
+
+def _val_metrics(entry: dict) -> dict:
+    return {k.removeprefix("val/"): v for k, v in entry.items() if k.startswith("val/")}
 
 
 def _final_metrics(last: dict, val: dict, val_data) -> dict[str, Any]:

@@ -48,8 +48,9 @@ class Rabtriever(nn.Module):
             self.q_proj = nn.Linear(hidden_size, config.proj_dim, bias=False)
             self.d_proj = nn.Linear(hidden_size, config.proj_dim, bias=False)
         # Log of the factor that turns first-stage cosines into logits for the listwise loss (ranking by
-        # inner product, as a FAISS index does, does not depend on it).
-        self.first_stage_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        # inner product, as a FAISS index does, does not depend on it). Shape [1], not a 0-d scalar: DeepSpeed
+        # broadcasts parameters as byte views, which 0-d tensors cannot take.
+        self.first_stage_scale = nn.Parameter(torch.tensor([math.log(10.0)]))
         # Both projections start as the same random orthogonal map, so untrained first-stage scores are a
         # cosine similarity of the frozen embeddings rather than noise.
         init = torch.empty(config.proj_dim, hidden_size)

@@ -169,12 +169,69 @@ def validate(student: Rabtriever, val: dict, query_cache: EmbeddingCache, doc_ca
     return metrics
 
 
+def _deepspeed_engine(student: Rabtriever, optimizer, scheduler, cfg):
+    """``deepspeed.initialize`` around the trainable parts (imported here: only DeepSpeed workers need it).
+
+    The trainable parts stay float32 (they are small, and the frozen backbone hands them float32 embeddings);
+    the backbone's precision is the teacher's ``dtype``.
+    """
+    import deepspeed
+
+    ds_config = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_allow_untested_optimizer": True,  # our AdamW, so the optimizer is the same under DDP and DeepSpeed
+        "steps_per_print": 10**9,
+    }
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=student, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine, optimizer, scheduler
+
+
+def _optimizer_file(cfg, rank: int) -> str:
+    # ZeRO partitions the optimizer state: each DeepSpeed rank keeps its own part.
+    return f"optimizer_rank{rank}.pt" if cfg.strategy == "deepspeed" else "optimizer.pt"
+
+
+def _load_state(directory, cfg, rank: int, world: int) -> tuple[dict, dict]:
+    """(training state, this rank's optimizer state) from a checkpoint directory (``weights_only`` loads)."""
+    from pathlib import Path
+
+    directory = Path(directory)
+    state = torch.load(directory / "training_state.pt", weights_only=True)
+    if state.get("strategy", "ddp") != cfg.strategy:
+        raise ValueError(
+            f"{directory}: checkpoint written with strategy={state.get('strategy', 'ddp')!r}, "
+            f"but this run has strategy={cfg.strategy!r}"
+        )
+    if cfg.strategy == "deepspeed" and state["world_size"] != world:
+        raise ValueError(
+            f"{directory}: DeepSpeed checkpoint from {state['world_size']} workers; resume with "
+            f"num_workers={state['world_size']} (ZeRO partitions the optimizer state by rank)"
+        )
+    safe = []
+    if cfg.strategy == "deepspeed":  # the ZeRO optimizer's state holds these three plain DeepSpeed types
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        safe = [LossScaler, ZeroStageEnum, fragment_address]
+    with torch.serialization.safe_globals(safe):
+        optimizer_state = torch.load(directory / _optimizer_file(cfg, rank), weights_only=True)
+    return state, optimizer_state
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker: distil the teacher's judgements into this worker's Rabtriever replica.
 
     ``config``: ``distill`` (a `DistillConfig`), ``steps_per_epoch`` (the same on every worker, so every worker
-    reports equally often) and ``val`` (validation pairs with teacher scores and qrels, scored by rank 0).
-    Resumes from ``ray.train.get_checkpoint()`` (a failed worker, or a rerun with the same name).
+    reports equally often), ``val`` (validation pairs with teacher scores and qrels, evaluated by rank 0), and for
+    on-policy rounds ``round``, ``first_epoch``, ``end_epoch`` and ``init_checkpoint`` (the previous round's).
+    Resumes from ``ray.train.get_checkpoint()`` (a failed worker, or a rerun with the same name); a run that is
+    already complete reports its last checkpoint once more and returns.
     """
     import json
     import tempfile
@@ -189,6 +246,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = config["distill"]
     steps_per_epoch = config["steps_per_epoch"]
+    round_index = config.get("round", 0)
+    first_epoch, end_epoch = config.get("first_epoch", 0), config.get("end_epoch", cfg.epochs)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(cfg.seed + rank)
@@ -197,33 +256,73 @@ def train_loop_per_worker(config: dict) -> None:
     teacher = GenerativeReranker(model, tokenizer, cfg.prompt, cfg.max_batch_tokens)
     student = Rabtriever(teacher, cfg.student)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total_steps = steps_per_epoch * cfg.epochs
+    total_steps = steps_per_epoch * (end_epoch - first_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, total_steps)
     )
-    start_epoch, step, history = 0, 0, []
-    checkpoint = ray.train.get_checkpoint()
+    start_epoch, step, history = first_epoch, 0, []
+    checkpoint = ray.train.get_checkpoint() or config.get("init_checkpoint")
+    state, optimizer_state = None, None
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            student.load_trainable(directory)
-            state = torch.load(Path(directory) / "training_state.pt", weights_only=True)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
+            student.load_trainable(directory)  # before DeepSpeed copies the weights into its partitions
+            state, optimizer_state = _load_state(directory, cfg, rank, world)
+            start_epoch, step = max(first_epoch, int(state["epoch"]) + 1), int(state["step"])
             history = json.loads((Path(directory) / "history.json").read_text())
     fault = config.get("fail_once_after_step")  # test hook: (marker path, step)
-    # DDP must be told when a zero loss weight leaves a trainable part out of the graph.
-    weights = cfg.loss
-    unused = weights.w_list == 0 or weights.w_jepa == weights.w_rkl == weights.w_rank == 0
-    ddp_model = ray.train.torch.prepare_model(
-        student, parallel_strategy_kwargs={"find_unused_parameters": unused}
-    )
+    if cfg.strategy == "deepspeed":
+        engine, optimizer, scheduler = _deepspeed_engine(student, optimizer, scheduler, cfg)
+        if optimizer_state is not None:
+            if cfg.zero_stage == 0:
+                optimizer.load_state_dict(optimizer_state)
+            else:  # ZeRO takes the list of every rank's partition and reads its own
+                optimizer.load_state_dict([optimizer_state if r == rank else None for r in range(world)])
+    elif optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    if (
+        state is not None and state.get("round", 0) == round_index
+    ):  # a new round starts a new warm-up and decay
+        scheduler.load_state_dict(state["scheduler"])
+    if cfg.strategy == "ddp":
+        # DDP must be told when a zero loss weight leaves a trainable part out of the graph.
+        weights = cfg.loss
+        unused = weights.w_list == 0 or weights.w_jepa == weights.w_rkl == weights.w_rank == 0
+        engine = ray.train.torch.prepare_model(
+            student, parallel_strategy_kwargs={"find_unused_parameters": unused}
+        )
     query_cache, doc_cache = EmbeddingCache(student.encode_queries), EmbeddingCache(student.encode_documents)
     shard = ray.train.get_dataset_shard("train")
     # This worker's teacher outputs, kept during the first pass so later epochs reuse them.
     stored: list[dict] = []
-    generator = torch.Generator().manual_seed(cfg.seed + rank)
-    for epoch in range(start_epoch, cfg.epochs):
+    generator = torch.Generator().manual_seed(cfg.seed + rank + 1000 * round_index)
+
+    def save_and_report(metrics: dict, epoch: int) -> None:
+        with tempfile.TemporaryDirectory() as directory:
+            torch.save(optimizer.state_dict(), Path(directory) / _optimizer_file(cfg, rank))
+            if rank == 0:
+                student.save_trainable(
+                    directory, teacher=cfg.teacher, step=step, epoch=epoch, round=round_index
+                )
+                state = {
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch,
+                    "step": step,
+                    "round": round_index,
+                    "strategy": cfg.strategy,
+                    "world_size": world,
+                }
+                torch.save(state, Path(directory) / "training_state.pt")
+                (Path(directory) / "history.json").write_text(json.dumps(history))
+            # Under DDP only rank 0 holds files; under DeepSpeed every rank adds its optimizer partition and Ray
+            # Train merges them into one checkpoint directory.
+            keep = rank == 0 or cfg.strategy == "deepspeed"
+            checkpoint = ray.train.Checkpoint.from_directory(directory) if keep else None
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    if start_epoch >= end_epoch:  # nothing left (a rerun of a finished run): hand back the last checkpoint
+        save_and_report(history[-1] if history else {"epoch": start_epoch - 1, "step": step}, start_epoch - 1)
+        return
+    for epoch in range(start_epoch, end_epoch):
         if not stored:
             source = (
                 teacher_batch_tensors(b)
@@ -241,7 +340,7 @@ def train_loop_per_worker(config: dict) -> None:
                 raise RuntimeError(f"injected worker failure at step {step}")
             terms = distill_losses(
                 student,
-                ddp_model,
+                engine,
                 query_cache(batch["query_text"]),
                 doc_cache(batch["doc_text"]),
                 batch["teacher_hidden"],
@@ -249,18 +348,23 @@ def train_loop_per_worker(config: dict) -> None:
                 batch["query_id"],
                 cfg.loss,
             )
-            optimizer.zero_grad(set_to_none=True)
-            terms["total"].backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            if cfg.strategy == "deepspeed":
+                engine.backward(terms["total"])
+                engine.step()  # clips, steps the optimizer and the scheduler, zeroes the gradients
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                terms["total"].backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+                optimizer.step()
+                scheduler.step()
             step += 1
             pairs += len(batch["query_id"])
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
         metrics = {f"loss/{k}": v / steps_per_epoch for k, v in sums.items()}
         metrics.update(
+            round=round_index,
             epoch=epoch,
             step=step,
             lr=scheduler.get_last_lr()[0],
@@ -270,18 +374,6 @@ def train_loop_per_worker(config: dict) -> None:
         )
         if rank == 0 and config.get("val"):
             metrics.update(validate(student, config["val"], query_cache, doc_cache))
-        with tempfile.TemporaryDirectory() as directory:
-            checkpoint = None
-            if rank == 0:
-                student.save_trainable(directory, teacher=cfg.teacher, step=step, epoch=epoch)
-                state = {
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch,
-                    "step": step,
-                }
-                torch.save(state, Path(directory) / "training_state.pt")
-                history.append(metrics)
-                (Path(directory) / "history.json").write_text(json.dumps(history))
-                checkpoint = ray.train.Checkpoint.from_directory(directory)
-            ray.train.report(metrics, checkpoint=checkpoint)
+        if rank == 0:
+            history.append(metrics)
+        save_and_report(metrics, epoch)

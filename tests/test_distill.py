@@ -84,14 +84,85 @@ def test_training_on_pre_scored_parquet(ray_local, tmp_path):
         cpus_per_actor=0.5,
         batch_size=32,
     )
-    config = _config(tmp_path, "name=pre_scored", "epochs=2", "num_workers=1", f"teacher_data={scores}")
-    report = run_distill(config)
-    assert (
-        report["counts"]["train_pairs"] == manifest["rows"]
-        and report["counts"]["train_pairs_scored_by_teacher"] == 0
+    val_scores = tmp_path / "val_scores"
+    val_manifest = write_teacher_scores(
+        DEMO_DATA, "dev", val_scores, teacher, candidates="bm25:6", max_queries=8, cpus_per_actor=0.5
     )
+    config = _config(
+        tmp_path,
+        "name=pre_scored",
+        "epochs=2",
+        "num_workers=1",
+        f"teacher_data={scores}",
+        f"val_teacher_data={val_scores}",
+    )
+    report = run_distill(config)
+    counts = report["counts"]
+    assert counts["train_pairs"] == manifest["rows"] and counts["train_pairs_scored_by_teacher"] == 0
+    assert counts["val_pairs"] == val_manifest["rows"] and counts["val_pairs_scored_by_teacher"] == 0
     assert [h["epoch"] for h in report["history"]] == [0, 1]
+
+    # Scores from another prompt are refused before training, naming the differing key.
+    other_prompt = _config(
+        tmp_path, "name=other", "num_workers=1", f"teacher_data={scores}", "prompt.doc_label=Skill"
+    )
+    with pytest.raises(SchemaError, match="prompt.doc_label='Document'"):
+        run_distill(other_prompt)
 
     wrong = _config(tmp_path, "name=wrong", "num_workers=1", f"teacher_data={scores}", "teacher=smollm2-135m")
     with pytest.raises(SchemaError, match="hidden size is 576"):
         run_distill(wrong)
+
+
+def test_deepspeed_two_workers_resume_after_a_failure(ray_local, tmp_path):
+    pytest.importorskip("deepspeed")
+    marker = tmp_path / "failed"
+    config = _config(
+        tmp_path, "name=deepspeed", "epochs=3", "strategy=deepspeed", "zero_stage=2", "max_failures=1"
+    )
+    from rabtriever_ray.data import DEMO_DATA, build_pairs, read_beir
+
+    pairs = build_pairs(read_beir(DEMO_DATA, "train"), "bm25:4", 20, 0, training=True)
+    steps_per_epoch = len(pairs) // (16 * 2)  # batch_size x workers
+    report = run_distill(config, fail_once_after_step=(str(marker), steps_per_epoch))
+    assert report["counts"]["steps_per_epoch"] == steps_per_epoch
+    assert marker.exists()  # rank 0 failed in epoch 1; both ranks reloaded their ZeRO partitions
+    history = report["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert history[-1]["loss/total"] < history[0]["loss/total"]
+    checkpoint = tmp_path / "run" / "checkpoint"
+    # Ray Train merged every rank's files into one checkpoint: each rank's optimizer partition is there.
+    assert {p.name for p in checkpoint.glob("optimizer_rank*.pt")} == {
+        "optimizer_rank0.pt",
+        "optimizer_rank1.pt",
+    }
+
+
+def test_on_policy_rounds_score_student_drawn_pairs(ray_local, tmp_path):
+    config = _config(
+        tmp_path,
+        "name=rounds",
+        "num_workers=1",
+        "epochs=2",
+        "rounds=2",
+        "round_epochs=1",
+        "round_k=2",
+        "round_pool=bm25:8",
+    )
+    report = run_distill(config)
+    first, second = report["rounds"]
+    assert first["pairs_scored_by_teacher"] == first["train_pairs"] and first["val_before"] is None
+    # Round 1: the student drew 2 of its 8 pool documents per query, plus any positive it did not draw.
+    assert second["train_queries"] == 20
+    assert 2 * 20 <= second["pairs_scored_by_teacher"] == second["train_pairs"] <= 3 * 20
+    history = report["history"]
+    assert [(h["round"], h["epoch"]) for h in history] == [(0, 0), (0, 1), (1, 2)]
+    assert second["val_before"]["R@1"] == history[1]["val/R@1"]
+    assert second["val_after"]["spearman"] == history[2]["val/spearman"]
+    assert report["counts"]["train_pairs_scored_by_teacher"] == first["train_pairs"] + second["train_pairs"]
+    assert history[2]["step"] == history[1]["step"] + second["steps_per_epoch"]  # round 1 trained on its pairs
+
+    # A rerun of the finished job resumes each round from its checkpoint and trains nothing again.
+    again = run_distill(config)
+    assert [(h["round"], h["epoch"]) for h in again["history"]] == [(0, 0), (0, 1), (1, 2)]
+    assert again["final"] == report["final"]

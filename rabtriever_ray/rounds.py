@@ -1,0 +1,169 @@
+"""On-policy rounds: the current student chooses which pairs the teacher scores next.
+
+In round ``r >= 1`` every training query's candidate pool (``round_pool``: all | bm25:K | a run file) is scored
+by the student of round ``r - 1``; ``round_k`` documents are drawn per query *without replacement* from the
+student's own softmax over its scores at temperature ``round_tau`` (Gumbel top-k), the query's positives are
+added, and exactly those pairs go to the teacher stage and on to training.
+
+The draw for a query depends only on ``(seed, round, query_id)``, not on how Ray Data batches the queries, so a
+rerun of an interrupted job picks the same pairs and Ray Train resumes the round from its own checkpoint.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from .config import DistillConfig
+from .data.candidates import PAIR_SCHEMA, build_pairs
+
+
+def gumbel_top_k(scores: torch.Tensor, k: int, tau: float, generator: torch.Generator) -> list[int]:
+    """``k`` distinct indices drawn from ``softmax(scores / tau)`` without replacement (all when ``k >= n``).
+
+    Adding Gumbel noise to the logits and taking the top k is exactly sequential sampling without replacement.
+    """
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    n = scores.numel()
+    if k >= n:
+        return list(range(n))
+    uniform = torch.rand(n, generator=generator, dtype=torch.float64).clamp_(1e-12, 1 - 1e-12)
+    keys = scores.double() / tau - torch.log(-torch.log(uniform))
+    return keys.topk(k).indices.tolist()
+
+
+def query_generator(seed: int, round_index: int, query_id: str) -> torch.Generator:
+    """A generator seeded by (seed, round, query id) alone, independent of batching and worker."""
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{round_index}:{query_id}".encode()))
+
+
+def pools_table(cfg: DistillConfig, data) -> pa.Table:
+    """One row per training query: its text, its candidate pool and its positives (the sampler's input)."""
+    pairs = build_pairs(data, cfg.round_pool, cfg.max_train_queries, cfg.seed, training=True)
+    pools: dict[str, dict[str, Any]] = {}
+    for qid, did, label, qtext in zip(
+        pairs.column("query_id").to_pylist(),
+        pairs.column("doc_id").to_pylist(),
+        pairs.column("label").to_pylist(),
+        pairs.column("query_text").to_pylist(),
+    ):
+        entry = pools.setdefault(qid, {"query_text": qtext, "pool": [], "positives": []})
+        entry["pool"].append(did)
+        if label > 0:
+            entry["positives"].append(did)
+    return pa.table(
+        {
+            "query_id": list(pools),
+            "query_text": [p["query_text"] for p in pools.values()],
+            "pool": [p["pool"] for p in pools.values()],
+            "positives": [p["positives"] for p in pools.values()],
+        }
+    )
+
+
+class StudentSampler:
+    """Ray Data actor: the round's student scores each query's pool and draws the pairs the teacher scores next.
+
+    Args:
+        cfg: the run's `DistillConfig` (teacher spec, prompt, student shape, ``round_k``, ``round_tau``, seed).
+        checkpoint: the previous round's `ray.train.Checkpoint` (or a directory with ``student.safetensors``).
+        documents: ``doc_id -> text`` for the corpus; each document is encoded once per actor.
+        qrels: ``query_id -> {doc_id: grade}`` for the labels of the drawn pairs.
+        round_index: the round being prepared (seeds the draws).
+    """
+
+    def __init__(
+        self,
+        cfg: DistillConfig,
+        checkpoint: Any,
+        documents: Mapping[str, str],
+        qrels: Mapping[str, Mapping[str, int]],
+        round_index: int,
+    ):
+        from .models import load_causal_lm
+        from .student import Rabtriever
+        from .teacher import GenerativeReranker
+        from .train import EmbeddingCache
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, tokenizer = load_causal_lm(cfg.teacher, device=device)
+        teacher = GenerativeReranker(model, tokenizer, cfg.prompt, cfg.max_batch_tokens)
+        self.student = Rabtriever(teacher, cfg.student)
+        if isinstance(checkpoint, str):
+            self.student.load_trainable(checkpoint)
+        else:
+            with checkpoint.as_directory() as directory:
+                self.student.load_trainable(directory)
+        self.student.eval()
+        self.documents = dict(documents)
+        self.qrels = qrels
+        self.cfg = cfg
+        self.round_index = round_index
+        self.doc_cache = EmbeddingCache(self.student.encode_documents)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        query_ids = batch.column("query_id").to_pylist()
+        pools: list[Sequence[str]] = batch.column("pool").to_pylist()
+        positives = batch.column("positives").to_pylist()
+        texts = batch.column("query_text").to_pylist()
+        docs = list(dict.fromkeys(d for pool in pools for d in pool))
+        with torch.no_grad():
+            h_query = self.student.encode_queries(texts)
+            h_doc = self.doc_cache([self.documents[d] for d in docs])
+            scores = self.student.score_matrix(h_query, h_doc).cpu()
+        column = {d: j for j, d in enumerate(docs)}
+        rows: dict[str, list] = {name: [] for name in PAIR_SCHEMA.names}
+        for i, (qid, qtext, pool, pos) in enumerate(zip(query_ids, texts, pools, positives)):
+            pool_scores = scores[i, [column[d] for d in pool]]
+            generator = query_generator(self.cfg.seed, self.round_index, qid)
+            drawn = [
+                pool[j] for j in gumbel_top_k(pool_scores, self.cfg.round_k, self.cfg.round_tau, generator)
+            ]
+            drawn += [d for d in pos if d not in drawn]
+            judged = self.qrels.get(qid, {})
+            for did in drawn:
+                rows["query_id"].append(qid)
+                rows["doc_id"].append(did)
+                rows["label"].append(judged.get(did, 0))
+                rows["query_text"].append(qtext)
+                rows["doc_text"].append(self.documents[did])
+        return pa.table(rows, schema=PAIR_SCHEMA)
+
+
+def sample_round_pairs(cfg: DistillConfig, data, checkpoint: Any, round_index: int, cpus: float) -> pa.Table:
+    """The pairs of round ``round_index``, drawn by the previous round's student on a Ray Data actor pool.
+
+    Sorted by query so each training batch holds whole candidate lists for the listwise terms.
+    """
+    import ray
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    from .prompts import document_text
+
+    queries = pools_table(cfg, data)
+    documents = {did: document_text(doc.title, doc.text) for did, doc in data.corpus.items()}
+    qrels = {qid: dict(data.qrels.get(qid, {})) for qid in queries.column("query_id").to_pylist()}
+    gpus = 1.0 if cfg.use_gpu and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    drawn = ray.data.from_arrow(queries).map_batches(
+        StudentSampler,
+        fn_constructor_kwargs={
+            "cfg": cfg,
+            "checkpoint": checkpoint,
+            "documents": documents,
+            "qrels": qrels,
+            "round_index": round_index,
+        },
+        batch_size=64,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(min_size=1, max_size=cfg.teacher_actors),
+        num_cpus=cpus,
+        num_gpus=gpus,
+    )
+    table = pa.concat_tables(ray.get(drawn.to_arrow_refs())).cast(PAIR_SCHEMA)
+    return table.sort_by([("query_id", "ascending"), ("doc_id", "ascending")])

@@ -1,0 +1,109 @@
+"""On-policy rounds: the sampler draws from the student's own softmax, deterministically per query."""
+
+import pyarrow as pa
+import pytest
+import torch
+
+from rabtriever_ray.config import DistillConfig, load_config
+from rabtriever_ray.data import DEMO_DATA, read_beir
+from rabtriever_ray.prompts import document_text
+from rabtriever_ray.rounds import StudentSampler, gumbel_top_k, pools_table, query_generator
+from rabtriever_ray.student import Rabtriever
+
+
+def test_gumbel_top_k_draws_distinct_indices_from_the_softmax():
+    scores = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    generator = torch.Generator().manual_seed(0)
+    draws = [gumbel_top_k(scores, 2, 1.0, generator) for _ in range(4000)]
+    assert all(len(set(d)) == 2 for d in draws)
+    # The first index drawn follows softmax(scores / tau).
+    first = torch.bincount(torch.tensor([d[0] for d in draws]), minlength=4).float() / len(draws)
+    torch.testing.assert_close(first, torch.softmax(scores, 0), atol=0.03, rtol=0)
+    # A low temperature draws the top k; k >= n takes everything.
+    assert gumbel_top_k(scores, 2, 1e-4, generator) == [0, 1]
+    assert sorted(gumbel_top_k(scores, 9, 1.0, generator)) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="tau"):
+        gumbel_top_k(scores, 2, 0.0, generator)
+
+
+def test_query_generator_depends_on_seed_round_and_query_only():
+    a = torch.rand(3, generator=query_generator(0, 1, "q1"))
+    torch.testing.assert_close(a, torch.rand(3, generator=query_generator(0, 1, "q1")))
+    assert not torch.equal(a, torch.rand(3, generator=query_generator(0, 2, "q1")))
+    assert not torch.equal(a, torch.rand(3, generator=query_generator(0, 1, "q2")))
+
+
+def _config(*extra):
+    return load_config(
+        DistillConfig,
+        None,
+        [
+            "teacher=tiny-random-llama",
+            "max_train_queries=6",
+            "round_pool=bm25:6",
+            "student.predictor_hidden=32",
+            "prompt.max_query_tokens=32",
+            "prompt.max_doc_tokens=48",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture
+def checkpoint(tiny_teacher, tmp_path):
+    """A tiny student with a perturbed (non-zero) predictor, saved as a checkpoint directory."""
+    student = Rabtriever(tiny_teacher, _config().student)
+    with torch.no_grad():
+        for p in student.predictor.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.5)
+    student.save_trainable(tmp_path / "ckpt", teacher="tiny-random-llama")
+    return student, str(tmp_path / "ckpt")
+
+
+def test_sampler_draws_k_from_the_pool_plus_positives_and_is_batch_independent(checkpoint):
+    student, directory = checkpoint
+    cfg = _config("round_k=2", "round_tau=1.0")
+    data = read_beir(DEMO_DATA, "train")
+    queries = pools_table(cfg, data)
+    assert queries.num_rows == 6
+    documents = {d: document_text(doc.title, doc.text) for d, doc in data.corpus.items()}
+    qrels = {q: dict(data.qrels[q]) for q in queries.column("query_id").to_pylist()}
+    sampler = StudentSampler(cfg, directory, documents, qrels, round_index=1)
+    whole = sampler(queries)
+    halves = pa.concat_tables([sampler(queries.slice(0, 3)), sampler(queries.slice(3))])
+    assert whole.to_pylist() == halves.to_pylist()  # the draw does not depend on the batching
+    pools = dict(zip(queries.column("query_id").to_pylist(), queries.column("pool").to_pylist()))
+    drawn: dict[str, list[str]] = {}
+    for row in whole.to_pylist():
+        drawn.setdefault(row["query_id"], []).append(row["doc_id"])
+        assert row["doc_id"] in pools[row["query_id"]] and row["doc_text"] == documents[row["doc_id"]]
+        assert row["label"] == qrels[row["query_id"]].get(row["doc_id"], 0)
+    for qid, docs in drawn.items():
+        positives = [d for d, g in qrels[qid].items() if g > 0]
+        assert len(set(docs)) == len(docs) and set(positives) <= set(docs)
+        assert 2 <= len(docs) <= 2 + len(positives)
+    # Another round draws again (a different seed stream), from the same student.
+    other = StudentSampler(cfg, directory, documents, qrels, round_index=2)(queries)
+    assert other.to_pylist() != whole.to_pylist()
+
+
+def test_sampler_at_low_temperature_takes_the_students_own_top_k(checkpoint):
+    student, directory = checkpoint
+    cfg = _config("round_k=3", "round_tau=0.0001")
+    data = read_beir(DEMO_DATA, "train")
+    queries = pools_table(cfg, data)
+    documents = {d: document_text(doc.title, doc.text) for d, doc in data.corpus.items()}
+    out = StudentSampler(cfg, directory, documents, {}, round_index=1)(queries)
+    rows = out.to_pylist()
+    for qid, text, pool, positives in zip(
+        queries.column("query_id").to_pylist(),
+        queries.column("query_text").to_pylist(),
+        queries.column("pool").to_pylist(),
+        queries.column("positives").to_pylist(),
+    ):
+        with torch.no_grad():
+            scores = student.score_matrix(
+                student.encode_queries([text]), student.encode_documents([documents[d] for d in pool])
+            )[0]
+        top = {pool[i] for i in scores.topk(3).indices.tolist()}
+        assert {r["doc_id"] for r in rows if r["query_id"] == qid} == top | set(positives)
