@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from .models import model_hidden_size
 from .pipeline import SchemaError, pairs_dataset, read_teacher_scores, teacher_stage
 
 METRICS = ("R@1", "RR@10", "nDCG@10")
+logger = logging.getLogger(__name__)
 
 
 def _data_root(cfg: DistillConfig, sub: str) -> Path:
@@ -136,6 +138,7 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
         n_train, n_train_queries = len(train_pairs), len(set(train_pairs.column("query_id").to_pylist()))
         n_scored = n_train
     _steps_per_epoch(n_train, cfg)  # fail before the validation scoring, not after
+    _warn_if_no_cpu_left_for_data(cfg)
     val, val_teacher_s, val_scored = _validation(cfg, val_data, teacher, stage_args)
     if not cfg.teacher_data:
         round0_stage = teacher_stage(
@@ -255,6 +258,25 @@ def _steps_per_epoch(n_train: int, cfg: DistillConfig) -> int:
             f"{cfg.batch_size * cfg.num_workers}; lower batch_size or add queries"
         )
     return steps
+
+
+def _warn_if_no_cpu_left_for_data(cfg: DistillConfig) -> None:
+    """Ray Data runs its stage (teacher actors or Parquet reads) on the CPUs the training workers leave free."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    workers = cfg.cpus_per_worker * cfg.num_workers
+    needed = workers + (0.25 if cfg.teacher_data else cfg.teacher_cpus)
+    if total < needed:
+        logger.warning(
+            "the cluster has %.2f CPUs now; %d workers x cpus_per_worker=%.2f leave too few for the data stage "
+            "(it needs %.2f). Training waits until an autoscaler adds CPUs; on a fixed cluster lower "
+            "cpus_per_worker or teacher_cpus.",
+            total,
+            cfg.num_workers,
+            cfg.cpus_per_worker,
+            needed - workers,
+        )
 
 
 def _node_cpus() -> float:

@@ -224,6 +224,22 @@ def _load_state(directory, cfg, rank: int, world: int) -> tuple[dict, dict]:
     return state, optimizer_state
 
 
+def _gather(value, world: int) -> list:
+    """Every worker's ``value``, in rank order (all workers must call it)."""
+    if world == 1:
+        return [value]
+    values = [None] * world
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker: distil the teacher's judgements into this worker's Rabtriever replica.
 
@@ -238,6 +254,7 @@ def train_loop_per_worker(config: dict) -> None:
     import time
     from pathlib import Path
 
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -290,6 +307,8 @@ def train_loop_per_worker(config: dict) -> None:
         engine = ray.train.torch.prepare_model(
             student, parallel_strategy_kwargs={"find_unused_parameters": unused}
         )
+    # Where the workers run (rank order), for the report: SPREAD placement puts them on different nodes.
+    worker_nodes = _gather(ray.get_runtime_context().get_node_id(), world)
     query_cache, doc_cache = EmbeddingCache(student.encode_queries), EmbeddingCache(student.encode_documents)
     shard = ray.train.get_dataset_shard("train")
     # This worker's teacher outputs, kept during the first pass so later epochs reuse them.
@@ -371,7 +390,11 @@ def train_loop_per_worker(config: dict) -> None:
             pairs_per_s=pairs * world / (time.perf_counter() - started),
             encoded_queries=len(query_cache),
             encoded_documents=len(doc_cache),
+            worker_nodes=worker_nodes,
         )
+        metrics["worker_peak_rss_mb"] = _gather(_peak_rss_mb(), world)
+        if device.type == "cuda":
+            metrics["worker_peak_cuda_mb"] = _gather(torch.cuda.max_memory_allocated(device) / 2**20, world)
         if rank == 0 and config.get("val"):
             metrics.update(validate(student, config["val"], query_cache, doc_cache))
         if rank == 0:

@@ -1,0 +1,195 @@
+"""The main job against real Ray clusters: `ray start --head` + `ray job submit`, and a two-node cluster.
+
+Each test runs its cluster in separate processes, so it never touches the session's in-process local Ray.
+"""
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = [
+    "teacher=tiny-random-llama",
+    "max_train_queries=16",
+    "max_val_queries=6",
+    "candidates=bm25:4",
+    "val_candidates=bm25:6",
+    "batch_size=16",
+    "epochs=2",
+    "num_workers=2",
+    "cpus_per_worker=0.5",
+    "teacher_cpus=0.5",
+    "teacher_batch_size=16",
+    "student.predictor_hidden=32",
+    "warmup_steps=2",
+    "prompt.max_query_tokens=32",
+    "prompt.max_doc_tokens=48",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """`ray start --head --block` in its own process group; yields the dashboard (job server) address."""
+    if shutil.which("ray") is None:
+        pytest.skip("the `ray` CLI is not on PATH")
+    dashboard = _free_port()
+    # The cluster and its CLI clients share one token (Ray enables token authentication by default).
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    log = open(tmp_path / "ray_head.log", "w")  # noqa: SIM115 - closed below
+    head = subprocess.Popen(
+        [
+            "ray",
+            "start",
+            "--head",
+            "--block",
+            f"--port={_free_port()}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--disable-usage-stats",
+            # Every listening port chosen free, so the head runs beside any other Ray on this machine.
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
+            f"--ray-client-server-port={_free_port()}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=env,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            probe = subprocess.run(
+                ["ray", "job", "list", "--address", address],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env=env,
+            )
+            if probe.returncode == 0:
+                break
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"ray head did not start: {(tmp_path / 'ray_head.log').read_text()[-2000:]}"
+                )
+            time.sleep(2)
+        yield address, env
+    finally:
+        # The head's processes share its process group: stop them all (never `ray stop`, which would also stop
+        # every other Ray on this machine).
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        log.close()
+
+
+def test_ray_job_submit_runs_the_distillation(ray_head, tmp_path):
+    address, env = ray_head
+    out = tmp_path / "job_run"
+    deadline = time.monotonic() + 120
+    while True:  # the job agent comes up a little after the job server answers
+        submit = subprocess.run(
+            [
+                "ray",
+                "job",
+                "submit",
+                "--address",
+                address,
+                "--working-dir",
+                str(ROOT),
+                "--",
+                "python",
+                "jobs/distill.py",
+                *TINY,
+                "name=job_submit",
+                f"out_dir={out}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=env,
+        )
+        if "No available agent" not in submit.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+    assert "succeeded" in submit.stdout and "student-teacher agreement" in submit.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert [h["epoch"] for h in report["history"]] == [0, 1]
+    assert (out / "checkpoint" / "student.safetensors").is_file()
+
+
+MULTI_NODE = textwrap.dedent(
+    """
+    import json, sys
+    import ray
+    from ray.cluster_utils import Cluster
+    from rabtriever_ray.config import DistillConfig, load_config
+    from rabtriever_ray.distill import run_distill
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    worker = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+    report = run_distill(load_config(DistillConfig, None, sys.argv[1:]))
+    print("RESULT " + json.dumps({"nodes": nodes, "history": report["history"]}))
+    ray.shutdown()
+    cluster.shutdown()
+    """
+)
+
+
+def test_two_nodes_spread_training_workers(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            MULTI_NODE,
+            *TINY,
+            "name=multi_node",
+            "placement_strategy=SPREAD",
+            f"out_dir={tmp_path / 'multi_node'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
+    outcome = json.loads(line.removeprefix("RESULT "))
+    assert len(outcome["nodes"]) == 2
+    history = outcome["history"]
+    assert [h["epoch"] for h in history] == [0, 1]
+    # The two training workers ran on the two different nodes of the cluster.
+    assert sorted(history[-1]["worker_nodes"]) == outcome["nodes"]
