@@ -1,8 +1,8 @@
 """Distil the teacher (generative reranker) into Rabtriever with Ray Data + Ray Train.
 
     python jobs/distill.py                                   # the embedded demo: local Ray, default model, demo data
-    python jobs/distill.py --config configs/distill/esconv_strategy.yaml num_workers=2
-    ray job submit --working-dir . -- python jobs/distill.py --config configs/distill/esconv_strategy.yaml
+    python jobs/distill.py --config configs/esconv_strategy.yaml num_workers=2
+    ray job submit --working-dir . -- python jobs/distill.py --config configs/esconv_strategy.yaml
 
 Connects to a running cluster when RAY_ADDRESS is set (as under `ray job submit`), else starts local Ray.
 Trailing key=value arguments override the config (dotted keys for sections: loss.w_rank=0.5). Writes
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> dict:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys:\n" + config_help(DistillConfig),
     )
-    parser.add_argument("--config", default=None, help="distillation config YAML (configs/distill/*.yaml)")
+    parser.add_argument("--config", default=None, help="distillation config YAML (e.g. configs/esconv_strategy.yaml)")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args(argv)
     config = load_config(DistillConfig, args.config, args.overrides)

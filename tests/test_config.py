@@ -111,3 +111,12 @@ def test_help_lists_every_key_with_its_help():
     for key in ("model", "prompt.instruction", "prompt.max_doc_tokens", "max_batch_tokens", "dtype"):
         assert f"  {key} (" in text
     assert "documents are cut at the end" in text
+
+
+def test_distill_config_file_loads_and_matches_its_teacher_prompt():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    distill = load_config(DistillConfig, root / "esconv_strategy.yaml")
+    teacher = load_config(TeacherConfig, root / "teacher" / "esconv_strategy.yaml")
+    assert distill.train_data == "esconv_strategy_train" and distill.max_val_queries == 300
+    # Pre-scored data from jobs/score_teacher.py with the teacher config is accepted only with the same prompt.
+    assert distill.prompt == teacher.prompt and distill.teacher == teacher.model
