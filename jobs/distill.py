@@ -25,7 +25,9 @@ def main(argv: list[str] | None = None) -> dict:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys:\n" + config_help(DistillConfig),
     )
-    parser.add_argument("--config", default=None, help="distillation config YAML (e.g. configs/esconv_strategy.yaml)")
+    parser.add_argument(
+        "--config", default=None, help="distillation config YAML (e.g. configs/esconv_strategy.yaml)"
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args(argv)
     config = load_config(DistillConfig, args.config, args.overrides)

@@ -160,7 +160,9 @@ def test_on_policy_rounds_score_student_drawn_pairs(ray_local, tmp_path):
     assert second["val_before"]["R@1"] == history[1]["val/R@1"]
     assert second["val_after"]["spearman"] == history[2]["val/spearman"]
     assert report["counts"]["train_pairs_scored_by_teacher"] == first["train_pairs"] + second["train_pairs"]
-    assert history[2]["step"] == history[1]["step"] + second["steps_per_epoch"]  # round 1 trained on its pairs
+    assert (
+        history[2]["step"] == history[1]["step"] + second["steps_per_epoch"]
+    )  # round 1 trained on its pairs
 
     # A rerun of the finished job resumes each round from its checkpoint and trains nothing again.
     again = run_distill(config)
