@@ -15,8 +15,9 @@ Reported per setting, from the run's own per-epoch history:
 - ``pairs_per_s``: the mean of the later epochs (cached embeddings: predictor, LM-head and loss steps);
 - ``worker_peak_rss_mb``: each worker's peak resident memory (the frozen model, caches and optimizer).
 
-``speedup_2_vs_1`` is the ratio of ``pairs_per_s`` measured in this run. On a 2-core machine two workers share the
-same two cores, so the ratio shows DDP's overhead rather than a scaling gain; on a cluster each worker has its own.
+``speedup_2_vs_1`` is the ratio of ``pairs_per_s`` measured in this run (the same pairs, the same machine); it
+includes DDP's gradient all-reduce. Torch in a Ray worker computes on as many threads as Ray gives it (from the
+worker's CPU count), so on a small machine the split of CPUs between workers matters as much as their number.
 """
 
 from __future__ import annotations
