@@ -53,10 +53,7 @@ def _validation(
 
     t0 = time.perf_counter()
     if cfg.val_teacher_data:
-        dataset, manifest = read_teacher_scores(
-            cfg.val_teacher_data, hidden_size=model_hidden_size(cfg.teacher)
-        )
-        _check_scored_by(cfg, cfg.val_teacher_data, manifest)
+        dataset, _ = _read_scored(cfg, cfg.val_teacher_data)
         scored, n_scored = pa.concat_tables(ray.get(dataset.to_arrow_refs())), 0
         unknown = set(scored.column("query_id").to_pylist()) - set(val_data.qrels)
         if unknown:
@@ -87,8 +84,10 @@ def _validation(
     return val, time.perf_counter() - t0, n_scored
 
 
-def _check_scored_by(cfg: DistillConfig, path: str, manifest: dict) -> None:
-    """Pre-scored Parquet must come from this run's teacher model and prompt."""
+def _read_scored(cfg: DistillConfig, path: str):
+    """Pre-scored Parquet as a Dataset and its manifest, checked against this run's teacher before anything runs:
+    hidden size, model spec and every prompt field."""
+    dataset, manifest = read_teacher_scores(path, hidden_size=model_hidden_size(cfg.teacher))
     scored_by = manifest["teacher"]
     if scored_by["model"] != cfg.teacher:
         raise SchemaError(f"{path}: scored by teacher {scored_by['model']!r}, but teacher={cfg.teacher!r}")
@@ -99,6 +98,7 @@ def _check_scored_by(cfg: DistillConfig, path: str, manifest: dict) -> None:
             f"{path}: scored with a different prompt (prompt.{differ[0]}={scored_by['prompt'].get(differ[0])!r}, "
             f"this run has {prompt[differ[0]]!r}); rescore it or align the prompt config"
         )
+    return dataset, manifest
 
 
 def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None = None) -> dict[str, Any]:
@@ -127,11 +127,7 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
         "gpus_per_actor": 1.0 if cfg.use_gpu else 0.0,
     }
     if cfg.teacher_data:
-        # Pre-scored pairs: checked against the teacher's hidden size, spec and prompt before anything runs.
-        round0_stage, manifest = read_teacher_scores(
-            cfg.teacher_data, hidden_size=model_hidden_size(cfg.teacher)
-        )
-        _check_scored_by(cfg, cfg.teacher_data, manifest)
+        round0_stage, manifest = _read_scored(cfg, cfg.teacher_data)
         n_train, n_train_queries, n_scored = manifest["rows"], manifest["queries"], 0
     else:
         train_pairs = build_pairs(train_data, cfg.candidates, cfg.max_train_queries, cfg.seed, training=True)

@@ -296,9 +296,8 @@ def train_loop_per_worker(config: dict) -> None:
                 optimizer.load_state_dict([optimizer_state if r == rank else None for r in range(world)])
     elif optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    if (
-        state is not None and state.get("round", 0) == round_index
-    ):  # a new round starts a new warm-up and decay
+    # A new round starts a new warm-up and decay; within a round the schedule resumes.
+    if state is not None and state.get("round", 0) == round_index:
         scheduler.load_state_dict(state["scheduler"])
     if cfg.strategy == "ddp":
         # DDP must be told when a zero loss weight leaves a trainable part out of the graph.
@@ -316,8 +315,12 @@ def train_loop_per_worker(config: dict) -> None:
     generator = torch.Generator().manual_seed(cfg.seed + rank + 1000 * round_index)
 
     def save_and_report(metrics: dict, epoch: int) -> None:
+        # Under DDP only rank 0 writes (the replicas are identical); under DeepSpeed every rank adds its optimizer
+        # partition and Ray Train merges the ranks' files into one checkpoint directory.
+        keep = rank == 0 or cfg.strategy == "deepspeed"
         with tempfile.TemporaryDirectory() as directory:
-            torch.save(optimizer.state_dict(), Path(directory) / _optimizer_file(cfg, rank))
+            if keep:
+                torch.save(optimizer.state_dict(), Path(directory) / _optimizer_file(cfg, rank))
             if rank == 0:
                 student.save_trainable(
                     directory, teacher=cfg.teacher, step=step, epoch=epoch, round=round_index
@@ -332,9 +335,6 @@ def train_loop_per_worker(config: dict) -> None:
                 }
                 torch.save(state, Path(directory) / "training_state.pt")
                 (Path(directory) / "history.json").write_text(json.dumps(history))
-            # Under DDP only rank 0 holds files; under DeepSpeed every rank adds its optimizer partition and Ray
-            # Train merges them into one checkpoint directory.
-            keep = rank == 0 or cfg.strategy == "deepspeed"
             checkpoint = ray.train.Checkpoint.from_directory(directory) if keep else None
             ray.train.report(metrics, checkpoint=checkpoint)
 

@@ -12,6 +12,25 @@ from rabtriever_ray.teacher import GenerativeReranker
 # jobs/*.py are scripts, not a package: make them importable as modules for in-process tests.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "jobs"))
 
+# Overrides of a distillation run small enough for a unit test: the tiny model, a slice of the demo data, two
+# workers and a teacher actor sharing 2 CPUs.
+TINY_DISTILL = [
+    "teacher=tiny-random-llama",
+    "max_train_queries=20",
+    "max_val_queries=8",
+    "candidates=bm25:4",
+    "val_candidates=bm25:6",
+    "batch_size=16",
+    "num_workers=2",
+    "cpus_per_worker=0.5",
+    "teacher_cpus=0.5",
+    "teacher_batch_size=16",
+    "student.predictor_hidden=32",
+    "warmup_steps=2",
+    "prompt.max_query_tokens=32",
+    "prompt.max_doc_tokens=48",
+]
+
 QUERIES = [
     "Seeker: I lost my job last week and I can't sleep.\nSupporter: That sounds stressful.\nSeeker: It is.",
     "my dog is sick",

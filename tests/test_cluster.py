@@ -16,26 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY_DISTILL
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = [
-    "teacher=tiny-random-llama",
-    "max_train_queries=16",
-    "max_val_queries=6",
-    "candidates=bm25:4",
-    "val_candidates=bm25:6",
-    "batch_size=16",
-    "epochs=2",
-    "num_workers=2",
-    "cpus_per_worker=0.5",
-    "teacher_cpus=0.5",
-    "teacher_batch_size=16",
-    "student.predictor_hidden=32",
-    "warmup_steps=2",
-    "prompt.max_query_tokens=32",
-    "prompt.max_doc_tokens=48",
-]
+# The unit-test distillation, a little smaller (each test here also starts its own cluster).
+TINY = [*TINY_DISTILL, "max_train_queries=16", "max_val_queries=6", "epochs=2"]
 
 
 def _free_port() -> int:

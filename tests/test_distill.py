@@ -3,26 +3,10 @@
 import json
 
 import pytest
+from conftest import TINY_DISTILL as TINY
 
 from rabtriever_ray.config import DistillConfig, load_config
 from rabtriever_ray.distill import run_distill
-
-TINY = [
-    "teacher=tiny-random-llama",
-    "max_train_queries=20",
-    "max_val_queries=8",
-    "candidates=bm25:4",
-    "val_candidates=bm25:6",
-    "batch_size=16",
-    "num_workers=2",
-    "cpus_per_worker=0.5",
-    "teacher_cpus=0.5",
-    "teacher_batch_size=16",
-    "student.predictor_hidden=32",
-    "warmup_steps=2",
-    "prompt.max_query_tokens=32",
-    "prompt.max_doc_tokens=48",
-]
 
 
 def _config(tmp_path, *extra):
