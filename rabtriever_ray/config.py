@@ -166,10 +166,16 @@ class DistillConfig:
     grad_clip: float = option(1.0, "gradient-norm clip (0: off)")
     seed: int = option(0, "seed for subsets, shuffling and initialisation")
     num_workers: int = option(1, "Ray Train workers")
-    use_gpu: bool = option(False, "one GPU per training worker")
+    use_gpu: bool = option(False, "train and score on GPUs (gpus_per_worker, teacher_gpus)")
     cpus_per_worker: float = option(1.0, "CPUs per training worker")
+    gpus_per_worker: float = option(
+        1.0, "GPUs per training worker with use_gpu (a fraction shares one GPU with the teacher actors)"
+    )
     teacher_actors: int = option(1, "teacher actors streaming the training pairs")
     teacher_cpus: float = option(1.0, "CPUs per teacher actor")
+    teacher_gpus: float = option(
+        1.0, "GPUs per teacher actor (and per round sampler) with use_gpu; 0.5 + gpus_per_worker=0.5 fits one GPU"
+    )
     teacher_batch_size: int = option(
         256, "pairs per teacher actor call (more pairs share more document prefixes)"
     )
@@ -206,6 +212,9 @@ class DistillConfig:
             raise ConfigError(f"round_epochs must be >= 1, got {self.round_epochs}")
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+        for name in ("gpus_per_worker", "teacher_gpus"):
+            if not 0 < getattr(self, name) <= 8:
+                raise ConfigError(f"{name} must be in (0, 8], got {getattr(self, name)}")
         if self.round_tau <= 0:
             raise ConfigError(f"round_tau must be > 0, got {self.round_tau}")
         if self.lr <= 0:

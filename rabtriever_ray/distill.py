@@ -124,7 +124,7 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
         "actors": (1, cfg.teacher_actors),
         "cpus_per_actor": cfg.teacher_cpus,
         "batch_size": cfg.teacher_batch_size,
-        "gpus_per_actor": 1.0 if cfg.use_gpu else 0.0,
+        "gpus_per_actor": cfg.teacher_gpus if cfg.use_gpu else 0.0,
     }
     if cfg.teacher_data:
         round0_stage, manifest = _read_scored(cfg, cfg.teacher_data)
@@ -172,7 +172,8 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
             scaling_config=ScalingConfig(
                 num_workers=cfg.num_workers,
                 use_gpu=cfg.use_gpu,
-                resources_per_worker={"CPU": cfg.cpus_per_worker},
+                resources_per_worker={"CPU": cfg.cpus_per_worker}
+                | ({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {}),
                 placement_strategy=cfg.placement_strategy,
             ),
             datasets={"train": stage},

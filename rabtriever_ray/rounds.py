@@ -149,7 +149,7 @@ def sample_round_pairs(cfg: DistillConfig, data, checkpoint: Any, round_index: i
     queries = pools_table(cfg, data)
     documents = {did: document_text(doc.title, doc.text) for did, doc in data.corpus.items()}
     qrels = {qid: dict(data.qrels.get(qid, {})) for qid in queries.column("query_id").to_pylist()}
-    gpus = 1.0 if cfg.use_gpu and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    gpus = cfg.teacher_gpus if cfg.use_gpu and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     drawn = ray.data.from_arrow(queries).map_batches(
         StudentSampler,
         fn_constructor_kwargs={

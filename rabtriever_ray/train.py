@@ -177,11 +177,20 @@ def _deepspeed_engine(student: Rabtriever, optimizer, scheduler, cfg):
     """
     import deepspeed
 
+    # ZeRO's gradient and all-gather buckets default to 5e8 elements (2 GB of fp32 on a GPU); the trainable parts
+    # are a few million parameters, so one bucket the size of all of them is enough (ZeRO wants a multiple of
+    # its alignment factor: round up to 4096).
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    bucket = -(-trainable // 4096) * 4096
     ds_config = {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": {
+            "stage": cfg.zero_stage,
+            "reduce_bucket_size": bucket,
+            "allgather_bucket_size": bucket,
+        },
         "zero_allow_untested_optimizer": True,  # our AdamW, so the optimizer is the same under DDP and DeepSpeed
         "steps_per_print": 10**9,
     }

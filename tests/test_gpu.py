@@ -51,3 +51,46 @@ def test_cuda_shared_prefix_matches_plain_batching():
     plain = teacher.score(queries, documents)
     torch.testing.assert_close(shared.hidden, plain.hidden, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(shared.score, plain.score, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
+def test_distillation_shares_one_gpu_between_teacher_actors_and_training(ray_local, tmp_path, strategy):
+    """use_gpu on one GPU: teacher actors and the training worker each hold half of it (NCCL, bf16 backbone).
+
+    Two rounds, so the round sampler runs on the GPU too; DeepSpeed also recovers from a failure.
+    """
+    from conftest import TINY_DISTILL
+
+    from rabtriever_ray.config import DistillConfig, load_config
+    from rabtriever_ray.distill import run_distill
+
+    if strategy == "deepspeed":
+        pytest.importorskip("deepspeed")
+    marker = tmp_path / "failed"
+    config = load_config(
+        DistillConfig,
+        None,
+        TINY_DISTILL
+        + [
+            f"out_dir={tmp_path / 'run'}",
+            f"name=gpu_{strategy}",
+            f"strategy={strategy}",
+            "use_gpu=true",
+            "num_workers=1",
+            "gpus_per_worker=0.5",
+            "teacher_gpus=0.5",
+            "epochs=3",
+            "rounds=2",
+            "round_epochs=1",
+            "round_k=2",
+            "round_pool=bm25:8",
+            "max_failures=1",
+        ],
+    )
+    report = run_distill(config, fail_once_after_step=(str(marker), 8) if strategy == "deepspeed" else None)
+    history = report["history"]
+    assert [(h["round"], h["epoch"]) for h in history] == [(0, 0), (0, 1), (0, 2), (1, 3)]
+    assert all(h["worker_peak_cuda_mb"][0] > 0 for h in history)  # the worker trained on the GPU
+    assert history[2]["loss/total"] < history[0]["loss/total"]
+    assert report["rounds"][1]["pairs_scored_by_teacher"] >= 2 * 20
+    assert marker.exists() == (strategy == "deepspeed")
