@@ -174,7 +174,8 @@ class DistillConfig:
     teacher_actors: int = option(1, "teacher actors streaming the training pairs")
     teacher_cpus: float = option(1.0, "CPUs per teacher actor")
     teacher_gpus: float = option(
-        1.0, "GPUs per teacher actor (and per round sampler) with use_gpu; 0.5 + gpus_per_worker=0.5 fits one GPU"
+        1.0,
+        "GPUs per teacher actor (and per round sampler) with use_gpu; 0.5 + gpus_per_worker=0.5 fits one GPU",
     )
     teacher_batch_size: int = option(
         256, "pairs per teacher actor call (more pairs share more document prefixes)"
