@@ -251,6 +251,13 @@ def load_config(cls: type, path: str | Path | None = None, overrides: Iterable[s
     return _build(cls, values, prefix="", source=source)
 
 
+def from_dict(cls: type, mapping: Mapping[str, Any], source: str = "dict") -> Any:
+    """Build ``cls`` from a plain dict (as `to_dict` writes it), checking keys and types like a YAML file."""
+    if not isinstance(mapping, Mapping):
+        raise ConfigError(f"{source}: expected a mapping, got {type(mapping).__name__}")
+    return _build(cls, _check_mapping(cls, mapping, prefix="", source=source), prefix="", source=source)
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """A plain, YAML/JSON-serialisable dict of a config dataclass."""
     return dataclasses.asdict(config)

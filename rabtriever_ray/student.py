@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import StudentConfig, to_dict
+from .config import StudentConfig, TeacherConfig, to_dict
 from .predictor import Predictor
 from .teacher import GenerativeReranker
 
@@ -159,3 +159,58 @@ class Rabtriever(nn.Module):
             )
         self.load_state_dict(load_file(str(path / "student.safetensors"), device=str(self._device())))
         return info
+
+
+def checkpoint_digest(path: str | Path) -> str:
+    """SHA-256 of a checkpoint's ``student.safetensors`` (what an index built with it records)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(Path(path) / "student.safetensors", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_student_info(checkpoint: str | Path, teacher: TeacherConfig | None = None) -> dict:
+    """A checkpoint's ``student.json``, checked, with ``teacher_config`` (`TeacherConfig`) and ``student_config``.
+
+    The backbone and prompt are the ones the checkpoint was trained with unless ``teacher`` is given. A
+    checkpoint that records no prompt needs ``teacher``: it would otherwise be read with the default prompt.
+    """
+    from .config import ConfigError, PromptConfig, from_dict
+
+    path = Path(checkpoint)
+    info_path = path / "student.json"
+    if not info_path.is_file() or not (path / "student.safetensors").is_file():
+        raise FileNotFoundError(
+            f"{path}: not a Rabtriever checkpoint (needs student.json and student.safetensors)"
+        )
+    info = json.loads(info_path.read_text())
+    if teacher is None:
+        if "prompt" not in info or "teacher" not in info:
+            raise ConfigError(
+                f"{info_path}: records no teacher/prompt; pass the teacher config it was trained with"
+            )
+        teacher = TeacherConfig(
+            model=info["teacher"],
+            prompt=from_dict(PromptConfig, info["prompt"], source=f"{info_path} prompt"),
+            max_batch_tokens=info.get("max_batch_tokens", TeacherConfig.max_batch_tokens),
+        )
+    info["teacher_config"] = teacher
+    info["student_config"] = from_dict(StudentConfig, info["student"], source=f"{info_path} student")
+    return info
+
+
+def load_student(
+    checkpoint: str | Path,
+    teacher: TeacherConfig | None = None,
+    device: str | torch.device | None = None,
+) -> Rabtriever:
+    """A trained Rabtriever from a checkpoint folder (see `load_student_info`), in eval mode."""
+    info = load_student_info(checkpoint, teacher)
+    student = Rabtriever(
+        GenerativeReranker.from_config(info["teacher_config"], device=device), info["student_config"]
+    )
+    student.load_trainable(checkpoint)
+    return student.eval()

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .config import LossConfig
+from .config import LossConfig, to_dict
 from .losses import jepa_loss, listwise_kl, reverse_kl
 from .student import Rabtriever
 
@@ -332,7 +332,13 @@ def train_loop_per_worker(config: dict) -> None:
                 torch.save(optimizer.state_dict(), Path(directory) / _optimizer_file(cfg, rank))
             if rank == 0:
                 student.save_trainable(
-                    directory, teacher=cfg.teacher, step=step, epoch=epoch, round=round_index
+                    directory,
+                    teacher=cfg.teacher,
+                    prompt=to_dict(cfg.prompt),
+                    max_batch_tokens=cfg.max_batch_tokens,
+                    step=step,
+                    epoch=epoch,
+                    round=round_index,
                 )
                 state = {
                     "scheduler": scheduler.state_dict(),

