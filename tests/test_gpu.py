@@ -94,3 +94,33 @@ def test_distillation_shares_one_gpu_between_teacher_actors_and_training(ray_loc
     assert history[2]["loss/total"] < history[0]["loss/total"]
     assert report["rounds"][1]["pairs_scored_by_teacher"] >= 2 * 20
     assert marker.exists() == (strategy == "deepspeed")
+
+
+def test_index_encoder_actors_run_on_the_gpu(ray_local, tmp_path):
+    """jobs/index.py's encoder actors take a GPU (bf16 backbone); the vectors match the fp32 CPU student."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    from conftest import write_beir
+    from test_index import _save_checkpoint
+
+    from rabtriever_ray.index import build_index
+    from rabtriever_ray.search import Searcher
+    from rabtriever_ray.student import load_student
+
+    data = write_beir(tmp_path / "skills")
+    checkpoint = _save_checkpoint(tmp_path / "checkpoint")
+    manifest = build_index(
+        checkpoint, data, tmp_path / "index", cpus_per_actor=0.5
+    )  # 1 GPU per actor: default
+    table = pq.ParquetDataset(str(tmp_path / "index" / "embeddings")).read()
+    student = load_student(checkpoint, device="cpu")
+    with torch.no_grad():
+        reference = student.embed_documents(student.encode_documents(table.column("doc_text").to_pylist()))
+    on_gpu = torch.tensor(np.array(table.column("doc_vec").to_pylist(), dtype=np.float32))
+    cosine = torch.nn.functional.cosine_similarity(on_gpu, reference, dim=-1)
+    assert (
+        manifest["count"] == 6 and cosine.min() > 0.99 and not torch.equal(on_gpu, reference)
+    )  # bf16, not fp32
+    searcher = Searcher(checkpoint, tmp_path / "index")
+    assert searcher.student.q_proj.weight.device.type == "cuda"
+    assert len(searcher.search(["please wipe the table"], top_k=3, rerank="teacher")[0]) == 3
