@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from rabtriever_ray.config import ConfigError, TeacherConfig, load_config
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--exclude-self", action="store_true", help="drop a query's own id from its results")
     parser.add_argument("overrides", nargs="*", help="teacher config overrides, key=value")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     overrides = list(args.overrides) + ([f"model={args.teacher}"] if args.teacher else [])
     teacher = load_config(TeacherConfig, args.config, overrides)
     results = run_evaluation(

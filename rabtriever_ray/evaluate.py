@@ -22,6 +22,7 @@ the per-query cost.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +37,7 @@ from .metrics import DEFAULT_MEASURES, agreement, retrieval_metrics
 
 METHODS = ("bm25", "minilm", "llm-embed", "teacher", "rabtriever", "rabtriever-search")
 CANDIDATE_METHODS = ("llm-embed", "teacher", "rabtriever")
+logger = logging.getLogger(__name__)
 RESULT_DEPTH = 100  # documents kept per query for the full-corpus methods (R@100)
 
 
@@ -163,6 +165,7 @@ class Evaluation:
             "total_s": round(elapsed, 3),
             "per_query_ms": round(1000 * elapsed / max(len(self.query_ids), 1), 2),
         }
+        logger.info("%s: %d queries in %.1f s", method, len(self.query_ids), elapsed)
         return run
 
     def _depth(self) -> int:
