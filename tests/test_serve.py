@@ -1,0 +1,424 @@
+"""Ray Serve app over real HTTP on 127.0.0.1: every route, numerics against in-process models, bad input, auth,
+batching, metrics, and the cheap parts of the no-argument default (the demo distillation itself is not run)."""
+
+import base64
+import shutil
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+import yaml
+from conftest import write_beir
+from test_index import _save_checkpoint
+
+from rabtriever_ray.config import ConfigError
+from rabtriever_ray.index import build_index
+from rabtriever_ray.search import Searcher
+from rabtriever_ray.student import load_student, load_student_info
+from rabtriever_ray.teacher import GenerativeReranker
+
+serve_module = pytest.importorskip("rabtriever_ray.serve")
+ROOT = Path(__file__).resolve().parent.parent
+QUERY = "I spilled juice everywhere, can you clean the table?"
+DOCUMENTS = [
+    "Wipe the table with a sponge.",
+    "Pour water into a glass.",
+    "Open the drawer.",
+    "Close the door.",
+]
+LONG = "please wipe every corner of the kitchen table " * 12  # over the tiny prompt's 32 / 48 token limits
+# Small limits, so that each is cheap to exceed (the default 0.6 CPUs per app fit two apps on 2 CPUs).
+SETTINGS = {
+    "max_batch_size": 8,
+    "batch_wait_timeout_s": 0.1,
+    "max_documents": 8,
+    "max_text_bytes": 2000,
+    "max_request_bytes": 20000,
+    "max_top_k": 5,
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, tmp_path_factory):
+    """The app on a tiny checkpoint and index, at http://127.0.0.1:<free port>/; Serve shut down afterwards."""
+    from ray import serve
+
+    root = tmp_path_factory.mktemp("serve")
+    checkpoint = _save_checkpoint(root / "checkpoint")
+    index = root / "index"
+    build_index(checkpoint, write_beir(root / "skills"), index, "flat", cpus_per_actor=0.5, batch_size=4)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = serve_module.build_app({"checkpoint": str(checkpoint), "index": str(index), **SETTINGS})
+    serve.run(app, name="rabtriever", route_prefix="/")
+    yield {"url": f"http://127.0.0.1:{port}", "checkpoint": checkpoint, "index": index, "root": root}
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def student(served):
+    return load_student(served["checkpoint"])
+
+
+def _post(served, path, body, **kwargs):
+    return requests.post(served["url"] + path, json=body, timeout=60, **kwargs)
+
+
+def _handle(name, app="rabtriever"):
+    from ray import serve
+
+    return serve.get_deployment_handle(name, app_name=app)
+
+
+# -- happy paths and schemas ------------------------------------------------------------------------------------
+
+
+def test_healthz_and_models(served):
+    health = requests.get(served["url"] + "/healthz", timeout=30)
+    assert health.status_code == 200 and health.json() == {"status": "ok", "encoder": True, "reranker": True}
+    models = requests.get(served["url"] + "/v1/models", timeout=30).json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["student", "teacher"]
+    student, teacher = models["data"]
+    assert (
+        student["object"] == "model"
+        and student["backbone"] == "tiny-random-llama"
+        and student["dimensions"] == 16
+    )
+    assert student["index"]["count"] == 6 and teacher["backbone"] == "tiny-random-llama"
+
+
+def test_embeddings_are_the_first_stage_vectors(served, student):
+    texts = ["clean the table", "fill my glass", LONG]
+    body = _post(served, "/v1/embeddings", {"input": texts, "model": "student"}).json()
+    assert body["object"] == "list" and body["model"] == "student"
+    assert [d["object"] for d in body["data"]] == ["embedding"] * 3 and [
+        d["index"] for d in body["data"]
+    ] == [0, 1, 2]
+    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 0
+    assert body["truncated"] == [2]
+    with torch.no_grad():
+        queries = student.embed_queries(student.encode_queries(texts)).numpy()
+        documents = student.embed_documents(student.encode_documents(texts[:1])).numpy()
+    np.testing.assert_allclose([d["embedding"] for d in body["data"]], queries, atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(queries, axis=1), 1.0, atol=1e-5)
+    # One string, documents, and the base64 encoding the OpenAI client asks for by default.
+    body = _post(
+        served, "/v1/embeddings", {"input": texts[0], "input_type": "document", "encoding_format": "base64"}
+    )
+    (item,) = body.json()["data"]
+    vector = np.frombuffer(base64.b64decode(item["embedding"]), dtype=np.float32)
+    np.testing.assert_allclose(vector, documents[0], atol=1e-4)
+
+
+def test_rerank_student_equals_score_matrix(served, student):
+    documents = [*DOCUMENTS, LONG]
+    response = _post(served, "/rerank", {"query": QUERY, "documents": documents, "model": "student"})
+    body = response.json()
+    assert response.status_code == 200 and body["model"] == "student"
+    with torch.no_grad():
+        expected = student.score_matrix(student.encode_queries([QUERY]), student.encode_documents(documents))[
+            0
+        ]
+    scores = [r["relevance_score"] for r in body["results"]]
+    assert scores == sorted(scores, reverse=True) and sorted(r["index"] for r in body["results"]) == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
+    np.testing.assert_allclose(scores, expected[[r["index"] for r in body["results"]]].numpy(), atol=1e-4)
+    assert all("document" not in r for r in body["results"])
+    assert body["truncated"] == {"query": False, "documents": [4]}
+    top = _post(
+        served, "/rerank", {"query": QUERY, "documents": documents, "top_n": 2, "return_documents": True}
+    )
+    assert [(r["index"], r["document"]["text"]) for r in top.json()["results"]] == [
+        (r["index"], documents[r["index"]]) for r in body["results"][:2]
+    ]
+
+
+def test_rerank_student_reads_indexed_documents_from_the_index(served, student):
+    """Documents the index holds are not encoded again: /rerank scores them as /search does."""
+    hits = _post(served, "/search", {"query": QUERY, "top_k": 5, "rerank": "student"}).json()["results"]
+    body = _post(served, "/rerank", {"query": QUERY, "documents": [h["text"] for h in hits]}).json()
+    assert [r["index"] for r in body["results"]] == list(range(5))
+    np.testing.assert_allclose(
+        [r["relevance_score"] for r in body["results"]], [h["score"] for h in hits], atol=1e-6
+    )
+    with torch.no_grad():
+        texts = [h["text"] for h in hits]
+        fresh = student.score_matrix(student.encode_queries([QUERY]), student.encode_documents(texts))[0]
+    np.testing.assert_allclose([r["relevance_score"] for r in body["results"]], fresh.numpy(), atol=1e-4)
+
+
+def test_rerank_teacher_equals_generative_reranker(served):
+    documents = [*DOCUMENTS, LONG]
+    body = _post(served, "/rerank", {"query": LONG, "documents": documents, "model": "teacher"}).json()
+    teacher = GenerativeReranker.from_config(
+        load_student_info(served["checkpoint"])["teacher_config"], device="cpu"
+    )
+    expected = teacher.score([LONG] * len(documents), documents)
+    got = {r["index"]: r["relevance_score"] for r in body["results"]}
+    np.testing.assert_allclose([got[i] for i in range(len(documents))], expected.score.numpy(), atol=1e-4)
+    assert body["model"] == "teacher" and body["truncated"] == {"query": True, "documents": [4]}
+    assert expected.truncated.all()
+
+
+@pytest.mark.parametrize("rerank", ["none", "student", "teacher"])
+def test_search_equals_the_in_process_searcher(served, rerank):
+    response = _post(served, "/search", {"query": QUERY, "top_k": 3, "rerank": rerank})
+    body = response.json()
+    assert response.status_code == 200 and body["rerank"] == rerank and len(body["results"]) == 3
+    assert body["truncated"] == {"query": False, "documents": []}
+    (expected,) = Searcher(served["checkpoint"], served["index"]).search([QUERY], top_k=3, rerank=rerank)
+    assert [(r["doc_id"], r["text"]) for r in body["results"]] == [(h.doc_id, h.text) for h in expected]
+    np.testing.assert_allclose([r["score"] for r in body["results"]], [h.score for h in expected], atol=1e-4)
+
+
+def test_search_default_top_k_fits_max_top_k(served):
+    body = _post(served, "/search", {"query": QUERY}).json()
+    assert body["rerank"] == "student" and len(body["results"]) == SETTINGS["max_top_k"]
+
+
+# -- bad input --------------------------------------------------------------------------------------------------
+
+BAD = [
+    ("/rerank", {"query": "", "documents": ["a"]}, 422, "query"),
+    ("/rerank", {"query": "   ", "documents": ["a"]}, 422, "query"),
+    ("/rerank", {"documents": ["a"]}, 422, "query"),
+    ("/rerank", {"query": "q", "documents": []}, 422, "documents"),
+    ("/rerank", {"query": "q", "documents": "a"}, 422, "documents"),
+    ("/rerank", {"query": "q", "documents": ["a", ""]}, 422, "documents.1"),
+    ("/rerank", {"query": "q", "documents": ["a", 3]}, 422, "documents.1"),
+    ("/rerank", {"query": "q", "documents": ["a", None]}, 422, "documents.1"),
+    ("/rerank", {"query": "q", "documents": ["a"] * 9}, 422, "documents"),
+    ("/rerank", {"query": "q", "documents": ["a"], "top_n": 0}, 422, "top_n"),
+    ("/rerank", {"query": "q", "documents": ["a"], "top_n": 9}, 422, "top_n"),
+    ("/rerank", {"query": "q", "documents": ["a"], "model": "gpt"}, 422, "model"),
+    ("/rerank", {"query": "q", "documents": ["a", "é" * 1001]}, 413, "documents.1"),
+    ("/rerank", {"query": "q" * 2001, "documents": ["a"]}, 413, "query"),
+    ("/search", {"query": ""}, 422, "query"),
+    ("/search", {"query": "q", "top_k": 0}, 422, "top_k"),
+    ("/search", {"query": "q", "top_k": 6}, 422, "top_k"),
+    ("/search", {"query": "q", "top_k": "many"}, 422, "top_k"),
+    ("/search", {"query": "q", "rerank": "bm25"}, 422, "rerank"),
+    ("/v1/embeddings", {"input": []}, 422, "input"),
+    ("/v1/embeddings", {"input": [1, 2]}, 422, "input.0"),
+    ("/v1/embeddings", {"input": ["a", " "]}, 422, "input.1"),
+    ("/v1/embeddings", {"input": ["a"] * 9}, 422, "input"),
+    ("/v1/embeddings", {"input": "a", "model": "text-embedding-3-small"}, 422, "model"),
+    ("/v1/embeddings", {"input": "a", "dimensions": 8}, 422, "dimensions"),
+    ("/v1/embeddings", {"input": "a" * 2001}, 413, "input.0"),
+    ("/rerank", ["not", "an", "object"], 422, "body"),
+    ("/rerank", {"query": "q", "documents": ["a"] * 8, "pad": "x" * 20001}, 413, "body"),
+]
+
+
+@pytest.mark.parametrize(
+    "path, body, status, param", BAD, ids=[f"{b[0]}-{b[3]}-{i}" for i, b in enumerate(BAD)]
+)
+def test_bad_input_is_a_4xx_naming_the_field(served, path, body, status, param):
+    response = _post(served, path, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["code"] == status and param in error["message"]
+
+
+def test_malformed_json_and_no_crashed_replica(served):
+    response = requests.post(
+        served["url"] + "/rerank", data="{not json", headers={"content-type": "application/json"}, timeout=30
+    )
+    assert response.status_code == 422 and response.json()["error"]["param"] == "body"
+    # A chunked body (no Content-Length) is read and limited all the same.
+    chunked = iter([b'{"query": "q", ', b'"documents": ["a"]}'])
+    response = requests.post(
+        served["url"] + "/rerank", data=chunked, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 200 and response.json()["results"][0]["index"] == 0
+    oversized = iter([b'{"query": "q", "documents": ["a"], "pad": "', b"x" * 20001, b'"}'])
+    response = requests.post(
+        served["url"] + "/rerank", data=oversized, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413 and response.json()["error"]["param"] == "body"
+    # After every bad request above, the replicas still answer.
+    assert requests.get(served["url"] + "/healthz", timeout=30).status_code == 200
+    assert _post(served, "/rerank", {"query": "q", "documents": ["a"]}).status_code == 200
+
+
+# -- batching ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("deployment, model", [("Encoder", "student"), ("Reranker", "teacher")])
+def test_concurrent_requests_are_batched(served, deployment, model):
+    before = _handle(deployment).stats.remote().result()["rerank"]
+    bodies = [{"query": f"{QUERY} {i}", "documents": DOCUMENTS, "model": model} for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda body: _post(served, "/rerank", body), bodies))
+    assert [r.status_code for r in responses] == [200] * 8
+    after = _handle(deployment).stats.remote().result()["rerank"]
+    assert after["requests"] - before["requests"] == 8
+    assert after["batches"] - before["batches"] < 8 and after["max_batch_size"] > 1
+
+
+# -- metrics ----------------------------------------------------------------------------------------------------
+
+
+def test_prometheus_metrics(served, ray_local):
+    port = ray_local._private.worker.global_worker.node.metrics_export_port
+    wanted = ("ray_rabtriever_requests_total{", 'route="/rerank"', 'status="422"')
+    deadline = time.monotonic() + 60  # metrics reach the agent every few seconds
+    while True:
+        lines = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines()
+        found = [line for line in lines if all(w in line for w in wanted)]
+        if found and any(line.startswith("ray_rabtriever_batch_size_bucket") for line in lines):
+            break
+        assert time.monotonic() < deadline, "no rabtriever metrics exported"
+        time.sleep(2)
+    assert float(found[0].rsplit(" ", 1)[1]) >= 1
+    assert any(line.startswith("ray_rabtriever_request_latency_ms_bucket") for line in lines)
+
+
+# -- auth and an app without an index ----------------------------------------------------------------------------
+
+
+def test_api_key_and_no_index(served, monkeypatch):
+    from ray import serve
+
+    monkeypatch.setenv(serve_module.API_KEY_ENV, "s3cret-key")
+    app = serve_module.build_app({"checkpoint": str(served["checkpoint"]), **SETTINGS})
+    serve.run(app, name="secure", route_prefix="/secure")
+    try:
+        url = served["url"] + "/secure"
+        body = {"query": "q", "documents": ["a", "b"]}
+        assert requests.get(url + "/healthz", timeout=30).status_code == 200  # open, for load balancers
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret-key"}):
+            response = requests.post(url + "/rerank", json=body, headers=headers, timeout=30)
+            assert response.status_code == 401 and response.json()["error"]["param"] == "authorization"
+            assert response.headers["www-authenticate"] == "Bearer"
+        assert requests.get(url + "/v1/models", timeout=30).status_code == 401
+        auth = {"Authorization": "Bearer s3cret-key"}
+        assert requests.post(url + "/rerank", json=body, headers=auth, timeout=30).status_code == 200
+        response = requests.post(url + "/search", json={"query": "q"}, headers=auth, timeout=30)
+        assert response.status_code == 409 and "index=" in response.json()["error"]["message"]
+        # Batching settings come from the config, and Serve's user_config changes them live (reconfigure).
+        reranker = _handle("Reranker", "secure")
+        assert reranker.stats.remote().result()["settings"] == {
+            "max_batch_size": 8,
+            "batch_wait_timeout_s": 0.1,
+        }
+        reranker.reconfigure.remote({"max_batch_size": 2}).result()
+        assert reranker.stats.remote().result()["settings"] == {
+            "max_batch_size": 2,
+            "batch_wait_timeout_s": 0.1,
+        }
+    finally:
+        serve.delete("secure")
+    # The first app has no key: no header needed.
+    assert _post(served, "/rerank", body).status_code == 200
+
+
+def test_routes_answer_503_while_the_models_load(served):
+    from ray import serve
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0.01}, graceful_shutdown_timeout_s=0.1)
+    class StillLoading:  # a model deployment whose constructor has not finished (as while the demo builds)
+        def __init__(self):
+            time.sleep(3600)
+
+    config = serve_module.load_serve_config({"checkpoint": str(served["checkpoint"])})
+    router = serve_module.Router.options(ray_actor_options={"num_cpus": 0.01})
+    # serve.run would wait for the stand-ins to finish loading; serve._run(_blocking=False) returns at once.
+    serve._run(
+        router.bind(StillLoading.bind(), StillLoading.bind(), config),
+        _blocking=False,
+        name="loading",
+        route_prefix="/loading",
+    )
+    try:
+        url = served["url"] + "/loading"
+        deadline = time.monotonic() + 60
+        while (
+            health := requests.get(url + "/healthz", timeout=30)
+        ).status_code == 404:  # the Router is starting
+            assert time.monotonic() < deadline
+            time.sleep(1)
+        assert health.status_code == 503 and health.json() == {
+            "status": "loading",
+            "encoder": False,
+            "reranker": False,
+        }
+        response = requests.post(url + "/rerank", json={"query": "q", "documents": ["a"]}, timeout=30)
+        assert response.status_code == 503 and response.json()["error"]["type"] == "loading"
+        assert response.headers["retry-after"] == "30"
+    finally:
+        serve.delete("loading")
+
+
+# -- configuration and the no-argument default --------------------------------------------------------------------
+
+
+def test_builder_args_from_the_command_line_and_from_yaml_agree():
+    cli = serve_module.load_serve_config({"encoder.num_gpus": "0.5", "max_batch_size": "4", "index": "None"})
+    nested = serve_module.load_serve_config(
+        {"encoder": {"num_gpus": 0.5}, "max_batch_size": 4, "index": None}
+    )
+    assert cli == nested and cli.encoder.num_gpus == 0.5 and cli.max_batch_size == 4
+    with pytest.raises(ConfigError, match="max_batch_sise"):
+        serve_module.load_serve_config({"max_batch_sise": "4"})
+    with pytest.raises(ConfigError, match="index= needs checkpoint="):
+        serve_module.build_app({"index": "runs/some_index"})
+    scaled = serve_module._options(serve_module.load_serve_config({"encoder.max_replicas": "3"}).encoder, 128)
+    assert scaled["autoscaling_config"] == {
+        "min_replicas": 1,
+        "max_replicas": 3,
+        "target_ongoing_requests": 8.0,
+    }
+    assert scaled["max_ongoing_requests"] == 128 and "num_replicas" not in scaled
+
+
+def test_no_arguments_serve_the_demo_from_the_cache(served, tmp_path, monkeypatch, caplog):
+    from ray.serve import Application
+
+    assert isinstance(serve_module.app, Application)
+    monkeypatch.setenv("RABTRIEVER_CACHE", str(tmp_path))
+    checkpoint, index = serve_module.demo_paths([])
+    assert (checkpoint, index) == (tmp_path / "serve-demo/distill/checkpoint", tmp_path / "serve-demo/index")
+    assert serve_module.demo_paths(["epochs=1"])[0] != checkpoint  # other overrides, another demo
+    # Serve's logger does not propagate to the root logger, where caplog listens.
+    monkeypatch.setattr(serve_module.logger, "handlers", [*serve_module.logger.handlers, caplog.handler])
+    serve_module.build_app({})
+    assert f"demo checkpoint {checkpoint} and index {index} will be built on first start" in caplog.text
+    # Once both exist, starts reuse them: nothing is built (run_distill and build_index would fail here).
+    shutil.copytree(served["checkpoint"], checkpoint)
+    shutil.copytree(served["index"], index)
+    monkeypatch.setattr("rabtriever_ray.distill.run_distill", lambda *a, **k: pytest.fail("rebuilt the demo"))
+    monkeypatch.setattr("rabtriever_ray.index.build_index", lambda *a, **k: pytest.fail("rebuilt the index"))
+    assert serve_module.ensure_demo([]) == (checkpoint, index)
+    caplog.clear()
+    serve_module.build_app({})
+    assert f"serving the demo checkpoint {checkpoint}" in caplog.text
+
+
+def test_cluster_serve_yaml_deploys_this_app():
+    from ray.serve.schema import ServeDeploySchema
+
+    path = ROOT / "cluster" / "serve.yaml"
+    text = path.read_text()
+    assert text.startswith("# serve deploy cluster/serve.yaml")
+    config = ServeDeploySchema.model_validate(yaml.safe_load(text))
+    (application,) = config.applications
+    assert application.import_path == "rabtriever_ray.serve:build_app"
+    serve_module.build_app(application.args)  # the args are valid ServeConfig keys
+    assert {d.name for d in application.deployments} <= {"Encoder", "Reranker", "Router"}
