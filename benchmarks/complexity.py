@@ -1,6 +1,6 @@
 """Per-query cost vs document length: teacher reranking against Rabtriever scoring of N candidates.
 
-    python benchmarks/complexity.py --out benchmarks/results          # full grid (~13 min on a 2-core CPU)
+    python benchmarks/complexity.py --out benchmarks/results          # full grid (~11 min on a 2-core CPU)
     python benchmarks/complexity.py --quick --out benchmarks/results  # reduced grid (~3.5 min, 2-core CPU)
 
 Writes ``DIR/complexity.json`` and ``DIR/complexity.png`` (cost vs document length, log-log).
