@@ -158,8 +158,10 @@ class Evaluation:
         if method in ("rabtriever", "rabtriever-search") and self.checkpoint is None:
             raise ValueError(f"method {method!r} needs --checkpoint (a distillation checkpoint folder)")
         # One-time costs are timed apart from the method: loading the models, encoding documents.
-        if method not in ("bm25", "minilm"):
-            self.teacher() if method == "teacher" else self.student()
+        if method == "teacher":
+            self.teacher()
+        elif method not in ("bm25", "minilm"):
+            self.student()
         if method in CANDIDATE_METHODS and method != "teacher":
             self._candidate_hidden()
         start, self._one_time_s = time.perf_counter(), 0.0
