@@ -15,16 +15,8 @@ import argparse
 import json
 import sys
 
-from rabtriever_ray.config import ConfigError, TeacherConfig, load_config
+from rabtriever_ray.config import ConfigError, TeacherConfig, actor_range, load_config
 from rabtriever_ray.index import build_index
-
-
-def _actors(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition(":")
-    try:
-        return int(lo), int(hi or lo)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"--actors expects MIN:MAX or N, got {text!r}") from err
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -40,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--hnsw-m", type=int, default=32, help="HNSW neighbours per node")
     parser.add_argument("--nlist", type=int, default=None, help="IVF lists (default 4 sqrt(n))")
     parser.add_argument("--config", default=None, help="teacher config YAML, for checkpoints without one")
-    parser.add_argument("--actors", type=_actors, default=(1, 1), help="encoder actor pool MIN:MAX")
+    parser.add_argument("--actors", type=actor_range, default=(1, 1), help="encoder actor pool MIN:MAX")
     parser.add_argument(
         "--gpus-per-actor", type=float, default=None, help="default: 1 when the cluster has GPUs"
     )

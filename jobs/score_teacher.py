@@ -14,16 +14,8 @@ import argparse
 import json
 import sys
 
-from rabtriever_ray.config import TeacherConfig, load_config
+from rabtriever_ray.config import TeacherConfig, actor_range, load_config
 from rabtriever_ray.pipeline import write_teacher_scores
-
-
-def _actors(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition(":")
-    try:
-        return int(lo), int(hi or lo)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"--actors expects MIN:MAX or N, got {text!r}") from err
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-queries", type=int, default=None, help="seeded subset of this many queries")
     parser.add_argument("--seed", type=int, default=0, help="seed of the query subset")
     parser.add_argument(
-        "--actors", type=_actors, default=(1, 1), help="teacher actor pool MIN:MAX (default 1:1)"
+        "--actors", type=actor_range, default=(1, 1), help="teacher actor pool MIN:MAX (default 1:1)"
     )
     parser.add_argument(
         "--gpus-per-actor", type=float, default=None, help="default: 1 when the cluster has GPUs"

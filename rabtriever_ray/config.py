@@ -251,6 +251,17 @@ def load_config(cls: type, path: str | Path | None = None, overrides: Iterable[s
     return _build(cls, values, prefix="", source=source)
 
 
+def actor_range(text: str) -> tuple[int, int]:
+    """``MIN:MAX`` or ``N`` -> (min, max) of an actor pool: the ``type`` of the jobs' ``--actors`` argument."""
+    import argparse
+
+    lo, _, hi = text.partition(":")
+    try:
+        return int(lo), int(hi or lo)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--actors expects MIN:MAX or N, got {text!r}") from err
+
+
 def from_dict(cls: type, mapping: Mapping[str, Any], source: str = "dict") -> Any:
     """Build ``cls`` from a plain dict (as `to_dict` writes it), checking keys and types like a YAML file."""
     if not isinstance(mapping, Mapping):
