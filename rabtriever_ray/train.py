@@ -169,43 +169,45 @@ def validate(student: Rabtriever, val: dict, query_cache: EmbeddingCache, doc_ca
     return metrics
 
 
-def _deepspeed_engine(student: Rabtriever, optimizer, scheduler, cfg):
-    """``deepspeed.initialize`` around the trainable parts (imported here: only DeepSpeed workers need it).
+def deepspeed_engine(
+    model, optimizer, scheduler, micro_batch: int, grad_clip: float, zero_stage: int, grad_accum: int = 1
+):
+    """``deepspeed.initialize`` around ``model``'s trainable parameters (imported here: only DeepSpeed workers need it).
 
-    The trainable parts stay float32 (they are small, and the frozen backbone hands them float32 embeddings);
-    the backbone's precision is the teacher's ``dtype``.
+    Trainable weights stay float32 (DeepSpeed's own bf16/fp16 modes are off; GPU callers use autocast), and our
+    AdamW is used, so DDP and DeepSpeed optimise the same way. Returns ``(engine, optimizer, scheduler)``.
     """
     import deepspeed
 
-    # ZeRO's gradient and all-gather buckets default to 5e8 elements (2 GB of fp32 on a GPU); the trainable parts
-    # are a few million parameters, so one bucket the size of all of them is enough (ZeRO wants a multiple of
-    # its alignment factor: round up to 4096).
-    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
-    bucket = -(-trainable // 4096) * 4096
+    # ZeRO's gradient and all-gather buckets default to 5e8 elements (2 GB of fp32 on a GPU); for small trainable
+    # parts one bucket the size of all of them is enough (ZeRO wants a multiple of its alignment factor: round up
+    # to 4096), and large models keep the default.
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    bucket = min(-(-trainable // 4096) * 4096, int(5e8))
     ds_config = {
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": cfg.grad_clip,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": grad_clip,
         "zero_optimization": {
-            "stage": cfg.zero_stage,
+            "stage": zero_stage,
             "reduce_bucket_size": bucket,
             "allgather_bucket_size": bucket,
         },
-        "zero_allow_untested_optimizer": True,  # our AdamW, so the optimizer is the same under DDP and DeepSpeed
+        "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
     }
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=student, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     return engine, optimizer, scheduler
 
 
-def _optimizer_file(cfg, rank: int) -> str:
+def optimizer_file(cfg, rank: int) -> str:
     # ZeRO partitions the optimizer state: each DeepSpeed rank keeps its own part.
     return f"optimizer_rank{rank}.pt" if cfg.strategy == "deepspeed" else "optimizer.pt"
 
 
-def _load_state(directory, cfg, rank: int, world: int) -> tuple[dict, dict]:
+def load_training_state(directory, cfg, rank: int, world: int) -> tuple[dict, dict]:
     """(training state, this rank's optimizer state) from a checkpoint directory (``weights_only`` loads)."""
     from pathlib import Path
 
@@ -229,11 +231,11 @@ def _load_state(directory, cfg, rank: int, world: int) -> tuple[dict, dict]:
 
         safe = [LossScaler, ZeroStageEnum, fragment_address]
     with torch.serialization.safe_globals(safe):
-        optimizer_state = torch.load(directory / _optimizer_file(cfg, rank), weights_only=True)
+        optimizer_state = torch.load(directory / optimizer_file(cfg, rank), weights_only=True)
     return state, optimizer_state
 
 
-def _gather(value, world: int) -> list:
+def gather_all(value, world: int) -> list:
     """Every worker's ``value``, in rank order (all workers must call it)."""
     if world == 1:
         return [value]
@@ -242,7 +244,7 @@ def _gather(value, world: int) -> list:
     return values
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
     """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
     import resource
 
@@ -292,12 +294,14 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as directory:
             student.load_trainable(directory)  # before DeepSpeed copies the weights into its partitions
-            state, optimizer_state = _load_state(directory, cfg, rank, world)
+            state, optimizer_state = load_training_state(directory, cfg, rank, world)
             start_epoch, step = max(first_epoch, int(state["epoch"]) + 1), int(state["step"])
             history = json.loads((Path(directory) / "history.json").read_text())
     fault = config.get("fail_once_after_step")  # test hook: (marker path, step)
     if cfg.strategy == "deepspeed":
-        engine, optimizer, scheduler = _deepspeed_engine(student, optimizer, scheduler, cfg)
+        engine, optimizer, scheduler = deepspeed_engine(
+            student, optimizer, scheduler, cfg.batch_size, cfg.grad_clip, cfg.zero_stage
+        )
         if optimizer_state is not None:
             if cfg.zero_stage == 0:
                 optimizer.load_state_dict(optimizer_state)
@@ -316,7 +320,7 @@ def train_loop_per_worker(config: dict) -> None:
             student, parallel_strategy_kwargs={"find_unused_parameters": unused}
         )
     # Where the workers run (rank order), for the report: SPREAD placement puts them on different nodes.
-    worker_nodes = _gather(ray.get_runtime_context().get_node_id(), world)
+    worker_nodes = gather_all(ray.get_runtime_context().get_node_id(), world)
     query_cache, doc_cache = EmbeddingCache(student.encode_queries), EmbeddingCache(student.encode_documents)
     shard = ray.train.get_dataset_shard("train")
     # This worker's teacher outputs, kept during the first pass so later epochs reuse them.
@@ -329,7 +333,7 @@ def train_loop_per_worker(config: dict) -> None:
         keep = rank == 0 or cfg.strategy == "deepspeed"
         with tempfile.TemporaryDirectory() as directory:
             if keep:
-                torch.save(optimizer.state_dict(), Path(directory) / _optimizer_file(cfg, rank))
+                torch.save(optimizer.state_dict(), Path(directory) / optimizer_file(cfg, rank))
             if rank == 0:
                 student.save_trainable(
                     directory,
@@ -407,9 +411,11 @@ def train_loop_per_worker(config: dict) -> None:
             encoded_documents=len(doc_cache),
             worker_nodes=worker_nodes,
         )
-        metrics["worker_peak_rss_mb"] = _gather(_peak_rss_mb(), world)
+        metrics["workerpeak_rss_mb"] = gather_all(peak_rss_mb(), world)
         if device.type == "cuda":
-            metrics["worker_peak_cuda_mb"] = _gather(torch.cuda.max_memory_allocated(device) / 2**20, world)
+            metrics["worker_peak_cuda_mb"] = gather_all(
+                torch.cuda.max_memory_allocated(device) / 2**20, world
+            )
         if rank == 0 and config.get("val"):
             metrics.update(validate(student, config["val"], query_cache, doc_cache))
         if rank == 0:

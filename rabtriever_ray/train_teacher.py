@@ -1,0 +1,568 @@
+"""Teacher fine-tuning: train the generative reranker itself with Ray Train.
+
+An instruct model used zero-shot is a weak judge of rationale-based relevance; Rabtriever is only as good as its
+teacher. `run_train_teacher(config)`:
+
+1. builds training groups from a BEIR folder (`build_groups`): each query with one positive and ``negatives``
+   sampled negatives (from every other document, or from the top of BM25), seeded;
+2. scores the validation pairs with the model as it is ("before") on teacher actors (`pipeline.teacher_stage`);
+3. trains under ``TorchTrainer`` (`train_teacher_loop`): DDP (gloo on CPU, NCCL on GPU) or DeepSpeed ZeRO,
+   gradient accumulation, bf16 autocast on GPU, checkpoints every ``report_every`` steps, ``FailureConfig``, and
+   resume of a rerun with the same name. All weights train, or LoRA adapters (peft) with ``lora=true``;
+4. writes ``out/``: a Hugging Face model directory (safetensors, config, tokenizer; LoRA merged in) with
+   ``rabtriever_teacher.json`` (the prompt it was trained with, the base model, the data), which
+   `models.load_causal_lm` and every job accept as ``--model`` / ``teacher=``;
+5. scores the validation pairs with the saved model ("after") into ``out/val_scores/`` (the
+   ``jobs/score_teacher.py`` format, so ``jobs/distill.py val_teacher_data=out/val_scores`` reuses them) and
+   writes ``out/report.json``: config, counts, R@1 / RR@10 / nDCG@10 before and after, history, timings.
+
+The training step (`teacher_losses`) scores each group's pairs with the exact scoring function of
+`GenerativeReranker` (`scoring.YesNoHead` on the pre-norm hidden state at the answer position,
+``logp_yes - logp_no``) and mixes::
+
+    total = w_listwise * listwise_ce(scores[group] / T, positive = column 0)
+          + w_pointwise * answer_ce(logp_yes, logp_no, label)           # "yes" for the positive, "no" otherwise
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import TeacherConfig, TeacherTrainConfig, to_dict
+from .data import DEMO_DATA, BeirData, build_pairs, parse_candidates, read_beir, select_queries
+from .data.candidates import BM25Index
+from .losses import answer_ce, listwise_ce
+from .models import TEACHER_INFO, backbone, capture_pre_norm, load_causal_lm, pad_batch
+from .prompts import PromptBuilder, document_text
+from .scoring import YesNoHead
+
+TRAINABLE_FILE = "trainable.safetensors"
+METRICS = ("R@1", "RR@10", "nDCG@10")
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training groups.
+
+
+@dataclass
+class TrainingGroup:
+    """One query with its positive first, then its negatives."""
+
+    query_id: str
+    query_text: str
+    doc_ids: list[str]
+    doc_texts: list[str]
+
+
+def build_groups(
+    data: BeirData,
+    negatives: int,
+    negatives_from: str = "all",
+    max_queries: int | None = None,
+    seed: int = 0,
+) -> tuple[list[TrainingGroup], int]:
+    """Seeded training groups and the number of selected queries skipped (no positive, or no negative).
+
+    Each group holds one positive (drawn among the query's positives) and up to ``negatives`` documents drawn
+    without replacement from the pool: every unjudged-or-zero document (``all``) or the BM25 top K (``bm25:K``),
+    positives excluded.
+    """
+    policy, depth = parse_candidates(negatives_from)
+    if policy not in ("all", "bm25"):
+        raise ValueError(f"negatives_from must be all or bm25:K, got {negatives_from!r}")
+    rng = random.Random(seed)
+    query_ids = select_queries(data, max_queries, seed)
+    doc_ids = list(data.corpus)
+    if policy == "bm25":
+        hits, _ = BM25Index.from_corpus(data).search([data.queries[q].text for q in query_ids], int(depth))
+        pools = dict(zip(query_ids, hits))
+    texts = {d: document_text(doc.title, doc.text) for d, doc in data.corpus.items()}
+    groups, skipped = [], 0
+    for qid in query_ids:
+        positives = sorted(d for d, grade in data.qrels.get(qid, {}).items() if grade > 0)
+        pool = [d for d in (pools[qid] if policy == "bm25" else doc_ids) if d not in set(positives)]
+        if not positives or not pool:
+            skipped += 1
+            continue
+        chosen = [rng.choice(positives), *rng.sample(pool, min(negatives, len(pool)))]
+        groups.append(TrainingGroup(qid, data.queries[qid].text, chosen, [texts[d] for d in chosen]))
+    return groups, skipped
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The differentiable scorer and the training step.
+
+
+class AnswerScorer(nn.Module):
+    """The teacher's scoring as a trainable module: pair prompts -> ``(score, logp_yes, logp_no)``, each ``[n]``.
+
+    ``score = logp_yes - logp_no`` read by `YesNoHead` from the pre-norm hidden state at each prompt's last
+    token, exactly as `GenerativeReranker.score` reads it, but with gradients.
+    """
+
+    def __init__(self, model: nn.Module, yes_id: int, no_id: int):
+        super().__init__()
+        self.model = model
+        self.head = YesNoHead(model, yes_id, no_id)
+
+    def forward(self, input_ids, attention_mask, position_ids, last):
+        with capture_pre_norm(self.model) as captured:
+            backbone(self.model)(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            )
+        hidden = captured[-1][torch.arange(len(last), device=last.device), last]
+        return self.head.log_probs(hidden)
+
+
+def group_batch(prompts: PromptBuilder, groups: list[TrainingGroup], device: torch.device) -> dict:
+    """Token tensors for every pair of ``groups`` (group-major) plus ``sizes`` (pairs per group)."""
+    queries = [g.query_text for g in groups for _ in g.doc_texts]
+    documents = [text for g in groups for text in g.doc_texts]
+    encoded = prompts.pair_prompts(queries, documents)
+    tokenizer = prompts.tokenizer
+    input_ids, attention_mask, position_ids = pad_batch(
+        encoded.input_ids, tokenizer.pad_token_id, tokenizer.padding_side, device
+    )
+    if tokenizer.padding_side == "left":
+        last = torch.full((len(queries),), input_ids.shape[1] - 1, device=device)
+    else:
+        last = attention_mask.sum(-1) - 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "last": last,
+        "sizes": [len(g.doc_texts) for g in groups],
+    }
+
+
+def teacher_losses(scorer: nn.Module, batch: dict, cfg: TeacherTrainConfig) -> dict[str, torch.Tensor]:
+    """The training step's forward: score every pair, then the listwise and pointwise losses (see module doc)."""
+    score, logp_yes, logp_no = scorer(
+        batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["last"]
+    )
+    sizes = batch["sizes"]
+    width = max(sizes)
+    index = torch.tensor([g * width + i for g, n in enumerate(sizes) for i in range(n)], device=score.device)
+    scores = score.new_zeros(len(sizes) * width).index_copy(0, index, score).view(len(sizes), width)
+    mask = torch.zeros(len(sizes) * width, dtype=torch.bool, device=score.device)
+    mask[index] = True
+    labels = torch.tensor([float(i == 0) for n in sizes for i in range(n)], device=score.device)
+    listwise = listwise_ce(scores, cfg.temperature, mask.view(len(sizes), width))
+    pointwise = answer_ce(logp_yes, logp_no, labels)
+    return {
+        "listwise": listwise,
+        "pointwise": pointwise,
+        "total": cfg.w_listwise * listwise + cfg.w_pointwise * pointwise,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Models: LoRA, trainable weights, the saved teacher.
+
+
+def add_lora(model: nn.Module, cfg: TeacherTrainConfig) -> nn.Module:
+    """Inject LoRA adapters (peft) into ``model`` in place; only the adapters stay trainable. Returns ``model``."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+    )
+    torch.manual_seed(cfg.seed)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return inject_adapter_in_model(lora, model)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA adapter into its base weight and replace the LoRA layers by plain ones (in place)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            setattr(parent, name.rpartition(".")[2], module.get_base_layer())
+    return model
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train (all of them, or the LoRA adapters), detached on CPU, by name."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_into(model: nn.Module, path: str | Path) -> None:
+    """Load `trainable_state` saved as safetensors into ``model``; every trainable parameter must be there."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(
+            f"{path}: trainable weights do not match the model (missing {missing[:3]}, extra {extra[:3]})"
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def build_trained_model(cfg: TeacherTrainConfig, trainable_path: str | Path):
+    """``(model, tokenizer)``: the base model with the trained weights on CPU, LoRA merged (a plain HF model)."""
+    model, tokenizer = load_causal_lm(cfg.model, device="cpu", dtype=torch.float32)
+    if cfg.lora:
+        add_lora(model, cfg)
+    else:
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+    load_trainable_into(model, trainable_path)
+    if cfg.lora:
+        merge_lora(model)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model.eval(), tokenizer
+
+
+def save_teacher(model: nn.Module, tokenizer, out_dir: str | Path, info: dict[str, Any]) -> None:
+    """Write a loadable Hugging Face model directory: safetensors weights, config, tokenizer, `TEACHER_INFO`."""
+    out_dir = Path(out_dir)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+    (out_dir / TEACHER_INFO).write_text(json.dumps(info, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The Ray Train worker.
+
+
+def train_teacher_loop(config: dict) -> None:
+    """Ray Train worker: fine-tune this worker's replica of the teacher on its shard of the training groups.
+
+    ``config``: ``train`` (a `TeacherTrainConfig`), ``groups`` (all `TrainingGroup` s; each epoch's seeded
+    permutation is split by rank) and ``steps_per_epoch`` (optimizer steps, the same on every worker, so every
+    worker reports equally often). Resumes from ``ray.train.get_checkpoint()`` at the step it stopped.
+    """
+    import tempfile
+
+    import ray.train
+    import ray.train.torch
+    from safetensors.torch import save_file
+
+    from .train import gather_all, load_training_state, optimizer_file, peak_rss_mb, warmup_cosine
+
+    cfg: TeacherTrainConfig = config["train"]
+    groups: list[TrainingGroup] = config["groups"]
+    steps_per_epoch = config["steps_per_epoch"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    model, tokenizer = load_causal_lm(cfg.model, device=device, dtype=torch.float32)
+    if cfg.lora:
+        add_lora(model, cfg)
+    else:
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+    model.train()
+    prompts = PromptBuilder(tokenizer, cfg.prompt)
+    scorer = AnswerScorer(model, prompts.yes_id, prompts.no_id)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, total_steps)
+    )
+    step, history, optimizer_state = 0, [], None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            load_trainable_into(model, Path(directory) / TRAINABLE_FILE)
+            state, optimizer_state = load_training_state(directory, cfg, rank, world)
+            step = int(state["step"])
+            scheduler.load_state_dict(state["scheduler"])
+            history = json.loads((Path(directory) / "history.json").read_text())
+    if cfg.strategy == "deepspeed":
+        from .train import deepspeed_engine
+
+        engine, optimizer, scheduler = deepspeed_engine(
+            scorer, optimizer, scheduler, cfg.batch_size, cfg.grad_clip, cfg.zero_stage, cfg.grad_accum
+        )
+        if optimizer_state is not None:
+            if cfg.zero_stage == 0:
+                optimizer.load_state_dict(optimizer_state)
+            else:  # ZeRO takes the list of every rank's partition and reads its own
+                optimizer.load_state_dict([optimizer_state if r == rank else None for r in range(world)])
+    else:
+        if optimizer_state is not None:
+            optimizer.load_state_dict(optimizer_state)
+        engine = ray.train.torch.prepare_model(scorer)
+    fault = config.get("fail_once_after_step")  # test hook: (marker path, step)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    per_step = cfg.batch_size * cfg.grad_accum
+
+    def save_and_report(metrics: dict) -> None:
+        # Under DDP rank 0 writes (the replicas are identical); under DeepSpeed every rank adds its optimizer
+        # partition and Ray Train merges the ranks' files into one checkpoint directory.
+        keep = rank == 0 or cfg.strategy == "deepspeed"
+        with tempfile.TemporaryDirectory() as directory:
+            if keep:
+                torch.save(optimizer.state_dict(), Path(directory) / optimizer_file(cfg, rank))
+            if rank == 0:
+                save_file(trainable_state(model), str(Path(directory) / TRAINABLE_FILE))
+                state = {
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": metrics["epoch"],
+                    "step": step,
+                    "strategy": cfg.strategy,
+                    "world_size": world,
+                }
+                torch.save(state, Path(directory) / "training_state.pt")
+                (Path(directory) / "history.json").write_text(json.dumps(history))
+            ray.train.report(
+                metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if keep else None
+            )
+
+    if step >= total_steps:  # a rerun of a finished run: hand back the last checkpoint
+        save_and_report(history[-1] if history else {"epoch": cfg.epochs - 1, "step": step})
+        return
+    sums: dict[str, float] = {}
+    counted, started = 0, time.perf_counter()
+    while step < total_steps:
+        epoch, within = divmod(step, steps_per_epoch)
+        order = torch.randperm(
+            len(groups), generator=torch.Generator().manual_seed(cfg.seed + epoch)
+        ).tolist()
+        mine = order[rank::world]
+        chunk = [groups[i] for i in mine[within * per_step : (within + 1) * per_step]]
+        if fault and rank == 0 and step >= fault[1] and not Path(fault[0]).exists():
+            Path(fault[0]).write_text(str(step))
+            raise RuntimeError(f"injected worker failure at step {step}")
+        for micro in range(cfg.grad_accum):
+            batch = group_batch(prompts, chunk[micro * cfg.batch_size : (micro + 1) * cfg.batch_size], device)
+            last_micro = micro == cfg.grad_accum - 1
+            if cfg.strategy == "deepspeed":
+                with autocast:
+                    terms = teacher_losses(engine, batch, cfg)
+                engine.backward(terms["total"])
+                engine.step()  # steps the optimizer and scheduler at the accumulation boundary
+            else:
+                # DDP all-reduces on the last micro-batch only.
+                sync = engine.no_sync() if (world > 1 and not last_micro) else _nullcontext()
+                with sync:
+                    with autocast:
+                        terms = teacher_losses(engine, batch, cfg)
+                    (terms["total"] / cfg.grad_accum).backward()
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach())
+            counted += 1
+        if cfg.strategy == "ddp":
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        step += 1
+        epoch_end = step % steps_per_epoch == 0
+        if epoch_end or (cfg.report_every and step % cfg.report_every == 0):
+            elapsed = time.perf_counter() - started
+            metrics = {f"loss/{k}": v / counted for k, v in sums.items()}
+            groups_done = counted * cfg.batch_size * world
+            metrics.update(
+                epoch=epoch,
+                step=step,
+                lr=scheduler.get_last_lr()[0],
+                groups_per_s=groups_done / elapsed,
+                worker_peak_rss_mb=gather_all(peak_rss_mb(), world),
+            )
+            if device.type == "cuda":
+                metrics["worker_peak_cuda_mb"] = gather_all(
+                    torch.cuda.max_memory_allocated(device) / 2**20, world
+                )
+            if rank == 0:
+                history.append(metrics)
+            save_and_report(metrics)
+            sums, counted, started = {}, 0, time.perf_counter()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The job.
+
+
+def _root(path: str) -> Path:
+    return Path(path) if path else DEMO_DATA
+
+
+def _score_metrics(table, qrels: dict) -> dict[str, float]:
+    from .metrics import retrieval_metrics, run_from_rows
+
+    run = run_from_rows(
+        table.column("query_id").to_pylist(),
+        table.column("doc_id").to_pylist(),
+        table.column("teacher_score").to_pylist(),
+    )
+    return retrieval_metrics(run, qrels, METRICS)
+
+
+def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, int] | None = None) -> dict:
+    """Run one teacher fine-tuning (see the module docstring); returns the report also written to ``out``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .io import commit_dir, init_ray, staging_dir, write_json_atomic
+    from .pipeline import pairs_dataset, teacher_stage, write_teacher_scores
+
+    started = time.perf_counter()
+    out = Path(cfg.out or f"runs/{cfg.name}").resolve()
+    storage = Path(cfg.storage_path).resolve() if cfg.storage_path else out.parent / f"{out.name}-ray"
+    staging = staging_dir(out, cfg.overwrite)  # refuse before any expensive work
+    try:
+        train_data = read_beir(_root(cfg.data), cfg.split)
+        groups, skipped = build_groups(
+            train_data, cfg.negatives, cfg.negatives_from, cfg.max_queries, cfg.seed
+        )
+        steps_per_epoch = len(groups) // (cfg.num_workers * cfg.batch_size * cfg.grad_accum)
+        if steps_per_epoch < 1:
+            raise ValueError(
+                f"{len(groups)} training groups are fewer than one step needs (num_workers x batch_size x "
+                f"grad_accum = {cfg.num_workers * cfg.batch_size * cfg.grad_accum}); use more queries or smaller batches"
+            )
+        validate = cfg.val_data is not None
+        if validate:
+            val_root = _root(cfg.val_data) if cfg.val_data else _root(cfg.data)
+            val_data = read_beir(val_root, cfg.val_split)
+            val_pairs = build_pairs(val_data, cfg.val_candidates, cfg.max_val_queries, cfg.seed)
+        init_ray()
+        gpus = 1.0 if cfg.use_gpu else 0.0
+        report: dict[str, Any] = {"config": to_dict(cfg)}
+        timings: dict[str, float] = {}
+        if validate:
+            t0 = time.perf_counter()
+            # Document-major order lets each teacher batch share a document's prefix across queries.
+            ordered = val_pairs.sort_by([("doc_id", "ascending"), ("query_id", "ascending")])
+            stage = teacher_stage(
+                pairs_dataset(ordered, 256),
+                TeacherConfig(model=cfg.model, prompt=cfg.prompt, max_batch_tokens=cfg.max_batch_tokens),
+                actors=(1, cfg.teacher_actors),
+                cpus_per_actor=cfg.teacher_cpus,
+                gpus_per_actor=gpus,
+                batch_size=256,
+            )
+            before = pa.concat_tables(ray.get(stage.to_arrow_refs()))
+            report["before"] = _score_metrics(before, val_data.qrels)
+            timings["validate_before"] = round(time.perf_counter() - t0, 1)
+            logger.info("before: %s", report["before"])
+
+        t0 = time.perf_counter()
+        trainer = TorchTrainer(
+            train_teacher_loop,
+            train_loop_config={
+                "train": cfg,
+                "groups": groups,
+                "steps_per_epoch": steps_per_epoch,
+                "fail_once_after_step": fail_once_after_step,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=cfg.num_workers,
+                use_gpu=cfg.use_gpu,
+                resources_per_worker={"CPU": cfg.cpus_per_worker}
+                | ({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {}),
+            ),
+            run_config=RunConfig(
+                name=cfg.name,
+                storage_path=str(storage),
+                failure_config=FailureConfig(max_failures=cfg.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
+            ),
+        )
+        result = trainer.fit()
+        if result.checkpoint is None:
+            raise RuntimeError(f"training finished without a checkpoint: {result.error}")
+        timings["train"] = round(time.perf_counter() - t0, 1)
+        with result.checkpoint.as_directory() as directory:
+            history = json.loads((Path(directory) / "history.json").read_text())
+            model, tokenizer = build_trained_model(cfg, Path(directory) / TRAINABLE_FILE)
+        info = {
+            "format": "rabtriever-teacher/1",
+            "base_model": cfg.model,
+            "prompt": to_dict(cfg.prompt),
+            "lora": cfg.lora,
+            "data": str(_root(cfg.data)),
+            "split": cfg.split,
+            "train_queries": len(groups),
+            "steps": history[-1]["step"] if history else 0,
+        }
+        save_teacher(model, tokenizer, staging, info)
+        commit_dir(staging, out)  # the model is safe from here on, even if the validation below fails
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+    report["counts"] = {
+        "train_queries": len(groups),
+        "skipped_queries": skipped,
+        "pairs_per_group": 1 + cfg.negatives,
+        "steps_per_epoch": steps_per_epoch,
+        "steps": history[-1]["step"] if history else 0,
+    }
+    if validate:
+        t0 = time.perf_counter()
+        write_teacher_scores(
+            val_root,
+            cfg.val_split,
+            out / "val_scores",
+            TeacherConfig(model=str(out), prompt=cfg.prompt, max_batch_tokens=cfg.max_batch_tokens),
+            candidates=cfg.val_candidates,
+            max_queries=cfg.max_val_queries,
+            seed=cfg.seed,
+            actors=(1, cfg.teacher_actors),
+            gpus_per_actor=gpus,
+            cpus_per_actor=cfg.teacher_cpus,
+            batch_size=256,
+            overwrite=True,
+        )
+        after = pq.ParquetDataset(str(out / "val_scores" / "data")).read(
+            columns=["query_id", "doc_id", "teacher_score"]
+        )
+        report["after"] = _score_metrics(after, val_data.qrels)
+        report["counts"].update(
+            val_queries=len(set(val_pairs.column("query_id").to_pylist())), val_pairs=len(val_pairs)
+        )
+        timings["validate_after"] = round(time.perf_counter() - t0, 1)
+    timings["total"] = round(time.perf_counter() - started, 1)
+    report.update(history=history, timings_s=timings)
+    write_json_atomic(out / "report.json", report)
+    return report
+
+
+def format_report(report: dict) -> str:
+    """The before/after validation table as markdown."""
+    if "before" not in report:
+        return "(no validation data)"
+    lines = ["| teacher | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
+    for when in ("before", "after"):
+        lines.append(f"| {when} | " + " | ".join(f"{report[when][m]:.3f}" for m in METRICS) + " |")
+    return "\n".join(lines)
