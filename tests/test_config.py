@@ -9,6 +9,7 @@ from rabtriever_ray.config import (
     PromptConfig,
     StudentConfig,
     TeacherConfig,
+    TeacherTrainConfig,
     config_help,
     load_config,
     to_dict,
@@ -18,7 +19,7 @@ from rabtriever_ray.prompts import PromptBuilder
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
 # Which dataclass each folder under configs/ holds.
-CONFIG_CLASSES = {"teacher": TeacherConfig, "configs": DistillConfig}
+CONFIG_CLASSES = {"teacher": TeacherConfig, "teacher_train": TeacherTrainConfig, "configs": DistillConfig}
 
 
 def test_there_are_configs():
@@ -120,3 +121,6 @@ def test_distill_config_file_loads_and_matches_its_teacher_prompt():
     assert distill.train_data == "esconv_strategy_train" and distill.max_val_queries == 300
     # Pre-scored data from jobs/score_teacher.py with the teacher config is accepted only with the same prompt.
     assert distill.prompt == teacher.prompt and distill.teacher == teacher.model
+    # The fine-tuned teacher is trained with the same prompt it is then scored and distilled with.
+    trained = load_config(TeacherTrainConfig, root / "teacher_train" / "esconv_strategy.yaml")
+    assert trained.prompt == teacher.prompt and trained.model == teacher.model

@@ -50,6 +50,23 @@ def test_bm25_metrics_match_the_hand_computed_values(tmp_path):
     assert "| bm25 | 0.815 | 0.750 | 0.500 |" in markdown_table(saved)  # nDCG@10 first
 
 
+def test_frequency_baseline_ranks_by_the_prior_splits_positives(tmp_path):
+    # Prior ("train"): d3 judged relevant for three queries, d1 for two, d2 for one, d4 never.
+    prior_queries = {f"t{i}": ("anything", doc) for i, doc in enumerate(["d3", "d1", "d3", "d2", "d1", "d3"])}
+    prior = write_beir(tmp_path / "prior", CORPUS, prior_queries, split="train")
+    data = write_beir(tmp_path / "plain", CORPUS, QUERIES)
+    results = _job().main(
+        ["--data", str(data), "--split", "test", "--methods", "frequency", "--frequency-data", str(prior)]
+    )
+    frequency = results["methods"]["frequency"]
+    # Every query gets d3, d1, d2, d4: q2's relevant d3 is first, q1's relevant d1 second.
+    assert frequency["R@1"] == pytest.approx(0.5)
+    assert frequency["RR@10"] == pytest.approx((1 / 2 + 1) / 2)
+    assert results["config"]["frequency_prior"] == f"{prior}:train"
+    with pytest.raises(DataError, match="no qrels for split 'test'"):
+        run_evaluation(data, "test", ["frequency"], TEACHER, frequency_data=prior, frequency_split="test")
+
+
 def test_exclude_self_drops_the_query_from_its_own_results(tmp_path):
     # ArguAna-style: the query is also a document (same id, same text); its counter-argument is relevant.
     corpus = {
