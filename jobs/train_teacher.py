@@ -16,6 +16,7 @@ model as --model / teacher=OUT in every other job, with the same prompt.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from rabtriever_ray.config import ConfigError, TeacherTrainConfig, config_help, load_config
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.add_argument(flag, dest=key, default=None, help=f"sets {key}", **options)
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     flags = [f"{key}={getattr(args, key)}" for key, _ in FLAGS.values() if getattr(args, key) is not None]
     config = load_config(TeacherTrainConfig, args.config, flags + list(args.overrides))
     report = run_train_teacher(config)

@@ -285,6 +285,9 @@ class TeacherTrainConfig:
     val_split: str = option("dev", "qrels split of the validation queries")
     max_val_queries: int | None = option(None, "seeded subset of validation queries")
     val_candidates: str = option("all", "validation candidates per query: all | bm25:K | a TREC run file")
+    validate_before: bool = option(
+        True, "also score the validation pairs with the model before training (false: only after)"
+    )
     teacher_actors: int = option(1, "actors scoring the validation pairs")
     teacher_cpus: float = option(1.0, "CPUs per validation scoring actor")
 

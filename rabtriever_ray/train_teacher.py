@@ -459,7 +459,7 @@ def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, 
         gpus = 1.0 if cfg.use_gpu else 0.0
         report: dict[str, Any] = {"config": to_dict(cfg)}
         timings: dict[str, float] = {}
-        if validate:
+        if validate and cfg.validate_before:
             t0 = time.perf_counter()
             # Document-major order lets each teacher batch share a document's prefix across queries.
             ordered = val_pairs.sort_by([("doc_id", "ascending"), ("query_id", "ascending")])
@@ -560,9 +560,10 @@ def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, 
 
 def format_report(report: dict) -> str:
     """The before/after validation table as markdown."""
-    if "before" not in report:
+    if "after" not in report:
         return "(no validation data)"
     lines = ["| teacher | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
     for when in ("before", "after"):
-        lines.append(f"| {when} | " + " | ".join(f"{report[when][m]:.3f}" for m in METRICS) + " |")
+        if when in report:
+            lines.append(f"| {when} | " + " | ".join(f"{report[when][m]:.3f}" for m in METRICS) + " |")
     return "\n".join(lines)
