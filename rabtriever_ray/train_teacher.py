@@ -414,6 +414,7 @@ def _root(path: str) -> Path:
 
 
 def _score_metrics(table, qrels: dict) -> dict[str, float]:
+    """Metrics of scored pairs over exactly the queries they hold (not every query the split judges)."""
     from .metrics import retrieval_metrics, run_from_rows
 
     run = run_from_rows(
@@ -421,7 +422,7 @@ def _score_metrics(table, qrels: dict) -> dict[str, float]:
         table.column("doc_id").to_pylist(),
         table.column("teacher_score").to_pylist(),
     )
-    return retrieval_metrics(run, qrels, METRICS)
+    return retrieval_metrics(run, {q: qrels[q] for q in run if q in qrels}, METRICS)
 
 
 def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, int] | None = None) -> dict:

@@ -302,3 +302,14 @@ def test_job_errors_name_the_problem(tmp_path):
     assert exists.returncode == 2 and "--overwrite" in exists.stderr
     bad_key = job("--lr", "fast")
     assert bad_key.returncode == 2 and "lr" in bad_key.stderr
+
+
+def test_validation_metrics_average_over_the_scored_queries_only():
+    import pyarrow as pa
+
+    from rabtriever_ray.train_teacher import _score_metrics
+
+    table = pa.table({"query_id": ["q1", "q1"], "doc_id": ["d1", "d2"], "teacher_score": [2.0, 1.0]})
+    # q2 is judged by the split but was not scored: it must not count as a miss.
+    metrics = _score_metrics(table, {"q1": {"d1": 1}, "q2": {"d2": 1}})
+    assert metrics["R@1"] == 1.0 and metrics["RR@10"] == 1.0
