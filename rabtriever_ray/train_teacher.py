@@ -26,6 +26,7 @@ The training step (`teacher_losses`) scores each group's pairs with the exact sc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -360,7 +361,7 @@ def train_teacher_loop(config: dict) -> None:
                 engine.step()  # steps the optimizer and scheduler at the accumulation boundary
             else:
                 # DDP all-reduces on the last micro-batch only.
-                sync = engine.no_sync() if (world > 1 and not last_micro) else _nullcontext()
+                sync = engine.no_sync() if (world > 1 and not last_micro) else contextlib.nullcontext()
                 with sync:
                     with autocast:
                         terms = teacher_losses(engine, batch, cfg)
@@ -395,14 +396,6 @@ def train_teacher_loop(config: dict) -> None:
                 history.append(metrics)
             save_and_report(metrics)
             sums, counted, started = {}, 0, time.perf_counter()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # --------------------------------------------------------------------------------------------------------------
