@@ -341,12 +341,14 @@ def train_teacher_loop(config: dict) -> None:
         return
     sums: dict[str, float] = {}
     counted, started = 0, time.perf_counter()
+    shuffled_epoch, mine = None, []
     while step < total_steps:
         epoch, within = divmod(step, steps_per_epoch)
-        order = torch.randperm(
-            len(groups), generator=torch.Generator().manual_seed(cfg.seed + epoch)
-        ).tolist()
-        mine = order[rank::world]
+        if (
+            epoch != shuffled_epoch
+        ):  # each epoch's seeded order, computed once; this rank takes every world-th
+            order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            shuffled_epoch, mine = epoch, order.tolist()[rank::world]
         chunk = [groups[i] for i in mine[within * per_step : (within + 1) * per_step]]
         if fault and rank == 0 and step >= fault[1] and not Path(fault[0]).exists():
             Path(fault[0]).write_text(str(step))
