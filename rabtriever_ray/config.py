@@ -290,6 +290,7 @@ class TeacherTrainConfig:
     )
     teacher_actors: int = option(1, "actors scoring the validation pairs")
     teacher_cpus: float = option(1.0, "CPUs per validation scoring actor")
+    teacher_gpus: float = option(1.0, "GPUs per validation scoring actor with use_gpu")
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "negatives", "epochs", "batch_size", "grad_accum", "num_workers", "teacher_actors")
@@ -301,6 +302,9 @@ class TeacherTrainConfig:
             raise ConfigError(f"lr and temperature must be > 0, got {self.lr} and {self.temperature}")
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+        for name in ("gpus_per_worker", "teacher_gpus"):
+            if not 0 < getattr(self, name) <= 8:
+                raise ConfigError(f"{name} must be in (0, 8], got {getattr(self, name)}")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.negatives_from != "all" and not self.negatives_from.startswith("bm25:"):

@@ -452,7 +452,7 @@ def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, 
             val_data = read_beir(val_root, cfg.val_split)
             val_pairs = build_pairs(val_data, cfg.val_candidates, cfg.max_val_queries, cfg.seed)
         init_ray()
-        gpus = 1.0 if cfg.use_gpu else 0.0
+        gpus = cfg.teacher_gpus if cfg.use_gpu else 0.0
         report: dict[str, Any] = {"config": to_dict(cfg)}
         timings: dict[str, float] = {}
         if validate and cfg.validate_before:

@@ -124,3 +124,42 @@ def test_index_encoder_actors_run_on_the_gpu(ray_local, tmp_path):
     searcher = Searcher(checkpoint, tmp_path / "index")
     assert searcher.student.q_proj.weight.device.type == "cuda"
     assert len(searcher.search(["please wipe the table"], top_k=3, rerank="teacher")[0]) == 3
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
+def test_teacher_fine_tuning_on_one_gpu(ray_local, tmp_path, strategy):
+    """jobs/train_teacher.py with use_gpu: NCCL, bf16 autocast, validation actors on the GPU; DeepSpeed ZeRO-2
+    LoRA also recovers from a failure. The saved model, loaded on CPU in fp32, reproduces the GPU's bf16 scores."""
+    import json
+
+    import pyarrow.parquet as pq
+    from test_train_teacher import DEEPSPEED_LORA, _config
+
+    from rabtriever_ray.train_teacher import run_train_teacher
+
+    if strategy == "deepspeed":
+        pytest.importorskip("deepspeed")
+    marker = tmp_path / "failed"
+    extra = ["num_workers=1", "use_gpu=true", "gpus_per_worker=0.5", "teacher_gpus=0.5", "epochs=3"]
+    if strategy == "deepspeed":
+        extra += [*DEEPSPEED_LORA, "max_failures=1"]
+    report = run_train_teacher(
+        _config(tmp_path, f"name=gpu_{strategy}", *extra),
+        fail_once_after_step=(str(marker), 5) if strategy == "deepspeed" else None,
+    )
+    history = report["history"]
+    assert all(h["worker_peak_cuda_mb"][0] > 0 for h in history)  # the worker trained on the GPU
+    assert history[-1]["loss/listwise"] < history[0]["loss/listwise"]
+    assert marker.exists() == (strategy == "deepspeed")
+    assert report["before"] != report["after"]
+    out = tmp_path / "teacher"
+    assert json.loads((out / "rabtriever_teacher.json").read_text())["lora"] == (strategy == "deepspeed")
+
+    scored = pq.ParquetDataset(str(out / "val_scores" / "data")).read().slice(0, 12)
+    model, tokenizer = load_causal_lm(str(out), device="cpu")
+    again = GenerativeReranker(model, tokenizer, PromptConfig(max_doc_tokens=48, max_query_tokens=32)).score(
+        scored.column("query_text").to_pylist(), scored.column("doc_text").to_pylist()
+    )
+    torch.testing.assert_close(
+        again.score, torch.tensor(scored.column("teacher_score").to_pylist()), atol=0.05, rtol=0.05
+    )
