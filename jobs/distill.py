@@ -13,10 +13,10 @@ resumes from the latest checkpoint.
 from __future__ import annotations
 
 import argparse
-import sys
 
-from rabtriever_ray.config import ConfigError, DistillConfig, config_help, load_config
+from rabtriever_ray.config import DistillConfig, config_help, load_config
 from rabtriever_ray.distill import format_table, run_distill
+from rabtriever_ray.io import run_job
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -39,8 +39,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, FileExistsError, ValueError) as err:  # bad input: a clear message, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_job(main)

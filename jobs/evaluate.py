@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 
-from rabtriever_ray.config import ConfigError, TeacherConfig, load_config
+from rabtriever_ray.config import TeacherConfig, load_config
 from rabtriever_ray.evaluate import METHODS, MissingBaseline, markdown_table, run_evaluation
+from rabtriever_ray.io import BAD_INPUT, run_job
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -77,8 +77,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, FileNotFoundError, MissingBaseline, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_job(main, (*BAD_INPUT, MissingBaseline))

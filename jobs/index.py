@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from rabtriever_ray.config import ConfigError, TeacherConfig, actor_range, load_config
+from rabtriever_ray.config import TeacherConfig, actor_range, load_config
 from rabtriever_ray.index import build_index
+from rabtriever_ray.io import run_job
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -63,8 +63,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_job(main)

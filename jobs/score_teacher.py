@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from rabtriever_ray.config import TeacherConfig, actor_range, load_config
+from rabtriever_ray.io import run_job
 from rabtriever_ray.pipeline import write_teacher_scores
 
 
@@ -79,8 +79,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileExistsError, ValueError) as err:  # bad input: a clear message, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_job(main)

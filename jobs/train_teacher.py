@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from rabtriever_ray.config import ConfigError, TeacherTrainConfig, config_help, load_config
+from rabtriever_ray.config import TeacherTrainConfig, config_help, load_config
+from rabtriever_ray.io import run_job
 from rabtriever_ray.train_teacher import format_report, run_train_teacher
 
 # flag -> (config key, argparse options)
@@ -65,8 +65,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, FileExistsError, ValueError) as err:  # bad input: a clear message, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_job(main)

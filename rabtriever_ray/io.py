@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,19 @@ def init_ray(**kwargs: Any) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:
         ray.init(**kwargs)
+
+
+# A job's bad input: a config, data or output-folder problem. ConfigError is a ValueError.
+BAD_INPUT = (FileExistsError, FileNotFoundError, ValueError)
+
+
+def run_job(main: Callable[[], Any], bad_input: tuple[type[BaseException], ...] = BAD_INPUT) -> None:
+    """Run a job script's ``main``; bad input exits with status 2 and its message alone, no traceback."""
+    try:
+        main()
+    except bad_input as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
