@@ -1,9 +1,16 @@
+import dataclasses
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from rabtriever_ray import config as config_module
 from rabtriever_ray.config import (
+    REFERENCE_CONFIGS,
+    REFERENCE_END,
+    REFERENCE_START,
     ConfigError,
     DistillConfig,
     PromptConfig,
@@ -11,9 +18,13 @@ from rabtriever_ray.config import (
     TeacherConfig,
     TeacherTrainConfig,
     config_help,
+    config_reference_markdown,
     load_config,
+    readme_config_reference,
     to_dict,
+    write_config_reference,
 )
+from rabtriever_ray.config import main as config_main
 from rabtriever_ray.models import load_causal_lm
 from rabtriever_ray.prompts import PromptBuilder
 
@@ -124,3 +135,98 @@ def test_distill_config_file_loads_and_matches_its_teacher_prompt():
     # The fine-tuned teacher is trained with the same prompt it is then scored and distilled with.
     trained = load_config(TeacherTrainConfig, root / "teacher_train" / "esconv_strategy.yaml")
     assert trained.prompt == teacher.prompt and trained.model == teacher.model
+
+
+# -- the README's configuration reference ------------------------------------------------------------------------
+
+
+def test_readme_config_reference_is_current():
+    assert readme_config_reference() == config_reference_markdown(), (
+        "README.md's configuration reference is stale: run python -m rabtriever_ray.config --write-readme"
+    )
+
+
+def _reference_sections(markdown: str) -> dict[str, list[str]]:
+    """Table rows under each ``#### <class>`` heading."""
+    sections: dict[str, list[str]] = {}
+    for part in markdown.split("#### ")[1:]:
+        name, _, body = part.partition("\n")
+        sections[name] = [line for line in body.splitlines() if line.startswith("| `")]
+    return sections
+
+
+def _every_field(cls: type, prefix: str = ""):
+    """(dotted key, field, owning class) of every field, nested dataclasses (found on a default instance) too."""
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        yield f"{prefix}{f.name}", f, cls
+        if dataclasses.is_dataclass(getattr(defaults, f.name)):
+            yield from _every_field(type(getattr(defaults, f.name)), f"{prefix}{f.name}.")
+
+
+def test_config_reference_has_a_row_per_field_with_its_help():
+    sections = _reference_sections(config_reference_markdown())
+    assert list(sections) == [cls.__name__ for cls, _ in REFERENCE_CONFIGS]
+    covered = set()
+    for cls, _ in REFERENCE_CONFIGS:
+        rows = {
+            row.split(" | ", 1)[0].removeprefix("| `").removesuffix("`"): row
+            for row in sections[cls.__name__]
+        }
+        keys = []
+        for key, f, owner in _every_field(cls):
+            covered.add(owner)
+            keys.append(key)
+            help_text = f.metadata["help"].replace("|", r"\|").replace("<", r"\<")
+            assert rows.get(key, "").endswith(f" | {help_text} |"), (
+                f"{cls.__name__}: no row for {key!r} with its help"
+            )
+        assert list(rows) == keys  # in field order, nothing else
+    # Every config dataclass of the module is reachable from a top-level config, so none is left out.
+    dataclasses_in_module = {
+        v for v in vars(config_module).values() if isinstance(v, type) and dataclasses.is_dataclass(v)
+    }
+    assert covered == dataclasses_in_module
+
+
+def test_config_reference_renders_types_and_defaults_as_yaml_takes_them():
+    markdown = config_reference_markdown()
+    assert "| `share_prefix` | `bool` | true |" in markdown
+    assert "| `prompt.system` | `str \\| None` | `None` |" in markdown
+    assert "| `dtype` | `auto` \\| `float32` \\| `bfloat16` \\| `float16` | `auto` |" in markdown
+    assert '| `data_dir` | `str` | `""` |' in markdown
+    assert "| `loss` | `LossConfig` | `loss.*` below | loss mix |" in markdown
+    assert "| `lr` | `float` | 0.001 |" in markdown
+    assert "| `demo_distill` | `list[str]` | `[]` |" in markdown
+    assert "| `router.max_ongoing_requests` | `int` | 256 |" in markdown
+    assert "runs/\\<name>" in markdown and "all \\| bm25:K" in markdown  # no HTML tag, no extra column
+
+
+def test_check_fails_on_a_stale_copy_and_write_readme_replaces_only_the_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        f"# Title\n\nintro\n\n{REFERENCE_START}\n| `model` | old |\n{REFERENCE_END}\n\n## After\n"
+    )
+    readme.chmod(0o640)
+    check = [sys.executable, "-m", "rabtriever_ray.config", "--check", "--readme", str(readme)]
+    stale = subprocess.run(check, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert stale.returncode == 1
+    assert "stale" in stale.stderr and "python -m rabtriever_ray.config --write-readme" in stale.stderr
+
+    config_main(["--write-readme", "--readme", str(readme)])
+    text = readme.read_text()
+    assert text.startswith(f"# Title\n\nintro\n\n{REFERENCE_START}\n\n#### TeacherConfig\n")
+    assert text.endswith(f" |\n\n{REFERENCE_END}\n\n## After\n")
+    assert readme_config_reference(readme) == config_reference_markdown()
+    # Renamed over the old file: its mode is kept and no temporary file is left behind.
+    assert readme.stat().st_mode & 0o777 == 0o640 and [p.name for p in tmp_path.iterdir()] == ["README.md"]
+    assert write_config_reference(readme) is False  # already current: the file is left alone
+    config_main(["--check", "--readme", str(readme)])  # current: returns, no exit status 1
+
+
+def test_readme_without_markers_is_an_error(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n{REFERENCE_END}\n{REFERENCE_START}\n")
+    with pytest.raises(ConfigError, match="expected one <!-- config-reference:start --> line"):
+        write_config_reference(readme)
+    assert readme.read_text() == f"# Title\n{REFERENCE_END}\n{REFERENCE_START}\n"
