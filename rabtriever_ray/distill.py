@@ -110,11 +110,10 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
     """Run one distillation (see the module docstring); returns the report that is also written to disk."""
     import json
 
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train import DataConfig
 
     from .rounds import sample_round_pairs
-    from .train import train_loop_per_worker
+    from .train import fit_torch_trainer, train_loop_per_worker
 
     started = time.perf_counter()
     out_dir = Path(cfg.out_dir or f"runs/{cfg.name}").resolve()
@@ -165,9 +164,9 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
         sample_s = time.perf_counter() - t0
         epochs = cfg.epochs if round_index == 0 else (cfg.round_epochs or cfg.epochs)
         steps_per_epoch = _steps_per_epoch(n_train, cfg)
-        trainer = TorchTrainer(
+        checkpoint = fit_torch_trainer(
             train_loop_per_worker,
-            train_loop_config={
+            {
                 "distill": cfg,
                 "steps_per_epoch": steps_per_epoch,
                 "val": val,
@@ -177,27 +176,13 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
                 "end_epoch": first_epoch + epochs,
                 "init_checkpoint": checkpoint,
             },
-            scaling_config=ScalingConfig(
-                num_workers=cfg.num_workers,
-                use_gpu=cfg.use_gpu,
-                resources_per_worker={"CPU": cfg.cpus_per_worker}
-                | ({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {}),
-                placement_strategy=cfg.placement_strategy,
-            ),
+            cfg,
+            # Each round is its own Ray Train run, so a rerun resumes the round it stopped in.
+            cfg.name if round_index == 0 else f"{cfg.name}-round{round_index}",
+            storage,
             datasets={"train": stage},
             dataset_config=DataConfig(datasets_to_split=["train"]),
-            run_config=RunConfig(
-                # Each round is its own Ray Train run, so a rerun resumes the round it stopped in.
-                name=cfg.name if round_index == 0 else f"{cfg.name}-round{round_index}",
-                storage_path=str(storage),
-                failure_config=FailureConfig(max_failures=cfg.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
-            ),
         )
-        result = trainer.fit()
-        if result.checkpoint is None:
-            raise RuntimeError(f"round {round_index} finished without a checkpoint: {result.error}")
-        checkpoint = result.checkpoint
         round_s = time.perf_counter() - t0
         train_s += round_s
         with checkpoint.as_directory() as directory:

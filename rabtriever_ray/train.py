@@ -16,6 +16,7 @@ Only the hidden state travels from the teacher; its logits are recomputed here w
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -209,8 +210,6 @@ def optimizer_file(cfg, rank: int) -> str:
 
 def load_training_state(directory, cfg, rank: int, world: int) -> tuple[dict, dict]:
     """(training state, this rank's optimizer state) from a checkpoint directory (``weights_only`` loads)."""
-    from pathlib import Path
-
     directory = Path(directory)
     state = torch.load(directory / "training_state.pt", weights_only=True)
     if state.get("strategy", "ddp") != cfg.strategy:
@@ -244,6 +243,42 @@ def gather_all(value, world: int) -> list:
     return values
 
 
+def fit_torch_trainer(
+    loop: Callable[[dict], None], loop_config: dict, cfg, name: str, storage: Path, **kwargs
+):
+    """Run ``loop`` on a `TorchTrainer` shaped by ``cfg`` and return the final checkpoint.
+
+    ``cfg`` is a `DistillConfig` or `TeacherTrainConfig`: workers, CPUs and GPUs per worker, placement,
+    ``max_failures`` (workers restart from the last checkpoint) and ``num_to_keep``. A rerun with the same ``name``
+    under ``storage`` resumes from its latest checkpoint. ``kwargs`` go to `TorchTrainer` (datasets, ...).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker}
+            | ({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {}),
+            placement_strategy=getattr(cfg, "placement_strategy", "PACK"),
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
+        ),
+        **kwargs,
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{name}: training finished without a checkpoint: {result.error}")
+    return result.checkpoint
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
     import resource
@@ -263,7 +298,6 @@ def train_loop_per_worker(config: dict) -> None:
     import json
     import tempfile
     import time
-    from pathlib import Path
 
     import ray
     import ray.train

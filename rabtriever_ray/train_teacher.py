@@ -425,11 +425,10 @@ def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, 
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from .io import commit_dir, init_ray, staging_dir, write_json_atomic
     from .pipeline import pairs_dataset, teacher_stage, write_teacher_scores
+    from .train import fit_torch_trainer
 
     started = time.perf_counter()
     out = Path(cfg.out or f"runs/{cfg.name}").resolve()
@@ -473,32 +472,20 @@ def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, 
             logger.info("before: %s", report["before"])
 
         t0 = time.perf_counter()
-        trainer = TorchTrainer(
+        checkpoint = fit_torch_trainer(
             train_teacher_loop,
-            train_loop_config={
+            {
                 "train": cfg,
                 "groups": groups,
                 "steps_per_epoch": steps_per_epoch,
                 "fail_once_after_step": fail_once_after_step,
             },
-            scaling_config=ScalingConfig(
-                num_workers=cfg.num_workers,
-                use_gpu=cfg.use_gpu,
-                resources_per_worker={"CPU": cfg.cpus_per_worker}
-                | ({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {}),
-            ),
-            run_config=RunConfig(
-                name=cfg.name,
-                storage_path=str(storage),
-                failure_config=FailureConfig(max_failures=cfg.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
-            ),
+            cfg,
+            cfg.name,
+            storage,
         )
-        result = trainer.fit()
-        if result.checkpoint is None:
-            raise RuntimeError(f"training finished without a checkpoint: {result.error}")
         timings["train"] = round(time.perf_counter() - t0, 1)
-        with result.checkpoint.as_directory() as directory:
+        with checkpoint.as_directory() as directory:
             history = json.loads((Path(directory) / "history.json").read_text())
             model, tokenizer = build_trained_model(cfg, Path(directory) / TRAINABLE_FILE)
         info = {
