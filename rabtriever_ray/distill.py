@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -29,7 +30,7 @@ from .data import DEMO_DATA, build_pairs, read_beir
 from .data.candidates import BM25Index
 from .io import init_ray, write_json_atomic
 from .metrics import retrieval_metrics, run_from_rows
-from .models import model_hidden_size, prompt_mismatch
+from .models import model_hidden_size, prompt_mismatch, resolve_spec
 from .pipeline import SchemaError, pairs_dataset, read_teacher_scores, teacher_stage
 
 METRICS = ("R@1", "RR@10", "nDCG@10")
@@ -116,6 +117,7 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
     from .train import fit_torch_trainer, train_loop_per_worker
 
     started = time.perf_counter()
+    cfg = dataclasses.replace(cfg, teacher=resolve_spec(cfg.teacher))  # workers run elsewhere
     out_dir = Path(cfg.out_dir or f"runs/{cfg.name}").resolve()
     storage = Path(cfg.storage_path).resolve() if cfg.storage_path else out_dir / "ray"
     val_data = read_beir(_data_root(cfg, cfg.val_data), cfg.val_split)

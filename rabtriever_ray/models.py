@@ -76,6 +76,17 @@ def load_causal_lm(
     return model, tokenizer
 
 
+def resolve_spec(spec: str) -> str:
+    """``spec`` made absolute when it names a local directory, else unchanged (a built-in name or a hub id).
+
+    Ray Train workers do not run in the driver's working directory, so a relative model path (``teacher=runs/x``)
+    must be resolved in the driver before it is handed to them.
+    """
+    return (
+        str(Path(spec).resolve()) if spec not in (DEFAULT_MODEL, TINY_MODEL) and Path(spec).is_dir() else spec
+    )
+
+
 def trained_prompt(spec: str) -> dict | None:
     """The prompt (as a dict) a teacher fine-tuned by ``jobs/train_teacher.py`` was trained with; None otherwise."""
     import json

@@ -207,7 +207,8 @@ def read_teacher_scores(path: str | Path, hidden_size: int | None = None):
     # One light read task per file (a quarter CPU): beside training workers that hold most CPUs, Ray Data's own
     # Parquet reader would wait for a whole free CPU for its file listing.
     read = ray.remote(num_cpus=0.25)(pq.read_table)
-    return ray.data.from_arrow_refs([read.remote(str(f)) for f in files]), manifest
+    # Absolute paths: Ray workers need not share this process's working directory.
+    return ray.data.from_arrow_refs([read.remote(str(f.resolve())) for f in files]), manifest
 
 
 def summarize(path: str | Path) -> dict[str, Any]:

@@ -27,6 +27,7 @@ The training step (`teacher_losses`) scores each group's pairs with the exact sc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import random
@@ -43,7 +44,7 @@ from .config import TeacherConfig, TeacherTrainConfig, to_dict
 from .data import DEMO_DATA, BeirData, build_pairs, parse_candidates, read_beir, select_queries
 from .data.candidates import BM25Index
 from .losses import answer_ce, listwise_ce
-from .models import TEACHER_INFO, backbone, capture_pre_norm, load_causal_lm, pad_batch
+from .models import TEACHER_INFO, backbone, capture_pre_norm, load_causal_lm, pad_batch, resolve_spec
 from .prompts import PromptBuilder, document_text
 from .scoring import YesNoHead
 
@@ -431,6 +432,7 @@ def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, 
     from .train import fit_torch_trainer
 
     started = time.perf_counter()
+    cfg = dataclasses.replace(cfg, model=resolve_spec(cfg.model))  # workers run elsewhere
     out = Path(cfg.out or f"runs/{cfg.name}").resolve()
     storage = Path(cfg.storage_path).resolve() if cfg.storage_path else out.parent / f"{out.name}-ray"
     staging = staging_dir(out, cfg.overwrite)  # refuse before any expensive work

@@ -203,7 +203,9 @@ def test_a_teacher_used_with_another_prompt_than_it_was_trained_with_is_flagged(
 # -- the Ray Train job ------------------------------------------------------------------------------------------
 
 
-def test_two_workers_fine_tune_validate_and_the_output_is_a_teacher_for_distillation(ray_local, tmp_path):
+def test_two_workers_fine_tune_validate_and_the_output_is_a_teacher_for_distillation(
+    ray_local, tmp_path, monkeypatch
+):
     report = run_train_teacher(_config(tmp_path, "name=two", "epochs=4", "grad_accum=2", "batch_size=1"))
     history = report["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2, 3]
@@ -242,13 +244,15 @@ def test_two_workers_fine_tune_validate_and_the_output_is_a_teacher_for_distilla
     from rabtriever_ray.config import DistillConfig
     from rabtriever_ray.distill import run_distill
 
+    # Relative paths, as users type them: Ray Train workers do not run in this directory.
+    monkeypatch.chdir(tmp_path)
     distill = load_config(
         DistillConfig,
         None,
         [
             *TINY_DISTILL,
-            f"teacher={out}",
-            f"val_teacher_data={out / 'val_scores'}",
+            "teacher=teacher",
+            "val_teacher_data=teacher/val_scores",
             "epochs=1",
             f"out_dir={tmp_path / 'student'}",
         ],
