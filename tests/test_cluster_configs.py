@@ -16,12 +16,11 @@ import pytest
 import ray
 import requests
 import yaml
-from conftest import SKILLS, write_beir
-from test_index import _save_checkpoint
+from conftest import SKILLS
+from test_index import save_checkpoint_and_index
 from test_serve import _free_port
 
 from rabtriever_ray.config import ConfigError, DistillConfig, load_config
-from rabtriever_ray.index import build_index
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_YAMLS = sorted((ROOT / "cluster").rglob("*.yaml"))
@@ -425,11 +424,7 @@ def test_rayservice_serves_the_app_of_serve_yaml_with_autoscaling():
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint_and_index(ray_local, tmp_path_factory):
-    root = tmp_path_factory.mktemp("rayservice")
-    checkpoint = _save_checkpoint(root / "checkpoint")
-    index = root / "index"
-    build_index(checkpoint, write_beir(root / "skills"), index, "flat", cpus_per_actor=0.5, batch_size=4)
-    return checkpoint, index
+    return save_checkpoint_and_index(tmp_path_factory.mktemp("rayservice"))
 
 
 def test_rayservice_serve_config_deploys_locally(ray_local, tiny_checkpoint_and_index):

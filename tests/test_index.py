@@ -36,6 +36,14 @@ def _save_checkpoint(path, seed=0, teacher=TEACHER):
     return path
 
 
+def save_checkpoint_and_index(root):
+    """A tiny checkpoint and a flat index over the skills corpus, under ``root`` (needs Ray)."""
+    checkpoint = _save_checkpoint(root / "checkpoint")
+    index = root / "index"
+    build_index(checkpoint, write_beir(root / "skills"), index, "flat", cpus_per_actor=0.5, batch_size=4)
+    return checkpoint, index
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return _save_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint")

@@ -13,11 +13,9 @@ import pytest
 import requests
 import torch
 import yaml
-from conftest import write_beir
-from test_index import _save_checkpoint
+from test_index import save_checkpoint_and_index
 
 from rabtriever_ray.config import ConfigError
-from rabtriever_ray.index import build_index
 from rabtriever_ray.search import Searcher
 from rabtriever_ray.student import load_student, load_student_info
 from rabtriever_ray.teacher import GenerativeReranker
@@ -55,9 +53,7 @@ def served(ray_local, tmp_path_factory):
     from ray import serve
 
     root = tmp_path_factory.mktemp("serve")
-    checkpoint = _save_checkpoint(root / "checkpoint")
-    index = root / "index"
-    build_index(checkpoint, write_beir(root / "skills"), index, "flat", cpus_per_actor=0.5, batch_size=4)
+    checkpoint, index = save_checkpoint_and_index(root)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = serve_module.build_app({"checkpoint": str(checkpoint), "index": str(index), **SETTINGS})
