@@ -708,7 +708,17 @@ def _http_api(router: Router) -> FastAPI:
     api = FastAPI(title="rabtriever-ray", description="Rabtriever student and teacher on Ray Serve")
 
     @api.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, error: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        content_type = request.headers.get("content-type", "")
+        media = content_type.split(";")[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            # e.g. curl -d without -H: the body was never read as JSON, so every field would look missing.
+            return _error(
+                415,
+                "Content-Type",
+                f"Content-Type: expected application/json, got {content_type or 'none'!r} "
+                "(with curl: -H 'Content-Type: application/json')",
+            )
         problems = [(_field(e), e["msg"]) for e in error.errors()]
         return _error(422, problems[0][0], "; ".join(f"{param}: {msg}" for param, msg in problems))
 

@@ -2,6 +2,7 @@
 batching, metrics, and the cheap parts of the no-argument default (the demo distillation itself is not run)."""
 
 import base64
+import json
 import shutil
 import socket
 import time
@@ -39,6 +40,8 @@ SETTINGS = {
     "max_request_bytes": 20000,
     "max_top_k": 5,
 }
+
+JSON_TYPE = {"content-type": "application/json"}
 
 
 def _free_port() -> int:
@@ -251,6 +254,41 @@ def test_malformed_json_and_no_crashed_replica(served):
     # After every bad request above, the replicas still answer.
     assert requests.get(served["url"] + "/healthz", timeout=30).status_code == 200
     assert _post(served, "/rerank", {"query": "q", "documents": ["a"]}).status_code == 200
+
+
+def test_a_json_body_sent_as_a_form_is_a_415_naming_the_header(served):
+    """curl -d without -H sends application/x-www-form-urlencoded: say so instead of "field required"."""
+    body = json.dumps({"query": "q", "documents": ["a"]})
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    response = requests.post(served["url"] + "/rerank", data=body, headers=form, timeout=30)
+    assert response.status_code == 415, response.text
+    error = response.json()["error"]
+    assert error["param"] == "Content-Type" and "application/json" in error["message"]
+    # No Content-Type at all: the same.
+    response = requests.post(served["url"] + "/rerank", data=body.encode(), timeout=30)
+    assert response.status_code == 415 and "'none'" in response.json()["error"]["message"]
+    # With the header the same body is served.
+    response = requests.post(served["url"] + "/rerank", data=body, headers=JSON_TYPE, timeout=30)
+    assert response.status_code == 200 and response.json()["results"][0]["index"] == 0
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs the curl program")
+def test_the_readme_curl_examples_work(served):
+    """Every `curl -s localhost:8000/...` line of the README, run as written against the app, answers 200."""
+    import shlex
+    import subprocess
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    commands = [
+        line.strip() for line in readme.splitlines() if line.strip().startswith("curl -s localhost:8000/")
+    ]
+    assert len(commands) >= 5, commands
+    for command in commands:
+        args = shlex.split(command.replace("localhost:8000", served["url"].removeprefix("http://")))
+        done = subprocess.run([*args, "-w", "\\n%{http_code}"], capture_output=True, text=True, timeout=60)
+        body, _, code = done.stdout.rpartition("\n")
+        assert code == "200", (command, body)
+        assert "error" not in json.loads(body), (command, body)
 
 
 # -- batching ---------------------------------------------------------------------------------------------------
