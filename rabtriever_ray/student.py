@@ -157,7 +157,13 @@ class Rabtriever(nn.Module):
             raise ValueError(
                 f"{path}: checkpoint hidden size {info['hidden_size']} != model hidden size {self.hidden_size}"
             )
-        self.load_state_dict(load_file(str(path / "student.safetensors"), device=str(self._device())))
+        try:
+            self.load_state_dict(load_file(str(path / "student.safetensors"), device=str(self._device())))
+        except RuntimeError as err:  # missing, unexpected or mis-shaped tensors
+            raise ValueError(
+                f"{path / 'student.safetensors'} does not fit this student (another student config or an older "
+                f"checkpoint format): {err}"
+            ) from err
         return info
 
 
