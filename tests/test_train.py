@@ -110,5 +110,7 @@ def test_save_and_load_trainable_parts(student, tiny_teacher, tmp_path):
     for (name, a), (_, b) in zip(student.state_dict().items(), fresh.state_dict().items()):
         assert torch.equal(a, b), name
     other = Rabtriever(tiny_teacher, StudentConfig(predictor_hidden=8, proj_dim=16))
-    with pytest.raises(ValueError, match=r"(?s)student\.safetensors does not fit this student.*size mismatch"):
+    with pytest.raises(
+        ValueError, match=r"(?s)student\.safetensors does not fit this student.*size mismatch"
+    ):
         other.load_trainable(tmp_path / "ckpt")
