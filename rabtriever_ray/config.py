@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
-import shutil
 import types
 import typing
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +37,13 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirro
     if dataclasses.is_dataclass(default):
         return field(default_factory=lambda: dataclasses.replace(default), metadata={"help": help}, **kwargs)
     return field(default=default, metadata={"help": help}, **kwargs)
+
+
+def _gpu_shares(config: Any, *names: str) -> None:
+    """Raise `ConfigError` naming the first field of ``names`` outside (0, 8]: a GPU share or count per actor."""
+    for name in names:
+        if not 0 < getattr(config, name) <= 8:
+            raise ConfigError(f"{name} must be in (0, 8], got {getattr(config, name)}")
 
 
 def _at_least(config: Any, minimum: float, *names: str) -> None:
@@ -219,9 +223,7 @@ class DistillConfig:
             raise ConfigError(f"round_epochs must be >= 1, got {self.round_epochs}")
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"zero_stage must be 0, 1 or 2, got {self.zero_stage}")
-        for name in ("gpus_per_worker", "teacher_gpus"):
-            if not 0 < getattr(self, name) <= 8:
-                raise ConfigError(f"{name} must be in (0, 8], got {getattr(self, name)}")
+        _gpu_shares(self, "gpus_per_worker", "teacher_gpus")
         if self.round_tau <= 0:
             raise ConfigError(f"round_tau must be > 0, got {self.round_tau}")
         if self.lr <= 0:
@@ -308,9 +310,7 @@ class TeacherTrainConfig:
             raise ConfigError(f"lr and temperature must be > 0, got {self.lr} and {self.temperature}")
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"zero_stage must be 0, 1 or 2, got {self.zero_stage}")
-        for name in ("gpus_per_worker", "teacher_gpus"):
-            if not 0 < getattr(self, name) <= 8:
-                raise ConfigError(f"{name} must be in (0, 8], got {getattr(self, name)}")
+        _gpu_shares(self, "gpus_per_worker", "teacher_gpus")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.negatives_from != "all" and not self.negatives_from.startswith("bm25:"):
@@ -718,10 +718,9 @@ def write_config_reference(readme: str | Path = README) -> bool:
     new = f"{head}\n\n{config_reference_markdown()}\n\n{tail}"
     if new == text:
         return False
-    tmp = readme.with_name(f".{readme.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(new, encoding="utf-8")
-    shutil.copymode(readme, tmp)
-    os.replace(tmp, readme)
+    from .io import write_text_atomic
+
+    write_text_atomic(readme, new, keep_mode=True)
     return True
 
 

@@ -51,12 +51,20 @@ def run_job(main: Callable[[], Any], bad_input: tuple[type[BaseException], ...] 
         sys.exit(2)
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON to a temporary file beside ``path``, then rename it over ``path``."""
+def write_text_atomic(path: str | Path, text: str, keep_mode: bool = False) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path`` (``keep_mode``: with the
+    permissions of the file it replaces)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(text, encoding="utf-8")
+    if keep_mode:
+        shutil.copymode(path, tmp)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON to a temporary file beside ``path``, then rename it over ``path``."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def staging_dir(out: str | Path, overwrite: bool = False) -> Path:

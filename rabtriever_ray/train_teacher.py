@@ -345,9 +345,8 @@ def train_teacher_loop(config: dict) -> None:
     shuffled_epoch, mine = None, []
     while step < total_steps:
         epoch, within = divmod(step, steps_per_epoch)
-        if (
-            epoch != shuffled_epoch
-        ):  # each epoch's seeded order, computed once; this rank takes every world-th
+        # Each epoch's seeded order, computed once; this rank takes every world-th group of it.
+        if epoch != shuffled_epoch:
             order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(cfg.seed + epoch))
             shuffled_epoch, mine = epoch, order.tolist()[rank::world]
         chunk = [groups[i] for i in mine[within * per_step : (within + 1) * per_step]]
