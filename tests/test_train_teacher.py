@@ -51,6 +51,23 @@ def _config(tmp_path, *extra) -> TeacherTrainConfig:
     return load_config(TeacherTrainConfig, None, TINY + [f"out={tmp_path / 'teacher'}", *extra])
 
 
+def assert_reproduces_val_scores(out: Path, tolerance: float) -> None:
+    """The teacher saved in ``out``, loaded on CPU in fp32, scores its first ``val_scores`` pairs as written."""
+    import pyarrow.parquet as pq
+
+    scored = pq.ParquetDataset(str(out / "val_scores" / "data")).read().slice(0, 12)
+    model, tokenizer = load_causal_lm(str(out), device="cpu")
+    again = GenerativeReranker(model, tokenizer, PROMPT).score(
+        scored.column("query_text").to_pylist(), scored.column("doc_text").to_pylist()
+    )
+    torch.testing.assert_close(
+        again.score,
+        torch.tensor(scored.column("teacher_score").to_pylist()),
+        atol=tolerance,
+        rtol=tolerance,
+    )
+
+
 # -- losses -----------------------------------------------------------------------------------------------------
 
 
@@ -227,16 +244,7 @@ def test_two_workers_fine_tune_validate_and_the_output_is_a_teacher_for_distilla
     assert info["base_model"] == "tiny-random-llama" and info["prompt"]["max_doc_tokens"] == 48
 
     # The saved model loads as a teacher, and its validation scores are the saved model's own.
-    import pyarrow.parquet as pq
-
-    scored = pq.ParquetDataset(str(out / "val_scores" / "data")).read().slice(0, 12)
-    model, tokenizer = load_causal_lm(str(out), device="cpu")
-    again = GenerativeReranker(model, tokenizer, PROMPT).score(
-        scored.column("query_text").to_pylist(), scored.column("doc_text").to_pylist()
-    )
-    torch.testing.assert_close(
-        again.score, torch.tensor(scored.column("teacher_score").to_pylist()), atol=1e-4, rtol=1e-4
-    )
+    assert_reproduces_val_scores(out, tolerance=1e-4)
 
     # Distillation accepts it as teacher= and reuses its validation scores.
     from conftest import TINY_DISTILL
