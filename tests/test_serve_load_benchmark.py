@@ -1,0 +1,46 @@
+"""benchmarks/serve_load.py as a smoke run: the tiny app, batching on and off, every workload measured."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+_SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "serve_load.py"
+WORKLOADS = {"rerank_student", "rerank_student_indexed", "rerank_teacher", "search_student"}
+
+
+def test_smoke_run_measures_every_cell_and_the_batches(tmp_path):
+    out = tmp_path / "serve_load.json"
+    argv = ["--model", "tiny-random-llama", "--clients", "1,4", "--requests", "8", "--queries", "4"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RABTRIEVER_API_KEY")}
+    result = subprocess.run(
+        [sys.executable, str(_SCRIPT), *argv, "--max-seconds", "60", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+
+    cells = {(c["batching"], c["workload"], c["clients"]): c for c in report["cells"]}
+    assert set(cells) == {(m, w, n) for m in ("on", "off") for w in WORKLOADS for n in (1, 4)}
+    for cell in cells.values():
+        assert cell["errors"] == 0 and cell["requests"] == 8, cell
+        assert cell["throughput_rps"] > 0 and cell["p50_ms"] <= cell["p95_ms"] <= cell["p99_ms"]
+    assert report["errors"] == 0
+    assert set(report["ratios"]) == {
+        "rerank_student_throughput_batching_on_over_off_4_clients",
+        "rerank_student_indexed_throughput_batching_on_over_off_4_clients",
+        "search_student_p50_over_rerank_teacher_p50_1_client",
+    }
+    # Batching off means one request per model call; on, the replicas saw and counted the requests.
+    for mode in ("on", "off"):
+        encoder = report["batch_stats"][mode]["Encoder"]
+        assert encoder["settings"]["max_batch_size"] == (16 if mode == "on" else 1)
+        # /search (first stage for the bodies, then search_student) and both student /rerank workloads.
+        assert encoder["rerank"]["requests"] == 2 * 2 * 8
+        assert encoder["search"]["requests"] == 4 + 2 * 8
+    assert report["batch_stats"]["off"]["Encoder"]["rerank"]["max_batch_size"] == 1
+    assert "largest batch per method" in result.stdout
