@@ -129,7 +129,7 @@ def test_distill_config_file_loads_and_matches_its_teacher_prompt():
     root = Path(__file__).resolve().parents[1] / "configs"
     distill = load_config(DistillConfig, root / "esconv_strategy.yaml")
     teacher = load_config(TeacherConfig, root / "teacher" / "esconv_strategy.yaml")
-    assert distill.train_data == "esconv_strategy_train" and distill.max_val_queries == 300
+    assert distill.train_data == "esconv_strategy_train" and distill.max_val_queries == 150
     # Pre-scored data from jobs/score_teacher.py with the teacher config is accepted only with the same prompt.
     assert distill.prompt == teacher.prompt and distill.teacher == teacher.model
     # The fine-tuned teacher is trained with the same prompt it is then scored and distilled with.
