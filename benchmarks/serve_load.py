@@ -248,9 +248,7 @@ def main() -> int:
                 for name in ("Encoder", "Reranker")
             }
     if args.url is None:
-        from ray import serve
-
-        serve.shutdown()
+        serve.shutdown()  # imported above, where the app was started
 
     def find(mode: str, workload: str, n_clients: int) -> dict | None:
         return next(
