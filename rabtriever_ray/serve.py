@@ -184,6 +184,10 @@ class _BatchedModel:
 
     def _start_batching(self, config: ServeConfig) -> None:
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        # Set while no batch runs on the model thread; see `_admit`.
+        self._model_free = asyncio.Event()
+        self._model_free.set()
+        self._running = 0
         self._batch_sizes = {name: collections.Counter() for name in self.BATCHED}
         self._batch_size_metric = Histogram(
             "rabtriever_batch_size",
@@ -208,6 +212,16 @@ class _BatchedModel:
             method.set_max_batch_size(int(self._batch_settings["max_batch_size"]))
             method.set_batch_wait_timeout_s(float(self._batch_settings["batch_wait_timeout_s"]))
 
+    async def _admit(self) -> None:
+        """Wait until no batch runs, then let the caller join a ``@serve.batch`` queue.
+
+        Serve (2.60) forms the next batch while the previous one still runs (``max_concurrent_batches`` only
+        limits how many run), so without this gate a busy replica queues batches of the one or two requests that
+        came in during ``batch_wait_timeout_s``. Requests that arrive during a batch wait here instead and join
+        the queue together when the model thread frees: the next batch holds them all (up to ``max_batch_size``).
+        An idle replica admits at once, so a lone request waits no longer than before."""
+        await self._model_free.wait()
+
     async def _run(self, name: str, function, items: list) -> list:
         """Run ``function(items)`` on the model thread (so the event loop keeps queueing), recording the size."""
         self._batch_sizes[name][len(items)] += 1
@@ -217,7 +231,14 @@ class _BatchedModel:
             with torch.inference_mode():  # grad mode is per thread
                 return function(items)
 
-        return await asyncio.get_running_loop().run_in_executor(self._model_thread, run)
+        self._running += 1
+        self._model_free.clear()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._model_thread, run)
+        finally:
+            self._running -= 1
+            if not self._running:
+                self._model_free.set()
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """``settings`` (max_batch_size, batch_wait_timeout_s) and, per batched method, ``batches``, ``requests``,
@@ -272,17 +293,20 @@ class Encoder(_BatchedModel):
 
     async def embed(self, texts: list[str], input_type: str) -> dict[str, Any]:
         """First-stage vectors ``[n][k]`` of queries or documents, with the tokens kept and the inputs cut."""
+        await self._admit()
         return await self._embed_batch((tuple(texts), input_type))
 
     async def rerank(self, query: str, documents: list[str]) -> dict[str, Any]:
         """Predictor scores of ``query`` against each document (`Rabtriever.score_matrix`); a document whose text
         the index holds is read from the index (the hidden state `build_index` stored), not encoded again."""
+        await self._admit()
         return await self._rerank_batch((query, tuple(documents)))
 
     async def search(self, query: str, top_k: int, rerank: str) -> dict[str, Any]:
         """The index's top ``top_k`` for ``query`` (``rerank`` none | student, as `Searcher.search`)."""
         if self.searcher is None:
             raise ValueError("no index is configured")
+        await self._admit()
         return await self._search_batch((query, top_k, rerank))
 
     # -- batches --------------------------------------------------------------------------------------------
@@ -404,6 +428,7 @@ class Reranker(_BatchedModel):
 
     async def rerank(self, query: str, documents: list[str]) -> dict[str, Any]:
         """Teacher scores of ``query`` with each document (`GenerativeReranker.score`)."""
+        await self._admit()
         return await self._rerank_batch((query, tuple(documents)))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)

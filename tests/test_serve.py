@@ -306,6 +306,44 @@ def test_concurrent_requests_are_batched(served, deployment, model):
     assert after["batches"] - before["batches"] < 8 and after["max_batch_size"] > 1
 
 
+def test_requests_arriving_during_a_batch_run_together_in_the_next(served):
+    """Serve forms a batch while the previous one runs; `_BatchedModel._admit` holds requests until the model
+    thread frees, so the ones that trickle in during a long batch (further apart than batch_wait_timeout_s) run as
+    one batch after it, not one batch each."""
+    from ray import serve
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32)
+    class Slow(serve_module._BatchedModel):
+        BATCHED = ("_double_batch",)
+
+        def __init__(self):
+            self._start_batching(serve_module.ServeConfig(max_batch_size=16, batch_wait_timeout_s=0.01))
+
+        async def double(self, x: int) -> int:
+            await self._admit()
+            return await self._double_batch(x)
+
+        @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+        async def _double_batch(self, xs: list[int]) -> list[int]:
+            return await self._run("_double_batch", lambda xs: (time.sleep(1.5), [2 * x for x in xs])[1], xs)
+
+    handle = serve.run(Slow.bind(), name="gate", route_prefix=None)
+    try:
+        first = handle.double.remote(0)
+        deadline = time.monotonic() + 30
+        while handle.stats.remote().result()["double"]["batches"] == 0:  # the first batch is running
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        late = []
+        for x in range(1, 9):  # 50 ms apart: each alone would make its own batch
+            late.append(handle.double.remote(x))
+            time.sleep(0.05)
+        assert [first.result()] + [r.result() for r in late] == [2 * x for x in range(9)]
+        assert handle.stats.remote().result()["double"]["sizes"] == {1: 1, 8: 1}
+    finally:
+        serve.delete("gate")
+
+
 # -- metrics ----------------------------------------------------------------------------------------------------
 
 
