@@ -15,8 +15,10 @@ Deployments (resources, replicas and autoscaling from `ServeConfig`, assembled w
 
 Every model method is dynamically batched (``@serve.batch``): concurrent requests are queued and run as one model
 call of up to ``max_batch_size`` requests, after waiting at most ``batch_wait_timeout_s`` for the batch to fill.
-The model runs in one worker thread per replica, so the event loop keeps queueing the next batch (and answering
-health checks) while a batch runs. ``reconfigure`` (Serve's ``user_config``) changes both settings live.
+The model runs in one worker thread per replica, so the event loop keeps accepting requests (and answering health
+checks) while a batch runs. Requests that arrive meanwhile wait until it ends and then form the next batch together
+(`_BatchedModel._admit`); Serve alone would already form it from the one or two requests that came within the
+wait. ``reconfigure`` (Serve's ``user_config``) changes both settings live.
 
 HTTP routes (an error is ``{"error": {"message", "type", "param", "code"}}``; ``param`` names the field):
 
