@@ -221,7 +221,8 @@ class _BatchedModel:
         limits how many run), so without this gate a busy replica queues batches of the one or two requests that
         came in during ``batch_wait_timeout_s``. Requests that arrive during a batch wait here instead and join
         the queue together when the model thread frees: the next batch holds them all (up to ``max_batch_size``).
-        An idle replica admits at once, so a lone request waits no longer than before."""
+        An idle replica admits at once, so a lone request waits no longer than before. (Serve waited for the
+        running batch before ray-project/ray#53096 made batches concurrent; drop this gate if it does again.)"""
         await self._model_free.wait()
 
     async def _run(self, name: str, function, items: list) -> list:
