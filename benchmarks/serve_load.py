@@ -117,7 +117,7 @@ def _queries(n: int, seed: int) -> list[str]:
 def _bodies(url: str, queries: list[str], headers: dict) -> dict[str, list[dict]]:
     """Per workload, one request body per query; the reranks read the first stage's 20 candidates."""
     bodies: dict[str, list[dict]] = {name: [] for name in WORKLOADS + EXTRA_WORKLOADS}
-    for query in queries:
+    for number, query in enumerate(queries, start=1):
         response = requests.post(
             f"{url}/search",
             json={"query": query, "top_k": CANDIDATES, "rerank": "none"},
@@ -129,7 +129,7 @@ def _bodies(url: str, queries: list[str], headers: dict) -> dict[str, list[dict]
         documents = [hit["text"] for hit in hits]
         unindexed = [hit["text"].split("\n", 1)[-1] for hit in hits]  # "title\ntext" -> "text"
         bodies["rerank_student"].append({"query": query, "documents": unindexed, "model": "student"})
-        distinct = [f"{text} (query {len(bodies['rerank_student'])})" for text in unindexed]
+        distinct = [f"{text} (query {number})" for text in unindexed]
         bodies["rerank_student_distinct"].append({"query": query, "documents": distinct, "model": "student"})
         bodies["rerank_student_indexed"].append({"query": query, "documents": documents, "model": "student"})
         bodies["rerank_teacher"].append({"query": query, "documents": documents, "model": "teacher"})
@@ -245,6 +245,14 @@ def main() -> int:
         parser.error(
             "--app configures the app this script starts; a running app (--url) is measured as it is"
         )
+    if extra:  # checked as Serve will read them, before Ray starts or --model builds anything
+        from rabtriever_ray.config import ConfigError
+        from rabtriever_ray.serve import load_serve_config
+
+        try:
+            load_serve_config(extra)
+        except ConfigError as err:
+            parser.error(f"--app: {err}")
     headers = (
         {"Authorization": f"Bearer {os.environ['RABTRIEVER_API_KEY']}"}
         if "RABTRIEVER_API_KEY" in os.environ

@@ -67,6 +67,10 @@ def test_bad_arguments_fail_before_anything_starts(tmp_path):
             "--app 'max_batch_size': expected KEY=VALUE",
         ),
         (
+            ["--model", "tiny-random-llama", "--app", "max_batch_sise=4"],
+            "--app: command line: unknown config key 'max_batch_sise'",
+        ),
+        (
             ["--model", "tiny-random-llama", "--workloads", "rerank_everything"],
             "unknown ['rerank_everything']",
         ),
