@@ -2,10 +2,20 @@
 
 Runs and qrels are ``{query_id: {doc_id: value}}``. `retrieval_metrics` averages over every judged query with at
 least one relevant document; a query missing from the run counts as 0 (ir-measures alone would skip it).
+
+Ties. Every ranking here orders a query's documents by score, highest first, and equal scores by document id,
+smallest first (Python string order); a NaN score ranks last (`ranking`). Ties are common: an untrained
+predictor, a biased zero-shot teacher, BM25's zero scores, a frequency prior. ir-measures hands each measure to
+a provider that breaks ties its own way (pytrec_eval, like trec_eval, puts the largest document id first; the
+MS MARCO provider, which computes ``RR@k``, the smallest), so one report could read the same tied documents in
+two orders: R@1 = 0 next to RR@10 = 1. `retrieval_metrics` therefore passes each query's documents with
+strictly decreasing scores in this order (`strictly_ranked`): no provider sees a tie and every measure reads
+the same ranking. `agreement`'s top-1 document is the first of this ranking.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -14,6 +24,26 @@ DEFAULT_MEASURES = ("nDCG@10", "RR@10", "R@1", "R@5", "R@100")
 
 Run = Mapping[str, Mapping[str, float]]
 Qrels = Mapping[str, Mapping[str, int]]
+
+
+def _rank_key(item: tuple[str, float]) -> tuple[float, str]:
+    doc_id, score = item
+    score = float(score)
+    return (math.inf if math.isnan(score) else -score, doc_id)
+
+
+def ranking(docs: Mapping[str, float]) -> list[str]:
+    """One query's doc ids, best first: score descending, then doc id ascending; NaN scores last."""
+    return [doc_id for doc_id, _ in sorted(docs.items(), key=_rank_key)]
+
+
+def strictly_ranked(run: Run) -> dict[str, dict[str, float]]:
+    """The run with each query's scores replaced by ``n, n - 1, ..., 1`` in `ranking` order (no ties left)."""
+    out = {}
+    for qid, docs in run.items():
+        order = ranking(docs)
+        out[qid] = {doc_id: float(len(order) - i) for i, doc_id in enumerate(order)}
+    return out
 
 
 def retrieval_metrics(run: Run, qrels: Qrels, measures: Sequence[str] = DEFAULT_MEASURES) -> dict[str, float]:
@@ -28,7 +58,7 @@ def retrieval_metrics(run: Run, qrels: Qrels, measures: Sequence[str] = DEFAULT_
     }
     if not judged:
         raise ValueError("no judged query with a relevant document: cannot compute retrieval metrics")
-    scored = {qid: {d: float(s) for d, s in run[qid].items()} for qid in judged if run.get(qid)}
+    scored = strictly_ranked({qid: run[qid] for qid in judged if run.get(qid)})
     totals = dict.fromkeys(measures, 0.0)
     names = dict(zip(parsed, measures))
     for metric in ir_measures.iter_calc(parsed, judged, scored):
@@ -63,7 +93,8 @@ def agreement(student: Run, teacher: Run) -> dict[str, float]:
     """How closely student scores follow the teacher's on the same (query, document) pairs.
 
     ``spearman``: over all scored pairs pooled; ``spearman_per_query``: mean over queries with >= 2 candidates;
-    ``top1``: share of queries whose best document is the same for both.
+    ``top1``: share of queries whose best document (the first of `ranking`: ties go to the smallest doc id) is
+    the same for both.
     """
     pooled_s, pooled_t, per_query, top1 = [], [], [], []
     for qid, teacher_docs in teacher.items():
@@ -78,7 +109,9 @@ def agreement(student: Run, teacher: Run) -> dict[str, float]:
             value = spearman(s, t)
             if not np.isnan(value):
                 per_query.append(value)
-        top1.append(docs[int(np.argmax(s))] == docs[int(np.argmax(t))])
+        best_student = min(zip(docs, s), key=_rank_key)[0]
+        best_teacher = min(zip(docs, t), key=_rank_key)[0]
+        top1.append(best_student == best_teacher)
     if not top1:
         raise ValueError("student and teacher share no scored (query, document) pair")
     return {
