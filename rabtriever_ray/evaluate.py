@@ -16,7 +16,8 @@ Methods (``--methods``):
 
 ``llm-embed``, ``teacher`` and ``rabtriever`` rank each query's candidates (``all`` | ``bm25:K`` | a run file);
 the others rank the whole corpus. Metrics are ir-measures' nDCG@10, RR@10, R@1, R@5 and R@100 over the judged
-queries (a candidate reranker's R@100 is bounded by its candidates). Where teacher and Rabtriever both ran,
+queries (a candidate reranker's R@100 is bounded by its candidates); tied scores rank by document id, smallest
+first, for every measure and for the top 100 kept (`metrics.ranking`). Where teacher and Rabtriever both ran,
 ``agreement`` compares them on every candidate pair. ``timing`` gives wall seconds per method and per query for
 the per-query work only; one-time costs are reported apart: loading models (not timed), encoding the candidate
 documents with the backbone (``document_encoding``, shared by ``llm-embed`` and ``rabtriever``), MiniLM's corpus
@@ -37,7 +38,7 @@ import torch
 
 from .config import ConfigError, TeacherConfig
 from .data.beir import BeirData
-from .metrics import DEFAULT_MEASURES, agreement, retrieval_metrics
+from .metrics import DEFAULT_MEASURES, agreement, ranking, retrieval_metrics
 
 METHODS = ("frequency", "bm25", "minilm", "llm-embed", "teacher", "rabtriever", "rabtriever-search")
 CANDIDATE_METHODS = ("llm-embed", "teacher", "rabtriever")
@@ -60,9 +61,15 @@ def minilm_path() -> Path:
 
 
 def _top(scores: np.ndarray, doc_ids: Sequence[str], k: int) -> dict[str, float]:
-    k = min(k, len(doc_ids))
-    top = np.argpartition(-scores, k - 1)[:k] if k < len(doc_ids) else np.arange(len(doc_ids))
-    return {doc_ids[j]: float(scores[j]) for j in top}
+    """The first ``k`` documents of the metrics' `ranking` (ties at the cut go to the smallest doc ids)."""
+    if k < len(doc_ids):
+        keys = np.where(np.isnan(scores), np.inf, -scores)
+        kth = np.partition(keys, k - 1)[k - 1]
+        kept = np.flatnonzero(keys <= kth)  # the k best and every document tied with the k-th
+    else:
+        kept = np.arange(len(doc_ids))
+    docs = {doc_ids[j]: float(scores[j]) for j in kept}
+    return {d: docs[d] for d in ranking(docs)[:k]}
 
 
 def _without_self(run: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:

@@ -9,7 +9,7 @@ from conftest import write_beir
 
 from rabtriever_ray.config import PromptConfig, TeacherConfig
 from rabtriever_ray.data import DataError
-from rabtriever_ray.evaluate import markdown_table, run_evaluation
+from rabtriever_ray.evaluate import _top, markdown_table, run_evaluation
 from rabtriever_ray.teacher import GenerativeReranker
 
 TEACHER = TeacherConfig(
@@ -48,6 +48,15 @@ def test_bm25_metrics_match_the_hand_computed_values(tmp_path):
     assert saved["methods"] == results["methods"] and saved["n_queries"] == 2 and saved["dataset"] == "plain"
     assert set(saved["timing"]["bm25"]) == {"total_s", "per_query_ms"}
     assert "| bm25 | 0.815 | 0.750 | 0.500 |" in markdown_table(saved)  # nDCG@10 first
+
+
+def test_top_k_keeps_the_smallest_doc_ids_among_ties_at_the_cut():
+    doc_ids = ["d3", "d1", "d0", "d2", "d4", "d5"]
+    scores = np.array([0.0, 0.0, 1.0, 0.0, np.nan, 0.0])
+    assert list(_top(scores, doc_ids, 3)) == ["d0", "d1", "d2"]
+    assert list(_top(scores, doc_ids, 1)) == ["d0"]
+    assert list(_top(scores, doc_ids, 6)) == ["d0", "d1", "d2", "d3", "d5", "d4"]  # NaN last
+    assert list(_top(np.full(3, np.nan), ["b", "c", "a"], 2)) == ["a", "b"]
 
 
 def test_frequency_baseline_ranks_by_the_prior_splits_positives(tmp_path):
