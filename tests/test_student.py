@@ -55,7 +55,8 @@ def test_untrained_student_with_empty_document_equals_the_teacher(student, tiny_
 
 
 def test_score_matrix_equals_pairwise_scores_and_depends_on_the_document(student):
-    _train = student.predictor.state_dict()
+    # state_dict() shares storage with the parameters perturbed in place below: restore from a clone.
+    untrained = {name: value.clone() for name, value in student.predictor.state_dict().items()}
     try:
         _train_predictor_a_little(student)
         h_q = student.encode_queries(QUERIES)
@@ -70,7 +71,9 @@ def test_score_matrix_equals_pairwise_scores_and_depends_on_the_document(student
                 assert matrix[i, j].item() == pytest.approx(pair.item(), abs=1e-5)
         assert matrix[0].std() > 0  # a trained predictor reads the document
     finally:
-        student.predictor.load_state_dict(_train)
+        student.predictor.load_state_dict(untrained)
+    h_q = torch.randn(3, 64)  # restored: the zero-initialised predictor again, whatever test runs next
+    assert torch.equal(student.predict(h_q, torch.randn(3, 64)), h_q)
 
 
 def test_scores_match_full_vocabulary_log_probs(student):
