@@ -134,11 +134,10 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
     }
     if cfg.teacher_data:
         round0_stage, manifest = _read_scored(cfg, cfg.teacher_data)
-        n_train, n_train_queries, n_scored = manifest["rows"], manifest["queries"], 0
+        n_train, n_train_queries = manifest["rows"], manifest["queries"]
     else:
         train_pairs = build_pairs(train_data, cfg.candidates, cfg.max_train_queries, cfg.seed, training=True)
         n_train, n_train_queries = len(train_pairs), len(set(train_pairs.column("query_id").to_pylist()))
-        n_scored = n_train
     _steps_per_epoch(n_train, cfg)  # fail before the validation scoring, not after
     warning = prompt_mismatch(cfg.teacher, to_dict(cfg.prompt))
     if warning:
@@ -158,7 +157,7 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
         else:
             # The current student draws the pairs; the teacher scores exactly those, streaming into training.
             pairs = sample_round_pairs(cfg, train_data, checkpoint, round_index, cpus=_node_cpus())
-            n_train, n_scored = len(pairs), len(pairs)
+            n_train = len(pairs)
             n_train_queries = len(set(pairs.column("query_id").to_pylist()))
             stage = teacher_stage(
                 pairs_dataset(pairs, rows_per_block=cfg.teacher_batch_size), teacher, **stage_args
@@ -196,7 +195,7 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
                 "round": round_index,
                 "train_queries": n_train_queries,
                 "train_pairs": n_train,
-                "pairs_scored_by_teacher": n_scored,
+                "pairs_scored_by_teacher": _scored_by_teacher(cfg, round_index, this_round),
                 "epochs": epochs,
                 "steps_per_epoch": steps_per_epoch,
                 "val_before": _val_metrics(before[-1]) if before else None,
@@ -276,6 +275,17 @@ def _node_cpus() -> float:
     import ray
 
     return max(n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"])
+
+
+def _scored_by_teacher(cfg: DistillConfig, round_index: int, this_round: list[dict]) -> int:
+    """Teacher rows the workers read in the round's first epoch (0 when the scores came from ``teacher_data``).
+
+    Measured by the workers (``teacher_rows``), not set from the pair count: Ray Data's equal split of the stream
+    over the workers drops up to ``num_workers - 1`` rows, so it can be below ``train_pairs``.
+    """
+    if round_index == 0 and cfg.teacher_data:
+        return 0
+    return int(this_round[0].get("teacher_rows", 0)) if this_round else 0
 
 
 def _val_metrics(entry: dict) -> dict:

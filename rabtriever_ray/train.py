@@ -142,6 +142,24 @@ def teacher_batch_tensors(batch) -> dict:
     }
 
 
+class TeacherStream:
+    """One pass over a worker's shard of teacher-stage rows, as full training batches (`teacher_batch_tensors`).
+
+    ``rows`` counts every row read so far, the short last batch included: that batch is counted but not trained on
+    (every step sees ``batch_size`` pairs, and every worker takes the same number of steps).
+    """
+
+    def __init__(self, shard, batch_size: int):
+        self.shard, self.batch_size, self.rows = shard, batch_size, 0
+
+    def __iter__(self):
+        batches = self.shard.iter_batches(batch_size=self.batch_size, batch_format="pyarrow", drop_last=False)
+        for batch in batches:
+            self.rows += batch.num_rows
+            if batch.num_rows == self.batch_size:
+                yield teacher_batch_tensors(batch)
+
+
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
     """Learning-rate factor: linear warm-up to 1, then cosine decay to 0 at ``total_steps``."""
     import math
@@ -293,7 +311,9 @@ def train_loop_per_worker(config: dict) -> None:
     reports equally often), ``val`` (validation pairs with teacher scores and qrels, evaluated by rank 0), and for
     on-policy rounds ``round``, ``first_epoch``, ``end_epoch`` and ``init_checkpoint`` (the previous round's).
     Resumes from ``ray.train.get_checkpoint()`` (a failed worker, or a rerun with the same name); a run that is
-    already complete reports its last checkpoint once more and returns.
+    already complete reports its last checkpoint once more and returns. Each epoch reports ``teacher_rows``: the
+    rows all workers read from the teacher stage in that epoch (the first epoch of every start reads the stream to
+    its end; later ones replay the stored batches and report 0).
     """
     import json
     import tempfile
@@ -395,17 +415,15 @@ def train_loop_per_worker(config: dict) -> None:
         save_and_report(history[-1] if history else {"epoch": start_epoch - 1, "step": step}, start_epoch - 1)
         return
     for epoch in range(start_epoch, end_epoch):
-        if not stored:
-            source = (
-                teacher_batch_tensors(b)
-                for b in shard.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow", drop_last=True)
-            )
+        stream = None if stored else TeacherStream(shard, cfg.batch_size)
+        if stream is not None:
+            source = iter(stream)
         else:
             source = (stored[i] for i in torch.randperm(len(stored), generator=generator).tolist())
         sums: dict[str, float] = {}
         pairs, started = 0, time.perf_counter()
         for _, batch in zip(range(steps_per_epoch), source):
-            if epoch == start_epoch:
+            if stream is not None:
                 stored.append(batch)
             if fault and rank == 0 and step >= fault[1] and not Path(fault[0]).exists():
                 Path(fault[0]).write_text(str(step))
@@ -434,6 +452,9 @@ def train_loop_per_worker(config: dict) -> None:
             pairs += len(batch["query_id"])
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
+        if stream is not None:
+            for _ in source:  # read the shard to its end, so every row the teacher delivered is counted
+                pass
         metrics = {f"loss/{k}": v / steps_per_epoch for k, v in sums.items()}
         metrics.update(
             round=round_index,
@@ -445,6 +466,8 @@ def train_loop_per_worker(config: dict) -> None:
             encoded_documents=len(doc_cache),
             worker_nodes=worker_nodes,
         )
+        # Rows the workers read from the teacher stage in this epoch (0 when it replays the stored batches).
+        metrics["teacher_rows"] = sum(gather_all(stream.rows if stream is not None else 0, world))
         metrics["workerpeak_rss_mb"] = gather_all(peak_rss_mb(), world)
         if device.type == "cuda":
             metrics["worker_peak_cuda_mb"] = gather_all(

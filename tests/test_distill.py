@@ -24,6 +24,12 @@ def test_two_workers_train_report_and_resume_after_a_failure(ray_local, tmp_path
     assert history[-1]["loss/total"] < history[0]["loss/total"]
     for key in ("loss/jepa", "loss/rkl", "loss/list", "lr", "pairs_per_s", "val/R@1", "val/spearman"):
         assert key in history[-1]
+    # The workers count the teacher rows they read. Ray Data splits the stream equally over the 2 workers (an odd
+    # row is dropped); the restart after the failure in epoch 1 reads the stream again; epoch 2 replays.
+    (round0,) = report["rounds"]
+    delivered = 2 * (round0["train_pairs"] // 2)
+    assert round0["pairs_scored_by_teacher"] == delivered == report["counts"]["train_pairs_scored_by_teacher"]
+    assert [h["teacher_rows"] for h in history] == [delivered, delivered, 0]
     final = report["final"]
     assert set(final) == {"student", "teacher", "bm25", "agreement"}
     assert set(final["student"]) == {"R@1", "RR@10", "nDCG@10"} and set(final["agreement"]) == {
@@ -41,6 +47,8 @@ def test_two_workers_train_report_and_resume_after_a_failure(ray_local, tmp_path
     resumed = run_distill(_config(tmp_path, "name=two_workers", "epochs=4"))
     assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2, 3]
     assert resumed["history"][3]["step"] == 4 * report["counts"]["steps_per_epoch"]
+    assert resumed["history"][3]["teacher_rows"] == delivered  # a new start reads the stream again
+    assert resumed["rounds"][0]["pairs_scored_by_teacher"] == delivered
 
 
 def test_too_few_pairs_is_a_clear_error(tmp_path):
@@ -83,6 +91,7 @@ def test_training_on_pre_scored_parquet(ray_local, tmp_path):
     report = run_distill(config)
     counts = report["counts"]
     assert counts["train_pairs"] == manifest["rows"] and counts["train_pairs_scored_by_teacher"] == 0
+    assert [h["teacher_rows"] for h in report["history"]] == [manifest["rows"], 0]  # every stored row read
     assert counts["val_pairs"] == val_manifest["rows"] and counts["val_pairs_scored_by_teacher"] == 0
     assert [h["epoch"] for h in report["history"]] == [0, 1]
 
@@ -110,6 +119,7 @@ def test_deepspeed_two_workers_resume_after_a_failure(ray_local, tmp_path):
     steps_per_epoch = len(pairs) // (16 * 2)  # batch_size x workers
     report = run_distill(config, fail_once_after_step=(str(marker), steps_per_epoch))
     assert report["counts"]["steps_per_epoch"] == steps_per_epoch
+    assert report["rounds"][0]["pairs_scored_by_teacher"] == 2 * (len(pairs) // 2)  # equal split over 2
     assert marker.exists()  # rank 0 failed in epoch 1; both ranks reloaded their ZeRO partitions
     history = report["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2]
@@ -135,6 +145,7 @@ def test_on_policy_rounds_score_student_drawn_pairs(ray_local, tmp_path):
     )
     report = run_distill(config)
     first, second = report["rounds"]
+    # One worker: the stream is not split, so the worker reads every pair the teacher scored.
     assert first["pairs_scored_by_teacher"] == first["train_pairs"] and first["val_before"] is None
     # Round 1: the student drew 2 of its 8 pool documents per query, plus any positive it did not draw.
     assert second["train_queries"] == 20
@@ -152,3 +163,4 @@ def test_on_policy_rounds_score_student_drawn_pairs(ray_local, tmp_path):
     again = run_distill(config)
     assert [(h["round"], h["epoch"]) for h in again["history"]] == [(0, 0), (0, 1), (1, 2)]
     assert again["final"] == report["final"]
+    assert [h["teacher_rows"] for h in again["history"]] == [first["train_pairs"], 0, second["train_pairs"]]

@@ -5,7 +5,7 @@ from conftest import DOCUMENTS, QUERIES
 from rabtriever_ray.config import LossConfig, StudentConfig
 from rabtriever_ray.losses import jepa_loss, listwise_kl, reverse_kl
 from rabtriever_ray.student import Rabtriever
-from rabtriever_ray.train import EmbeddingCache, distill_losses, group_by_query
+from rabtriever_ray.train import EmbeddingCache, TeacherStream, distill_losses, group_by_query
 
 
 @pytest.fixture
@@ -42,6 +42,33 @@ def test_group_by_query():
     index, mask = group_by_query(["a", "b", "a", "c", "a"])
     assert index.tolist() == [[0, 2, 4], [1, 0, 0], [3, 0, 0]]
     assert mask.tolist() == [[True, True, True], [True, False, False], [True, False, False]]
+
+
+def test_teacher_stream_trains_on_full_batches_and_counts_every_row():
+    import pyarrow as pa
+
+    class Shard:  # a Ray Data shard's iter_batches over 37 teacher rows, batches of 16
+        def iter_batches(self, batch_size, batch_format, drop_last):
+            assert batch_format == "pyarrow" and not drop_last
+            rows = pa.table(
+                {
+                    "query_id": [f"q{i // 4}" for i in range(37)],
+                    "query_text": ["query"] * 37,
+                    "doc_text": ["document"] * 37,
+                    "teacher_score": pa.array(range(37), pa.float32()),
+                    "teacher_hidden": pa.FixedSizeListArray.from_arrays(
+                        pa.array([0.5] * 37 * 3, pa.float32()), 3
+                    ),
+                }
+            )
+            return (rows.slice(start, batch_size) for start in range(0, 37, batch_size))
+
+    stream = TeacherStream(Shard(), batch_size=16)
+    batches = list(stream)
+    assert [len(b["query_id"]) for b in batches] == [16, 16]  # the short last batch is not trained on
+    assert stream.rows == 37  # but it is counted
+    assert batches[1]["teacher_score"].tolist() == list(range(16, 32))
+    assert batches[0]["teacher_hidden"].shape == (16, 3)
 
 
 def test_loss_terms_equal_the_pure_functions(student, batch):
