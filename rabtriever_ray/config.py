@@ -74,6 +74,12 @@ class PromptConfig:
     answer_no: str = option(
         "no", "answer word for not relevant; must be a single token after the answer prompt"
     )
+    enable_thinking: bool = option(
+        False, "passed to chat templates with a thinking mode (Qwen3); false: the answer follows the header"
+    )
+    answer_prefix: str = option(
+        "", "text after the chat template's generation prompt, before the answer (e.g. 'Answer:')"
+    )
     max_doc_tokens: int = option(512, "documents are cut at the end to this many tokens")
     max_query_tokens: int = option(
         256, "queries are cut from the start (latest turns survive) to this many tokens"
@@ -367,6 +373,21 @@ def from_dict(cls: type, mapping: Mapping[str, Any], source: str = "dict") -> An
 def to_dict(config: Any) -> dict[str, Any]:
     """A plain, YAML/JSON-serialisable dict of a config dataclass."""
     return dataclasses.asdict(config)
+
+
+def prompt_differences(recorded: Mapping[str, Any], prompt: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(key, recorded value, value in prompt)`` for each field of ``prompt`` (a `PromptConfig` as a dict, or
+    part of one) that differs from ``recorded``, sorted by key.
+
+    A field the record lacks (written before the field existed) counts as its default, which is what that
+    record's prompts were rendered with.
+    """
+    defaults = to_dict(PromptConfig())
+    return [
+        (key, recorded.get(key, defaults.get(key)), value)
+        for key, value in sorted(prompt.items())
+        if recorded.get(key, defaults.get(key)) != value
+    ]
 
 
 def config_help(cls: type, prefix: str = "") -> str:

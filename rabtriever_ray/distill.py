@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import DistillConfig, TeacherConfig, to_dict
+from .config import DistillConfig, TeacherConfig, prompt_differences, to_dict
 from .data import DEMO_DATA, build_pairs, read_beir
 from .data.candidates import BM25Index
 from .io import init_ray, write_json_atomic
@@ -97,12 +97,12 @@ def _read_scored(cfg: DistillConfig, path: str):
     scored_by = manifest["teacher"]
     if not _same_model(scored_by["model"], cfg.teacher):
         raise SchemaError(f"{path}: scored by teacher {scored_by['model']!r}, but teacher={cfg.teacher!r}")
-    prompt = to_dict(cfg.prompt)
-    differ = sorted(k for k in prompt if scored_by["prompt"].get(k) != prompt[k])
+    differ = prompt_differences(scored_by["prompt"], to_dict(cfg.prompt))
     if differ:
+        key, scored, current = differ[0]
         raise SchemaError(
-            f"{path}: scored with a different prompt (prompt.{differ[0]}={scored_by['prompt'].get(differ[0])!r}, "
-            f"this run has {prompt[differ[0]]!r}); rescore it or align the prompt config"
+            f"{path}: scored with a different prompt (prompt.{key}={scored!r}, this run has {current!r}); "
+            "rescore it or align the prompt config"
         )
     return dataset, manifest
 

@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .config import TeacherConfig, to_dict
+from .config import TeacherConfig, prompt_differences, to_dict
 from .io import MANIFEST
 
 INDEX_FORMAT = "rabtriever-index/1"
@@ -325,7 +325,7 @@ class DocumentIndex:
             built = m["teacher"]
             if built["model"] != teacher.model:
                 problems.append(f"built with model {built['model']!r}, searching with {teacher.model!r}")
-            if built["prompt"] != to_dict(teacher.prompt):
+            if prompt_differences(built["prompt"], to_dict(teacher.prompt)):
                 problems.append("built with another prompt than the checkpoint's")
         if checkpoint is not None and "checkpoint_sha256" in m:
             from .student import checkpoint_digest

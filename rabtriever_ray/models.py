@@ -22,11 +22,14 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+
+from .families import backbone, check_supported, final_norm, text_config
 
 DEFAULT_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny-random-llama"
@@ -60,8 +63,11 @@ def load_causal_lm(
     """Load ``(model, tokenizer)`` for a model spec (see the module docstring).
 
     The model is returned in eval mode on ``device`` (default: CUDA when available) with ``dtype`` (default: bf16
-    on GPU, fp32 on CPU). The tokenizer always has a pad token.
+    on GPU, fp32 on CPU). The tokenizer always has a pad token. A model type outside `families.SUPPORTED`, or one
+    whose logits the output head does not reproduce (`scoring.check_output_head`), is refused.
     """
+    from .scoring import check_output_head
+
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     if spec == TINY_MODEL:
@@ -71,8 +77,10 @@ def load_causal_lm(
         model, tokenizer = _load_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    check_supported(model)
     model.to(device=device, dtype=dtype)
     model.eval()
+    check_output_head(model)
     return model, tokenizer
 
 
@@ -95,15 +103,17 @@ def trained_prompt(spec: str) -> dict | None:
     return json.loads(path.read_text())["prompt"] if path.is_file() else None
 
 
-def prompt_mismatch(spec: str, prompt: dict) -> str | None:
+def prompt_mismatch(spec: str, prompt: Mapping[str, Any]) -> str | None:
     """A warning when ``spec`` is a fine-tuned teacher used with another prompt than it was trained with."""
+    from .config import prompt_differences
+
     trained = trained_prompt(spec)
-    differ = sorted(k for k in prompt if trained is not None and trained.get(k) != prompt[k])
+    differ = prompt_differences(trained, prompt) if trained is not None else []
     if not differ:
         return None
-    key = differ[0]
+    key, was, now = differ[0]
     return (
-        f"teacher {spec} was fine-tuned with prompt.{key}={trained.get(key)!r} but is used with {prompt[key]!r}; "
+        f"teacher {spec} was fine-tuned with prompt.{key}={was!r} but is used with {now!r}; "
         f"its scores are only meaningful with the prompt recorded in {Path(spec) / TEACHER_INFO}"
     )
 
@@ -116,7 +126,7 @@ def model_hidden_size(spec: str) -> int:
 
     path = smollm2_cached_dir() if spec == DEFAULT_MODEL else spec
     try:
-        return int(AutoConfig.from_pretrained(str(path)).hidden_size)
+        return int(text_config(AutoConfig.from_pretrained(str(path))).hidden_size)
     except OSError as err:
         raise ModelLoadError(f"cannot read the config of model {spec!r} ({err})") from err
 
@@ -294,45 +304,37 @@ def build_tiny_random_llama(seed: int = 0, padding_side: str = "right"):
 # The shared backbone forward.
 
 
-def final_norm(model: nn.Module) -> nn.Module:
-    """The norm applied after the last decoder layer (Llama/Qwen/Mistral/Gemma, GPT-2, GPT-NeoX families)."""
-    for owner_name, norm_name in (
-        ("model", "norm"),
-        ("transformer", "ln_f"),
-        ("gpt_neox", "final_layer_norm"),
-    ):
-        owner = getattr(model, owner_name, None)
-        if owner is not None and hasattr(owner, norm_name):
-            return getattr(owner, norm_name)
-    raise ValueError(
-        f"cannot find the final norm of {type(model).__name__}; supported: Llama-like, GPT-2, GPT-NeoX"
-    )
+def token_batches(
+    lengths: Sequence[int],
+    max_batch_tokens: int,
+    max_padding: float = 0.1,
+    prefix_lengths: Sequence[int] | None = None,
+) -> list[list[int]]:
+    """Group sequence indices into batches, longest first, with rows x width <= max_batch_tokens.
 
-
-def backbone(model: nn.Module) -> nn.Module:
-    """The decoder stack without the LM head."""
-    return model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-
-
-def token_batches(lengths: Sequence[int], max_batch_tokens: int, max_padding: float = 0.1) -> list[list[int]]:
-    """Group sequence indices into batches, longest first, with rows x longest length <= max_batch_tokens.
-
-    A batch also closes when the next sequence is more than ``max_padding`` (a fraction) shorter than the
-    batch's longest, so no row carries more than that share of padding: on CPUs the forward cost is linear
-    in padded tokens and bigger batches buy little. A sequence longer than the budget gets a batch of its own.
+    The width of a batch is its longest sequence; with ``prefix_lengths`` (tails that continue a cached prefix,
+    see `shared_prefix_last_hidden`) it is the longest prefix plus the longest tail, since every row carries the
+    keys and values of the batch's longest prefix. A batch also closes when the next sequence is more than
+    ``max_padding`` (a fraction) shorter than the batch's longest, so no row carries more than that share of
+    padding: on CPUs the forward cost is linear in padded tokens and bigger batches buy little. A sequence wider
+    than the budget gets a batch of its own.
     """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    prefix = prefix_lengths if prefix_lengths is not None else [0] * len(lengths)
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], -prefix[i]))
     batches: list[list[int]] = []
     current: list[int] = []
+    longest_prefix = 0
     for index in order:
         if current:
             longest = lengths[current[0]]
-            too_big = longest * (len(current) + 1) > max_batch_tokens
+            width = longest + max(longest_prefix, prefix[index])
+            too_big = width * (len(current) + 1) > max_batch_tokens
             too_short = lengths[index] < longest * (1.0 - max_padding)
             if too_big or too_short:
                 batches.append(current)
-                current = []
+                current, longest_prefix = [], 0
         current.append(index)
+        longest_prefix = max(longest_prefix, prefix[index])
     if current:
         batches.append(current)
     return batches
@@ -374,7 +376,7 @@ def last_token_hidden(
     """
     device = next(model.parameters()).device
     out = torch.empty(
-        (len(sequences), model.config.hidden_size), dtype=torch.float32
+        (len(sequences), text_config(model.config).hidden_size), dtype=torch.float32
     )  # outside inference mode
     with capture_pre_norm(model) as captured, torch.inference_mode():
         for batch in token_batches([len(s) for s in sequences], max_batch_tokens):
@@ -406,33 +408,39 @@ def shared_prefix_last_hidden(
 ) -> torch.Tensor:
     """`last_token_hidden` of ``prefixes[prefix_of[i]] + tails[i]``, running each shared prefix only once.
 
-    Each prefix's keys and values are computed once. Tails are then batched by length across prefixes: a
-    batch's cache holds each row's prefix keys/values left-padded to the batch's longest prefix (masked out),
-    and its tail tokens continue at positions after its own prefix. This saves the prefixes' share of the
-    compute, e.g. template + document for every pair that shares a document.
+    Each prefix's keys and values are computed once, every layer keeping all of them (a sliding-window layer's
+    own cache would keep only the window). Tails are then batched across prefixes (`token_batches`, counting the
+    longest prefix and the longest tail of a batch against ``max_batch_tokens``): a batch's cache holds each
+    row's prefix keys/values left-padded to the batch's longest prefix (masked out), and its tail tokens continue
+    at positions after its own prefix. Left padding shifts a row's cache indices and its queries' cache positions
+    by the same amount, so the model's causal and sliding-window masks, computed on those indices, see exactly
+    the tokens they would see in the full sequence. This saves the prefixes' share of the compute, e.g. template
+    + document for every pair that shares a document.
     Returns ``[len(tails), hidden]`` float32, equal to the full-sequence result up to float rounding.
     """
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    out = torch.empty((len(tails), model.config.hidden_size), dtype=torch.float32)
+    out = torch.empty((len(tails), text_config(model.config).hidden_size), dtype=torch.float32)
     decoder = backbone(model)
     cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
     with capture_pre_norm(model) as captured, torch.inference_mode():
         # Per prefix: keys and values of every layer, stacked as [layers, 2, kv_heads, length, head_dim].
         prefix_kv = []
         for prefix in prefixes:
-            head = decoder(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True)
+            cache = DynamicCache()  # no config: every layer a full cache, none cut to a sliding window
+            decoder(
+                input_ids=torch.tensor([list(prefix)], device=device), use_cache=True, **{cache_arg: cache}
+            )
             _count(stats, torch.ones((1, len(prefix))))
-            cache = getattr(head, "cache", None) or head.past_key_values
             prefix_kv.append(
                 torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
             )
-        for batch in token_batches([len(t) for t in tails], max_batch_tokens):
+        prefix_lengths = [len(prefixes[p]) for p in prefix_of]
+        for batch in token_batches([len(t) for t in tails], max_batch_tokens, prefix_lengths=prefix_lengths):
             input_ids, tail_mask, _ = pad_batch([tails[i] for i in batch], pad_id, "right", device)
-            _count(stats, tail_mask)
             rows, length = input_ids.shape
-            lengths = [prefix_kv[prefix_of[i]].shape[3] for i in batch]
+            lengths = [prefix_lengths[i] for i in batch]
             longest = max(lengths)
             layers, _, kv_heads, _, head_dim = prefix_kv[prefix_of[batch[0]]].shape
             kv = prefix_kv[0].new_zeros((layers, 2, rows, kv_heads, longest, head_dim))
@@ -441,6 +449,7 @@ def shared_prefix_last_hidden(
                 kv[:, :, row, :, longest - n :] = prefix_kv[prefix_of[index]]
                 prefix_mask[row, longest - n :] = 1
             attention_mask = torch.cat([prefix_mask, tail_mask], 1)
+            _count(stats, tail_mask)
             position_ids = torch.tensor(lengths, device=device)[:, None] + torch.arange(length, device=device)
             cache = DynamicCache(ddp_cache_data=[(kv[layer, 0], kv[layer, 1]) for layer in range(layers)])
             decoder(

@@ -4,14 +4,19 @@ Teacher prompt (one pass per pair)::
 
     <chat template>{doc_label}:\\n{DOCUMENT}\\n\\n{query_label}:\\n{QUERY}\\n\\n{instruction} {answer_hint}<answer prompt>
 
-The score is read at the last prompt token (the answer position), where the model would write "yes" or "no".
-The student's query prompt is the same template with the document slot left empty, so its hidden state sits at
-the same answer position; the student's document prompt is the document alone, read at its last token.
+``<answer prompt>`` is the chat template's generation prompt (rendered with ``enable_thinking`` for templates
+that have a thinking mode) followed by ``answer_prefix``. The score is read at its last token (the answer
+position), where the model would write "yes" or "no". The student's query prompt is the same template with the
+document slot left empty, so its hidden state sits at the same answer position; the student's document prompt is
+the document alone, read at its last token.
 
-The template is rendered once with sentinels and split into fixed segments; documents and queries are tokenised
-on their own and spliced in. That makes truncation exact: documents lose tokens at the end, queries (often
-dialogue context) at the start so the latest turns survive, and the instruction and answer position are never
-cut.
+Each prompt is tokenised in one piece, exactly as ``tokenizer.apply_chat_template(..., tokenize=True)`` would
+tokenise it: splicing separately tokenised segments gives token sequences a model never saw in training
+(SentencePiece-style tokenizers put a stray "▁" before every segment; byte-level BPE merges differently across a
+newline that ends a document or spaces that start a query). Truncation stays exact through the tokenizer's
+character offsets: documents lose tokens at the end, queries (often dialogue context) at the start so the latest
+turns survive, and the instruction and answer position are never cut. A fast (Rust) tokenizer is required for
+the offsets.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ class EncodedPrompts:
     # Leading tokens that depend only on the document (template + document + label), and on nothing (template):
     # prompts that share them can share that part of the forward pass. 0 where nothing is shared.
     shared_tokens: list[int] = field(default_factory=list)
-    template_tokens: int = 0
+    template_tokens: list[int] = field(default_factory=list)
 
     @property
     def truncated(self) -> list[bool]:
@@ -65,10 +70,16 @@ class PromptBuilder:
     """Renders teacher pair prompts, student query prompts and document prompts as token ids.
 
     ``yes_id`` / ``no_id`` are the single tokens the model writes at the answer position for the configured
-    answer words, resolved from the tokenizer as the template renders them.
+    answer words, resolved from the tokenizer as a whole prompt tokenises them.
     """
 
     def __init__(self, tokenizer, config: PromptConfig | None = None):
+        if not getattr(tokenizer, "is_fast", False):
+            raise PromptError(
+                f"{type(tokenizer).__name__} is a slow (Python) tokenizer; prompts need a fast tokenizer's "
+                "character offsets: load the model folder with a tokenizer.json (AutoTokenizer converts most slow "
+                "tokenizers when the sentencepiece/tiktoken package is installed)"
+            )
         self.tokenizer = tokenizer
         self.config = config or PromptConfig()
         self._prefix, self._middle, self._suffix = self._render_segments()
@@ -88,71 +99,111 @@ class PromptBuilder:
             messages = ([{"role": "system", "content": c.system}] if c.system else []) + [
                 {"role": "user", "content": user}
             ]
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        system = f"{c.system}\n\n" if c.system else ""
-        return f"{system}{user}\nAnswer:"
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, enable_thinking=c.enable_thinking
+            )
+        else:
+            system = f"{c.system}\n\n" if c.system else ""
+            bos = self.tokenizer.bos_token or ""
+            text = f"{bos}{system}{user}\nAnswer:"
+        return text + c.answer_prefix
 
-    def _render_segments(self) -> tuple[list[int], list[int], list[int]]:
+    def _render_segments(self) -> tuple[str, str, str]:
+        """The rendered template's text before the document, between document and query, and after the query."""
         text = self._render(_DOC_SENTINEL, _QUERY_SENTINEL)
         if text.count(_DOC_SENTINEL) != 1 or text.count(_QUERY_SENTINEL) != 1:
             raise PromptError("the chat template must render the user message exactly once")
         prefix, rest = text.split(_DOC_SENTINEL)
         middle, suffix = rest.split(_QUERY_SENTINEL)
-        self._suffix_text = suffix
-        tokens = self._tokenize([prefix, middle, suffix])
-        if not getattr(self.tokenizer, "chat_template", None) and self.tokenizer.bos_token_id is not None:
-            tokens[0] = [self.tokenizer.bos_token_id] + tokens[0]
-        return tokens[0], tokens[1], tokens[2]
+        opened, closed = suffix.rfind("<think>"), suffix.rfind("</think>")
+        if opened > closed:
+            raise PromptError(
+                f"the chat template of {type(self.tokenizer).__name__} opens a thinking block after the query "
+                f"({suffix[opened:]!r}), so the next token is not the answer; set prompt.enable_thinking=false, "
+                "or close the block with prompt.answer_prefix"
+            )
+        return prefix, middle, suffix
 
-    def _tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        if not texts:
-            return []
-        return self.tokenizer(list(texts), add_special_tokens=False).input_ids
+    def _tokenize(self, texts: Sequence[str]):
+        return self.tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
 
     def _answer_token(self, word: str) -> int:
         """The one token that spells ``word`` right after the answer prompt, or a clear error."""
-        # The suffix segment ends with the answer prompt; tokenise it with the answer appended.
-        prompt = self._suffix
-        with_answer = self._tokenize([self._suffix_text + word])[0]
-        extra = with_answer[len(prompt) :]
-        if with_answer[: len(prompt)] != prompt or len(extra) != 1:
-            pieces = [self.tokenizer.decode([t]) for t in extra]
+        prompt = self._prefix + "a" + self._middle + "b" + self._suffix
+        ids, with_answer = self._tokenize([prompt, prompt + word]).input_ids
+        extra = with_answer[len(ids) :]
+        if with_answer[: len(ids)] != ids or len(extra) != 1:
+            pieces = [self.tokenizer.decode([t]) for t in with_answer[len(ids) - 1 :]]
             raise PromptError(
                 f"the tokenizer cannot express the answer {word!r} as a single token after the answer prompt "
-                f"(it becomes {len(extra)} tokens {pieces}); set prompt.answer_yes / prompt.answer_no to words it can"
+                f"(the prompt's last token and the answer become {pieces}); set prompt.answer_yes / "
+                "prompt.answer_no to words it can"
             )
         return extra[0]
 
     # -- prompts ----------------------------------------------------------------------------------------------
 
-    def _truncate_documents(self, documents: Sequence[str]) -> tuple[list[list[int]], list[bool]]:
-        limit = self.config.max_doc_tokens
-        ids = self._tokenize(documents)
-        return [d[:limit] for d in ids], [len(d) > limit for d in ids]
-
-    def _truncate_queries(self, queries: Sequence[str]) -> tuple[list[list[int]], list[bool]]:
-        limit = self.config.max_query_tokens
-        ids = self._tokenize(queries)
-        return [q[-limit:] for q in ids], [len(q) > limit for q in ids]
+    def _precut(self, texts: Sequence[str], limit: int, keep_end: bool) -> tuple[list[str], list[bool]]:
+        """Texts cut, on their own tokenisation, to a little over ``limit`` tokens (so that tokenising whole
+        prompts stays cheap for long texts); `pair_prompts` then cuts them exactly in context."""
+        margin = limit + 2
+        unique = sorted({t for t in texts if len(t.encode("utf-8")) + 1 > margin})
+        cut: dict[str, str] = {}
+        if unique:
+            for text, offsets in zip(unique, self._tokenize(unique).offset_mapping, strict=True):
+                if len(offsets) > margin:
+                    cut[text] = text[offsets[-margin][0] :] if keep_end else text[: offsets[margin - 1][1]]
+        return [cut.get(t, t) for t in texts], [t in cut for t in texts]
 
     def pair_prompts(self, queries: Sequence[str], documents: Sequence[str]) -> EncodedPrompts:
         """Teacher prompts for aligned (query, document) lists: document first, then query, then the question."""
         if len(queries) != len(documents):
             raise ValueError(f"queries and documents must align: {len(queries)} != {len(documents)}")
-        query_ids, query_cut = self._truncate_queries(queries)
-        doc_ids, doc_cut = self._truncate_documents(documents)
-        return EncodedPrompts(
-            input_ids=[
-                self._prefix + d + self._middle + q + self._suffix
-                for q, d in zip(query_ids, doc_ids, strict=True)
-            ],
-            query_tokens=[len(q) for q in query_ids],
-            doc_tokens=[len(d) for d in doc_ids],
-            query_truncated=query_cut,
-            doc_truncated=doc_cut,
-            shared_tokens=[len(self._prefix) + len(d) + len(self._middle) for d in doc_ids],
-            template_tokens=len(self._prefix),
-        )
+        doc_limit, query_limit = self.config.max_doc_tokens, self.config.max_query_tokens
+        docs, doc_cut = self._precut(documents, doc_limit, keep_end=False)
+        queries, query_cut = self._precut(queries, query_limit, keep_end=True)
+        out = EncodedPrompts()
+        pending = list(range(len(docs)))
+        results: dict[int, tuple] = {}
+        # A cut changes the tokens at the cut only; the next pass settles it.
+        for attempt in range(3 if pending else 0):
+            texts = [self._prefix + docs[i] + self._middle + queries[i] + self._suffix for i in pending]
+            encoded = self._tokenize(texts)
+            again = []
+            for i, ids, offsets in zip(pending, encoded.input_ids, encoded.offset_mapping, strict=True):
+                doc_start = len(self._prefix)
+                doc_end = doc_start + len(docs[i])
+                query_start = doc_end + len(self._middle)
+                query_end = query_start + len(queries[i])
+                in_doc = [k for k, (a, b) in enumerate(offsets) if a < doc_end and b > doc_start]
+                in_query = [k for k, (a, b) in enumerate(offsets) if a < query_end and b > query_start]
+                over = len(in_doc) > doc_limit or len(in_query) > query_limit
+                if over and attempt < 2:
+                    if len(in_doc) > doc_limit:
+                        docs[i] = docs[i][: max(offsets[in_doc[doc_limit]][0] - doc_start, 0)]
+                        doc_cut[i] = True
+                    if len(in_query) > query_limit:
+                        last_dropped = in_query[len(in_query) - query_limit - 1]
+                        queries[i] = queries[i][max(offsets[last_dropped][1] - query_start, 0) :]
+                        query_cut[i] = True
+                    again.append(i)
+                    continue
+                template = sum(1 for _, b in offsets if b <= doc_start)
+                shared = sum(1 for _, b in offsets if b <= query_start)
+                results[i] = (ids, len(in_query), len(in_doc), template, shared)
+            pending = again
+            if not pending:
+                break
+        for i in range(len(docs)):
+            ids, n_query, n_doc, template, shared = results[i]
+            out.input_ids.append(ids)
+            out.query_tokens.append(n_query)
+            out.doc_tokens.append(n_doc)
+            out.template_tokens.append(template)
+            out.shared_tokens.append(shared)
+        out.query_truncated = query_cut
+        out.doc_truncated = doc_cut
+        return out
 
     def query_prompts(self, queries: Sequence[str]) -> EncodedPrompts:
         """Student query prompts: the teacher template with an empty document slot."""
@@ -160,9 +211,11 @@ class PromptBuilder:
 
     def document_prompts(self, documents: Sequence[str]) -> EncodedPrompts:
         """Student document prompts: the document alone (after the tokenizer's BOS, if it uses one)."""
-        doc_ids, doc_cut = self._truncate_documents(documents)
-        for index, ids in enumerate(doc_ids):
-            if not ids and not self._doc_prefix:
+        limit = self.config.max_doc_tokens
+        ids = self.tokenizer(list(documents), add_special_tokens=False).input_ids if documents else []
+        doc_ids, doc_cut = [d[:limit] for d in ids], [len(d) > limit for d in ids]
+        for index, kept in enumerate(doc_ids):
+            if not kept and not self._doc_prefix:
                 raise ValueError(f"document {index} is empty: there is no token to read its embedding from")
         return EncodedPrompts(
             input_ids=[self._doc_prefix + d for d in doc_ids],
@@ -171,4 +224,5 @@ class PromptBuilder:
             query_truncated=[False] * len(doc_ids),
             doc_truncated=doc_cut,
             shared_tokens=[0] * len(doc_ids),
+            template_tokens=[0] * len(doc_ids),
         )

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import PromptConfig, TeacherConfig, to_dict
+from .families import prefix_sharing_blocker, text_config
 from .models import last_token_hidden, load_causal_lm, prompt_mismatch, shared_prefix_last_hidden
 from .prompts import EncodedPrompts, PromptBuilder
 from .scoring import YesNoHead
@@ -46,7 +47,9 @@ class GenerativeReranker:
         prompt_config: the prompt template, answer words and truncation limits.
         max_batch_tokens: padded tokens per forward batch; pairs are sorted by length to keep padding low.
         share_prefix: run a prompt prefix shared by several pairs once and reuse its keys and values: the
-            template and document for pairs with the same document, else the template alone.
+            template and document for pairs with the same document, else the template alone. Exact on
+            sliding-window models too; switched off, with a log line, for models whose cache is not plain keys
+            and values (`families.prefix_sharing_blocker`).
 
     ``stats`` accumulates ``tokens`` (real tokens run), ``padded_tokens`` and ``forwards`` over all calls.
     """
@@ -64,7 +67,10 @@ class GenerativeReranker:
         self.prompts = PromptBuilder(tokenizer, prompt_config)
         self.head = YesNoHead(model, self.prompts.yes_id, self.prompts.no_id)
         self.max_batch_tokens = max_batch_tokens
-        self.share_prefix = share_prefix
+        blocker = prefix_sharing_blocker(model) if share_prefix else None
+        if blocker:
+            logger.info("prefix sharing is off: %s", blocker)
+        self.share_prefix = share_prefix and blocker is None
         self.stats: dict[str, int] = {}
 
     @classmethod
@@ -79,12 +85,12 @@ class GenerativeReranker:
 
     @property
     def hidden_size(self) -> int:
-        return self.model.config.hidden_size
+        return text_config(self.model.config).hidden_size
 
     def encode(self, prompts: EncodedPrompts) -> torch.Tensor:
         """Pre-norm last-token hidden states ``[n, d]`` of built prompts (see `PromptBuilder`)."""
         ids = prompts.input_ids
-        if not (self.share_prefix and len(ids) > 1 and prompts.template_tokens):
+        if not (self.share_prefix and len(ids) > 1 and any(prompts.template_tokens)):
             return last_token_hidden(
                 self.model,
                 ids,
@@ -94,15 +100,16 @@ class GenerativeReranker:
                 stats=self.stats,
             )
         # Pairs whose document is shared by another pair share template + document; the rest share the template.
+        # Prefixes are keyed by their token ids, so only identical leading tokens are ever shared.
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for index, shared in enumerate(prompts.shared_tokens):
             groups[tuple(ids[index][:shared])].append(index)
-        template = tuple(ids[0][: prompts.template_tokens])
         prefix_index: dict[tuple[int, ...], int] = {}
         prefix_of = [0] * len(ids)
         for head, members in groups.items():
-            key = head if len(members) >= 2 else template
             for index in members:
+                alone = tuple(ids[index][: max(prompts.template_tokens[index], 1)])
+                key = head if len(members) >= 2 else alone
                 prefix_of[index] = prefix_index.setdefault(key, len(prefix_index))
         prefixes = list(prefix_index)
         return shared_prefix_last_hidden(
