@@ -83,7 +83,8 @@ def _word_token_ids(tokenizer) -> list[int]:
 
 
 def _texts(tokenizer, word_ids: list[int], n: int, length: int, rng: random.Random) -> list[str]:
-    """``n`` distinct seeded texts of exactly ``length`` tokens (tokenised alone, as `PromptBuilder` does)."""
+    """``n`` distinct seeded texts of exactly ``length`` tokens each (tokenised on their own; a prompt may merge
+    a token at the document's edges, which `PromptBuilder` counts)."""
     texts = [tokenizer.decode(rng.choices(word_ids, k=length)) for _ in range(n)]
     counts = [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]
     bad = [(i, c) for i, c in enumerate(counts) if c != length]

@@ -230,3 +230,19 @@ def test_readme_without_markers_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="expected one <!-- config-reference:start --> line"):
         write_config_reference(readme)
     assert readme.read_text() == f"# Title\n{REFERENCE_END}\n{REFERENCE_START}\n"
+
+
+def test_prompt_differences_read_missing_fields_as_their_defaults():
+    """Records written before a prompt field existed were rendered with its default."""
+    from rabtriever_ray.config import PromptConfig, prompt_differences, to_dict
+
+    old_record = {
+        k: v for k, v in to_dict(PromptConfig()).items() if k not in ("enable_thinking", "answer_prefix")
+    }
+    assert prompt_differences(old_record, to_dict(PromptConfig())) == []
+    assert prompt_differences(old_record, to_dict(PromptConfig(answer_prefix="Answer:"))) == [
+        ("answer_prefix", "", "Answer:")
+    ]
+    assert prompt_differences({"doc_label": "Skill"}, {"doc_label": "Document"}) == [
+        ("doc_label", "Skill", "Document")
+    ]

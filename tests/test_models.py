@@ -72,6 +72,19 @@ def test_token_batches_respect_the_budget_and_cover_every_index():
     assert [6] in batches  # longer than the budget: alone
 
 
+def test_token_batches_count_the_cached_prefix_of_every_row():
+    """Tails continuing a cached prefix: each row carries the batch's longest prefix, so rows x (longest
+    prefix + longest tail) stays within the budget, not rows x longest tail alone."""
+    tails = [10, 10, 10, 10, 9, 9]
+    prefixes = [100, 5, 5, 100, 5, 5]
+    batches = token_batches(tails, max_batch_tokens=240, prefix_lengths=prefixes)
+    assert sorted(i for b in batches for i in b) == list(range(len(tails)))
+    for batch in batches:
+        width = max(tails[i] for i in batch) + max(prefixes[i] for i in batch)
+        assert width * len(batch) <= 240 or len(batch) == 1
+    assert len(token_batches(tails, max_batch_tokens=240)) == 1  # the tails alone would fit one batch
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_pad_batch_positions_count_real_tokens(side):
     ids, mask, positions = pad_batch(
