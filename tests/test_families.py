@@ -115,6 +115,14 @@ def test_shared_prefix_equals_plain_batching_beyond_the_window(family):
         assert min(p - s for p, s in zip(map(len, prompts.input_ids), prompts.shared_tokens)) > WINDOW
         assert min(prompts.doc_tokens) > WINDOW
     shared, reference = teacher.score(queries, documents), plain.score(queries, documents)
+    if name in SLIDING:  # the window shapes these prompts: without it the states differ
+        config = model.config.get_text_config()
+        window, config.sliding_window = config.sliding_window, 4096
+        try:
+            unwindowed = plain.score(queries, documents).hidden
+        finally:
+            config.sliding_window = window
+        assert (unwindowed - reference.hidden).abs().max() > 1e-3
     torch.testing.assert_close(shared.hidden, reference.hidden, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(shared.score, reference.score, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(shared.logp_yes, reference.logp_yes, atol=1e-4, rtol=1e-4)
