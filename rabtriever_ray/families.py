@@ -83,7 +83,9 @@ def check_supported(model: nn.Module) -> str:
 
 def backbone(model: nn.Module) -> nn.Module:
     """The decoder stack without the LM head (for a multimodal checkpoint, its language model)."""
-    return model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    # transformers 4.x returns the model itself for GPT-2 and GPT-NeoX, whose stack is ``base_model``.
+    return decoder if decoder is not None and decoder is not model else model.base_model
 
 
 def final_norm(model: nn.Module) -> nn.Module:

@@ -39,7 +39,7 @@ _SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
 TEACHER_INFO = "rabtriever_teacher.json"  # written beside a fine-tuned teacher's weights (train_teacher.py)
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(ValueError):
     """A model spec that cannot be resolved or loaded; the message says what to do."""
 
 
@@ -132,12 +132,13 @@ def model_hidden_size(spec: str) -> int:
 
 
 def _load_pretrained(path: str | Path):
+    from huggingface_hub.errors import HFValidationError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    except OSError as err:
+    except (OSError, HFValidationError) as err:  # a missing folder that is no valid hub id either
         raise ModelLoadError(
             f"cannot load model {str(path)!r}: not the default {DEFAULT_MODEL!r}, not {TINY_MODEL!r}, and not a "
             f"loadable Hugging Face model id or directory ({err})"
