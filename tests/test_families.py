@@ -105,6 +105,18 @@ def test_prompts_are_the_chat_templates_own_tokenisation(family):
         assert sum(spliced, []) != encoded.input_ids[0]
 
 
+def test_truncation_is_exact_in_the_prompt(family):
+    """Documents keep exactly their first max_doc_tokens tokens and queries their last max_query_tokens, counted
+    where they sit in the prompt, whatever the tokenizer merges at their edges."""
+    _, _, tokenizer, _ = family
+    builder = PromptBuilder(tokenizer, PromptConfig(max_doc_tokens=6, max_query_tokens=5))
+    cut = builder.pair_prompts(QUERIES, DOCUMENTS)
+    assert cut.doc_tokens == [6] * 3 and cut.query_tokens == [5] * 3 and all(cut.truncated)
+    text = tokenizer.decode(cut.input_ids[0])
+    assert "Reflection" in text and "happened" not in text  # the document's start survives, its end does not
+    assert "been?" in text and "stopped" not in text  # the query's latest words survive
+
+
 def test_shared_prefix_equals_plain_batching_beyond_the_window(family):
     name, model, tokenizer, teacher = family
     plain = GenerativeReranker(model, tokenizer, PROMPT, share_prefix=False)
