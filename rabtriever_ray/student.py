@@ -13,6 +13,7 @@ inner-product space, so a FAISS index can shortlist candidates before the predic
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,8 @@ from torch import nn
 from .config import StudentConfig, TeacherConfig, to_dict
 from .predictor import Predictor
 from .teacher import GenerativeReranker
+
+logger = logging.getLogger(__name__)
 
 
 class Rabtriever(nn.Module):
@@ -193,6 +196,14 @@ def load_student_info(checkpoint: str | Path, teacher: TeacherConfig | None = No
             f"{path}: not a Rabtriever checkpoint (needs student.json and student.safetensors)"
         )
     info = json.loads(info_path.read_text())
+    if "prompt" in info and "answer_prefix" not in info["prompt"]:
+        # Checkpoints of that format were trained on prompts tokenised segment by segment.
+        logger.warning(
+            "%s was trained on prompts tokenised segment by segment; prompts are now tokenised whole, which "
+            "changes the tokens of some (every empty-document query prompt, for byte-level BPE tokenizers): "
+            "its scores may drift from its teacher's; distil it again for exact agreement",
+            info_path,
+        )
     if teacher is None:
         if "prompt" not in info or "teacher" not in info:
             raise ConfigError(

@@ -105,3 +105,19 @@ def test_predictor_parameter_count_formula():
     expected = 2 * 2 * d + (3 * d * hidden + hidden) + (hidden * d + d)
     assert count_parameters(Predictor(d, hidden)) == expected
     assert count_parameters(Predictor(d, hidden, input_norm=False)) == expected - 4 * d
+
+
+def test_a_checkpoint_from_segment_tokenised_prompts_is_flagged(student, tmp_path, caplog):
+    from rabtriever_ray.config import PromptConfig, to_dict
+    from rabtriever_ray.student import load_student_info
+
+    prompt = to_dict(PromptConfig())
+    student.save_trainable(tmp_path / "new", teacher="tiny-random-llama", prompt=prompt)
+    old = {k: v for k, v in prompt.items() if k not in ("enable_thinking", "answer_prefix")}
+    student.save_trainable(tmp_path / "old", teacher="tiny-random-llama", prompt=old)
+    with caplog.at_level("WARNING", logger="rabtriever_ray.student"):
+        load_student_info(tmp_path / "new")
+        assert "tokenised segment by segment" not in caplog.text
+        info = load_student_info(tmp_path / "old")
+    assert "tokenised segment by segment" in caplog.text and str(tmp_path / "old") in caplog.text
+    assert info["teacher_config"].prompt == PromptConfig()  # the missing fields read as their defaults
