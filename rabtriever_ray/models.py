@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -406,8 +406,13 @@ def shared_prefix_last_hidden(
     pad_id: int,
     max_batch_tokens: int = 16384,
     stats: dict[str, int] | None = None,
+    kv_cache: MutableMapping[tuple[int, ...], torch.Tensor] | None = None,
+    keep: Sequence[bool] | None = None,
 ) -> torch.Tensor:
     """`last_token_hidden` of ``prefixes[prefix_of[i]] + tails[i]``, running each shared prefix only once.
+
+    ``kv_cache`` (keyed by a prefix's token ids) supplies prefixes computed by an earlier call, and receives
+    those marked in ``keep``; it must only be reused with the same, unchanged model.
 
     Each prefix's keys and values are computed once, every layer keeping all of them (a sliding-window layer's
     own cache would keep only the window). Tails are then batched across prefixes (`token_batches`, counting the
@@ -428,7 +433,11 @@ def shared_prefix_last_hidden(
     with capture_pre_norm(model) as captured, torch.inference_mode():
         # Per prefix: keys and values of every layer, stacked as [layers, 2, kv_heads, length, head_dim].
         prefix_kv = []
-        for prefix in prefixes:
+        for number, prefix in enumerate(prefixes):
+            key = tuple(prefix)
+            if kv_cache is not None and key in kv_cache:
+                prefix_kv.append(kv_cache[key])
+                continue
             cache = DynamicCache()  # no config: every layer a full cache, none cut to a sliding window
             decoder(
                 input_ids=torch.tensor([list(prefix)], device=device), use_cache=True, **{cache_arg: cache}
@@ -437,6 +446,8 @@ def shared_prefix_last_hidden(
             prefix_kv.append(
                 torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
             )
+            if kv_cache is not None and keep is not None and keep[number]:
+                kv_cache[key] = prefix_kv[-1]
         prefix_lengths = [len(prefixes[p]) for p in prefix_of]
         for batch in token_batches([len(t) for t in tails], max_batch_tokens, prefix_lengths=prefix_lengths):
             input_ids, tail_mask, _ = pad_batch([tails[i] for i in batch], pad_id, "right", device)

@@ -23,6 +23,7 @@ from .prompts import EncodedPrompts, PromptBuilder
 from .scoring import YesNoHead
 
 logger = logging.getLogger(__name__)
+_PREFIX_CACHE_SIZE = 16  # document-independent prefixes kept per teacher (one or two per prompt config)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -49,7 +50,10 @@ class GenerativeReranker:
         share_prefix: run a prompt prefix shared by several pairs once and reuse its keys and values: the
             template and document for pairs with the same document, else the template alone. Exact on
             sliding-window models too; switched off, with a log line, for models whose cache is not plain keys
-            and values (`families.prefix_sharing_blocker`).
+            and values (`families.prefix_sharing_blocker`). Prefixes that depend on no document (the template
+            before the document slot, and everything before the query in a student query prompt, whose slot
+            is empty) are kept across calls, so a query costs only its own tokens and the instruction after
+            them; the backbone must stay frozen while this teacher is used.
 
     ``stats`` accumulates ``tokens`` (real tokens run), ``padded_tokens`` and ``forwards`` over all calls.
     """
@@ -72,6 +76,8 @@ class GenerativeReranker:
             logger.info("prefix sharing is off: %s", blocker)
         self.share_prefix = share_prefix and blocker is None
         self.stats: dict[str, int] = {}
+        # Keys and values of document-independent prefixes, by token ids (a handful per prompt config).
+        self.prefix_cache: dict[tuple[int, ...], torch.Tensor] = {}
 
     @classmethod
     def from_config(
@@ -90,7 +96,7 @@ class GenerativeReranker:
     def encode(self, prompts: EncodedPrompts) -> torch.Tensor:
         """Pre-norm last-token hidden states ``[n, d]`` of built prompts (see `PromptBuilder`)."""
         ids = prompts.input_ids
-        if not (self.share_prefix and len(ids) > 1 and any(prompts.template_tokens)):
+        if not (self.share_prefix and any(prompts.template_tokens)):
             return last_token_hidden(
                 self.model,
                 ids,
@@ -100,18 +106,29 @@ class GenerativeReranker:
                 stats=self.stats,
             )
         # Pairs whose document is shared by another pair share template + document; the rest share the template.
-        # Prefixes are keyed by their token ids, so only identical leading tokens are ever shared.
+        # A prompt with an empty document slot shares everything before its query. Prefixes are keyed by their
+        # token ids, so only identical leading tokens are ever shared.
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for index, shared in enumerate(prompts.shared_tokens):
             groups[tuple(ids[index][:shared])].append(index)
         prefix_index: dict[tuple[int, ...], int] = {}
+        keep: set[tuple[int, ...]] = set()  # document-independent: kept across calls
         prefix_of = [0] * len(ids)
         for head, members in groups.items():
             for index in members:
-                alone = tuple(ids[index][: max(prompts.template_tokens[index], 1)])
-                key = head if len(members) >= 2 else alone
+                template = tuple(ids[index][: max(prompts.template_tokens[index], 1)])
+                if prompts.doc_tokens[index] == 0:
+                    key = head
+                    keep.add(key)
+                elif len(members) >= 2:
+                    key = head
+                else:
+                    key = template
+                    keep.add(key)
                 prefix_of[index] = prefix_index.setdefault(key, len(prefix_index))
         prefixes = list(prefix_index)
+        room = max(_PREFIX_CACHE_SIZE - len(self.prefix_cache), 0)
+        keep = set([key for key in prefixes if key in keep and key not in self.prefix_cache][:room])
         return shared_prefix_last_hidden(
             self.model,
             prefixes,
@@ -120,6 +137,8 @@ class GenerativeReranker:
             pad_id=self.tokenizer.pad_token_id,
             max_batch_tokens=self.max_batch_tokens,
             stats=self.stats,
+            kv_cache=self.prefix_cache,
+            keep=[p in keep for p in prefixes],
         )
 
     def score(self, queries: Sequence[str], documents: Sequence[str], head_chunk: int = 256) -> TeacherScores:

@@ -140,6 +140,30 @@ def test_shared_prefix_equals_plain_batching_beyond_the_window(family):
     torch.testing.assert_close(shared.logp_yes, reference.logp_yes, atol=1e-4, rtol=1e-4)
 
 
+def test_a_query_runs_only_its_own_tokens_once_the_template_is_cached(family):
+    """Serving encodes one query at a time: everything before the query comes from the teacher's prefix cache,
+    exactly."""
+    _, model, tokenizer, _ = family
+    teacher = GenerativeReranker(model, tokenizer, PROMPT)  # an empty cache
+    plain = GenerativeReranker(model, tokenizer, PROMPT, share_prefix=False)
+    one_by_one = torch.cat([teacher.encode(teacher.prompts.query_prompts([q])) for q in QUERIES])
+    torch.testing.assert_close(
+        one_by_one, plain.encode(plain.prompts.query_prompts(QUERIES)), atol=1e-4, rtol=1e-4
+    )
+    prompts = teacher.prompts.query_prompts(QUERIES[:1])
+    assert tuple(prompts.input_ids[0][: prompts.shared_tokens[0]]) in teacher.prefix_cache
+    ran = teacher.stats["tokens"]
+    teacher.encode(prompts)
+    assert teacher.stats["tokens"] - ran == len(prompts.input_ids[0]) - prompts.shared_tokens[0]
+    # A lone teacher pair reuses the cached template before its document.
+    torch.testing.assert_close(
+        teacher.score(QUERIES[:1], DOCUMENTS[:1]).score,
+        plain.score(QUERIES[:1], DOCUMENTS[:1]).score,
+        atol=1e-4,
+        rtol=1e-4,
+    )
+
+
 def test_batched_scores_equal_one_pair_at_a_time(family):
     _, _, _, teacher = family
     queries, documents = _pairs()
