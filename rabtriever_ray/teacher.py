@@ -116,14 +116,14 @@ class GenerativeReranker:
         prefix_of = [0] * len(ids)
         for head, members in groups.items():
             for index in members:
-                template = tuple(ids[index][: max(prompts.template_tokens[index], 1)])
-                if prompts.doc_tokens[index] == 0:
-                    key = head
+                has_document = prompts.doc_tokens[index] > 0
+                if has_document and len(members) >= 2:
+                    key = head  # template + a document shared within this call
+                elif has_document:
+                    key = tuple(ids[index][: max(prompts.template_tokens[index], 1)])  # the template alone
                     keep.add(key)
-                elif len(members) >= 2:
-                    key = head
                 else:
-                    key = template
+                    key = head  # everything before the query: depends on no document
                     keep.add(key)
                 prefix_of[index] = prefix_index.setdefault(key, len(prefix_index))
         prefixes = list(prefix_index)

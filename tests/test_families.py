@@ -224,7 +224,7 @@ def test_one_distillation_step_and_an_index_search_round_trip(family):
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma2"])
-def test_a_bf16_backbone_scores_in_float32(name):
+def test_a_bf16_backbone_scores_in_float32(name, monkeypatch):
     model, tokenizer = build_family(name)
     model = model.to(torch.bfloat16)
     head = YesNoHead(model, 5, 7)
@@ -245,12 +245,8 @@ def test_a_bf16_backbone_scores_in_float32(name):
         rounded_nudged = model.get_output_embeddings()(norm(nudged.bfloat16()))
     assert (rounded[:, 5] - rounded[:, 7] == rounded_nudged[:, 5] - rounded_nudged[:, 7]).any()
     # The full-vocabulary logits come out in float32 chunks equal to one float32 product.
-    families_chunk = pytest.MonkeyPatch()
-    families_chunk.setattr("rabtriever_ray.scoring.VOCAB_CHUNK", 100)
-    try:
-        torch.testing.assert_close(head.logits(hidden), reference, atol=1e-5, rtol=1e-5)
-    finally:
-        families_chunk.undo()
+    monkeypatch.setattr("rabtriever_ray.scoring.VOCAB_CHUNK", 100)
+    torch.testing.assert_close(head.logits(hidden), reference, atol=1e-5, rtol=1e-5)
 
 
 # -- refusals ---------------------------------------------------------------------------------------------------
