@@ -142,7 +142,7 @@ def test_distill_config_file_loads_and_matches_its_teacher_prompt():
 
 def test_readme_config_reference_is_current():
     assert readme_config_reference() == config_reference_markdown(), (
-        "README.md's configuration reference is stale: run python -m rabtriever_ray.config --write-readme"
+        "README.md's configuration reference is stale: run python -m rabtriever_ray.config.reference --write-readme"
     )
 
 
@@ -208,10 +208,10 @@ def test_check_fails_on_a_stale_copy_and_write_readme_replaces_only_the_block(tm
         f"# Title\n\nintro\n\n{REFERENCE_START}\n| `model` | old |\n{REFERENCE_END}\n\n## After\n"
     )
     readme.chmod(0o640)
-    check = [sys.executable, "-m", "rabtriever_ray.config", "--check", "--readme", str(readme)]
+    check = [sys.executable, "-m", "rabtriever_ray.config.reference", "--check", "--readme", str(readme)]
     stale = subprocess.run(check, capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert stale.returncode == 1
-    assert "stale" in stale.stderr and "python -m rabtriever_ray.config --write-readme" in stale.stderr
+    assert "stale" in stale.stderr and "python -m rabtriever_ray.config.reference --write-readme" in stale.stderr
 
     config_main(["--write-readme", "--readme", str(readme)])
     text = readme.read_text()

@@ -1,0 +1,75 @@
+"""Typed configuration: dataclasses with defaults and help, YAML files, and ``key=value`` overrides.
+
+- `schema`: the config dataclasses of every job and of the Serve app.
+- `loading`: defaults, then YAML, then overrides (`load_config`), the jobs' command line (`parse_job_args`), and
+  the helpers built on the schema walk (`from_dict`, `to_dict`, `config_help`, `prompt_differences`).
+- `reference`: README.md's configuration reference, generated from the dataclasses (``python -m
+  rabtriever_ray.config.reference --write-readme``); off the runtime path, so it is imported only on demand.
+
+Every name is importable from here: ``from rabtriever_ray.config import TeacherConfig, load_config``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import ConfigError, actor_range, option
+from .loading import (
+    config_help,
+    from_dict,
+    load_config,
+    prompt_differences,
+    to_dict,
+)
+from .schema import (
+    DistillConfig,
+    LossConfig,
+    PromptConfig,
+    RouterResources,
+    ServeConfig,
+    ServeResources,
+    StudentConfig,
+    TeacherConfig,
+    TeacherTrainConfig,
+)
+
+__all__ = [
+    "ConfigError",
+    "DistillConfig",
+    "LossConfig",
+    "PromptConfig",
+    "RouterResources",
+    "ServeConfig",
+    "ServeResources",
+    "StudentConfig",
+    "TeacherConfig",
+    "TeacherTrainConfig",
+    "actor_range",
+    "config_help",
+    "from_dict",
+    "load_config",
+    "option",
+    "prompt_differences",
+    "to_dict",
+]
+
+# The README reference generator, loaded only when one of its names is asked for.
+_REFERENCE_NAMES = {
+    "README",
+    "REFERENCE_CONFIGS",
+    "REFERENCE_END",
+    "REFERENCE_START",
+    "REGENERATE",
+    "config_reference_markdown",
+    "main",
+    "readme_config_reference",
+    "write_config_reference",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _REFERENCE_NAMES:
+        from . import reference
+
+        return getattr(reference, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

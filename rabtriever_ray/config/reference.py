@@ -1,0 +1,167 @@
+"""README.md's configuration reference, generated from the config dataclasses; tests/test_config.py checks it.
+
+    python -m rabtriever_ray.config.reference --write-readme    # rewrite the block between the README's markers
+    python -m rabtriever_ray.config.reference --check           # exit status 1 when the block is stale
+
+Not on the runtime path: no library module imports this one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from .base import ConfigError
+from .loading import _default, _flat_fields, _type_name
+from .schema import DistillConfig, ServeConfig, TeacherConfig, TeacherTrainConfig
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+REFERENCE_START = "<!-- config-reference:start -->"
+REFERENCE_END = "<!-- config-reference:end -->"
+REGENERATE = "python -m rabtriever_ray.config.reference --write-readme"
+
+# The top-level configs (nested ones are expanded under them), each with who reads it and how to override it.
+REFERENCE_CONFIGS: tuple[tuple[type, str], ...] = (
+    (
+        TeacherConfig,
+        "Read by `jobs/score_teacher.py` and `jobs/evaluate.py` from `--config configs/teacher/*.yaml`, then "
+        "trailing `key=value` overrides (`prompt.max_doc_tokens=256`); `jobs/index.py --config` and the "
+        "ServeConfig key `teacher` take the YAML alone.",
+    ),
+    (
+        DistillConfig,
+        "Read by `jobs/distill.py` from `--config configs/*.yaml`, then trailing `key=value` overrides "
+        "(`loss.w_jepa=0.5 student.proj_dim=128`); the ServeConfig key `demo_distill` takes the same overrides.",
+    ),
+    (
+        TeacherTrainConfig,
+        "Read by `jobs/train_teacher.py` from `--config configs/teacher_train/*.yaml`, then trailing "
+        "`key=value` overrides (`lora=true epochs=2`); flags such as `--lora` and `--data` set the key of "
+        "the same name.",
+    ),
+    (
+        ServeConfig,
+        "The args of `rabtriever_ray.serve:build_app`: `key=value` after `serve run "
+        "rabtriever_ray.serve:build_app` (`encoder.num_gpus=0.5`), or the `args` mapping of "
+        "`cluster/serve.yaml` (sections nested).",
+    ),
+)
+
+
+def config_reference_markdown() -> str:
+    """The README's configuration reference: per top-level config a ``####`` heading, who reads it and a table
+    ``| key | type | default | meaning |`` with a row per dotted key (a section's row comes before its keys)."""
+    sections = []
+    for cls, usage in REFERENCE_CONFIGS:
+        rows = []
+        for key, f, field_type in _flat_fields(cls):
+            if dataclasses.is_dataclass(field_type):
+                type_cell, default_cell = f"`{field_type.__name__}`", f"`{key}.*` below"
+            else:
+                type_cell, default_cell = _markdown_type(field_type), _markdown_default(_default(f))
+            help_cell = f.metadata["help"].replace("|", r"\|").replace("<", r"\<")  # \< : not an HTML tag
+            rows.append(f"| `{key}` | {type_cell} | {default_cell} | {help_cell} |")
+        header = [
+            f"#### {cls.__name__}",
+            "",
+            usage,
+            "",
+            "| key | type | default | meaning |",
+            "|---|---|---|---|",
+        ]
+        sections.append("\n".join(header + rows))
+    return "\n\n".join(sections)
+
+
+def _markdown_type(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return r" \| ".join(f"`{a}`" for a in typing.get_args(tp))
+    return f"`{_type_name(tp)}`".replace("|", r"\|")
+
+
+def _markdown_default(value: Any) -> str:
+    """A default as YAML and the command line take it: numbers and booleans bare, the rest as code."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        text = "[" + ", ".join(map(str, value)) + "]"
+    else:
+        text = str(value) or '""'  # None stays None: both YAML (as null) and overrides take it
+    return f"`{text}`".replace("|", r"\|")
+
+
+def _split_readme(text: str, readme: Path) -> tuple[str, str, str]:
+    """(the text up to and with the start marker, the block between the markers, the end marker and after)."""
+    if (
+        text.count(REFERENCE_START) != 1
+        or text.count(REFERENCE_END) != 1
+        or text.find(REFERENCE_END) < text.find(REFERENCE_START)
+    ):
+        raise ConfigError(f"{readme}: expected one {REFERENCE_START} line, then one {REFERENCE_END} line")
+    head, rest = text.split(REFERENCE_START)
+    block, tail = rest.split(REFERENCE_END)
+    return head + REFERENCE_START, block, REFERENCE_END + tail
+
+
+def readme_config_reference(readme: str | Path = README) -> str:
+    """The block between the README's config-reference markers, without the blank lines around it."""
+    readme = Path(readme)
+    return _split_readme(readme.read_text(encoding="utf-8"), readme)[1].strip("\n")
+
+
+def write_config_reference(readme: str | Path = README) -> bool:
+    """Regenerate the block between the README's markers, keeping the rest of the file as it is; returns whether
+    the file changed. Written to a temporary file beside it, then renamed over it."""
+    readme = Path(readme)
+    text = readme.read_text(encoding="utf-8")
+    head, _, tail = _split_readme(text, readme)
+    new = f"{head}\n\n{config_reference_markdown()}\n\n{tail}"
+    if new == text:
+        return False
+    from ..io import write_text_atomic
+
+    write_text_atomic(readme, new, keep_mode=True)
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the configuration reference, write it into the README (``--write-readme``) or check it (``--check``,
+    exit status 1 when stale)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m rabtriever_ray.config.reference",
+        description="The configuration reference (markdown tables) generated from the config dataclasses.",
+    )
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument(
+        "--write-readme",
+        action="store_true",
+        help="replace the README's block between the config-reference markers",
+    )
+    action.add_argument(
+        "--check", action="store_true", help="exit with status 1 when the README's block is stale"
+    )
+    parser.add_argument(
+        "--readme", type=Path, default=README, help="the README to write or check (default: %(default)s)"
+    )
+    args = parser.parse_args(argv)
+    if args.check:
+        if readme_config_reference(args.readme) != config_reference_markdown():
+            parser.exit(1, f"{args.readme}: the configuration reference is stale; run {REGENERATE}\n")
+        print(f"{args.readme}: the configuration reference is current")
+    elif args.write_readme:
+        changed = write_config_reference(args.readme)
+        print(f"{args.readme}: the configuration reference {'updated' if changed else 'was already current'}")
+    else:
+        print(config_reference_markdown())
+
+
+if __name__ == "__main__":
+    from ..io import run_job
+
+    run_job(main)
