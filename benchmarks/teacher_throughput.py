@@ -61,14 +61,14 @@ def main() -> None:
         return
 
     from rabtriever_ray.config import TeacherConfig, load_config
-    from rabtriever_ray.models import load_causal_lm, padding_waste
+    from rabtriever_ray.models import padding_waste
     from rabtriever_ray.teacher import GenerativeReranker
 
     config = load_config(TeacherConfig, args.config)
     pairs = _pairs(Path(args.data), args.pairs, args.seed)
     queries, docs = [q for q, _ in pairs], [d for _, d in pairs]
-    model, tokenizer = load_causal_lm(config.model)
-    teacher = GenerativeReranker(model, tokenizer, config.prompt, config.max_batch_tokens)
+    teacher = GenerativeReranker.from_config(config)
+    model = teacher.model  # the plain reference loop runs the same weights
     prompts = teacher.prompts.pair_prompts(queries, docs)
     n_tokens = sum(len(ids) for ids in prompts.input_ids)
     teacher.score(queries[:4], docs[:4])  # warm-up

@@ -93,11 +93,11 @@ def _same_model(a: str, b: str) -> bool:
 def _read_scored(cfg: DistillConfig, path: str):
     """Pre-scored Parquet as a Dataset and its manifest, checked against this run's teacher before anything runs:
     hidden size, model spec and every prompt field."""
-    dataset, manifest = read_teacher_scores(path, hidden_size=model_hidden_size(cfg.teacher))
+    dataset, manifest = read_teacher_scores(path, hidden_size=model_hidden_size(cfg.teacher.model))
     scored_by = manifest["teacher"]
-    if not _same_model(scored_by["model"], cfg.teacher):
-        raise SchemaError(f"{path}: scored by teacher {scored_by['model']!r}, but teacher={cfg.teacher!r}")
-    differ = prompt_differences(scored_by["prompt"], to_dict(cfg.prompt))
+    if not _same_model(scored_by["model"], cfg.teacher.model):
+        raise SchemaError(f"{path}: scored by teacher {scored_by['model']!r}, but teacher={cfg.teacher.model!r}")
+    differ = prompt_differences(scored_by["prompt"], to_dict(cfg.teacher.prompt))
     if differ:
         key, scored, current = differ[0]
         raise SchemaError(
@@ -117,7 +117,8 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
     from .train import fit_torch_trainer, train_loop_per_worker
 
     started = time.perf_counter()
-    cfg = dataclasses.replace(cfg, teacher=resolve_spec(cfg.teacher))  # workers run elsewhere
+    teacher = dataclasses.replace(cfg.teacher, model=resolve_spec(cfg.teacher.model))
+    cfg = dataclasses.replace(cfg, teacher=teacher)  # workers run elsewhere
     out_dir = Path(cfg.out_dir or f"runs/{cfg.name}").resolve()
     storage = Path(cfg.storage_path).resolve() if cfg.storage_path else out_dir / "ray"
     val_data = read_beir(_data_root(cfg, cfg.val_data), cfg.val_split)
@@ -125,7 +126,7 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
     if not cfg.teacher_data or cfg.rounds > 1:
         train_data = read_beir(_data_root(cfg, cfg.train_data), cfg.train_split)
     init_ray()
-    teacher = TeacherConfig(model=cfg.teacher, prompt=cfg.prompt, max_batch_tokens=cfg.max_batch_tokens)
+    teacher = cfg.teacher
     stage_args = {
         "actors": (1, cfg.teacher_actors),
         "cpus_per_actor": cfg.teacher_cpus,
@@ -139,7 +140,7 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
         train_pairs = build_pairs(train_data, cfg.candidates, cfg.max_train_queries, cfg.seed, training=True)
         n_train, n_train_queries = len(train_pairs), len(set(train_pairs.column("query_id").to_pylist()))
     _steps_per_epoch(n_train, cfg)  # fail before the validation scoring, not after
-    warning = prompt_mismatch(cfg.teacher, to_dict(cfg.prompt))
+    warning = prompt_mismatch(cfg.teacher.model, to_dict(cfg.teacher.prompt))
     if warning:
         logger.warning(warning)
     _warn_if_no_cpu_left_for_data(cfg)

@@ -85,14 +85,12 @@ class StudentSampler:
         qrels: Mapping[str, Mapping[str, int]],
         round_index: int,
     ):
-        from .models import load_causal_lm
         from .student import Rabtriever
         from .teacher import GenerativeReranker
         from .train import EmbeddingCache
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model, tokenizer = load_causal_lm(cfg.teacher, device=device)
-        teacher = GenerativeReranker(model, tokenizer, cfg.prompt, cfg.max_batch_tokens)
+        teacher = GenerativeReranker.from_config(cfg.teacher, device=device)
         self.student = Rabtriever(teacher, cfg.student)
         if isinstance(checkpoint, str):
             self.student.load_trainable(checkpoint)

@@ -187,7 +187,7 @@ def load_student_info(checkpoint: str | Path, teacher: TeacherConfig | None = No
     The backbone and prompt are the ones the checkpoint was trained with unless ``teacher`` is given. A
     checkpoint that records no prompt needs ``teacher``: it would otherwise be read with the default prompt.
     """
-    from .config import ConfigError, PromptConfig, from_dict
+    from .config import ConfigError, from_dict
 
     path = Path(checkpoint)
     info_path = path / "student.json"
@@ -209,11 +209,11 @@ def load_student_info(checkpoint: str | Path, teacher: TeacherConfig | None = No
             raise ConfigError(
                 f"{info_path}: records no teacher/prompt; pass the teacher config it was trained with"
             )
-        teacher = TeacherConfig(
-            model=info["teacher"],
-            prompt=from_dict(PromptConfig, info["prompt"], source=f"{info_path} prompt"),
-            max_batch_tokens=info.get("max_batch_tokens", TeacherConfig.max_batch_tokens),
-        )
+        # The record keeps the teacher's keys loose (teacher = its model spec), as checkpoints always have.
+        recorded = {"model": info["teacher"], "prompt": info["prompt"]}
+        if "max_batch_tokens" in info:
+            recorded["max_batch_tokens"] = info["max_batch_tokens"]
+        teacher = from_dict(TeacherConfig, recorded, source=f"{info_path} teacher")
     info["teacher_config"] = teacher
     info["student_config"] = from_dict(StudentConfig, info["student"], source=f"{info_path} student")
     return info

@@ -323,7 +323,6 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from .models import load_causal_lm
     from .teacher import GenerativeReranker
 
     cfg = config["distill"]
@@ -334,8 +333,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
-    model, tokenizer = load_causal_lm(cfg.teacher, device=device)
-    teacher = GenerativeReranker(model, tokenizer, cfg.prompt, cfg.max_batch_tokens)
+    teacher = GenerativeReranker.from_config(cfg.teacher, device=device)
     student = Rabtriever(teacher, cfg.student)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_steps = steps_per_epoch * (end_epoch - first_epoch)
@@ -391,9 +389,9 @@ def train_loop_per_worker(config: dict) -> None:
             if rank == 0:
                 student.save_trainable(
                     directory,
-                    teacher=cfg.teacher,
-                    prompt=to_dict(cfg.prompt),
-                    max_batch_tokens=cfg.max_batch_tokens,
+                    teacher=cfg.teacher.model,
+                    prompt=to_dict(cfg.teacher.prompt),
+                    max_batch_tokens=cfg.teacher.max_batch_tokens,
                     step=step,
                     epoch=epoch,
                     round=round_index,

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import TeacherConfig, TeacherTrainConfig, to_dict
+from .config import TeacherTrainConfig, to_dict
 from .data import DEMO_DATA, BeirData, build_pairs, parse_candidates, read_beir, select_queries
 from .data.candidates import BM25Index
 from .losses import answer_ce, listwise_ce
@@ -224,7 +224,7 @@ def load_trainable_into(model: nn.Module, path: str | Path) -> None:
 
 def build_trained_model(cfg: TeacherTrainConfig, trainable_path: str | Path):
     """``(model, tokenizer)``: the base model with the trained weights on CPU, LoRA merged (a plain HF model)."""
-    model, tokenizer = load_causal_lm(cfg.model, device="cpu", dtype=torch.float32)
+    model, tokenizer = load_causal_lm(cfg.teacher.model, device="cpu", dtype=torch.float32)
     if cfg.lora:
         add_lora(model, cfg)
     else:
@@ -271,14 +271,14 @@ def train_teacher_loop(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    model, tokenizer = load_causal_lm(cfg.model, device=device, dtype=torch.float32)
+    model, tokenizer = load_causal_lm(cfg.teacher.model, device=device, dtype=torch.float32)
     if cfg.lora:
         add_lora(model, cfg)
     else:
         for parameter in model.parameters():
             parameter.requires_grad_(True)
     model.train()
-    prompts = PromptBuilder(tokenizer, cfg.prompt)
+    prompts = PromptBuilder(tokenizer, cfg.teacher.prompt)
     scorer = AnswerScorer(model, prompts.yes_id, prompts.no_id)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
@@ -431,7 +431,8 @@ def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, 
     from .train import fit_torch_trainer
 
     started = time.perf_counter()
-    cfg = dataclasses.replace(cfg, model=resolve_spec(cfg.model))  # workers run elsewhere
+    teacher = dataclasses.replace(cfg.teacher, model=resolve_spec(cfg.teacher.model))
+    cfg = dataclasses.replace(cfg, teacher=teacher)  # workers run elsewhere
     out = Path(cfg.out or f"runs/{cfg.name}").resolve()
     storage = Path(cfg.storage_path).resolve() if cfg.storage_path else out.parent / f"{out.name}-ray"
     staging = staging_dir(out, cfg.overwrite)  # refuse before any expensive work
@@ -461,7 +462,7 @@ def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, 
             ordered = val_pairs.sort_by([("doc_id", "ascending"), ("query_id", "ascending")])
             stage = teacher_stage(
                 pairs_dataset(ordered, 256),
-                TeacherConfig(model=cfg.model, prompt=cfg.prompt, max_batch_tokens=cfg.max_batch_tokens),
+                cfg.teacher,
                 actors=(1, cfg.teacher_actors),
                 cpus_per_actor=cfg.teacher_cpus,
                 gpus_per_actor=gpus,
@@ -491,8 +492,8 @@ def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, 
             model, tokenizer = build_trained_model(cfg, Path(directory) / TRAINABLE_FILE)
         info = {
             "format": "rabtriever-teacher/1",
-            "base_model": cfg.model,
-            "prompt": to_dict(cfg.prompt),
+            "base_model": cfg.teacher.model,
+            "prompt": to_dict(cfg.teacher.prompt),
             "lora": cfg.lora,
             "data": str(_root(cfg.data)),
             "split": cfg.split,
@@ -518,7 +519,7 @@ def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, 
             val_root,
             cfg.val_split,
             out / "val_scores",
-            TeacherConfig(model=str(out), prompt=cfg.prompt, max_batch_tokens=cfg.max_batch_tokens),
+            dataclasses.replace(cfg.teacher, model=str(out)),
             candidates=cfg.val_candidates,
             max_queries=cfg.max_val_queries,
             seed=cfg.seed,

@@ -27,8 +27,8 @@ TINY_DISTILL = [
     "teacher_batch_size=16",
     "student.predictor_hidden=32",
     "warmup_steps=2",
-    "prompt.max_query_tokens=32",
-    "prompt.max_doc_tokens=48",
+    "teacher.prompt.max_query_tokens=32",
+    "teacher.prompt.max_doc_tokens=48",
 ]
 
 QUERIES = [

@@ -131,10 +131,51 @@ def test_distill_config_file_loads_and_matches_its_teacher_prompt():
     teacher = load_config(TeacherConfig, root / "teacher" / "esconv_strategy.yaml")
     assert distill.train_data == "esconv_strategy_train" and distill.max_val_queries == 150
     # Pre-scored data from jobs/score_teacher.py with the teacher config is accepted only with the same prompt.
-    assert distill.prompt == teacher.prompt and distill.teacher == teacher.model
+    assert distill.teacher.prompt == teacher.prompt and distill.teacher.model == teacher.model
     # The fine-tuned teacher is trained with the same prompt it is then scored and distilled with.
     trained = load_config(TeacherTrainConfig, root / "teacher_train" / "esconv_strategy.yaml")
-    assert trained.prompt == teacher.prompt and trained.model == teacher.model
+    assert trained.teacher.prompt == teacher.prompt and trained.teacher.model == teacher.model
+
+
+def test_a_section_given_as_a_string_is_its_shorthand_field(tmp_path):
+    """``teacher: runs/x`` (YAML) and ``teacher=runs/x`` (override) set teacher.model and keep the rest."""
+    path = tmp_path / "d.yaml"
+    path.write_text("teacher: runs/my_teacher\n")
+    assert load_config(DistillConfig, path).teacher == TeacherConfig(model="runs/my_teacher")
+    path.write_text("teacher:\n  prompt:\n    doc_label: Skill\n")
+    config = load_config(DistillConfig, path, ["teacher=runs/my_teacher", "teacher.max_batch_tokens=64"])
+    assert config.teacher.model == "runs/my_teacher" and config.teacher.prompt.doc_label == "Skill"
+    assert config.teacher.max_batch_tokens == 64
+    trained = load_config(TeacherTrainConfig, None, ["teacher=tiny-random-llama"])
+    assert trained.teacher.model == "tiny-random-llama"
+    # A section without a shorthand field still needs its keys.
+    with pytest.raises(ConfigError, match="'student' is a section"):
+        load_config(DistillConfig, None, ["student=big"])
+    path.write_text("student: big\n")
+    with pytest.raises(ConfigError, match="'student' must be a mapping"):
+        load_config(DistillConfig, path)
+
+
+def test_a_section_given_as_a_yaml_path_is_loaded_from_that_file(tmp_path):
+    root = Path(__file__).resolve().parents[1] / "configs" / "teacher"
+    teacher = load_config(TeacherConfig, root / "esconv_strategy.yaml")
+    config = load_config(
+        DistillConfig, None, [f"teacher={root / 'esconv_strategy.yaml'}", "teacher.prompt.max_doc_tokens=99"]
+    )
+    assert config.teacher == dataclasses.replace(
+        teacher, prompt=dataclasses.replace(teacher.prompt, max_doc_tokens=99)
+    )
+    path = tmp_path / "d.yaml"
+    path.write_text(f"teacher: {root / 'scifact.yaml'}\n")
+    assert load_config(DistillConfig, path).teacher == load_config(TeacherConfig, root / "scifact.yaml")
+    # The section's file is checked like any config file, and named in the error.
+    bad = tmp_path / "teacher.yaml"
+    bad.write_text("modell: x\n")
+    with pytest.raises(ConfigError, match=f"{re.escape(str(bad))}: unknown config key 'modell'"):
+        load_config(DistillConfig, None, [f"teacher={bad}"])
+    # A teacher YAML where the job's own config is expected says where it belongs.
+    with pytest.raises(ConfigError, match="looks like a teacher config \\(TeacherConfig\\): pass it as --teacher"):
+        load_config(DistillConfig, root / "scifact.yaml")
 
 
 # -- the README's configuration reference ------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def test_training_on_pre_scored_parquet(ray_local, tmp_path):
 
     # Scores from another prompt are refused before training, naming the differing key.
     other_prompt = _config(
-        tmp_path, "name=other", "num_workers=1", f"teacher_data={scores}", "prompt.doc_label=Skill"
+        tmp_path, "name=other", "num_workers=1", f"teacher_data={scores}", "teacher.prompt.doc_label=Skill"
     )
     with pytest.raises(SchemaError, match="prompt.doc_label='Document'"):
         run_distill(other_prompt)

@@ -42,8 +42,8 @@ def _config(*extra):
             "max_train_queries=6",
             "round_pool=bm25:6",
             "student.predictor_hidden=32",
-            "prompt.max_query_tokens=32",
-            "prompt.max_doc_tokens=48",
+            "teacher.prompt.max_query_tokens=32",
+            "teacher.prompt.max_doc_tokens=48",
             *extra,
         ],
     )

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT = PromptConfig(max_doc_tokens=48, max_query_tokens=32)
 # A teacher fine-tuning small enough for a unit test: the tiny model, a slice of the demo data, two workers.
 TINY = [
-    "model=tiny-random-llama",
+    "teacher=tiny-random-llama",
     "max_queries=16",
     "max_val_queries=6",
     "negatives=3",
@@ -42,8 +42,8 @@ TINY = [
     "teacher_cpus=0.5",
     "lr=0.001",
     "warmup_steps=1",
-    "prompt.max_query_tokens=32",
-    "prompt.max_doc_tokens=48",
+    "teacher.prompt.max_query_tokens=32",
+    "teacher.prompt.max_doc_tokens=48",
 ]
 
 

@@ -15,7 +15,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,28 +26,122 @@ from .schema import PromptConfig
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: Iterable[str] = ()) -> Any:
-    """Build ``cls`` from its defaults, then a YAML file, then ``key=value`` overrides (in that order)."""
+    """Build ``cls`` from its defaults, then a YAML file, then ``key=value`` overrides (in that order).
+
+    A section (a nested dataclass) may be given as one string: a path ending in ``.yaml`` / ``.yml`` loads the
+    section from that file (replacing what came before it); any other string sets the section's ``SHORTHAND``
+    field (``teacher=runs/my_teacher`` is ``teacher.model=runs/my_teacher``). Keys a config lists in its
+    ``REQUIRED`` must be set by one of the three.
+    """
     values: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        path = Path(path)
         source = str(path)
+        loaded = _read_yaml(Path(path))
         try:
-            loaded = yaml.safe_load(path.read_text())
-        except FileNotFoundError as err:
-            raise ConfigError(f"config file not found: {path}") from err
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
-        values = _check_mapping(cls, loaded or {}, prefix="", source=source)
+            values = _check_mapping(cls, loaded, prefix="", source=source)
+        except ConfigError as err:
+            raise ConfigError(f"{err}{_section_hint(cls, loaded, path)}") from err
     for item in overrides:
         key, sep, raw = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        field_type = _field_type(cls, key.strip())
-        _set_dotted(values, key.strip(), _parse_string(raw, field_type, key.strip()))
-    return _build(cls, values, prefix="", source=source)
+        field_type = _field_type(cls, key)
+        if dataclasses.is_dataclass(field_type):
+            _set_section(values, key, field_type, raw.strip())
+        else:
+            _set_dotted(values, key, _parse_string(raw, field_type, key))
+    config = _build(cls, values, prefix="", source=source)
+    for key in getattr(cls, "REQUIRED", ()):
+        if getattr(config, key) in (None, ""):
+            raise ConfigError(
+                f"{source}: {key!r} is required: set it in the YAML, with --{key.replace('_', '-')} or {key}=..."
+            )
+    return config
+
+
+def parse_job_args(
+    cls: type, argv: Sequence[str] | None = None, description: str | None = None, aliases: Mapping[str, str] = {}
+) -> Any:
+    """A job's command line: ``--config YAML``, one ``--kebab-case`` flag per top-level field of ``cls``, then
+    trailing ``key=value`` overrides; returns the config built by `load_config` (flags apply before overrides).
+
+    Flags take the values overrides take (``--max-queries 20`` is ``max_queries=20``); a boolean field is a flag
+    alone (``--lora``), a section takes its one-string form (``--teacher configs/teacher/x.yaml``).
+    ``aliases`` maps extra flags to field names (``{"--model": "teacher"}``). The help's epilog lists every key.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys:\n" + config_help(cls),
+    )
+    parser.add_argument("--config", default=None, help=f"YAML of the job's config ({cls.__name__})")
+    fields = _fields(cls)
+    for name, (f, field_type) in fields.items():
+        flags = [f"--{name.replace('_', '-')}", *(a for a, target in aliases.items() if target == name)]
+        help_text = f.metadata.get("help", "").replace("%", "%%")
+        if field_type is bool:
+            parser.add_argument(*flags, dest=name, action="store_const", const="true", help=help_text)
+        elif dataclasses.is_dataclass(field_type):
+            shorthand = getattr(field_type, "SHORTHAND", None)
+            one_string = f"a YAML of its keys or its {shorthand}" if shorthand else "a YAML of its keys"
+            parser.add_argument(*flags, dest=name, metavar="VALUE", help=f"{help_text} ({one_string})")
+        else:
+            parser.add_argument(*flags, dest=name, metavar=name.upper(), help=help_text)
+    parser.add_argument("overrides", nargs="*", help="config overrides, key=value (dotted keys for sections)")
+    args = parser.parse_args(argv)
+    flags = [f"{name}={getattr(args, name)}" for name in fields if getattr(args, name) is not None]
+    return load_config(cls, args.config, flags + list(args.overrides))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML file's top-level mapping (``{}`` for an empty file)."""
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except FileNotFoundError as err:
+        raise ConfigError(f"config file not found: {path}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
+    return loaded or {}
+
+
+def _section_hint(cls: type, loaded: Mapping[str, Any], path: str | Path) -> str:
+    """For a YAML that does not fit ``cls`` but fits one of its sections whole: say to pass it as that section."""
+    for name, (_f, field_type) in _fields(cls).items():
+        if dataclasses.is_dataclass(field_type) and loaded and set(loaded) <= set(_fields(field_type)):
+            return (
+                f" ({path} looks like a {name} config ({field_type.__name__}): pass it as "
+                f"--{name.replace('_', '-')} {path})"
+            )
+    return ""
+
+
+def _section_from_string(cls: type, text: str, key: str, source: str) -> dict[str, Any] | None:
+    """A section given as one string, as checked values: a YAML file's keys, or ``{SHORTHAND: text}``; None when
+    ``cls`` takes neither."""
+    if text.endswith((".yaml", ".yml")):
+        return _check_mapping(cls, _read_yaml(Path(text)), prefix="", source=text)
+    shorthand = getattr(cls, "SHORTHAND", None)
+    if shorthand is None:
+        return None
+    return {shorthand: _check_value(text, _fields(cls)[shorthand][1], f"{key}.{shorthand}", source)}
+
+
+def _set_section(values: dict[str, Any], key: str, cls: type, text: str) -> None:
+    """``key=text`` for a section: a YAML file replaces the section, a shorthand sets that one field."""
+    section = _section_from_string(cls, text, key, "command line")
+    if section is None:
+        raise ConfigError(f"command line: {key!r} is a section; set one of its keys, e.g. {key}.<key>=...")
+    if text.endswith((".yaml", ".yml")):
+        _set_dotted(values, key, section)
+    else:
+        for name, value in section.items():
+            _set_dotted(values, f"{key}.{name}", value)
 
 
 def from_dict(cls: type, mapping: Mapping[str, Any], source: str = "dict") -> Any:
@@ -118,10 +212,6 @@ def _field_type(cls: type, dotted: str) -> Any:
         if part not in fields:
             raise _unknown(dotted, [".".join(parts[:depth] + [k]) for k in fields], "command line")
         current = fields[part][1]
-    if dataclasses.is_dataclass(current):
-        raise ConfigError(
-            f"command line: {dotted!r} is a section; set one of its keys, e.g. {dotted}.<key>=..."
-        )
     return current
 
 
@@ -145,6 +235,11 @@ def _check_mapping(cls: type, mapping: Mapping[str, Any], prefix: str, source: s
             raise _unknown(dotted, [f"{prefix}{k}" for k in fields], source)
         field_type = fields[key][1]
         if dataclasses.is_dataclass(field_type):
+            if isinstance(value, str):
+                section = _section_from_string(field_type, value, dotted, source)
+                if section is not None:
+                    out[key] = section
+                    continue
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: {dotted!r} must be a mapping of its keys, got {value!r}")
             out[key] = _check_mapping(field_type, value, f"{dotted}.", source)

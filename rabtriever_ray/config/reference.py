@@ -26,9 +26,10 @@ REGENERATE = "python -m rabtriever_ray.config.reference --write-readme"
 REFERENCE_CONFIGS: tuple[tuple[type, str], ...] = (
     (
         TeacherConfig,
-        "Read by `jobs/score_teacher.py` and `jobs/evaluate.py` from `--config configs/teacher/*.yaml`, then "
-        "trailing `key=value` overrides (`prompt.max_doc_tokens=256`); `jobs/index.py --config` and the "
-        "ServeConfig key `teacher` take the YAML alone.",
+        "The `teacher` section of every job's config (configs/teacher/*.yaml hold whole ones): in a job's YAML a "
+        "mapping, a teacher YAML path or a model spec (`teacher: runs/my_teacher` sets `teacher.model`); on the "
+        "command line `--teacher configs/teacher/x.yaml` or `--teacher MODEL`, then dotted overrides "
+        "(`teacher.prompt.max_doc_tokens=256`). The ServeConfig key `teacher` takes a YAML or a model spec.",
     ),
     (
         DistillConfig,
@@ -37,9 +38,9 @@ REFERENCE_CONFIGS: tuple[tuple[type, str], ...] = (
     ),
     (
         TeacherTrainConfig,
-        "Read by `jobs/train_teacher.py` from `--config configs/teacher_train/*.yaml`, then trailing "
-        "`key=value` overrides (`lora=true epochs=2`); flags such as `--lora` and `--data` set the key of "
-        "the same name.",
+        "Read by `jobs/train_teacher.py` from `--config configs/teacher_train/*.yaml`, then a flag per top-level "
+        "key (`--lora`, `--data DIR`, `--model M` for `--teacher M`), then trailing `key=value` overrides "
+        "(`lora=true epochs=2`).",
     ),
     (
         ServeConfig,

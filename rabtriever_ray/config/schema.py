@@ -7,7 +7,7 @@ overrides is `rabtriever_ray.config.loading`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from .base import ConfigError, _at_least, _gpu_shares, option
 
@@ -53,7 +53,13 @@ class PromptConfig:
 
 @dataclass
 class TeacherConfig:
-    """The generative reranker: which model, how it is prompted and batched."""
+    """The generative reranker: which model, how it is prompted and batched.
+
+    Where a config nests one (``teacher``), a plain string stands for the section: a model spec sets ``model``
+    (``teacher=runs/my_teacher``), a path ending in ``.yaml`` loads the section from that file.
+    """
+
+    SHORTHAND: ClassVar[str] = "model"
 
     model: str = option("smollm2-135m", "model spec: smollm2-135m, tiny-random-llama, a HF id or a directory")
     prompt: PromptConfig = option(PromptConfig(), "prompt template and truncation")
@@ -115,9 +121,10 @@ class DistillConfig:
     train_split: str = option("train", "qrels split of the training queries")
     val_data: str = option("", "validation BEIR folder under data_dir (empty: data_dir itself)")
     val_split: str = option("dev", "qrels split of the validation queries")
-    teacher: str = option("smollm2-135m", "teacher model spec (any spec load_causal_lm accepts)")
-    prompt: PromptConfig = option(PromptConfig(), "prompt template and truncation")
-    max_batch_tokens: int = option(8192, "teacher/encoder padded tokens per forward batch")
+    teacher: TeacherConfig = option(
+        TeacherConfig(),
+        "the teacher (also the student's frozen backbone and prompt): a section, a teacher YAML or a model spec",
+    )
     student: StudentConfig = option(StudentConfig(), "trainable parts")
     loss: LossConfig = option(LossConfig(), "loss mix")
     teacher_data: str | None = option(
@@ -208,9 +215,10 @@ class TeacherTrainConfig:
     overwrite: bool = option(False, "replace an existing output directory")
     data: str = option("", "training BEIR folder (empty: the bundled demo data)")
     split: str = option("train", "qrels split of the training queries")
-    model: str = option("smollm2-135m", "model to fine-tune (any spec load_causal_lm accepts)")
-    prompt: PromptConfig = option(PromptConfig(), "prompt template and truncation (saved with the model)")
-    max_batch_tokens: int = option(8192, "padded tokens per forward batch when scoring the validation pairs")
+    teacher: TeacherConfig = option(
+        TeacherConfig(),
+        "the model to fine-tune, its prompt (saved with the model) and how the validation pairs are scored",
+    )
     max_queries: int | None = option(
         None, "seeded subset of training queries (queries without positives skipped)"
     )
@@ -266,7 +274,7 @@ class TeacherTrainConfig:
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "negatives", "epochs", "batch_size", "grad_accum", "num_workers", "teacher_actors")
-        _at_least(self, 1, "lora_r", "lora_alpha", "max_batch_tokens")
+        _at_least(self, 1, "lora_r", "lora_alpha")
         _at_least(self, 0, "warmup_steps", "report_every", "w_listwise", "w_pointwise", "max_failures")
         if self.w_listwise == self.w_pointwise == 0:
             raise ConfigError("w_listwise and w_pointwise are both 0: nothing to train")
