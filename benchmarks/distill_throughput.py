@@ -53,7 +53,7 @@ def main() -> None:
 
     import ray
 
-    from rabtriever_ray.config import DistillConfig, TeacherConfig, load_config
+    from rabtriever_ray.config import DistillConfig, ScoreTeacherConfig, TeacherConfig, load_config
     from rabtriever_ray.data import DEMO_DATA
     from rabtriever_ray.distill import run_distill
     from rabtriever_ray.pipeline import write_teacher_scores
@@ -68,20 +68,32 @@ def main() -> None:
     if train_scores is None:
         t0 = time.perf_counter()
         write_teacher_scores(
-            DEMO_DATA,
-            "train",
-            work / "train",
-            teacher,
-            "bm25:8",
-            args.queries,
-            training=True,
-            cpus_per_actor=cpus,
+            ScoreTeacherConfig(
+                data=str(DEMO_DATA),
+                split="train",
+                out=str(work / "train"),
+                teacher=teacher,
+                candidates="bm25:8",
+                max_queries=args.queries,
+                training=True,
+                cpus_per_actor=cpus,
+            )
         )
         scoring["train_s"] = round(time.perf_counter() - t0, 1)
         train_scores = str(work / "train")
     if val_scores is None:
         t0 = time.perf_counter()
-        write_teacher_scores(DEMO_DATA, "dev", work / "val", teacher, "bm25:8", 8, cpus_per_actor=cpus)
+        write_teacher_scores(
+            ScoreTeacherConfig(
+                data=str(DEMO_DATA),
+                split="dev",
+                out=str(work / "val"),
+                teacher=teacher,
+                candidates="bm25:8",
+                max_queries=8,
+                cpus_per_actor=cpus,
+            )
+        )
         scoring["val_s"] = round(time.perf_counter() - t0, 1)
         val_scores = str(work / "val")
 

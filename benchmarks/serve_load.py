@@ -71,7 +71,7 @@ def _untrained_checkpoint_and_index(root: Path, model: str) -> tuple[Path, Path]
     prompt limits and predictor, any other the defaults (the demo's shapes)."""
     import torch
 
-    from rabtriever_ray.config import PromptConfig, StudentConfig, TeacherConfig, to_dict
+    from rabtriever_ray.config import IndexConfig, PromptConfig, StudentConfig, TeacherConfig, to_dict
     from rabtriever_ray.data import DEMO_DATA
     from rabtriever_ray.index import build_index
     from rabtriever_ray.student import Rabtriever
@@ -87,7 +87,15 @@ def _untrained_checkpoint_and_index(root: Path, model: str) -> tuple[Path, Path]
         StudentConfig(predictor_hidden=32) if tiny else StudentConfig(),
     )
     student.save_trainable(root / "checkpoint", teacher=teacher.model, prompt=to_dict(teacher.prompt))
-    build_index(root / "checkpoint", DEMO_DATA, root / "index", cpus_per_actor=0.5, overwrite=True)
+    build_index(
+        IndexConfig(
+            checkpoint=str(root / "checkpoint"),
+            data=str(DEMO_DATA),
+            out=str(root / "index"),
+            cpus_per_actor=0.5,
+            overwrite=True,
+        )
+    )
     return root / "checkpoint", root / "index"
 
 

@@ -5,32 +5,21 @@
     ray job submit --working-dir . -- python jobs/distill.py --config configs/esconv_strategy.yaml
 
 Connects to a running cluster when RAY_ADDRESS is set (as under `ray job submit`), else starts local Ray.
-Trailing key=value arguments override the config (dotted keys for sections: loss.w_rank=0.5). Writes
+Each flag sets the config key of the same name (--teacher runs/my_teacher); trailing key=value arguments
+override any key (dotted keys for sections: loss.w_rank=0.5, teacher.prompt.max_doc_tokens=256). Writes
 report.json, checkpoint/ and training_curves.png into out_dir (default runs/<name>); a rerun with the same name
 resumes from the latest checkpoint.
 """
 
 from __future__ import annotations
 
-import argparse
-
-from rabtriever_ray.config import DistillConfig, config_help, load_config
+from rabtriever_ray.config import DistillConfig, parse_job_args
 from rabtriever_ray.distill import format_table, run_distill
 from rabtriever_ray.io import run_job
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys:\n" + config_help(DistillConfig),
-    )
-    parser.add_argument(
-        "--config", default=None, help="distillation config YAML (e.g. configs/esconv_strategy.yaml)"
-    )
-    parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
-    args = parser.parse_args(argv)
-    config = load_config(DistillConfig, args.config, args.overrides)
+    config = parse_job_args(DistillConfig, argv, __doc__)
     report = run_distill(config)
     print(format_table(report["final"]))
     out_dir = config.out_dir or f"runs/{config.name}"

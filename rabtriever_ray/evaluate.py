@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ConfigError, TeacherConfig
+from .config import ConfigError, EvaluateConfig, TeacherConfig
 from .data.beir import BeirData
 from .metrics import DEFAULT_MEASURES, agreement, ranking, retrieval_metrics
 
@@ -338,27 +338,19 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_evaluation(
-    data_dir: str | Path,
-    split: str,
-    methods: Sequence[str],
-    teacher: TeacherConfig,
-    checkpoint: str | Path | None = None,
-    index: str | Path | None = None,
-    max_queries: int | None = None,
-    seed: int = 0,
-    candidates: str = "all",
-    exclude_self: bool = False,
-    out: str | Path | None = None,
-    frequency_data: str | Path | None = None,
-    frequency_split: str = "train",
-) -> dict[str, Any]:
-    """Evaluate ``methods`` on a seeded subset of a split's queries; writes ``out`` (JSON) atomically if given."""
+def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
+    """Evaluate ``config.methods`` on a seeded subset of a split's queries (every option: `EvaluateConfig`);
+    writes ``config.out`` (JSON) atomically if given."""
     from .config import to_dict
     from .data.beir import read_beir
     from .data.candidates import build_pairs, select_queries
     from .io import write_json_atomic
 
+    data_dir, split, teacher, out = config.data, config.split, config.teacher, config.out
+    checkpoint, index, max_queries, seed = config.checkpoint, config.index, config.max_queries, config.seed
+    candidates, exclude_self = config.candidates, config.exclude_self
+    frequency_data, frequency_split = config.frequency_data, config.frequency_split
+    methods = [m.strip() for m in config.methods if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"unknown methods {unknown or methods}; choose from {', '.join(METHODS)}")

@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .config import TeacherConfig, prompt_differences, to_dict
+from .config import IndexConfig, TeacherConfig, actor_range, prompt_differences, to_dict
 from .io import MANIFEST
 
 INDEX_FORMAT = "rabtriever-index/1"
@@ -141,22 +141,9 @@ def faiss_index(
     return faiss.index_gpu_to_cpu(index) if on_gpu else index
 
 
-def build_index(
-    checkpoint: str | Path,
-    data_dir: str | Path,
-    out: str | Path,
-    index_type: IndexType = "flat",
-    teacher: TeacherConfig | None = None,
-    actors: tuple[int, int] = (1, 1),
-    gpus_per_actor: float | None = None,
-    cpus_per_actor: float = 1.0,
-    batch_size: int = 256,
-    hnsw_m: int = 32,
-    nlist: int | None = None,
-    on_bad_row: str = "fail",
-    overwrite: bool = False,
-) -> dict[str, Any]:
-    """Encode a BEIR corpus with a checkpoint's student on Ray Data and write an index folder; returns the manifest."""
+def build_index(config: IndexConfig) -> dict[str, Any]:
+    """Encode a BEIR corpus with a checkpoint's student on Ray Data and write an index folder (every option:
+    `IndexConfig`); returns the manifest."""
     import shutil
 
     import pyarrow.parquet as pq
@@ -170,7 +157,11 @@ def build_index(
     from .student import checkpoint_digest, load_student_info
 
     start = time.perf_counter()
-    checkpoint = Path(checkpoint).resolve()
+    data_dir, out, index_type, teacher = config.data, config.out, config.index_type, config.teacher
+    gpus_per_actor, cpus_per_actor, batch_size = config.gpus_per_actor, config.cpus_per_actor, config.batch_size
+    hnsw_m, nlist, on_bad_row, actors = config.hnsw_m, config.nlist, config.on_bad_row, actor_range(config.actors)
+    overwrite = config.overwrite
+    checkpoint = Path(config.checkpoint).resolve()
     info = load_student_info(checkpoint, teacher)  # a bad checkpoint fails before any work
     staging = staging_dir(out, overwrite)
     try:

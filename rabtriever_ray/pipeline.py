@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .config import TeacherConfig
+from .config import ScoreTeacherConfig, TeacherConfig, actor_range
 from .data.candidates import PAIR_SCHEMA
 from .io import MANIFEST
 
@@ -229,23 +229,10 @@ def summarize(path: str | Path) -> dict[str, Any]:
 
 
 def write_teacher_scores(
-    data_dir: str | Path,
-    split: str | None,
-    out: str | Path,
-    teacher: TeacherConfig,
-    candidates: str = "all",
-    max_queries: int | None = None,
-    seed: int = 0,
-    training: bool = False,
-    on_bad_row: str = "fail",
-    overwrite: bool = False,
-    actors: tuple[int, int] = (1, 1),
-    gpus_per_actor: float | None = None,
-    cpus_per_actor: float = 1.0,
-    batch_size: int = 64,
-    crash_once: tuple[str, int] | None = None,
+    config: ScoreTeacherConfig, crash_once: tuple[str, int] | None = None
 ) -> dict[str, Any]:
-    """Read a BEIR folder, build candidate pairs, score them with teacher actors and write ``out`` atomically.
+    """Read a BEIR folder, build candidate pairs, score them with teacher actors and write ``config.out``
+    atomically (every option: `ScoreTeacherConfig`; ``crash_once`` is `teacher_stage`'s test hook).
 
     ``out`` receives ``data/*.parquet`` (schema above), ``manifest.json`` and, when rows were skipped,
     ``rejects.jsonl``. Returns the manifest.
@@ -258,7 +245,10 @@ def write_teacher_scores(
     from .io import commit_dir, init_ray, staging_dir, write_json_atomic
 
     start = time.perf_counter()
-    staging = staging_dir(out, overwrite)  # refuse before any expensive work
+    data_dir, split, out, teacher = config.data, config.split, config.out, config.teacher
+    candidates, max_queries, seed, training = config.candidates, config.max_queries, config.seed, config.training
+    on_bad_row, actors = config.on_bad_row, actor_range(config.actors)
+    staging = staging_dir(out, config.overwrite)  # refuse before any expensive work
     try:
         data = read_beir(data_dir, split, on_bad_row=on_bad_row)  # type: ignore[arg-type]
         pairs = build_pairs(data, candidates, max_queries=max_queries, seed=seed, training=training)
@@ -269,9 +259,9 @@ def write_teacher_scores(
             pairs_dataset(pairs),
             teacher,
             actors=actors,
-            gpus_per_actor=gpus_per_actor,
-            cpus_per_actor=cpus_per_actor,
-            batch_size=batch_size,
+            gpus_per_actor=config.gpus_per_actor,
+            cpus_per_actor=config.cpus_per_actor,
+            batch_size=config.batch_size,
             crash_once=crash_once,
         )
         stage.write_parquet(str(staging / "data"))

@@ -129,7 +129,7 @@ def ensure_demo(demo_distill: list[str]) -> tuple[Path, Path]:
     """Build the demo checkpoint and index unless they exist (one process at a time); returns their paths."""
     import fcntl
 
-    from .config import DistillConfig
+    from .config import DistillConfig, IndexConfig
     from .data import DEMO_DATA
     from .index import build_index
     from .io import MANIFEST
@@ -147,7 +147,9 @@ def ensure_demo(demo_distill: list[str]) -> tuple[Path, Path]:
             run_distill(load_config(DistillConfig, None, overrides))
         if not (index / MANIFEST).is_file():
             logger.warning("building the demo index in %s", index)
-            build_index(checkpoint, DEMO_DATA, index, cpus_per_actor=DEMO_INDEX_CPUS, overwrite=True)
+            build_index(
+                IndexConfig(str(checkpoint), str(DEMO_DATA), str(index), cpus_per_actor=DEMO_INDEX_CPUS, overwrite=True)
+            )
     return checkpoint, index
 
 

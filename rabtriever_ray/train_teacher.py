@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import TeacherTrainConfig, to_dict
+from .config import ScoreTeacherConfig, TeacherTrainConfig, to_dict
 from .data import DEMO_DATA, BeirData, build_pairs, parse_candidates, read_beir, select_queries
 from .data.candidates import BM25Index
 from .losses import answer_ce, listwise_ce
@@ -516,18 +516,20 @@ def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, 
     if validate:
         t0 = time.perf_counter()
         write_teacher_scores(
-            val_root,
-            cfg.val_split,
-            out / "val_scores",
-            dataclasses.replace(cfg.teacher, model=str(out)),
-            candidates=cfg.val_candidates,
-            max_queries=cfg.max_val_queries,
-            seed=cfg.seed,
-            actors=(1, cfg.teacher_actors),
-            gpus_per_actor=gpus,
-            cpus_per_actor=cfg.teacher_cpus,
-            batch_size=256,
-            overwrite=True,
+            ScoreTeacherConfig(
+                data=str(val_root),
+                split=cfg.val_split,
+                out=str(out / "val_scores"),
+                teacher=dataclasses.replace(cfg.teacher, model=str(out)),
+                candidates=cfg.val_candidates,
+                max_queries=cfg.max_val_queries,
+                seed=cfg.seed,
+                actors=f"1:{cfg.teacher_actors}",
+                gpus_per_actor=gpus,
+                cpus_per_actor=cfg.teacher_cpus,
+                batch_size=256,
+                overwrite=True,
+            )
         )
         after = pq.ParquetDataset(str(out / "val_scores" / "data")).read(
             columns=["query_id", "doc_id", "teacher_score"]

@@ -3,8 +3,12 @@
 manifests agree with each other and with Ray, and the RayService's Serve config deploys on local Ray and answers
 over HTTP. (configs/*.yaml are loaded as configs by tests/test_config.py; here their commands are checked.)"""
 
+import contextlib
 import copy
+import functools
 import importlib
+import importlib.util
+import io
 import re
 import shlex
 import subprocess
@@ -105,6 +109,20 @@ def references(text: str) -> set[str]:
     return set(REPO_PATH.findall(text)) | {f"{m}:{a}" for m, a in IMPORT_PATH.findall(text)}
 
 
+@functools.cache
+def _job_help(script: str) -> str:
+    """The ``--help`` text of a jobs/*.py script (its flags are generated from its config), else ""."""
+    if not script.startswith("jobs/"):
+        return ""
+    spec = importlib.util.spec_from_file_location(f"help_{Path(script).stem}", ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        module.main(["--help"])
+    return " " + out.getvalue().replace("\n", " ")
+
+
 def reference_problems(text: str) -> list[str]:
     """What ``text`` names that does not exist: files, import paths, options of the scripts it runs and
     ``key=value`` overrides of jobs/distill.py (checked against its config, as the job would)."""
@@ -122,12 +140,12 @@ def reference_problems(text: str) -> list[str]:
     for script, rest in PYTHON_COMMAND.findall(text):
         if not (ROOT / script).is_file():
             continue  # reported above
-        source = (ROOT / script).read_text()
+        source = (ROOT / script).read_text() + _job_help(script)
         args = shlex.split(rest)
         problems += [
             f"{script} has no option {flag}"
             for flag in (a.split("=", 1)[0] for a in args if a.startswith("--"))
-            if f'"{flag}"' not in source
+            if f'"{flag}"' not in source and f" {flag} " not in source and f" {flag}," not in source
         ]
         if script == "jobs/distill.py":
             config = args[args.index("--config") + 1] if "--config" in args else None

@@ -13,13 +13,17 @@ from rabtriever_ray.config import (
     REFERENCE_START,
     ConfigError,
     DistillConfig,
+    EvaluateConfig,
+    IndexConfig,
     PromptConfig,
+    ScoreTeacherConfig,
     StudentConfig,
     TeacherConfig,
     TeacherTrainConfig,
     config_help,
     config_reference_markdown,
     load_config,
+    parse_job_args,
     readme_config_reference,
     to_dict,
     write_config_reference,
@@ -30,7 +34,14 @@ from rabtriever_ray.prompts import PromptBuilder
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
 # Which dataclass each folder under configs/ holds.
-CONFIG_CLASSES = {"teacher": TeacherConfig, "teacher_train": TeacherTrainConfig, "configs": DistillConfig}
+CONFIG_CLASSES = {
+    "teacher": TeacherConfig,
+    "teacher_train": TeacherTrainConfig,
+    "configs": DistillConfig,
+    "score_teacher": ScoreTeacherConfig,
+    "index": IndexConfig,
+    "evaluate": EvaluateConfig,
+}
 
 
 def test_there_are_configs():
@@ -40,6 +51,8 @@ def test_there_are_configs():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
 def test_every_yaml_loads_and_starts_with_its_command(path):
     assert path.read_text().startswith("#"), f"{path} must start with a comment giving its command"
+    first = path.read_text().splitlines()[0]
+    assert "python jobs/" in first or "load_config(" in first, f"{path}: its first line is not a command"
     config = load_config(CONFIG_CLASSES[path.parent.name], path)
     if isinstance(config, TeacherConfig):
         # The prompt renders with a real chat-template tokenizer and its answer words are single tokens.
@@ -287,3 +300,36 @@ def test_prompt_differences_read_missing_fields_as_their_defaults():
     assert prompt_differences({"doc_label": "Skill"}, {"doc_label": "Document"}) == [
         ("doc_label", "Skill", "Document")
     ]
+
+
+# -- the jobs' command line ----------------------------------------------------------------------------------------
+
+
+def test_job_flags_set_the_keys_of_the_same_name_then_overrides_apply(tmp_path):
+    root = Path(__file__).resolve().parents[1] / "configs"
+    argv = ["--data", "D", "--split", "dev", "--out", "O", "--candidates", "all", "--max-queries", "20"]
+    argv += ["--model", "tiny-random-llama", "--training", "--actors", "1:4", "teacher.prompt.max_doc_tokens=7"]
+    config = parse_job_args(ScoreTeacherConfig, argv, aliases={"--model": "teacher"})
+    assert (config.data, config.split, config.out, config.max_queries, config.actors) == ("D", "dev", "O", 20, "1:4")
+    assert config.training is True and config.overwrite is False
+    assert config.teacher.model == "tiny-random-llama" and config.teacher.prompt.max_doc_tokens == 7
+    # A teacher YAML as --teacher; a job YAML as --config, the flags and overrides on top of it.
+    teacher = load_config(TeacherConfig, root / "teacher" / "scifact.yaml")
+    argv = ["--teacher", str(root / "teacher" / "scifact.yaml"), "--methods", "bm25,teacher", "seed=3"]
+    config = parse_job_args(EvaluateConfig, ["--config", str(root / "evaluate" / "esconv_strategy.yaml"), *argv])
+    assert config.teacher == teacher and config.methods == ["bm25", "teacher"] and config.seed == 3
+    assert config.max_queries == 300  # from the YAML
+    index = parse_job_args(IndexConfig, ["--checkpoint", "C", "--data", "D", "--out", "O", "--index-type", "hnsw"])
+    assert index.index_type == "hnsw" and index.teacher is None and index.actors == "1:1"
+
+
+def test_a_job_config_names_what_is_missing_or_misplaced():
+    with pytest.raises(ConfigError, match="missing required config key 'out': set it with --out"):
+        parse_job_args(ScoreTeacherConfig, ["--data", "D"])
+    with pytest.raises(ConfigError, match="actors expects MIN:MAX or N, got 'many'"):
+        parse_job_args(IndexConfig, ["--checkpoint", "C", "--data", "D", "--out", "O", "--actors", "many"])
+    teacher_yaml = Path(__file__).resolve().parents[1] / "configs" / "teacher" / "esconv_strategy.yaml"
+    with pytest.raises(ConfigError, match="looks like a teacher config .*: pass it as --teacher"):
+        parse_job_args(EvaluateConfig, ["--config", str(teacher_yaml), "--data", "D", "--split", "dev"])
+    with pytest.raises(SystemExit):
+        parse_job_args(ScoreTeacherConfig, ["--no-such-flag", "x"])

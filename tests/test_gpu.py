@@ -103,6 +103,7 @@ def test_index_encoder_actors_run_on_the_gpu(ray_local, tmp_path):
     from conftest import write_beir
     from test_index import _save_checkpoint
 
+    from rabtriever_ray.config import IndexConfig
     from rabtriever_ray.index import build_index
     from rabtriever_ray.search import Searcher
     from rabtriever_ray.student import load_student
@@ -110,7 +111,7 @@ def test_index_encoder_actors_run_on_the_gpu(ray_local, tmp_path):
     data = write_beir(tmp_path / "skills")
     checkpoint = _save_checkpoint(tmp_path / "checkpoint")
     manifest = build_index(
-        checkpoint, data, tmp_path / "index", cpus_per_actor=0.5
+        IndexConfig(checkpoint, data, tmp_path / "index", cpus_per_actor=0.5)
     )  # 1 GPU per actor: default
     table = pq.ParquetDataset(str(tmp_path / "index" / "embeddings")).read()
     student = load_student(checkpoint, device="cpu")

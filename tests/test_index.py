@@ -9,7 +9,14 @@ import pytest
 import torch
 from conftest import write_beir
 
-from rabtriever_ray.config import ConfigError, PromptConfig, StudentConfig, TeacherConfig, to_dict
+from rabtriever_ray.config import (
+    ConfigError,
+    IndexConfig,
+    PromptConfig,
+    StudentConfig,
+    TeacherConfig,
+    to_dict,
+)
 from rabtriever_ray.index import DocumentIndex, IndexFolderError, build_index, faiss_index
 from rabtriever_ray.io import OutputExistsError
 from rabtriever_ray.search import Searcher
@@ -40,7 +47,7 @@ def save_checkpoint_and_index(root):
     """A tiny checkpoint and a flat index over the skills corpus, under ``root`` (needs Ray)."""
     checkpoint = _save_checkpoint(root / "checkpoint")
     index = root / "index"
-    build_index(checkpoint, write_beir(root / "skills"), index, "flat", cpus_per_actor=0.5, batch_size=4)
+    build_index(IndexConfig(checkpoint, write_beir(root / "skills"), index, "flat", cpus_per_actor=0.5, batch_size=4))
     return checkpoint, index
 
 
@@ -57,7 +64,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def index(ray_local, checkpoint, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("index") / "flat"
-    build_index(checkpoint, data, out, "flat", cpus_per_actor=0.5, batch_size=4)
+    build_index(IndexConfig(checkpoint, data, out, "flat", cpus_per_actor=0.5, batch_size=4))
     return out
 
 
@@ -83,7 +90,7 @@ def test_index_folder_holds_the_student_encodings(index, checkpoint, data):
 
 def test_a_finished_index_is_not_overwritten(index, checkpoint, data):
     with pytest.raises(OutputExistsError, match="--overwrite"):
-        build_index(checkpoint, data, index)
+        build_index(IndexConfig(checkpoint, data, index))
 
 
 def test_search_matches_brute_force_scoring(index, checkpoint):
@@ -197,9 +204,9 @@ def test_bad_checkpoint_or_data_fails_before_any_work(ray_local, checkpoint, tmp
     from rabtriever_ray.data import DataError
 
     with pytest.raises(FileNotFoundError, match="not a Rabtriever checkpoint"):
-        build_index(tmp_path, tmp_path, tmp_path / "out")
+        build_index(IndexConfig(tmp_path, tmp_path, tmp_path / "out"))
     with pytest.raises(DataError, match="no corpus"):
-        build_index(checkpoint, tmp_path, tmp_path / "out")
+        build_index(IndexConfig(checkpoint, tmp_path, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
     legacy = tmp_path / "legacy"
     shutil.copytree(checkpoint, legacy)

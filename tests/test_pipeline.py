@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import INSTRUCTIONS, SKILLS, write_beir
 
-from rabtriever_ray.config import PromptConfig, TeacherConfig
+from rabtriever_ray.config import PromptConfig, ScoreTeacherConfig, TeacherConfig
 from rabtriever_ray.data import build_pairs, read_beir
 from rabtriever_ray.io import OutputExistsError
 from rabtriever_ray.pipeline import (
@@ -39,6 +39,11 @@ def _stage_kwargs(**extra):
     return {"cpus_per_actor": 0.5, "batch_size": 8, **extra}
 
 
+def _score_config(data, out, **options) -> ScoreTeacherConfig:
+    """jobs/score_teacher.py's config for the "test" split of ``data`` with the tiny teacher."""
+    return ScoreTeacherConfig(data=str(data), split="test", out=str(out), teacher=TEACHER, **options)
+
+
 def test_stage_scores_equal_in_process_teacher(ray_local, beir):
     pairs = build_pairs(read_beir(beir, "test"), "all")
     rows = teacher_stage(pairs_dataset(pairs, rows_per_block=10), TEACHER, **_stage_kwargs()).to_arrow_refs()
@@ -63,9 +68,8 @@ def test_stage_scores_equal_in_process_teacher(ray_local, beir):
 def test_killed_actor_is_replaced_and_every_pair_written_once(ray_local, beir, tmp_path):
     marker = tmp_path / "crashed"
     out = tmp_path / "scores"
-    manifest = write_teacher_scores(
-        beir, "test", out, TEACHER, actors=(1, 1), crash_once=(str(marker), 1), **_stage_kwargs(batch_size=5)
-    )
+    config = _score_config(beir, out, actors="1:1", **_stage_kwargs(batch_size=5))
+    manifest = write_teacher_scores(config, crash_once=(str(marker), 1))
     assert marker.exists()  # an actor really died mid-stage (after its first batch)
     table = pq.ParquetDataset(str(out / "data")).read()
     pairs = list(zip(table.column("query_id").to_pylist(), table.column("doc_id").to_pylist()))
@@ -91,7 +95,7 @@ def test_job_writes_parquet_and_manifest_and_refuses_rerun(ray_local, beir, tmp_
         "8",
         "--max-queries",
         "3",
-        "prompt.max_doc_tokens=24",
+        "teacher.prompt.max_doc_tokens=24",
     ]
     manifest = main(args)
     assert (
@@ -124,7 +128,7 @@ def test_job_skip_policy_writes_rejects(ray_local, tmp_path):
         tmp_path / "broken", extra_corpus_lines=['{"_id": "x", "text": '], extra_qrel_lines=["q1\tnope\t1"]
     )
     out = tmp_path / "out"
-    manifest = write_teacher_scores(root, "test", out, TEACHER, on_bad_row="skip", **_stage_kwargs())
+    manifest = write_teacher_scores(_score_config(root, out, on_bad_row="skip", **_stage_kwargs()))
     assert manifest["rows"] == N_PAIRS and manifest["rejected_rows"] == {"corpus.jsonl": 1, "test.tsv": 1}
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert [(r["line"], r["field"]) for r in rejects] == [(7, "<json>"), (7, "corpus-id")]
@@ -134,7 +138,7 @@ def test_failed_run_leaves_nothing_that_looks_complete(ray_local, tmp_path):
     root = write_beir(tmp_path / "broken", extra_corpus_lines=['{"_id": "x", "text": '])
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=r"corpus.jsonl:7"):
-        write_teacher_scores(root, "test", out, TEACHER, **_stage_kwargs())
+        write_teacher_scores(_score_config(root, out, **_stage_kwargs()))
     assert not out.exists() and list(tmp_path.iterdir()) == [root]
 
 

@@ -35,11 +35,9 @@ def _at_least(config: Any, minimum: float, *names: str) -> None:
 
 
 def actor_range(text: str) -> tuple[int, int]:
-    """``MIN:MAX`` or ``N`` -> (min, max) of an actor pool: the ``type`` of the jobs' ``--actors`` argument."""
-    import argparse
-
+    """``MIN:MAX`` or ``N`` -> (min, max) of an actor pool (the jobs' ``actors`` key)."""
     lo, _, hi = text.partition(":")
     try:
         return int(lo), int(hi or lo)
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"--actors expects MIN:MAX or N, got {text!r}") from err
+        raise ConfigError(f"actors expects MIN:MAX or N, got {text!r}") from err

@@ -48,7 +48,7 @@ def load_config(cls: type, path: str | Path | None = None, overrides: Iterable[s
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         field_type = _field_type(cls, key)
-        if dataclasses.is_dataclass(field_type):
+        if _section(field_type):
             _set_section(values, key, field_type, raw.strip())
         else:
             _set_dotted(values, key, _parse_string(raw, field_type, key))
@@ -56,7 +56,8 @@ def load_config(cls: type, path: str | Path | None = None, overrides: Iterable[s
     for key in getattr(cls, "REQUIRED", ()):
         if getattr(config, key) in (None, ""):
             raise ConfigError(
-                f"{source}: {key!r} is required: set it in the YAML, with --{key.replace('_', '-')} or {key}=..."
+                f"missing required config key {key!r}: set it with --{key.replace('_', '-')}, {key}=... "
+                "or in the --config YAML"
             )
     return config
 
@@ -85,8 +86,8 @@ def parse_job_args(
         help_text = f.metadata.get("help", "").replace("%", "%%")
         if field_type is bool:
             parser.add_argument(*flags, dest=name, action="store_const", const="true", help=help_text)
-        elif dataclasses.is_dataclass(field_type):
-            shorthand = getattr(field_type, "SHORTHAND", None)
+        elif _section(field_type):
+            shorthand = getattr(_section(field_type), "SHORTHAND", None)
             one_string = f"a YAML of its keys or its {shorthand}" if shorthand else "a YAML of its keys"
             parser.add_argument(*flags, dest=name, metavar="VALUE", help=f"{help_text} ({one_string})")
         else:
@@ -113,9 +114,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _section_hint(cls: type, loaded: Mapping[str, Any], path: str | Path) -> str:
     """For a YAML that does not fit ``cls`` but fits one of its sections whole: say to pass it as that section."""
     for name, (_f, field_type) in _fields(cls).items():
-        if dataclasses.is_dataclass(field_type) and loaded and set(loaded) <= set(_fields(field_type)):
+        section = _section(field_type)
+        if section and loaded and set(loaded) <= set(_fields(section)):
             return (
-                f" ({path} looks like a {name} config ({field_type.__name__}): pass it as "
+                f" ({path} looks like a {name} config ({section.__name__}): pass it as "
                 f"--{name.replace('_', '-')} {path})"
             )
     return ""
@@ -132,9 +134,19 @@ def _section_from_string(cls: type, text: str, key: str, source: str) -> dict[st
     return {shorthand: _check_value(text, _fields(cls)[shorthand][1], f"{key}.{shorthand}", source)}
 
 
-def _set_section(values: dict[str, Any], key: str, cls: type, text: str) -> None:
-    """``key=text`` for a section: a YAML file replaces the section, a shorthand sets that one field."""
-    section = _section_from_string(cls, text, key, "command line")
+def _section(tp: Any) -> type | None:
+    """The dataclass of a section field (``X`` or ``X | None``), else None."""
+    inner = _is_optional(tp)[1]
+    return inner if dataclasses.is_dataclass(inner) else None
+
+
+def _set_section(values: dict[str, Any], key: str, field_type: Any, text: str) -> None:
+    """``key=text`` for a section: a YAML file replaces the section, a shorthand sets that one field; ``none``
+    drops an optional section."""
+    if _is_optional(field_type)[0] and text.lower() in ("none", "null", "~"):
+        _set_dotted(values, key, None)
+        return
+    section = _section_from_string(_section(field_type), text, key, "command line")
     if section is None:
         raise ConfigError(f"command line: {key!r} is a section; set one of its keys, e.g. {key}.<key>=...")
     if text.endswith((".yaml", ".yml")):
@@ -212,13 +224,17 @@ def _field_type(cls: type, dotted: str) -> Any:
         if part not in fields:
             raise _unknown(dotted, [".".join(parts[:depth] + [k]) for k in fields], "command line")
         current = fields[part][1]
+        if depth < len(parts) - 1:
+            current = _section(current) or current
     return current
 
 
 def _set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, last = dotted.split(".")
     for part in parents:
-        values = values.setdefault(part, {})
+        if values.get(part) is None:  # absent, or an optional section set to None before
+            values[part] = {}
+        values = values[part]
     values[last] = value
 
 
@@ -234,15 +250,19 @@ def _check_mapping(cls: type, mapping: Mapping[str, Any], prefix: str, source: s
         if key not in fields:
             raise _unknown(dotted, [f"{prefix}{k}" for k in fields], source)
         field_type = fields[key][1]
-        if dataclasses.is_dataclass(field_type):
+        section_type = _section(field_type)
+        if section_type:
+            if value is None and _is_optional(field_type)[0]:
+                out[key] = None
+                continue
             if isinstance(value, str):
-                section = _section_from_string(field_type, value, dotted, source)
+                section = _section_from_string(section_type, value, dotted, source)
                 if section is not None:
                     out[key] = section
                     continue
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: {dotted!r} must be a mapping of its keys, got {value!r}")
-            out[key] = _check_mapping(field_type, value, f"{dotted}.", source)
+            out[key] = _check_mapping(section_type, value, f"{dotted}.", source)
         else:
             out[key] = _check_value(value, field_type, dotted, source)
     return out
@@ -251,8 +271,11 @@ def _check_mapping(cls: type, mapping: Mapping[str, Any], prefix: str, source: s
 def _build(cls: type, values: Mapping[str, Any], prefix: str, source: str) -> Any:
     kwargs = {}
     for name, (_f, field_type) in _fields(cls).items():
-        if dataclasses.is_dataclass(field_type):
-            kwargs[name] = _build(field_type, values.get(name, {}), f"{prefix}{name}.", source)
+        section = _section(field_type)
+        if section and values.get(name) is not None:
+            kwargs[name] = _build(section, values[name], f"{prefix}{name}.", source)
+        elif section and name not in values and not _is_optional(field_type)[0]:
+            kwargs[name] = _build(section, {}, f"{prefix}{name}.", source)  # class defaults, as nested
         elif name in values:
             kwargs[name] = values[name]
     try:
@@ -262,6 +285,9 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str, source: str) -> An
 
 
 def _type_name(tp: Any) -> str:
+    optional, inner = _is_optional(tp)
+    if optional:
+        return f"{_type_name(inner)} | None"
     if typing.get_origin(tp) is Literal:
         return "|".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:

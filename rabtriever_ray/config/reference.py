@@ -15,7 +15,15 @@ from typing import Any, Literal
 
 from .base import ConfigError
 from .loading import _default, _flat_fields, _type_name
-from .schema import DistillConfig, ServeConfig, TeacherConfig, TeacherTrainConfig
+from .schema import (
+    DistillConfig,
+    EvaluateConfig,
+    IndexConfig,
+    ScoreTeacherConfig,
+    ServeConfig,
+    TeacherConfig,
+    TeacherTrainConfig,
+)
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 REFERENCE_START = "<!-- config-reference:start -->"
@@ -41,6 +49,22 @@ REFERENCE_CONFIGS: tuple[tuple[type, str], ...] = (
         "Read by `jobs/train_teacher.py` from `--config configs/teacher_train/*.yaml`, then a flag per top-level "
         "key (`--lora`, `--data DIR`, `--model M` for `--teacher M`), then trailing `key=value` overrides "
         "(`lora=true epochs=2`).",
+    ),
+    (
+        ScoreTeacherConfig,
+        "Read by `jobs/score_teacher.py` from `--config configs/score_teacher/*.yaml`, then a flag per top-level "
+        "key (`--data D --out O --max-queries 20`; `--model M` for `--teacher M`), then trailing `key=value` "
+        "overrides (`teacher.prompt.max_doc_tokens=256`).",
+    ),
+    (
+        IndexConfig,
+        "Read by `jobs/index.py` from `--config configs/index/*.yaml`, then a flag per top-level key "
+        "(`--checkpoint C --index-type hnsw --actors 1:4`), then trailing `key=value` overrides.",
+    ),
+    (
+        EvaluateConfig,
+        "Read by `jobs/evaluate.py` from `--config configs/evaluate/*.yaml`, then a flag per top-level key "
+        "(`--methods bm25,teacher --teacher configs/teacher/x.yaml`), then trailing `key=value` overrides.",
     ),
     (
         ServeConfig,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from .base import ConfigError, _at_least, _gpu_shares, option
+from .base import ConfigError, _at_least, _gpu_shares, actor_range, option
 
 # --------------------------------------------------------------------------------------------------------------
 # The configs.
@@ -288,6 +288,91 @@ class TeacherTrainConfig:
         if self.negatives_from != "all" and not self.negatives_from.startswith("bm25:"):
             raise ConfigError(f"negatives_from must be all or bm25:K, got {self.negatives_from!r}")
 
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The offline jobs around distillation: scoring, indexing, evaluation. Keys in REQUIRED have no usable default.
+
+_TEACHER_HELP = "the teacher: a section, a teacher YAML (configs/teacher/*.yaml) or a model spec"
+
+
+@dataclass
+class ScoreTeacherConfig:
+    """Scoring candidate pairs with the teacher on Ray Data (jobs/score_teacher.py; `pipeline.write_teacher_scores`)."""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("data", "out")
+
+    data: str = option("", "BEIR folder (corpus.jsonl, queries.jsonl, qrels/); required")
+    split: str | None = option(None, "qrels split; its queries are scored (None: all queries)")
+    out: str = option("", "output folder (written atomically); required")
+    teacher: TeacherConfig = option(TeacherConfig(), _TEACHER_HELP)
+    candidates: str = option("all", "all | bm25:K | path to a TREC run file")
+    training: bool = option(False, "add qrel positives missing from the candidates")
+    max_queries: int | None = option(None, "seeded subset of this many queries")
+    seed: int = option(0, "seed of the query subset")
+    actors: str = option("1:1", "teacher actor pool MIN:MAX (or N)")
+    gpus_per_actor: float | None = option(None, "GPUs per teacher actor; None: 1 when the cluster has GPUs")
+    cpus_per_actor: float = option(1.0, "CPUs per teacher actor")
+    batch_size: int = option(64, "rows per actor call")
+    on_bad_row: Literal["fail", "skip"] = option("fail", "bad input rows: stop or skip (rejects.jsonl)")
+    overwrite: bool = option(False, "replace a finished out")
+
+    def __post_init__(self) -> None:
+        actor_range(self.actors)
+
+
+@dataclass
+class IndexConfig:
+    """Encoding a corpus with a checkpoint's student and building a FAISS index (jobs/index.py; `index.build_index`)."""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("checkpoint", "data", "out")
+
+    checkpoint: str = option("", "distillation checkpoint folder (student.safetensors); required")
+    data: str = option("", "BEIR folder; its corpus is indexed; required")
+    out: str = option("", "index folder (written atomically); required")
+    index_type: Literal["flat", "hnsw", "ivf"] = option("flat", "FAISS index over the first-stage vectors")
+    hnsw_m: int = option(32, "HNSW neighbours per node")
+    nlist: int | None = option(None, "IVF lists (None: 4 sqrt(n))")
+    teacher: TeacherConfig | None = option(
+        None, "backbone and prompt for a checkpoint that records none (a teacher YAML or a model spec)"
+    )
+    actors: str = option("1:1", "encoder actor pool MIN:MAX (or N)")
+    gpus_per_actor: float | None = option(None, "GPUs per encoder actor; None: 1 when the cluster has GPUs")
+    cpus_per_actor: float = option(1.0, "CPUs per encoder actor")
+    batch_size: int = option(256, "documents per actor call")
+    on_bad_row: Literal["fail", "skip"] = option("fail", "bad corpus rows: stop or skip")
+    overwrite: bool = option(False, "replace a finished out")
+
+    def __post_init__(self) -> None:
+        actor_range(self.actors)
+
+
+@dataclass
+class EvaluateConfig:
+    """Evaluating baselines, the teacher and Rabtriever on a BEIR split (jobs/evaluate.py; `evaluate.run_evaluation`)."""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("data", "split")
+
+    data: str = option("", "BEIR folder (corpus.jsonl, queries.jsonl, qrels/); required")
+    split: str = option("", "qrels split to evaluate (e.g. dev, test); required")
+    methods: list[str] = option(
+        ["bm25", "llm-embed", "teacher"],
+        "comma-separated: frequency, bm25, minilm, llm-embed, teacher, rabtriever, rabtriever-search",
+    )
+    out: str | None = option(None, "results JSON (written atomically)")
+    checkpoint: str | None = option(None, "distillation checkpoint (rabtriever methods)")
+    index: str | None = option(None, "jobs/index.py output for rabtriever-search")
+    teacher: TeacherConfig = option(
+        TeacherConfig(), _TEACHER_HELP + "; the student uses the prompt its checkpoint records"
+    )
+    max_queries: int | None = option(None, "seeded subset of this many queries")
+    seed: int = option(0, "seed of the query subset")
+    candidates: str = option("all", "candidates of the rerankers: all | bm25:K | TREC run file")
+    frequency_data: str | None = option(
+        None, "BEIR folder whose qrels give the frequency prior (None: data)"
+    )
+    frequency_split: str = option("train", "qrels split of the frequency prior")
+    exclude_self: bool = option(False, "drop a query's own id from its results")
 
 
 # --------------------------------------------------------------------------------------------------------------
