@@ -255,11 +255,10 @@ def write_teacher_scores(
     from .config import to_dict
     from .data.beir import read_beir, write_rejects
     from .data.candidates import build_pairs
-    from .io import commit_dir, init_ray, staging_dir, write_json_atomic
+    from .io import atomic_dir, init_ray, write_json_atomic
 
     start = time.perf_counter()
-    staging = staging_dir(out, overwrite)  # refuse before any expensive work
-    try:
+    with atomic_dir(out, overwrite) as staging:  # refuses before any expensive work
         data = read_beir(data_dir, split, on_bad_row=on_bad_row)  # type: ignore[arg-type]
         pairs = build_pairs(data, candidates, max_queries=max_queries, seed=seed, training=training)
         if len(pairs) == 0:
@@ -302,12 +301,6 @@ def write_teacher_scores(
             "schema": {f.name: str(f.type) for f in output_schema(hidden_size)},
         }
         write_json_atomic(staging / MANIFEST, manifest)  # last: marks the folder complete
-        commit_dir(staging, out)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return manifest
 
 
