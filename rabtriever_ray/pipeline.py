@@ -42,6 +42,7 @@ import pyarrow as pa
 from .config import TeacherConfig
 from .data.candidates import PAIR_SCHEMA
 from .io import MANIFEST
+from .prompts import PromptBuilder
 
 SCORE_COLUMNS = [
     "teacher_score",
@@ -292,7 +293,7 @@ def write_teacher_scores(
             "max_queries": max_queries,
             "seed": seed,
             "teacher": to_dict(teacher),
-            "prompt_template": _template_text(teacher),
+            "prompt_template": PromptBuilder.template_text(teacher.prompt),
             "hidden_size": hidden_size,
             **counts,
             "rejected_rows": data.reject_counts(),
@@ -302,9 +303,3 @@ def write_teacher_scores(
         }
         write_json_atomic(staging / MANIFEST, manifest)  # last: marks the folder complete
     return manifest
-
-
-def _template_text(teacher: TeacherConfig) -> str:
-    """The teacher prompt with ``{document}`` / ``{query}`` placeholders, as the default template renders it."""
-    c = teacher.prompt
-    return f"{c.doc_label}:\n{{document}}\n\n{c.query_label}:\n{{query}}\n\n{c.instruction} {c.answer_hint}"
