@@ -89,7 +89,7 @@ def test_serving_imports_no_training():
     import sys
 
     code = (
-        "import sys, rabtriever_ray.serve, rabtriever_ray.serve.app, rabtriever_ray.serve.batching, "
+        "import sys, rabtriever_ray.serve, rabtriever_ray.serve.application, rabtriever_ray.serve.batching, "
         "rabtriever_ray.serve.deployments, rabtriever_ray.serve.http, rabtriever_ray.serve.router, "
         "rabtriever_ray.demo\n"
         "print(sorted(m for m in sys.modules if m in {"

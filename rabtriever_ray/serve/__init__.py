@@ -30,7 +30,7 @@ from ray.serve import Application
 
 from ..config import ServeConfig
 from ..demo import demo_paths, ensure_demo
-from .app import _options, build_app, load_serve_config, logger
+from .application import _options, build_app, load_serve_config, logger
 from .batching import _BatchedModel
 from .deployments import Encoder, Reranker
 from .http import API_KEY_ENV, ROUTES, EmbeddingRequest, RequestError, RerankRequest, SearchRequest

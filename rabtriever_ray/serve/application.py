@@ -1,4 +1,8 @@
-"""The Serve application: `build_app` binds the deployments with their options from `ServeConfig`."""
+"""The Serve application: `build_app` binds the deployments with their options from `ServeConfig`.
+
+(Not ``app.py``: a submodule ``app`` would be the package's attribute ``app`` once imported, hiding the lazy
+``rabtriever_ray.serve:app`` that ``serve run`` asks for.)
+"""
 
 from __future__ import annotations
 
