@@ -28,7 +28,7 @@ from typing import Any
 from .config import DistillConfig, TeacherConfig, prompt_differences, to_dict
 from .data import DEMO_DATA, build_pairs, read_beir
 from .data.candidates import BM25Index
-from .io import init_ray, write_json_atomic
+from .io import atomic_dir, init_ray, write_json_atomic
 from .metrics import retrieval_metrics, run_from_rows
 from .models import model_hidden_size, prompt_mismatch, resolve_spec
 from .pipeline import SchemaError, pairs_dataset, read_teacher_scores, teacher_stage
@@ -207,13 +207,11 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
         )
         first_epoch += epochs
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with checkpoint.as_directory() as directory:
-        staging = out_dir / ".checkpoint.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(directory, staging)
-    shutil.rmtree(out_dir / "checkpoint", ignore_errors=True)
-    staging.rename(out_dir / "checkpoint")
+    with (
+        checkpoint.as_directory() as directory,
+        atomic_dir(out_dir / "checkpoint", overwrite=True) as staging,
+    ):
+        shutil.copytree(directory, staging, dirs_exist_ok=True)
     history = json.loads((out_dir / "checkpoint" / "history.json").read_text())
 
     final = _final_metrics(history[-1], val, val_data)

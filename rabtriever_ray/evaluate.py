@@ -247,28 +247,26 @@ class Evaluation:
                 run[qid] = dict(zip(docs, cosine.tolist()))
         return run
 
+    def _per_query_run(self, scores: Sequence[torch.Tensor]) -> dict[str, dict[str, float]]:
+        """A run from each query's candidate scores (in `candidates` order); queries without candidates left out."""
+        return {
+            qid: dict(zip(self.candidates[qid], row.tolist()))
+            for qid, row in zip(self.query_ids, scores)
+            if self.candidates[qid]
+        }
+
     def _teacher(self):
-        pairs = [(i, d) for i, q in enumerate(self.query_ids) for d in self.candidates[q]]
-        queries = [self.query_text[i] for i, _ in pairs]
-        scores = self.teacher().score(queries, [self.doc_text[d] for _, d in pairs]).score
-        run: dict[str, dict[str, float]] = {}
-        for (i, d), s in zip(pairs, scores.tolist()):
-            run.setdefault(self.query_ids[i], {})[d] = s
-        return run
+        texts = [[self.doc_text[d] for d in self.candidates[q]] for q in self.query_ids]
+        return self._per_query_run(self.teacher().rerank(self.query_text, texts))
 
     def _rabtriever(self):
         student, hidden = self.student(), self._candidate_hidden()
+        row = {d: j for j, d in enumerate(hidden)}
+        candidates = [[row[d] for d in self.candidates[q]] for q in self.query_ids]
         with torch.no_grad():
             queries = student.encode_queries(self.query_text)
-            run = {}
-            for i, qid in enumerate(self.query_ids):
-                docs = self.candidates[qid]
-                if docs:
-                    scores = student.score_matrix(queries[i : i + 1], torch.stack([hidden[d] for d in docs]))[
-                        0
-                    ]
-                    run[qid] = dict(zip(docs, scores.tolist()))
-        return run
+            scores = student.rerank(queries, torch.stack(list(hidden.values())), candidates)
+        return self._per_query_run(scores)
 
     def _rabtriever_search(self):
         from .index import DocumentIndex, encode_corpus

@@ -144,15 +144,13 @@ def faiss_index(
 def build_index(config: IndexConfig) -> dict[str, Any]:
     """Encode a BEIR corpus with a checkpoint's student on Ray Data and write an index folder (every option:
     `IndexConfig`); returns the manifest."""
-    import shutil
-
     import pyarrow.parquet as pq
     import ray
     import ray.data
     from ray.data import ActorPoolStrategy
 
     from .data.beir import find_file, read_corpus
-    from .io import commit_dir, init_ray, staging_dir, write_json_atomic
+    from .io import atomic_dir, init_ray, write_json_atomic
     from .prompts import document_text
     from .student import checkpoint_digest, load_student_info
 
@@ -163,8 +161,7 @@ def build_index(config: IndexConfig) -> dict[str, Any]:
     overwrite = config.overwrite
     checkpoint = Path(config.checkpoint).resolve()
     info = load_student_info(checkpoint, teacher)  # a bad checkpoint fails before any work
-    staging = staging_dir(out, overwrite)
-    try:
+    with atomic_dir(out, overwrite) as staging:
         corpus, rejects = read_corpus(find_file(Path(data_dir), "corpus"), on_bad_row=on_bad_row)  # type: ignore[arg-type]
         if not corpus:
             raise ValueError(f"{data_dir}: the corpus has no documents")
@@ -225,10 +222,6 @@ def build_index(config: IndexConfig) -> dict[str, Any]:
             "elapsed_s": round(time.perf_counter() - start, 2),
         }
         write_json_atomic(staging / MANIFEST, manifest)
-        commit_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return manifest
 
 

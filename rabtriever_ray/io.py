@@ -21,7 +21,8 @@ import shutil
 import sys
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -257,3 +258,17 @@ def commit_dir(staging: Path, out: str | Path) -> None:
     os.rename(staging, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Write the folder ``out`` atomically: yields a fresh staging folder beside it (`staging_dir`, which refuses
+    an ``out`` that holds files unless ``overwrite``), renames it to ``out`` when the block ends (`commit_dir`),
+    and removes it when the block raises, so ``out`` is either the complete new folder or what it was before."""
+    staging = staging_dir(out, overwrite)
+    try:
+        yield staging
+        commit_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -42,6 +42,7 @@ import pyarrow as pa
 from .config import ScoreTeacherConfig, TeacherConfig, actor_range
 from .data.candidates import PAIR_SCHEMA
 from .io import MANIFEST
+from .prompts import PromptBuilder
 
 SCORE_COLUMNS = [
     "teacher_score",
@@ -242,14 +243,13 @@ def write_teacher_scores(
     from .config import to_dict
     from .data.beir import read_beir, write_rejects
     from .data.candidates import build_pairs
-    from .io import commit_dir, init_ray, staging_dir, write_json_atomic
+    from .io import atomic_dir, init_ray, write_json_atomic
 
     start = time.perf_counter()
     data_dir, split, out, teacher = config.data, config.split, config.out, config.teacher
     candidates, max_queries, seed, training = config.candidates, config.max_queries, config.seed, config.training
     on_bad_row, actors = config.on_bad_row, actor_range(config.actors)
-    staging = staging_dir(out, config.overwrite)  # refuse before any expensive work
-    try:
+    with atomic_dir(out, config.overwrite) as staging:  # refuses before any expensive work
         data = read_beir(data_dir, split, on_bad_row=on_bad_row)  # type: ignore[arg-type]
         pairs = build_pairs(data, candidates, max_queries=max_queries, seed=seed, training=training)
         if len(pairs) == 0:
@@ -283,7 +283,7 @@ def write_teacher_scores(
             "max_queries": max_queries,
             "seed": seed,
             "teacher": to_dict(teacher),
-            "prompt_template": _template_text(teacher),
+            "prompt_template": PromptBuilder.template_text(teacher.prompt),
             "hidden_size": hidden_size,
             **counts,
             "rejected_rows": data.reject_counts(),
@@ -292,16 +292,4 @@ def write_teacher_scores(
             "schema": {f.name: str(f.type) for f in output_schema(hidden_size)},
         }
         write_json_atomic(staging / MANIFEST, manifest)  # last: marks the folder complete
-        commit_dir(staging, out)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return manifest
-
-
-def _template_text(teacher: TeacherConfig) -> str:
-    """The teacher prompt with ``{document}`` / ``{query}`` placeholders, as the default template renders it."""
-    c = teacher.prompt
-    return f"{c.doc_label}:\n{{document}}\n\n{c.query_label}:\n{{query}}\n\n{c.instruction} {c.answer_hint}"

@@ -92,9 +92,16 @@ class PromptBuilder:
 
     # -- template ---------------------------------------------------------------------------------------------
 
+    @staticmethod
+    def template_text(config: PromptConfig, document: str = "{document}", query: str = "{query}") -> str:
+        """The user message of the teacher prompt, before any chat template (by default with ``{document}`` /
+        ``{query}`` placeholders: what the teacher-scores manifest records). Needs no tokenizer."""
+        c = config
+        return f"{c.doc_label}:\n{document}\n\n{c.query_label}:\n{query}\n\n{c.instruction} {c.answer_hint}".strip()
+
     def _render(self, document: str, query: str) -> str:
         c = self.config
-        user = f"{c.doc_label}:\n{document}\n\n{c.query_label}:\n{query}\n\n{c.instruction} {c.answer_hint}".strip()
+        user = self.template_text(c, document, query)
         if getattr(self.tokenizer, "chat_template", None):
             messages = ([{"role": "system", "content": c.system}] if c.system else []) + [
                 {"role": "user", "content": user}

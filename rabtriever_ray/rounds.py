@@ -110,14 +110,13 @@ class StudentSampler:
         positives = batch.column("positives").to_pylist()
         texts = batch.column("query_text").to_pylist()
         docs = list(dict.fromkeys(d for pool in pools for d in pool))
+        column = {d: j for j, d in enumerate(docs)}
         with torch.no_grad():
             h_query = self.student.encode_queries(texts)
             h_doc = self.doc_cache([self.documents[d] for d in docs])
-            scores = self.student.score_matrix(h_query, h_doc).cpu()
-        column = {d: j for j, d in enumerate(docs)}
+            scores = self.student.rerank(h_query, h_doc, [[column[d] for d in pool] for pool in pools])
         rows: dict[str, list] = {name: [] for name in PAIR_SCHEMA.names}
-        for i, (qid, qtext, pool, pos) in enumerate(zip(query_ids, texts, pools, positives)):
-            pool_scores = scores[i, [column[d] for d in pool]]
+        for qid, qtext, pool, pos, pool_scores in zip(query_ids, texts, pools, positives, scores):
             generator = query_generator(self.cfg.seed, self.round_index, qid)
             drawn = [
                 pool[j] for j in gumbel_top_k(pool_scores, self.cfg.round_k, self.cfg.round_tau, generator)

@@ -1,9 +1,10 @@
 """Two-stage search with a trained Rabtriever over an index from `jobs/index.py`.
 
 Each query is encoded once by the frozen backbone. The first stage takes the top ``first_stage_k`` documents by
-inner product of the first-stage vectors (FAISS); the predictor then scores those candidates (`score_matrix`) and
-the top ``top_k`` are returned. ``rerank="teacher"`` re-scores that final list with the generative reranker (the
-same frozen model, reading each document with the query); ``rerank="none"`` returns the first stage as is. A
+inner product of the first-stage vectors (FAISS); the predictor then scores those candidates (`Rabtriever.rerank`)
+and the top ``top_k`` are returned. ``rerank="teacher"`` re-scores that final list with the generative reranker
+(`GenerativeReranker.rerank`: the same frozen model, reading each document with the query); ``rerank="none"``
+returns the first stage as is. A
 corpus of at most ``exhaustive_max_docs`` documents skips FAISS: the predictor scores every document.
 
 Scores: ``student`` and ``teacher`` are ``logp_yes - logp_no`` (higher = relevant); ``none`` is the first-stage
@@ -125,24 +126,19 @@ class Searcher:
         return [list(zip(ids.tolist(), vals.tolist())) for vals, ids in zip(top.values, top.indices)]
 
     def _two_stage(self, h_query: torch.Tensor, first_k: int, k: int) -> list[list[tuple[int, float]]]:
+        ids = [[j for j, _ in candidates] for candidates in self._first_stage(h_query, first_k)]
         out = []
-        for i, candidates in enumerate(self._first_stage(h_query, first_k)):
-            ids = [j for j, _ in candidates]
-            scores = self.student.score_matrix(h_query[i : i + 1], self.index.doc_hidden[ids])[0].cpu()
+        for rows, scores in zip(ids, self.student.rerank(h_query, self.index.doc_hidden, ids)):
             order = torch.argsort(scores, descending=True)[:k].tolist()
-            out.append([(ids[o], float(scores[o])) for o in order])
+            out.append([(rows[o], float(scores[o])) for o in order])
         return out
 
     def _teacher_rerank(
         self, queries: Sequence[str], ranked: list[list[tuple[int, float]]]
     ) -> list[list[tuple[int, float]]]:
-        pairs = [(i, j) for i, hits in enumerate(ranked) for j, _ in hits]
-        if not pairs:
-            return ranked
-        scores = self.teacher.score(
-            [queries[i] for i, _ in pairs], [self.index.doc_text[j] for _, j in pairs]
-        ).score
-        per_query: list[list[tuple[int, float]]] = [[] for _ in ranked]
-        for (i, j), score in zip(pairs, scores.tolist()):
-            per_query[i].append((j, score))
-        return [sorted(hits, key=lambda hit: -hit[1]) for hits in per_query]
+        texts = [[self.index.doc_text[j] for j, _ in hits] for hits in ranked]
+        scores = self.teacher.rerank(queries, texts)
+        return [
+            sorted(zip([j for j, _ in hits], row.tolist()), key=lambda hit: -hit[1])
+            for hits, row in zip(ranked, scores)
+        ]

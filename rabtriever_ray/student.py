@@ -95,6 +95,10 @@ class Rabtriever(nn.Module):
         """Aligned pairs ``[n, d]`` x ``[n, d]`` -> ``[n]`` float32 scores ``logp_yes - logp_no``."""
         return self.head.score(self.predict(h_query, h_doc))
 
+    def _pair_bytes(self) -> int:
+        """Bytes of the predictor's input and activations for one (query, document) pair (float32)."""
+        return (3 * self.hidden_size + self.config.predictor_hidden + 2 * self.hidden_size) * 4
+
     def score_matrix(
         self, h_query: torch.Tensor, h_doc: torch.Tensor, max_chunk_bytes: int = 256 * 2**20
     ) -> torch.Tensor:
@@ -104,13 +108,35 @@ class Rabtriever(nn.Module):
         stay within ``max_chunk_bytes``.
         """
         n, m = h_query.shape[0], h_doc.shape[0]
-        per_query = m * (3 * self.hidden_size + self.config.predictor_hidden + 2 * self.hidden_size) * 4
-        rows = max(1, max_chunk_bytes // max(per_query, 1))
+        rows = max(1, max_chunk_bytes // max(m * self._pair_bytes(), 1))
         h_doc = h_doc.to(self._device())
         out = [
             self.score(h_query[i : i + rows, None, :], h_doc[None, :, :]).float() for i in range(0, n, rows)
         ]
         return torch.cat(out) if out else torch.empty((0, m))
+
+    def rerank(
+        self,
+        h_query: torch.Tensor,
+        h_doc: torch.Tensor,
+        candidates: Sequence[Sequence[int]],
+        max_chunk_bytes: int = 256 * 2**20,
+    ) -> list[torch.Tensor]:
+        """Each query's own candidates: query ``i`` (row of ``h_query`` ``[n, d]``) against the rows
+        ``candidates[i]`` of ``h_doc`` ``[m, d]`` -> ``n`` CPU float32 tensors ``[len(candidates[i])]``, in order.
+
+        The teacher's `GenerativeReranker.rerank` for the student: every pair of every query runs through aligned
+        `score` calls of at most ``max_chunk_bytes`` (see `score_matrix`), then is regrouped by query.
+        """
+        query_rows = torch.tensor([i for i, rows in enumerate(candidates) for _ in rows], dtype=torch.long)
+        doc_rows = torch.tensor([j for rows in candidates for j in rows], dtype=torch.long)
+        chunk = max(1, max_chunk_bytes // self._pair_bytes())
+        scores = [
+            self.score(h_query[query_rows[s : s + chunk]], h_doc[doc_rows[s : s + chunk]]).float().cpu()
+            for s in range(0, len(doc_rows), chunk)
+        ]
+        flat = torch.cat(scores) if scores else torch.empty(0)
+        return list(flat.split([len(rows) for rows in candidates]))
 
     def forward(self, h_query: torch.Tensor, h_doc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Training forward for aligned pairs ``[n, d]``: (predicted embedding ``[n, d]``, first-stage logits ``[n]``).

@@ -162,3 +162,14 @@ class GenerativeReranker:
             doc_tokens=torch.tensor(prompts.doc_tokens, dtype=torch.int32),
             truncated=torch.tensor(prompts.truncated, dtype=torch.bool),
         )
+
+    def rerank(self, queries: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[torch.Tensor]:
+        """Each query's own candidate documents: ``queries[i]`` with each text of ``candidates[i]`` -> ``n`` CPU
+        float32 tensors ``[len(candidates[i])]`` of ``logp_yes - logp_no``, in order.
+
+        One `score` call over every pair of every query, so pairs batch together and share prefixes (a document
+        that several queries rank), then regrouped by query. `Rabtriever.rerank` is the student's.
+        """
+        pairs = [(query, doc) for query, docs in zip(queries, candidates, strict=True) for doc in docs]
+        scores = self.score([query for query, _ in pairs], [doc for _, doc in pairs]).score
+        return list(scores.split([len(docs) for docs in candidates]))

@@ -31,7 +31,6 @@ import dataclasses
 import json
 import logging
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -426,7 +425,7 @@ def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, 
     import pyarrow.parquet as pq
     import ray
 
-    from .io import commit_dir, init_ray, staging_dir, write_json_atomic
+    from .io import atomic_dir, init_ray, write_json_atomic
     from .pipeline import pairs_dataset, teacher_stage, write_teacher_scores
     from .train import fit_torch_trainer
 
@@ -435,8 +434,8 @@ def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, 
     cfg = dataclasses.replace(cfg, teacher=teacher)  # workers run elsewhere
     out = Path(cfg.out or f"runs/{cfg.name}").resolve()
     storage = Path(cfg.storage_path).resolve() if cfg.storage_path else out.parent / f"{out.name}-ray"
-    staging = staging_dir(out, cfg.overwrite)  # refuse before any expensive work
-    try:
+    # Refuses before any expensive work; the model is committed at the block's end, before the validation below.
+    with atomic_dir(out, cfg.overwrite) as staging:
         train_data = read_beir(_root(cfg.data), cfg.split)
         groups, skipped = build_groups(
             train_data, cfg.negatives, cfg.negatives_from, cfg.max_queries, cfg.seed
@@ -501,10 +500,6 @@ def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, 
             "steps": history[-1]["step"] if history else 0,
         }
         save_teacher(model, tokenizer, staging, info)
-        commit_dir(staging, out)  # the model is safe from here on, even if the validation below fails
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
     report["counts"] = {
         "train_queries": len(groups),

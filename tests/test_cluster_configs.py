@@ -304,7 +304,7 @@ def test_runtime_env_is_valid_and_ships_this_checkout_without_outputs(tmp_path, 
     names = zipfile.ZipFile(package).namelist()
     assert {
         "jobs/distill.py",
-        "rabtriever_ray/serve.py",
+        "rabtriever_ray/serve/__init__.py",
         "configs/esconv_strategy.yaml",
         "pyproject.toml",
     } <= set(names)

@@ -6,7 +6,7 @@ import sys
 import pytest
 from ray import cloudpickle
 
-from rabtriever_ray.io import OutputExistsError, root_cause, run_job
+from rabtriever_ray.io import MANIFEST, OutputExistsError, atomic_dir, root_cause, run_job
 
 # Ray workers cannot import this test module: send its UDF classes by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -147,3 +147,35 @@ def test_root_cause_of_an_exception_outside_ray_is_itself():
     err = KeyError("k")
     cause = root_cause(err)
     assert (cause.type, cause.where, str(cause)) == (KeyError, None, "KeyError: 'k'")
+
+
+# -- atomic output folders ---------------------------------------------------------------------------------------
+
+
+def test_atomic_dir_commits_on_success_and_leaves_nothing_on_error(tmp_path):
+    out = tmp_path / "run"
+    with atomic_dir(out) as staging:
+        assert staging.parent == tmp_path and staging.is_dir() and not out.exists()
+        (staging / MANIFEST).write_text("{}")
+    assert (out / MANIFEST).read_text() == "{}" and [p.name for p in tmp_path.iterdir()] == ["run"]
+
+    with pytest.raises(OutputExistsError, match="already holds a finished run; pass --overwrite"):
+        with atomic_dir(out):
+            pytest.fail("entered the block for a finished output")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with atomic_dir(out, overwrite=True) as staging:
+            (staging / "partial.txt").write_text("half")
+            raise RuntimeError("interrupted")
+    assert [p.name for p in tmp_path.iterdir()] == ["run"] and sorted(p.name for p in out.iterdir()) == [
+        MANIFEST
+    ]
+
+    with pytest.raises(KeyError):
+        with atomic_dir(tmp_path / "fresh") as staging:
+            raise KeyError("k")
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+    with atomic_dir(out, overwrite=True) as staging:
+        (staging / "new.txt").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["new.txt"] and [p.name for p in tmp_path.iterdir()] == ["run"]

@@ -22,6 +22,7 @@ from rabtriever_ray.pipeline import (
     teacher_stage,
     write_teacher_scores,
 )
+from rabtriever_ray.prompts import PromptBuilder
 from rabtriever_ray.teacher import GenerativeReranker
 
 TEACHER = TeacherConfig(
@@ -106,6 +107,7 @@ def test_job_writes_parquet_and_manifest_and_refuses_rerun(ray_local, beir, tmp_
     on_disk = json.loads((out / "manifest.json").read_text())
     assert on_disk["teacher"]["model"] == "tiny-random-llama" and on_disk["hidden_size"] == 64
     assert on_disk["teacher"]["prompt"]["max_doc_tokens"] == 24 and "{document}" in on_disk["prompt_template"]
+    assert on_disk["prompt_template"] == PromptBuilder.template_text(PromptConfig(max_doc_tokens=24))
     assert on_disk["candidates"] == "all" and on_disk["elapsed_s"] > 0
     assert not (out / "rejects.jsonl").exists()
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []  # no staging left behind

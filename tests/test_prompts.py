@@ -34,6 +34,21 @@ def test_plain_template_without_chat_template():
     assert text.startswith("Be brief.\n\nDocument:\nd\n\nQuery:\nq") and text.endswith("Answer:")
 
 
+def test_template_text_is_what_the_builder_renders(tokenizer):
+    """The text a teacher-scores manifest records as ``prompt_template`` is the user message of the prompt."""
+    config = PromptConfig()
+    template = PromptBuilder.template_text(config)
+    c = config  # the manifest's text before it came from PromptBuilder: unchanged for the default prompt
+    assert (
+        template
+        == f"{c.doc_label}:\n{{document}}\n\n{c.query_label}:\n{{query}}\n\n{c.instruction} {c.answer_hint}"
+    )
+    rendered = tokenizer.decode(
+        PromptBuilder(tokenizer, config).pair_prompts(["{query}"], ["{document}"]).input_ids[0]
+    )
+    assert rendered.startswith("<|im_start|>user\n" + template + "<|im_end|>")
+
+
 def test_system_message_is_rendered(tokenizer):
     builder = PromptBuilder(tokenizer, PromptConfig(system="You judge relevance."))
     assert tokenizer.decode(builder.pair_prompts(["q"], ["d"]).input_ids[0]).startswith(

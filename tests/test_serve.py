@@ -80,6 +80,29 @@ def _handle(name, app="rabtriever"):
     return serve.get_deployment_handle(name, app_name=app)
 
 
+# -- imports --------------------------------------------------------------------------------------------------
+
+
+def test_serving_imports_no_training():
+    """Serving imports nothing of the training stack; only building the demo (`demo.ensure_demo`) does, lazily."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, rabtriever_ray.serve, rabtriever_ray.serve.application, rabtriever_ray.serve.batching, "
+        "rabtriever_ray.serve.deployments, rabtriever_ray.serve.http, rabtriever_ray.serve.router, "
+        "rabtriever_ray.demo\n"
+        "print(sorted(m for m in sys.modules if m in {"
+        "'rabtriever_ray.train', 'rabtriever_ray.distill', 'rabtriever_ray.rounds', 'rabtriever_ray.train_teacher', "
+        "'rabtriever_ray.pipeline', 'ray.train'}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 # -- happy paths and schemas ------------------------------------------------------------------------------------
 
 

@@ -1,3 +1,5 @@
+from contextlib import contextmanager
+
 import pytest
 import torch
 from conftest import DOCUMENTS, QUERIES
@@ -12,10 +14,18 @@ def student(tiny_teacher):
     return Rabtriever(tiny_teacher, StudentConfig(predictor_hidden=32, proj_dim=16))
 
 
-def _train_predictor_a_little(student):
-    with torch.no_grad():
-        for p in student.predictor.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+@contextmanager
+def _trained_predictor(student):
+    """The predictor perturbed a little for the block, then restored (from a clone: ``state_dict()`` shares
+    storage with the parameters perturbed in place)."""
+    untrained = {name: value.clone() for name, value in student.predictor.state_dict().items()}
+    try:
+        with torch.no_grad():
+            for p in student.predictor.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        yield
+    finally:
+        student.predictor.load_state_dict(untrained)
 
 
 def test_backbone_and_head_are_frozen_and_shared(tiny_teacher, student):
@@ -55,10 +65,7 @@ def test_untrained_student_with_empty_document_equals_the_teacher(student, tiny_
 
 
 def test_score_matrix_equals_pairwise_scores_and_depends_on_the_document(student):
-    # state_dict() shares storage with the parameters perturbed in place below: restore from a clone.
-    untrained = {name: value.clone() for name, value in student.predictor.state_dict().items()}
-    try:
-        _train_predictor_a_little(student)
+    with _trained_predictor(student):
         h_q = student.encode_queries(QUERIES)
         h_d = student.encode_documents(DOCUMENTS)
         matrix = student.score_matrix(h_q, h_d, max_chunk_bytes=1)  # one query row per chunk
@@ -70,10 +77,23 @@ def test_score_matrix_equals_pairwise_scores_and_depends_on_the_document(student
                 pair = student.score(h_q[i : i + 1], h_d[j : j + 1])
                 assert matrix[i, j].item() == pytest.approx(pair.item(), abs=1e-5)
         assert matrix[0].std() > 0  # a trained predictor reads the document
-    finally:
-        student.predictor.load_state_dict(untrained)
     h_q = torch.randn(3, 64)  # restored: the zero-initialised predictor again, whatever test runs next
     assert torch.equal(student.predict(h_q, torch.randn(3, 64)), h_q)
+
+
+def test_rerank_scores_each_querys_candidates_as_the_score_matrix_does(student):
+    with _trained_predictor(student):
+        h_q = student.encode_queries(QUERIES)
+        h_d = student.encode_documents(DOCUMENTS)
+        candidates = [[2, 0], [], [3, 1, 2, 0], [1]]
+        whole = student.score_matrix(h_q, h_d)
+        for chunk_bytes in (1, 256 * 2**20):  # one pair per score call, and every pair in one
+            scores = student.rerank(h_q, h_d, candidates, max_chunk_bytes=chunk_bytes)
+            assert [s.shape for s in scores] == [(len(rows),) for rows in candidates]
+            assert all(s.dtype == torch.float32 and s.device.type == "cpu" for s in scores)
+            for i, rows in enumerate(candidates):
+                torch.testing.assert_close(scores[i], whole[i, rows], atol=1e-5, rtol=1e-5)
+        assert student.rerank(h_q[:0], h_d, []) == []
 
 
 def test_scores_match_full_vocabulary_log_probs(student):

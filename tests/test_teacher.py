@@ -88,3 +88,15 @@ def test_shared_prefixes_give_the_same_scores_with_fewer_tokens(padded_teacher):
         torch.testing.assert_close(getattr(shared, name), getattr(plain, name), atol=1e-4, rtol=1e-4)
     single = torch.stack([padded_teacher.score([q], [d]).score[0] for q, d in zip(queries, documents)])
     torch.testing.assert_close(shared.score, single, atol=1e-4, rtol=1e-4)
+
+
+def test_rerank_regroups_one_batched_score_by_query(tiny_teacher):
+    candidates = [DOCUMENTS[:2], [], DOCUMENTS[1:], DOCUMENTS[3:]]
+    scores = tiny_teacher.rerank(QUERIES, candidates)
+    assert [s.shape for s in scores] == [(len(docs),) for docs in candidates]
+    for query, docs, row in zip(QUERIES, candidates, scores):
+        if docs:
+            torch.testing.assert_close(
+                row, tiny_teacher.score([query] * len(docs), docs).score, atol=1e-5, rtol=1e-5
+            )
+    assert tiny_teacher.rerank([], []) == []

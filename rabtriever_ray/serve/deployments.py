@@ -1,0 +1,244 @@
+"""The model deployments: ``Encoder`` (the student and its index) and ``Reranker`` (the teacher).
+
+- ``Encoder``: the student (`load_student`: frozen backbone, predictor, projections) and, when configured, a FAISS
+  index from ``jobs/index.py`` (`Searcher.from_student`, which refuses an index built for another checkpoint).
+  It embeds queries and documents (first-stage vectors), scores (query, documents) with the predictor and
+  searches the index.
+- ``Reranker``: the teacher (`GenerativeReranker`), by default the checkpoint's model and prompt.
+
+Both batch their methods dynamically (`_BatchedModel`). Without ``checkpoint``, each replica serves the demo
+(`demo.ensure_demo`, which builds it on the first start).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import serve
+
+from ..config import ServeConfig, TeacherConfig, load_config
+from .batching import _BatchedModel
+
+logger = logging.getLogger("ray.serve")
+
+
+def _checkpoint_and_index(config: ServeConfig) -> tuple[Path, Path | None]:
+    if config.checkpoint is None:
+        from ..demo import ensure_demo
+
+        return ensure_demo(config.demo_distill)
+    return Path(config.checkpoint), Path(config.index) if config.index else None
+
+
+def _teacher_config(config: ServeConfig, checkpoint: Path) -> TeacherConfig:
+    """The Reranker's teacher: the checkpoint's, or ``config.teacher`` (a YAML, or a model spec with its prompt)."""
+    import dataclasses
+
+    from ..student import load_student_info
+
+    recorded = load_student_info(checkpoint)["teacher_config"]
+    if config.teacher is None:
+        return recorded
+    if config.teacher.endswith((".yaml", ".yml")):
+        return load_config(TeacherConfig, config.teacher)
+    return dataclasses.replace(recorded, model=config.teacher)
+
+
+@serve.deployment
+class Encoder(_BatchedModel):
+    """The student and, when configured, the index: first-stage vectors, predictor scores and search."""
+
+    BATCHED = ("_embed_batch", "_rerank_batch", "_search_batch")
+
+    def __init__(self, config: ServeConfig):
+        from ..search import Searcher
+        from ..student import load_student, load_student_info
+
+        checkpoint, index = _checkpoint_and_index(config)
+        teacher = load_student_info(checkpoint)["teacher_config"]
+        self.student = load_student(checkpoint, teacher, config.device)
+        self.searcher = Searcher.from_student(self.student, teacher, index, checkpoint) if index else None
+        self.first_stage_k = config.first_stage_k
+        # Documents the index holds are encoded already: /rerank reads their stored hidden states.
+        texts = self.searcher.index.doc_text if self.searcher else []
+        self._indexed = {text: row for row, text in enumerate(texts)}
+        self._info = {
+            "backbone": teacher.model,
+            "checkpoint": str(checkpoint),
+            "dimensions": self.student.config.proj_dim,
+            "index": None if index is None else {"path": str(index), "count": len(self.searcher.index)},
+        }
+        self._start_batching(config)
+        logger.info("Encoder ready: %s", self._info)
+
+    def info(self) -> dict[str, Any]:
+        return self._info
+
+    @property
+    def _prompts(self):
+        return self.student.teacher.prompts
+
+    # -- handle methods: one request each; batched across concurrent requests -------------------------------
+
+    async def embed(self, texts: list[str], input_type: str) -> dict[str, Any]:
+        """First-stage vectors ``[n][k]`` of queries or documents, with the tokens kept and the inputs cut."""
+        await self._admit()
+        return await self._embed_batch((tuple(texts), input_type))
+
+    async def rerank(self, query: str, documents: list[str]) -> dict[str, Any]:
+        """Predictor scores of ``query`` against each document (`Rabtriever.rerank`); a document whose text
+        the index holds is read from the index (the hidden state `build_index` stored), not encoded again."""
+        await self._admit()
+        return await self._rerank_batch((query, tuple(documents)))
+
+    async def search(self, query: str, top_k: int, rerank: str) -> dict[str, Any]:
+        """The index's top ``top_k`` for ``query`` (``rerank`` none | student, as `Searcher.search`)."""
+        if self.searcher is None:
+            raise ValueError("no index is configured")
+        await self._admit()
+        return await self._search_batch((query, top_k, rerank))
+
+    # -- batches --------------------------------------------------------------------------------------------
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _embed_batch(self, items: list[tuple]) -> list[dict[str, Any]]:
+        return await self._run("_embed_batch", self._embed, items)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _rerank_batch(self, items: list[tuple]) -> list[dict[str, Any]]:
+        return await self._run("_rerank_batch", self._rerank, items)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _search_batch(self, items: list[tuple]) -> list[dict[str, Any]]:
+        return await self._run("_search_batch", self._search, items)
+
+    # -- model work (on the model thread) -------------------------------------------------------------------
+    # Truncation flags come from the prompt builder (it tokenises once more) so that encoding stays in student.py.
+
+    def _embed(self, items: list[tuple]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = [{} for _ in items]
+        for kind in ("query", "document"):
+            members = [i for i, (_, input_type) in enumerate(items) if input_type == kind]
+            texts = [text for i in members for text in items[i][0]]
+            if not texts:
+                continue
+            if kind == "query":
+                prompts = self._prompts.query_prompts(texts)
+                vectors = self.student.embed_queries(self.student.encode_queries(texts))
+                tokens, cut = prompts.query_tokens, prompts.query_truncated
+            else:
+                prompts = self._prompts.document_prompts(texts)
+                vectors = self.student.embed_documents(self.student.encode_documents(texts))
+                tokens, cut = prompts.doc_tokens, prompts.doc_truncated
+            vectors = vectors.float().cpu()
+            start = 0
+            for i in members:
+                end = start + len(items[i][0])
+                out[i] = {
+                    "vectors": vectors[start:end].tolist(),
+                    "tokens": sum(tokens[start:end]),
+                    "truncated": cut[start:end],
+                }
+                start = end
+        return out
+
+    def _rerank(self, items: list[tuple]) -> list[dict[str, Any]]:
+        # Requests often share documents (candidates from one corpus) and sometimes queries: encode each once,
+        # and documents of the index not at all.
+        queries = list(dict.fromkeys(query for query, _ in items))
+        documents = list(dict.fromkeys(doc for _, docs in items for doc in docs))
+        query_row = {query: i for i, query in enumerate(queries)}
+        doc_row = {doc: i for i, doc in enumerate(documents)}
+        h_query = self.student.encode_queries(queries)
+        fresh = [doc for doc in documents if doc not in self._indexed]
+        encoded = dict(zip(fresh, self.student.encode_documents(fresh).cpu())) if fresh else {}
+        h_doc = torch.stack(
+            [
+                encoded[doc] if doc in encoded else self.searcher.index.doc_hidden[self._indexed[doc]]
+                for doc in documents
+            ]
+        )
+        query_cut = self._prompts.query_prompts(queries).query_truncated
+        doc_cut = self._prompts.document_prompts(documents).doc_truncated
+        rows = [[doc_row[doc] for doc in docs] for _, docs in items]
+        scores = self.student.rerank(h_query[[query_row[query] for query, _ in items]], h_doc, rows)
+        return [
+            {
+                "scores": item_scores.tolist(),
+                "query_truncated": query_cut[query_row[query]],
+                "documents_truncated": [doc_cut[row] for row in item_rows],
+            }
+            for (query, _), item_rows, item_scores in zip(items, rows, scores)
+        ]
+
+    def _search(self, items: list[tuple]) -> list[dict[str, Any]]:
+        groups: dict[tuple[int, str], list[int]] = collections.defaultdict(list)
+        for i, (_, top_k, rerank) in enumerate(items):
+            groups[(top_k, rerank)].append(i)
+        hits: list[list] = [[] for _ in items]
+        for (top_k, rerank), members in groups.items():
+            ranked = self.searcher.search([items[i][0] for i in members], top_k, self.first_stage_k, rerank)
+            for i, row in zip(members, ranked):
+                hits[i] = row
+        query_cut = self._prompts.query_prompts([query for query, _, _ in items]).query_truncated
+        out = []
+        for row, cut in zip(hits, query_cut):
+            doc_cut = self._prompts.document_prompts([hit.text for hit in row]).doc_truncated if row else []
+            out.append(
+                {
+                    "hits": [{"doc_id": hit.doc_id, "score": hit.score, "text": hit.text} for hit in row],
+                    "query_truncated": cut,
+                    "documents_truncated": doc_cut,
+                }
+            )
+        return out
+
+
+@serve.deployment
+class Reranker(_BatchedModel):
+    """The teacher: one LLM pass per (query, document) pair."""
+
+    BATCHED = ("_rerank_batch",)
+
+    def __init__(self, config: ServeConfig):
+        from ..teacher import GenerativeReranker
+
+        checkpoint, _ = _checkpoint_and_index(config)
+        teacher = _teacher_config(config, checkpoint)
+        self.teacher = GenerativeReranker.from_config(teacher, device=config.device)
+        self._info = {"backbone": teacher.model, "checkpoint": str(checkpoint)}
+        self._start_batching(config)
+        logger.info("Reranker ready: %s", self._info)
+
+    def info(self) -> dict[str, Any]:
+        return self._info
+
+    async def rerank(self, query: str, documents: list[str]) -> dict[str, Any]:
+        """Teacher scores of ``query`` with each document (`GenerativeReranker.rerank`; the Router's teacher
+        re-rank of search hits too)."""
+        await self._admit()
+        return await self._rerank_batch((query, tuple(documents)))
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _rerank_batch(self, items: list[tuple]) -> list[dict[str, Any]]:
+        return await self._run("_rerank_batch", self._rerank, items)
+
+    def _rerank(self, items: list[tuple]) -> list[dict[str, Any]]:
+        scores = self.teacher.rerank([query for query, _ in items], [docs for _, docs in items])
+        out = []
+        for (query, docs), item_scores in zip(items, scores):
+            prompts = self.teacher.prompts.pair_prompts(
+                [query] * len(docs), docs
+            )  # the flags, per part of the pair
+            out.append(
+                {
+                    "scores": item_scores.tolist(),
+                    "query_truncated": any(prompts.query_truncated),
+                    "documents_truncated": prompts.doc_truncated,
+                }
+            )
+        return out

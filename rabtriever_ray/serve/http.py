@@ -1,0 +1,106 @@
+"""The HTTP contract of the Serve app: request models, error bodies and the checks the `Router` applies.
+
+HTTP routes (an error is ``{"error": {"message", "type", "param", "code"}}``; ``param`` names the field):
+
+- ``POST /v1/embeddings``: OpenAI-compatible (``input`` string or list, ``model`` "student",
+  ``encoding_format`` float|base64); extension ``input_type`` query (default) | document. Returns first-stage
+  vectors (L2-normalised ``q_proj`` / ``d_proj`` of the frozen embeddings) and ``truncated``: the inputs cut.
+- ``GET /v1/models``: "student" and "teacher", with their backbone, checkpoint, vector size and index.
+- ``POST /rerank``: ``{"query", "documents", "top_n", "model": "student"|"teacher", "return_documents"}`` ->
+  ``{"model", "results": [{"index", "relevance_score", "document"?}], "truncated": {"query", "documents"}}``,
+  best first (Cohere / Jina style).
+- ``POST /search``: ``{"query", "top_k" (10), "rerank": "none"|"student" (default)|"teacher"}`` ->
+  ``{"results": [{"doc_id", "score", "text"}], "truncated": {"query", "documents"}}``; 409 without an index.
+  ``teacher`` re-scores the student's top_k on the Reranker (as `Searcher` with ``rerank="teacher"`` does).
+- ``GET /healthz``: 200 once both models are loaded, 503 before (other routes answer 503 until then too).
+
+Scores: ``relevance_score`` and ``student`` / ``teacher`` search scores are ``logp_yes - logp_no`` of the
+teacher's answer (the student predicts it; higher = more relevant); ``rerank="none"`` search scores are
+first-stage cosines. Texts longer than the prompt's token limits are cut (documents at the end, queries at the
+start) and listed in ``truncated``; a text over ``max_text_bytes`` or a body over ``max_request_bytes`` is 413.
+"""
+
+# No ``from __future__ import annotations``: these models are the types of the Router's route signatures, which
+# FastAPI reads on the replica.
+from typing import Annotated, Any, Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import AfterValidator, BaseModel, Field, StrictStr, field_validator
+
+API_KEY_ENV = "RABTRIEVER_API_KEY"
+ROUTES = ("/v1/embeddings", "/v1/models", "/rerank", "/search", "/healthz")
+DEFAULT_TOP_K = 10
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(_not_blank)]
+
+
+class EmbeddingRequest(BaseModel):
+    """OpenAI ``POST /v1/embeddings`` (``input_type`` is this server's extension)."""
+
+    input: Annotated[list[Text], Field(min_length=1)]
+    model: str = "student"
+    encoding_format: Literal["float", "base64"] = "float"
+    input_type: Literal["query", "document"] = "query"
+    dimensions: int | None = None
+    user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _one_string_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class RerankRequest(BaseModel):
+    """``POST /rerank`` (Cohere / Jina style); ``top_n`` defaults to every document."""
+
+    query: Text
+    documents: Annotated[list[Text], Field(min_length=1)]
+    top_n: Annotated[int, Field(ge=1)] | None = None
+    model: Literal["student", "teacher"] = "student"
+    return_documents: bool = False
+
+
+class SearchRequest(BaseModel):
+    """``POST /search``; ``rerank``: none (first-stage cosine), student (predictor) or teacher (LLM)."""
+
+    query: Text
+    top_k: Annotated[int, Field(ge=1)] | None = None  # default: min(DEFAULT_TOP_K, max_top_k)
+    rerank: Literal["none", "student", "teacher"] = "student"
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP ``status``, the ``param`` (field) at fault and why."""
+
+    def __init__(self, status: int, param: str | None, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.param, self.message, self.kind = status, param, message, kind
+
+
+def _error(status: int, param: str | None, message: str, kind: str = "invalid_request_error", **headers):
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers or None)
+
+
+def _field(error: dict) -> str:
+    """The field a validation error is about: ``("body", "documents", 3)`` -> ``"documents.3"``, else "body"."""
+    if error["type"] == "json_invalid":
+        return "body"  # its loc holds a character position
+    loc = [str(part) for part in error["loc"]]
+    return ".".join(loc[1:] if loc[:1] == ["body"] else loc) or "body"
+
+
+def _check_text(text: str, param: str, limit: int) -> None:
+    size = len(text.encode())
+    if size > limit:
+        raise RequestError(413, param, f"{param}: {size} bytes, more than max_text_bytes={limit}")
+
+
+def _metric_route(path: str) -> str:
+    return path if path in ROUTES else "other"

@@ -1,0 +1,273 @@
+"""The HTTP ingress: ``Router`` validates requests (the contract is in `http`) and calls the Encoder and the
+Reranker through their handles.
+
+Auth: when ``RABTRIEVER_API_KEY`` is set where the app is built (``serve run``, or the cluster's environment for
+``serve deploy``), every route but ``/healthz`` needs ``Authorization: Bearer <key>`` (401 otherwise). Only the
+key's SHA-256 is passed to the Router, which compares digests in constant time.
+
+Metrics (Prometheus, through Ray's metrics agent): ``ray_rabtriever_requests_total{route,status}``,
+``ray_rabtriever_request_latency_ms{route}``, ``ray_rabtriever_batch_size{method}``, beside Serve's own.
+"""
+
+# No ``from __future__ import annotations``: the Router's class is pickled by value onto its replica, and FastAPI
+# reads the route signatures' types there, so they must be objects, not strings.
+import asyncio
+import base64
+import hashlib
+import hmac
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from ray.serve.metrics import Counter, Histogram
+
+from ..config import ServeConfig
+from .http import (
+    DEFAULT_TOP_K,
+    EmbeddingRequest,
+    RequestError,
+    RerankRequest,
+    SearchRequest,
+    _check_text,
+    _error,
+    _field,
+    _metric_route,
+)
+
+logger = logging.getLogger("ray.serve")
+
+READY_STATUSES = ("HEALTHY", "UPSCALING", "DOWNSCALING")  # Serve deployment statuses with replicas serving
+
+
+@serve.deployment
+@serve.ingress()
+class Router:
+    """The HTTP ingress: validates requests and calls the Encoder and the Reranker through their handles."""
+
+    def __init__(
+        self,
+        encoder: DeploymentHandle,
+        reranker: DeploymentHandle,
+        config: ServeConfig,
+        api_key_sha256: str | None = None,
+    ):
+        self.encoder, self.reranker, self.config = encoder, reranker, config
+        self._api_key_sha256 = api_key_sha256
+        self._loaded = False
+        self._requests = Counter(
+            "rabtriever_requests",
+            description="HTTP requests by route and status.",
+            tag_keys=("route", "status"),
+        )
+        self._latency = Histogram(
+            "rabtriever_request_latency_ms",
+            description="HTTP request latency (ms) by route.",
+            boundaries=[5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000],
+            tag_keys=("route",),
+        )
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """The FastAPI app, built on the replica so that its middleware and routes see this router's settings."""
+        return _http_api(self)
+
+    # -- every request --------------------------------------------------------------------------------------
+
+    async def guard(self, request: Request, call_next):
+        """Auth, body size, metrics, and a JSON 500 (never a crashed replica) around every request."""
+        started = time.perf_counter()
+        path = request.scope["path"].removeprefix(request.scope.get("root_path", "")) or "/"
+        try:
+            response = await self._checked(request, path, call_next)
+        except Exception:
+            logger.exception("unhandled error on %s", path)
+            response = _error(500, None, "internal error; the replica log has the traceback", "server_error")
+        route = _metric_route(path)
+        self._requests.inc(tags={"route": route, "status": str(response.status_code)})
+        self._latency.observe((time.perf_counter() - started) * 1000, tags={"route": route})
+        return response
+
+    async def _checked(self, request: Request, path: str, call_next):
+        if self._api_key_sha256 is not None and path != "/healthz":
+            scheme, _, key = request.headers.get("authorization", "").partition(" ")
+            digest = hashlib.sha256(key.strip().encode()).hexdigest()
+            if scheme.lower() != "bearer" or not hmac.compare_digest(digest, self._api_key_sha256):
+                return _error(
+                    401, "authorization", "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                    "authentication_error", **{"WWW-Authenticate": "Bearer"},
+                )  # fmt: skip
+        if not self._loaded and path != "/healthz":
+            # Until both models have loaded once (the demo may take minutes to build), answer at once.
+            self._loaded = all((await self._models_ready()).values())
+            if not self._loaded:
+                return _error(
+                    503,
+                    None,
+                    "the models are loading; /healthz says when",
+                    "loading",
+                    **{"Retry-After": "30"},
+                )
+        limit = self.config.max_request_bytes
+        length = request.headers.get("content-length")
+        if length is not None and not length.isdigit():
+            return _error(400, "content-length", f"invalid Content-Length {length!r}")
+        if (int(length) if length else len(await request.body())) > limit:
+            return _error(413, "body", f"request body over max_request_bytes={limit}")
+        return await call_next(request)
+
+    # -- routes ---------------------------------------------------------------------------------------------
+
+    async def embeddings(self, body: EmbeddingRequest) -> dict[str, Any]:
+        """First-stage vectors of queries (default) or documents (``input_type``), OpenAI-style."""
+        if body.model != "student":
+            raise RequestError(422, "model", f"model: only 'student' serves embeddings, got {body.model!r}")
+        self._check_count(body.input, "input")
+        for i, text in enumerate(body.input):
+            _check_text(text, f"input.{i}", self.config.max_text_bytes)
+        if body.dimensions is not None:
+            dimensions = (await self.encoder.info.remote())["dimensions"]
+            if body.dimensions != dimensions:
+                raise RequestError(
+                    422, "dimensions", f"dimensions: the vectors have {dimensions}, not {body.dimensions}"
+                )
+        result = await self.encoder.embed.remote(body.input, body.input_type)
+        data = []
+        for i, vector in enumerate(result["vectors"]):
+            if body.encoding_format == "base64":
+                vector = base64.b64encode(np.asarray(vector, dtype=np.float32).tobytes()).decode()
+            data.append({"object": "embedding", "index": i, "embedding": vector})
+        return {
+            "object": "list",
+            "data": data,
+            "model": "student",
+            "usage": {"prompt_tokens": result["tokens"], "total_tokens": result["tokens"]},
+            "truncated": [i for i, cut in enumerate(result["truncated"]) if cut],
+        }
+
+    async def models(self) -> dict[str, Any]:
+        """The student and the teacher, with backbone, checkpoint, vector size and index."""
+        encoder, reranker = await asyncio.gather(self.encoder.info.remote(), self.reranker.info.remote())
+        student = {"id": "student", "object": "model", "created": 0, "owned_by": "rabtriever-ray", **encoder}
+        teacher = {"id": "teacher", "object": "model", "created": 0, "owned_by": "rabtriever-ray", **reranker}
+        return {"object": "list", "data": [student, teacher]}
+
+    async def rerank(self, body: RerankRequest) -> dict[str, Any]:
+        """The documents best first, scored by the student (predictor) or the teacher (LLM)."""
+        self._check_count(body.documents, "documents")
+        _check_text(body.query, "query", self.config.max_text_bytes)
+        for i, text in enumerate(body.documents):
+            _check_text(text, f"documents.{i}", self.config.max_text_bytes)
+        if body.top_n is not None and body.top_n > self.config.max_documents:
+            raise RequestError(422, "top_n", f"top_n: at most max_documents={self.config.max_documents}")
+        handle = self.encoder if body.model == "student" else self.reranker
+        result = await handle.rerank.remote(body.query, body.documents)
+        order = sorted(range(len(body.documents)), key=lambda i: -result["scores"][i])
+        results = []
+        for i in order[: body.top_n]:
+            hit = {"index": i, "relevance_score": result["scores"][i]}
+            if body.return_documents:
+                hit["document"] = {"text": body.documents[i]}
+            results.append(hit)
+        return {
+            "model": body.model,
+            "results": results,
+            "truncated": {
+                "query": result["query_truncated"],
+                "documents": [i for i, cut in enumerate(result["documents_truncated"]) if cut],
+            },
+        }
+
+    async def search(self, body: SearchRequest) -> dict[str, Any]:
+        """The index's top_k for the query, best first (409 without an index)."""
+        if self.config.checkpoint is not None and self.config.index is None:
+            raise RequestError(
+                409, None, "no index is configured: start the app with index=PATH (a jobs/index.py folder)",
+                "no_index",
+            )  # fmt: skip
+        _check_text(body.query, "query", self.config.max_text_bytes)
+        top_k = min(DEFAULT_TOP_K, self.config.max_top_k) if body.top_k is None else body.top_k
+        if top_k > self.config.max_top_k:
+            raise RequestError(422, "top_k", f"top_k: at most max_top_k={self.config.max_top_k}")
+        found = await self.encoder.search.remote(
+            body.query, top_k, "student" if body.rerank == "teacher" else body.rerank
+        )
+        hits, doc_cut = found["hits"], found["documents_truncated"]
+        if body.rerank == "teacher" and hits:
+            # The student's top_k, re-scored by the teacher on the Reranker (Searcher's rerank="teacher").
+            scored = await self.reranker.rerank.remote(body.query, [hit["text"] for hit in hits])
+            for hit, score in zip(hits, scored["scores"]):
+                hit["score"] = score
+            doc_cut = scored["documents_truncated"]
+            order = sorted(range(len(hits)), key=lambda i: -hits[i]["score"])
+            hits, doc_cut = [hits[i] for i in order], [doc_cut[i] for i in order]
+        return {
+            "query": body.query,
+            "rerank": body.rerank,
+            "results": hits,
+            "truncated": {
+                "query": found["query_truncated"],
+                "documents": [hit["doc_id"] for hit, cut in zip(hits, doc_cut) if cut],
+            },
+        }
+
+    async def healthz(self) -> JSONResponse:
+        """200 once the Encoder and the Reranker are up, else 503."""
+        ready = await self._models_ready()
+        ok = all(ready.values())
+        return JSONResponse({"status": "ok" if ok else "loading", **ready}, status_code=200 if ok else 503)
+
+    async def _models_ready(self) -> dict[str, bool]:
+        """Whether the Encoder's and the Reranker's replicas are up, from Serve's deployment status rather than a
+        model call, which would queue behind full batches (a busy server is not an unhealthy one)."""
+        status = await asyncio.to_thread(serve.status)
+        app = status.applications.get(serve.get_replica_context().app_name)
+        deployments = app.deployments if app is not None else {}
+        return {
+            name: getattr(deployments.get(handle.deployment_name), "status", None) in READY_STATUSES
+            for name, handle in (("encoder", self.encoder), ("reranker", self.reranker))
+        }
+
+    def _check_count(self, texts: list[str], param: str) -> None:
+        if len(texts) > self.config.max_documents:
+            raise RequestError(
+                422,
+                param,
+                f"{param}: {len(texts)} items, more than max_documents={self.config.max_documents}",
+            )
+
+
+def _http_api(router: Router) -> FastAPI:
+    """The routes of ``router`` as a FastAPI app (request models validate; `Router` methods do the work)."""
+    api = FastAPI(title="rabtriever-ray", description="Rabtriever student and teacher on Ray Serve")
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        content_type = request.headers.get("content-type", "")
+        media = content_type.split(";")[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            # e.g. curl -d without -H: the body was never read as JSON, so every field would look missing.
+            return _error(
+                415,
+                "Content-Type",
+                f"Content-Type: expected application/json, got {content_type or 'none'!r} "
+                "(with curl: -H 'Content-Type: application/json')",
+            )
+        problems = [(_field(e), e["msg"]) for e in error.errors()]
+        return _error(422, problems[0][0], "; ".join(f"{param}: {msg}" for param, msg in problems))
+
+    @api.exception_handler(RequestError)
+    async def refused(_request: Request, error: RequestError) -> JSONResponse:
+        return _error(error.status, error.param, error.message, error.kind)
+
+    api.middleware("http")(router.guard)
+    api.post("/v1/embeddings")(router.embeddings)
+    api.get("/v1/models")(router.models)
+    api.post("/rerank")(router.rerank)
+    api.post("/search")(router.search)
+    api.get("/healthz")(router.healthz)
+    return api
