@@ -40,11 +40,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .backbone import last_positions, pad_batch, pre_norm_hidden_at
 from .config import TeacherConfig, TeacherTrainConfig, to_dict
 from .data import DEMO_DATA, BeirData, build_pairs, parse_candidates, read_beir, select_queries
 from .data.candidates import BM25Index
 from .losses import answer_ce, listwise_ce
-from .models import TEACHER_INFO, backbone, capture_pre_norm, load_causal_lm, pad_batch, resolve_spec
+from .models import TEACHER_INFO, load_causal_lm, resolve_spec
 from .prompts import PromptBuilder, document_text
 from .scoring import YesNoHead
 
@@ -119,11 +120,7 @@ class AnswerScorer(nn.Module):
         self.head = YesNoHead(model, yes_id, no_id)
 
     def forward(self, input_ids, attention_mask, position_ids, last):
-        with capture_pre_norm(self.model) as captured:
-            backbone(self.model)(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            )
-        hidden = captured[-1][torch.arange(len(last), device=last.device), last]
+        hidden = pre_norm_hidden_at(self.model, input_ids, attention_mask, position_ids, last)
         return self.head.log_probs(hidden)
 
 
@@ -136,15 +133,11 @@ def group_batch(prompts: PromptBuilder, groups: list[TrainingGroup], device: tor
     input_ids, attention_mask, position_ids = pad_batch(
         encoded.input_ids, tokenizer.pad_token_id, tokenizer.padding_side, device
     )
-    if tokenizer.padding_side == "left":
-        last = torch.full((len(queries),), input_ids.shape[1] - 1, device=device)
-    else:
-        last = attention_mask.sum(-1) - 1
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "position_ids": position_ids,
-        "last": last,
+        "last": last_positions(attention_mask, tokenizer.padding_side),
         "sizes": [len(g.doc_texts) for g in groups],
     }
 
