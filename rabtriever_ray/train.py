@@ -160,16 +160,6 @@ class TeacherStream:
                 yield teacher_batch_tensors(batch)
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Learning-rate factor: linear warm-up to 1, then cosine decay to 0 at ``total_steps``."""
-    import math
-
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def validate(student: Rabtriever, val: dict, query_cache: EmbeddingCache, doc_cache: EmbeddingCache) -> dict:
     """Student vs teacher on the validation pairs: agreement and retrieval metrics against the qrels."""
     from .metrics import agreement, retrieval_metrics, run_from_rows
@@ -188,122 +178,6 @@ def validate(student: Rabtriever, val: dict, query_cache: EmbeddingCache, doc_ca
     return metrics
 
 
-def deepspeed_engine(
-    model, optimizer, scheduler, micro_batch: int, grad_clip: float, zero_stage: int, grad_accum: int = 1
-):
-    """``deepspeed.initialize`` around ``model``'s trainable parameters (imported here: only DeepSpeed workers need it).
-
-    Trainable weights stay float32 (DeepSpeed's own bf16/fp16 modes are off; GPU callers use autocast), and our
-    AdamW is used, so DDP and DeepSpeed optimise the same way. Returns ``(engine, optimizer, scheduler)``.
-    """
-    import deepspeed
-
-    # ZeRO's gradient and all-gather buckets default to 5e8 elements (2 GB of fp32 on a GPU); for small trainable
-    # parts one bucket the size of all of them is enough (ZeRO wants a multiple of its alignment factor: round up
-    # to 4096), and large models keep the default.
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    bucket = min(-(-trainable // 4096) * 4096, int(5e8))
-    ds_config = {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": grad_accum,
-        "gradient_clipping": grad_clip,
-        "zero_optimization": {
-            "stage": zero_stage,
-            "reduce_bucket_size": bucket,
-            "allgather_bucket_size": bucket,
-        },
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-    }
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
-    )
-    return engine, optimizer, scheduler
-
-
-def optimizer_file(cfg, rank: int) -> str:
-    # ZeRO partitions the optimizer state: each DeepSpeed rank keeps its own part.
-    return f"optimizer_rank{rank}.pt" if cfg.strategy == "deepspeed" else "optimizer.pt"
-
-
-def load_training_state(directory, cfg, rank: int, world: int) -> tuple[dict, dict]:
-    """(training state, this rank's optimizer state) from a checkpoint directory (``weights_only`` loads)."""
-    directory = Path(directory)
-    state = torch.load(directory / "training_state.pt", weights_only=True)
-    if state.get("strategy", "ddp") != cfg.strategy:
-        raise ValueError(
-            f"{directory}: checkpoint written with strategy={state.get('strategy', 'ddp')!r}, "
-            f"but this run has strategy={cfg.strategy!r}"
-        )
-    if cfg.strategy == "deepspeed" and state["world_size"] != world:
-        raise ValueError(
-            f"{directory}: DeepSpeed checkpoint from {state['world_size']} workers; resume with "
-            f"num_workers={state['world_size']} (ZeRO partitions the optimizer state by rank)"
-        )
-    safe = []
-    if cfg.strategy == "deepspeed":  # the ZeRO optimizer's state holds these three plain DeepSpeed types
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-
-        safe = [LossScaler, ZeroStageEnum, fragment_address]
-    with torch.serialization.safe_globals(safe):
-        optimizer_state = torch.load(directory / optimizer_file(cfg, rank), weights_only=True)
-    return state, optimizer_state
-
-
-def gather_all(value, world: int) -> list:
-    """Every worker's ``value``, in rank order (all workers must call it)."""
-    if world == 1:
-        return [value]
-    values = [None] * world
-    torch.distributed.all_gather_object(values, value)
-    return values
-
-
-def fit_torch_trainer(
-    loop: Callable[[dict], None], loop_config: dict, cfg, name: str, storage: Path, **kwargs
-):
-    """Run ``loop`` on a `TorchTrainer` shaped by ``cfg`` and return the final checkpoint.
-
-    ``cfg`` is a `DistillConfig` or `TeacherTrainConfig`: workers, CPUs and GPUs per worker, placement,
-    ``max_failures`` (workers restart from the last checkpoint) and ``num_to_keep``. A rerun with the same ``name``
-    under ``storage`` resumes from its latest checkpoint. ``kwargs`` go to `TorchTrainer` (datasets, ...).
-    """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    trainer = TorchTrainer(
-        loop,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers,
-            use_gpu=cfg.use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker}
-            | ({"GPU": cfg.gpus_per_worker} if cfg.use_gpu else {}),
-            placement_strategy=getattr(cfg, "placement_strategy", "PACK"),
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
-        ),
-        **kwargs,
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"{name}: training finished without a checkpoint: {result.error}")
-    return result.checkpoint
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train worker: distil the teacher's judgements into this worker's Rabtriever replica.
 
@@ -315,14 +189,21 @@ def train_loop_per_worker(config: dict) -> None:
     rows all workers read from the teacher stage in that epoch (the first epoch of every start reads the stream to
     its end; later ones replay the stored batches and report 0).
     """
-    import json
-    import tempfile
     import time
 
     import ray
     import ray.train
     import ray.train.torch
 
+    from .raytrain import (
+        CheckpointReporter,
+        fault_hook,
+        gather_all,
+        load_training_state,
+        peak_memory_metrics,
+        prepare_engine,
+        warmup_cosine_scheduler,
+    )
     from .teacher import GenerativeReranker
 
     cfg = config["distill"]
@@ -336,9 +217,8 @@ def train_loop_per_worker(config: dict) -> None:
     teacher = GenerativeReranker.from_config(cfg.teacher, device=device)
     student = Rabtriever(teacher, cfg.student)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total_steps = steps_per_epoch * (end_epoch - first_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, total_steps)
+    scheduler = warmup_cosine_scheduler(
+        optimizer, cfg.warmup_steps, steps_per_epoch * (end_epoch - first_epoch)
     )
     start_epoch, step, history = first_epoch, 0, []
     checkpoint = ray.train.get_checkpoint() or config.get("init_checkpoint")
@@ -346,31 +226,30 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as directory:
             student.load_trainable(directory)  # before DeepSpeed copies the weights into its partitions
-            state, optimizer_state = load_training_state(directory, cfg, rank, world)
+            state, optimizer_state, history = load_training_state(directory, cfg, rank, world)
             start_epoch, step = max(first_epoch, int(state["epoch"]) + 1), int(state["step"])
-            history = json.loads((Path(directory) / "history.json").read_text())
-    fault = config.get("fail_once_after_step")  # test hook: (marker path, step)
-    if cfg.strategy == "deepspeed":
-        engine, optimizer, scheduler = deepspeed_engine(
-            student, optimizer, scheduler, cfg.batch_size, cfg.grad_clip, cfg.zero_stage
-        )
-        if optimizer_state is not None:
-            if cfg.zero_stage == 0:
-                optimizer.load_state_dict(optimizer_state)
-            else:  # ZeRO takes the list of every rank's partition and reads its own
-                optimizer.load_state_dict([optimizer_state if r == rank else None for r in range(world)])
-    elif optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
+    # DDP must be told when a zero loss weight leaves a trainable part out of the graph.
+    weights = cfg.loss
+    unused = weights.w_list == 0 or weights.w_jepa == weights.w_rkl == weights.w_rank == 0
+    engine, optimizer, scheduler = prepare_engine(
+        student, optimizer, scheduler, cfg, optimizer_state, rank, world, find_unused_parameters=unused
+    )
     # A new round starts a new warm-up and decay; within a round the schedule resumes.
     if state is not None and state.get("round", 0) == round_index:
         scheduler.load_state_dict(state["scheduler"])
-    if cfg.strategy == "ddp":
-        # DDP must be told when a zero loss weight leaves a trainable part out of the graph.
-        weights = cfg.loss
-        unused = weights.w_list == 0 or weights.w_jepa == weights.w_rkl == weights.w_rank == 0
-        engine = ray.train.torch.prepare_model(
-            student, parallel_strategy_kwargs={"find_unused_parameters": unused}
+
+    def write_student(directory: Path, saved: dict) -> None:
+        student.save_trainable(
+            directory,
+            teacher=cfg.teacher.model,
+            prompt=to_dict(cfg.teacher.prompt),
+            max_batch_tokens=cfg.teacher.max_batch_tokens,
+            step=saved["step"],
+            epoch=saved["epoch"],
+            round=saved["round"],
         )
+
+    reporter = CheckpointReporter(cfg, rank, world, optimizer, scheduler, write_student)
     # Where the workers run (rank order), for the report: SPREAD placement puts them on different nodes.
     worker_nodes = gather_all(ray.get_runtime_context().get_node_id(), world)
     query_cache, doc_cache = EmbeddingCache(student.encode_queries), EmbeddingCache(student.encode_documents)
@@ -379,38 +258,9 @@ def train_loop_per_worker(config: dict) -> None:
     stored: list[dict] = []
     generator = torch.Generator().manual_seed(cfg.seed + rank + 1000 * round_index)
 
-    def save_and_report(metrics: dict, epoch: int) -> None:
-        # Under DDP only rank 0 writes (the replicas are identical); under DeepSpeed every rank adds its optimizer
-        # partition and Ray Train merges the ranks' files into one checkpoint directory.
-        keep = rank == 0 or cfg.strategy == "deepspeed"
-        with tempfile.TemporaryDirectory() as directory:
-            if keep:
-                torch.save(optimizer.state_dict(), Path(directory) / optimizer_file(cfg, rank))
-            if rank == 0:
-                student.save_trainable(
-                    directory,
-                    teacher=cfg.teacher.model,
-                    prompt=to_dict(cfg.teacher.prompt),
-                    max_batch_tokens=cfg.teacher.max_batch_tokens,
-                    step=step,
-                    epoch=epoch,
-                    round=round_index,
-                )
-                state = {
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch,
-                    "step": step,
-                    "round": round_index,
-                    "strategy": cfg.strategy,
-                    "world_size": world,
-                }
-                torch.save(state, Path(directory) / "training_state.pt")
-                (Path(directory) / "history.json").write_text(json.dumps(history))
-            checkpoint = ray.train.Checkpoint.from_directory(directory) if keep else None
-            ray.train.report(metrics, checkpoint=checkpoint)
-
     if start_epoch >= end_epoch:  # nothing left (a rerun of a finished run): hand back the last checkpoint
-        save_and_report(history[-1] if history else {"epoch": start_epoch - 1, "step": step}, start_epoch - 1)
+        last = history[-1] if history else {"epoch": start_epoch - 1, "step": step}
+        reporter.report(last, history, epoch=start_epoch - 1, step=step, round=round_index)
         return
     for epoch in range(start_epoch, end_epoch):
         stream = None if stored else TeacherStream(shard, cfg.batch_size)
@@ -423,9 +273,7 @@ def train_loop_per_worker(config: dict) -> None:
         for _, batch in zip(range(steps_per_epoch), source):
             if stream is not None:
                 stored.append(batch)
-            if fault and rank == 0 and step >= fault[1] and not Path(fault[0]).exists():
-                Path(fault[0]).write_text(str(step))
-                raise RuntimeError(f"injected worker failure at step {step}")
+            fault_hook(config, rank, step)
             terms = distill_losses(
                 student,
                 engine,
@@ -466,13 +314,9 @@ def train_loop_per_worker(config: dict) -> None:
         )
         # Rows the workers read from the teacher stage in this epoch (0 when it replays the stored batches).
         metrics["teacher_rows"] = sum(gather_all(stream.rows if stream is not None else 0, world))
-        metrics["workerpeak_rss_mb"] = gather_all(peak_rss_mb(), world)
-        if device.type == "cuda":
-            metrics["worker_peak_cuda_mb"] = gather_all(
-                torch.cuda.max_memory_allocated(device) / 2**20, world
-            )
+        metrics.update(peak_memory_metrics(device, world))
         if rank == 0 and config.get("val"):
             metrics.update(validate(student, config["val"], query_cache, doc_cache))
         if rank == 0:
             history.append(metrics)
-        save_and_report(metrics, epoch)
+        reporter.report(metrics, history, epoch=epoch, step=step, round=round_index)

@@ -39,11 +39,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .backbone import last_positions, pad_batch, pre_norm_hidden_at
 from .config import ScoreTeacherConfig, TeacherTrainConfig, to_dict
 from .data import DEMO_DATA, BeirData, build_pairs, parse_candidates, read_beir, select_queries
 from .data.candidates import BM25Index
 from .losses import answer_ce, listwise_ce
-from .models import TEACHER_INFO, backbone, capture_pre_norm, load_causal_lm, pad_batch, resolve_spec
+from .models import TEACHER_INFO, load_causal_lm, resolve_spec
 from .prompts import PromptBuilder, document_text
 from .scoring import YesNoHead
 
@@ -118,11 +119,7 @@ class AnswerScorer(nn.Module):
         self.head = YesNoHead(model, yes_id, no_id)
 
     def forward(self, input_ids, attention_mask, position_ids, last):
-        with capture_pre_norm(self.model) as captured:
-            backbone(self.model)(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            )
-        hidden = captured[-1][torch.arange(len(last), device=last.device), last]
+        hidden = pre_norm_hidden_at(self.model, input_ids, attention_mask, position_ids, last)
         return self.head.log_probs(hidden)
 
 
@@ -135,15 +132,11 @@ def group_batch(prompts: PromptBuilder, groups: list[TrainingGroup], device: tor
     input_ids, attention_mask, position_ids = pad_batch(
         encoded.input_ids, tokenizer.pad_token_id, tokenizer.padding_side, device
     )
-    if tokenizer.padding_side == "left":
-        last = torch.full((len(queries),), input_ids.shape[1] - 1, device=device)
-    else:
-        last = attention_mask.sum(-1) - 1
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "position_ids": position_ids,
-        "last": last,
+        "last": last_positions(attention_mask, tokenizer.padding_side),
         "sizes": [len(g.doc_texts) for g in groups],
     }
 
@@ -190,6 +183,15 @@ def add_lora(model: nn.Module, cfg: TeacherTrainConfig) -> nn.Module:
     return inject_adapter_in_model(lora, model)
 
 
+def make_trainable(model: nn.Module, cfg: TeacherTrainConfig) -> None:
+    """Mark what trains: LoRA adapters injected into ``model`` (``cfg.lora``), or every weight."""
+    if cfg.lora:
+        add_lora(model, cfg)
+    else:
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA adapter into its base weight and replace the LoRA layers by plain ones (in place)."""
     from peft.tuners.lora import LoraLayer
@@ -224,11 +226,7 @@ def load_trainable_into(model: nn.Module, path: str | Path) -> None:
 def build_trained_model(cfg: TeacherTrainConfig, trainable_path: str | Path):
     """``(model, tokenizer)``: the base model with the trained weights on CPU, LoRA merged (a plain HF model)."""
     model, tokenizer = load_causal_lm(cfg.teacher.model, device="cpu", dtype=torch.float32)
-    if cfg.lora:
-        add_lora(model, cfg)
-    else:
-        for parameter in model.parameters():
-            parameter.requires_grad_(True)
+    make_trainable(model, cfg)
     load_trainable_into(model, trainable_path)
     if cfg.lora:
         merge_lora(model)
@@ -256,13 +254,18 @@ def train_teacher_loop(config: dict) -> None:
     permutation is split by rank) and ``steps_per_epoch`` (optimizer steps, the same on every worker, so every
     worker reports equally often). Resumes from ``ray.train.get_checkpoint()`` at the step it stopped.
     """
-    import tempfile
-
     import ray.train
     import ray.train.torch
     from safetensors.torch import save_file
 
-    from .train import gather_all, load_training_state, optimizer_file, peak_rss_mb, warmup_cosine
+    from .raytrain import (
+        CheckpointReporter,
+        fault_hook,
+        load_training_state,
+        peak_memory_metrics,
+        prepare_engine,
+        warmup_cosine_scheduler,
+    )
 
     cfg: TeacherTrainConfig = config["train"]
     groups: list[TrainingGroup] = config["groups"]
@@ -271,11 +274,7 @@ def train_teacher_loop(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     model, tokenizer = load_causal_lm(cfg.teacher.model, device=device, dtype=torch.float32)
-    if cfg.lora:
-        add_lora(model, cfg)
-    else:
-        for parameter in model.parameters():
-            parameter.requires_grad_(True)
+    make_trainable(model, cfg)
     model.train()
     prompts = PromptBuilder(tokenizer, cfg.teacher.prompt)
     scorer = AnswerScorer(model, prompts.yes_id, prompts.no_id)
@@ -283,61 +282,32 @@ def train_teacher_loop(config: dict) -> None:
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
     )
     total_steps = steps_per_epoch * cfg.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, cfg.warmup_steps, total_steps)
-    )
+    scheduler = warmup_cosine_scheduler(optimizer, cfg.warmup_steps, total_steps)
     step, history, optimizer_state = 0, [], None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
             load_trainable_into(model, Path(directory) / TRAINABLE_FILE)
-            state, optimizer_state = load_training_state(directory, cfg, rank, world)
+            state, optimizer_state, history = load_training_state(directory, cfg, rank, world)
             step = int(state["step"])
             scheduler.load_state_dict(state["scheduler"])
-            history = json.loads((Path(directory) / "history.json").read_text())
-    if cfg.strategy == "deepspeed":
-        from .train import deepspeed_engine
-
-        engine, optimizer, scheduler = deepspeed_engine(
-            scorer, optimizer, scheduler, cfg.batch_size, cfg.grad_clip, cfg.zero_stage, cfg.grad_accum
-        )
-        if optimizer_state is not None:
-            if cfg.zero_stage == 0:
-                optimizer.load_state_dict(optimizer_state)
-            else:  # ZeRO takes the list of every rank's partition and reads its own
-                optimizer.load_state_dict([optimizer_state if r == rank else None for r in range(world)])
-    else:
-        if optimizer_state is not None:
-            optimizer.load_state_dict(optimizer_state)
-        engine = ray.train.torch.prepare_model(scorer)
-    fault = config.get("fail_once_after_step")  # test hook: (marker path, step)
+    engine, optimizer, scheduler = prepare_engine(
+        scorer, optimizer, scheduler, cfg, optimizer_state, rank, world, grad_accum=cfg.grad_accum
+    )
+    reporter = CheckpointReporter(
+        cfg,
+        rank,
+        world,
+        optimizer,
+        scheduler,
+        lambda directory, _state: save_file(trainable_state(model), str(directory / TRAINABLE_FILE)),
+    )
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     per_step = cfg.batch_size * cfg.grad_accum
 
-    def save_and_report(metrics: dict) -> None:
-        # Under DDP rank 0 writes (the replicas are identical); under DeepSpeed every rank adds its optimizer
-        # partition and Ray Train merges the ranks' files into one checkpoint directory.
-        keep = rank == 0 or cfg.strategy == "deepspeed"
-        with tempfile.TemporaryDirectory() as directory:
-            if keep:
-                torch.save(optimizer.state_dict(), Path(directory) / optimizer_file(cfg, rank))
-            if rank == 0:
-                save_file(trainable_state(model), str(Path(directory) / TRAINABLE_FILE))
-                state = {
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": metrics["epoch"],
-                    "step": step,
-                    "strategy": cfg.strategy,
-                    "world_size": world,
-                }
-                torch.save(state, Path(directory) / "training_state.pt")
-                (Path(directory) / "history.json").write_text(json.dumps(history))
-            ray.train.report(
-                metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if keep else None
-            )
-
     if step >= total_steps:  # a rerun of a finished run: hand back the last checkpoint
-        save_and_report(history[-1] if history else {"epoch": cfg.epochs - 1, "step": step})
+        last = history[-1] if history else {"epoch": cfg.epochs - 1, "step": step}
+        reporter.report(last, history, epoch=last["epoch"], step=step)
         return
     sums: dict[str, float] = {}
     counted, started = 0, time.perf_counter()
@@ -349,9 +319,7 @@ def train_teacher_loop(config: dict) -> None:
             order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(cfg.seed + epoch))
             shuffled_epoch, mine = epoch, order.tolist()[rank::world]
         chunk = [groups[i] for i in mine[within * per_step : (within + 1) * per_step]]
-        if fault and rank == 0 and step >= fault[1] and not Path(fault[0]).exists():
-            Path(fault[0]).write_text(str(step))
-            raise RuntimeError(f"injected worker failure at step {step}")
+        fault_hook(config, rank, step)
         for micro in range(cfg.grad_accum):
             batch = group_batch(prompts, chunk[micro * cfg.batch_size : (micro + 1) * cfg.batch_size], device)
             last_micro = micro == cfg.grad_accum - 1
@@ -387,15 +355,11 @@ def train_teacher_loop(config: dict) -> None:
                 step=step,
                 lr=scheduler.get_last_lr()[0],
                 groups_per_s=groups_done / elapsed,
-                worker_peak_rss_mb=gather_all(peak_rss_mb(), world),
             )
-            if device.type == "cuda":
-                metrics["worker_peak_cuda_mb"] = gather_all(
-                    torch.cuda.max_memory_allocated(device) / 2**20, world
-                )
+            metrics.update(peak_memory_metrics(device, world))
             if rank == 0:
                 history.append(metrics)
-            save_and_report(metrics)
+            reporter.report(metrics, history, epoch=epoch, step=step)
             sums, counted, started = {}, 0, time.perf_counter()
 
 
@@ -427,7 +391,7 @@ def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, 
 
     from .io import atomic_dir, init_ray, write_json_atomic
     from .pipeline import pairs_dataset, teacher_stage, write_teacher_scores
-    from .train import fit_torch_trainer
+    from .raytrain import fit_torch_trainer, read_history
 
     started = time.perf_counter()
     teacher = dataclasses.replace(cfg.teacher, model=resolve_spec(cfg.teacher.model))
@@ -487,7 +451,7 @@ def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, 
         )
         timings["train"] = round(time.perf_counter() - t0, 1)
         with checkpoint.as_directory() as directory:
-            history = json.loads((Path(directory) / "history.json").read_text())
+            history = read_history(directory)
             model, tokenizer = build_trained_model(cfg, Path(directory) / TRAINABLE_FILE)
         info = {
             "format": "rabtriever-teacher/1",

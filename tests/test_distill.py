@@ -24,6 +24,7 @@ def test_two_workers_train_report_and_resume_after_a_failure(ray_local, tmp_path
     assert history[-1]["loss/total"] < history[0]["loss/total"]
     for key in ("loss/jepa", "loss/rkl", "loss/list", "lr", "pairs_per_s", "val/R@1", "val/spearman"):
         assert key in history[-1]
+    assert len(history[-1]["worker_peak_rss_mb"]) == 2  # one per worker, named as the teacher loop names it
     # The workers count the teacher rows they read. Ray Data splits the stream equally over the 2 workers (an odd
     # row is dropped); the restart after the failure in epoch 1 reads the stream again; epoch 2 replays.
     (round0,) = report["rounds"]
