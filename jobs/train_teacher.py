@@ -18,8 +18,8 @@ from __future__ import annotations
 import logging
 
 from rabtriever_ray.config import TeacherTrainConfig, parse_job_args
+from rabtriever_ray.finetune import format_report, run_train_teacher
 from rabtriever_ray.io import run_job
-from rabtriever_ray.train_teacher import format_report, run_train_teacher
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -29,11 +29,10 @@ from .config import DistillConfig, TeacherConfig, prompt_differences, to_dict
 from .data import DEMO_DATA, build_pairs, read_beir
 from .data.candidates import BM25Index
 from .io import atomic_dir, init_ray, write_json_atomic
-from .metrics import retrieval_metrics, run_from_rows
+from .metrics import HEADLINE_MEASURES, metrics_table, retrieval_metrics, run_from_rows
 from .models import model_hidden_size, prompt_mismatch, resolve_spec
 from .pipeline import SchemaError, pairs_dataset, read_teacher_scores, teacher_stage
 
-METRICS = ("R@1", "RR@10", "nDCG@10")
 logger = logging.getLogger(__name__)
 
 
@@ -109,11 +108,10 @@ def _read_scored(cfg: DistillConfig, path: str):
 
 def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None = None) -> dict[str, Any]:
     """Run one distillation (see the module docstring); returns the report that is also written to disk."""
-    import json
 
     from ray.train import DataConfig
 
-    from .raytrain import fit_torch_trainer
+    from .raytrain import fit_torch_trainer, read_history
     from .rounds import sample_round_pairs
     from .train import train_loop_per_worker
 
@@ -189,7 +187,7 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
         round_s = time.perf_counter() - t0
         train_s += round_s
         with checkpoint.as_directory() as directory:
-            history = json.loads((Path(directory) / "history.json").read_text())
+            history = read_history(directory)
         this_round = [h for h in history if h.get("round", 0) == round_index]
         before = [h for h in history if h.get("round", 0) == round_index - 1]
         rounds.append(
@@ -213,7 +211,7 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
         atomic_dir(out_dir / "checkpoint", overwrite=True) as staging,
     ):
         shutil.copytree(directory, staging, dirs_exist_ok=True)
-    history = json.loads((out_dir / "checkpoint" / "history.json").read_text())
+    history = read_history(out_dir / "checkpoint")
 
     final = _final_metrics(history[-1], val, val_data)
     report = {
@@ -304,11 +302,11 @@ def _final_metrics(last: dict, val: dict, val_data) -> dict[str, Any]:
         val["doc_id"],
         [bm25_full[q].get(d, 0.0) for q, d in zip(val["query_id"], val["doc_id"])],
     )
-    student = {m: last[f"val/{m}"] for m in METRICS}
+    student = {m: last[f"val/{m}"] for m in HEADLINE_MEASURES}
     return {
         "student": student,
-        "teacher": retrieval_metrics(teacher_run, val["qrels"], METRICS),
-        "bm25": retrieval_metrics(bm25_run, val["qrels"], METRICS),
+        "teacher": retrieval_metrics(teacher_run, val["qrels"], HEADLINE_MEASURES),
+        "bm25": retrieval_metrics(bm25_run, val["qrels"], HEADLINE_MEASURES),
         "agreement": {"spearman": last["val/spearman"], "top1": last["val/top1_agreement"]},
     }
 
@@ -340,9 +338,8 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 def format_table(final: dict[str, Any]) -> str:
     """The final validation table as markdown."""
-    lines = ["| method | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
-    for method in ("teacher", "student", "bm25"):
-        lines.append(f"| {method} | " + " | ".join(f"{final[method][m]:.3f}" for m in METRICS) + " |")
+    rows = {method: final[method] for method in ("teacher", "student", "bm25")}
+    lines = [metrics_table(rows, measures=HEADLINE_MEASURES)]
     agree = final["agreement"]
     lines.append(f"\nstudent-teacher agreement: Spearman {agree['spearman']:.3f}, top-1 {agree['top1']:.3f}")
     return "\n".join(lines)

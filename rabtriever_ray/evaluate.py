@@ -38,7 +38,7 @@ import torch
 
 from .config import ConfigError, EvaluateConfig, TeacherConfig
 from .data.beir import BeirData
-from .metrics import DEFAULT_MEASURES, agreement, ranking, retrieval_metrics
+from .metrics import DEFAULT_MEASURES, agreement, metrics_table, ranking, retrieval_metrics
 
 METHODS = ("frequency", "bm25", "minilm", "llm-embed", "teacher", "rabtriever", "rabtriever-search")
 CANDIDATE_METHODS = ("llm-embed", "teacher", "rabtriever")
@@ -318,16 +318,8 @@ def markdown_table(results: dict[str, Any]) -> str:
     methods = results["methods"]
     if not methods:
         return "(no methods ran)"
-    measures = list(next(iter(methods.values())))
-    lines = [
-        "| method | " + " | ".join(measures) + " | ms/query |",
-        "|---" * (len(measures) + 2) + "|",
-    ]
-    for name, values in methods.items():
-        per_query = results["timing"].get(name, {}).get("per_query_ms", float("nan"))
-        lines.append(
-            f"| {name} | " + " | ".join(f"{values[m]:.3f}" for m in measures) + f" | {per_query:.1f} |"
-        )
+    per_query = [results["timing"].get(name, {}).get("per_query_ms", float("nan")) for name in methods]
+    lines = [metrics_table(methods, extra={"ms/query": [f"{ms:.1f}" for ms in per_query]})]
     for name, agree in results.get("agreement", {}).items():
         lines.append(
             f"\n{name}: Spearman {agree['spearman']:.3f}, top-1 agreement {agree['top1']:.3f} "

@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 DEFAULT_MEASURES = ("nDCG@10", "RR@10", "R@1", "R@5", "R@100")
+HEADLINE_MEASURES = ("R@1", "RR@10", "nDCG@10")  # the training jobs' validation tables and reports
 
 Run = Mapping[str, Mapping[str, float]]
 Qrels = Mapping[str, Mapping[str, int]]
@@ -130,3 +131,25 @@ def run_from_rows(
     for qid, did, score in zip(query_ids, doc_ids, scores, strict=True):
         run.setdefault(qid, {})[did] = float(score)
     return run
+
+
+def metrics_table(
+    rows: Mapping[str, Mapping[str, float]],
+    first_header: str = "method",
+    measures: Sequence[str] | None = None,
+    extra: Mapping[str, Sequence[str]] | None = None,
+) -> str:
+    """A markdown table: one row per name in ``rows`` (insertion order), one column per measure (3 decimals).
+
+    ``measures`` default to the first row's keys; ``extra`` adds columns of preformatted text
+    (``{"ms/query": ["12.3", ...]}``, one value per row).
+    """
+    if measures is None:
+        measures = list(next(iter(rows.values()))) if rows else []
+    extra = extra or {}
+    header = [first_header, *measures, *extra]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for i, (name, values) in enumerate(rows.items()):
+        cells = [name, *(f"{values[m]:.3f}" for m in measures), *(column[i] for column in extra.values())]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

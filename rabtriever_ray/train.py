@@ -162,7 +162,7 @@ class TeacherStream:
 
 def validate(student: Rabtriever, val: dict, query_cache: EmbeddingCache, doc_cache: EmbeddingCache) -> dict:
     """Student vs teacher on the validation pairs: agreement and retrieval metrics against the qrels."""
-    from .metrics import agreement, retrieval_metrics, run_from_rows
+    from .metrics import HEADLINE_MEASURES, agreement, retrieval_metrics, run_from_rows
 
     with torch.no_grad():
         scores = student.score(query_cache(val["query_text"]), doc_cache(val["doc_text"])).cpu().tolist()
@@ -170,7 +170,7 @@ def validate(student: Rabtriever, val: dict, query_cache: EmbeddingCache, doc_ca
     teacher_run = run_from_rows(val["query_id"], val["doc_id"], val["teacher_score"])
     metrics = {
         f"val/{k}": v
-        for k, v in retrieval_metrics(student_run, val["qrels"], ("R@1", "RR@10", "nDCG@10")).items()
+        for k, v in retrieval_metrics(student_run, val["qrels"], HEADLINE_MEASURES).items()
     }
     agree = agreement(student_run, teacher_run)
     metrics["val/spearman"] = agree["spearman"]

@@ -1,20 +1,14 @@
-"""Teacher fine-tuning: train the generative reranker itself with Ray Train.
+"""Teacher fine-tuning, the training side: groups, the trainable scorer, its losses, LoRA and the Ray Train loop.
 
 An instruct model used zero-shot is a weak judge of rationale-based relevance; Rabtriever is only as good as its
-teacher. `run_train_teacher(config)`:
+teacher. The job that runs all of this (data, validation before and after, the saved model) is `finetune`.
 
-1. builds training groups from a BEIR folder (`build_groups`): each query with one positive and ``negatives``
-   sampled negatives (from every other document, or from the top of BM25), seeded;
-2. scores the validation pairs with the model as it is ("before") on teacher actors (`pipeline.teacher_stage`);
-3. trains under ``TorchTrainer`` (`train_teacher_loop`): DDP (gloo on CPU, NCCL on GPU) or DeepSpeed ZeRO,
-   gradient accumulation, bf16 autocast on GPU, checkpoints every ``report_every`` steps, ``FailureConfig``, and
-   resume of a rerun with the same name. All weights train, or LoRA adapters (peft) with ``lora=true``;
-4. writes ``out/``: a Hugging Face model directory (safetensors, config, tokenizer; LoRA merged in) with
-   ``rabtriever_teacher.json`` (the prompt it was trained with, the base model, the data), which
-   `models.load_causal_lm` and every job accept as ``--model`` / ``teacher=``;
-5. scores the validation pairs with the saved model ("after") into ``out/val_scores/`` (the
-   ``jobs/score_teacher.py`` format, so ``jobs/distill.py val_teacher_data=out/val_scores`` reuses them) and
-   writes ``out/report.json``: config, counts, R@1 / RR@10 / nDCG@10 before and after, history, timings.
+- `build_groups`: each query with one positive and ``negatives`` sampled negatives (from every other document,
+  or from the top of BM25), seeded;
+- `train_teacher_loop`: the ``TorchTrainer`` worker: DDP (gloo on CPU, NCCL on GPU) or DeepSpeed ZeRO, gradient
+  accumulation, bf16 autocast on GPU, checkpoints every ``report_every`` steps and resume (`raytrain`). All weights
+  train, or LoRA adapters (peft) with ``lora=true``;
+- `build_trained_model` / `save_teacher`: the trained weights merged into a plain Hugging Face model directory.
 
 The training step (`teacher_losses`) scores each group's pairs with the exact scoring function of
 `GenerativeReranker` (`scoring.YesNoHead` on the pre-norm hidden state at the answer position,
@@ -27,9 +21,7 @@ The training step (`teacher_losses`) scores each group's pairs with the exact sc
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
-import logging
 import random
 import time
 from dataclasses import dataclass
@@ -40,17 +32,15 @@ import torch
 from torch import nn
 
 from .backbone import last_positions, pad_batch, pre_norm_hidden_at
-from .config import ScoreTeacherConfig, TeacherTrainConfig, to_dict
-from .data import DEMO_DATA, BeirData, build_pairs, parse_candidates, read_beir, select_queries
+from .config import TeacherTrainConfig
+from .data import BeirData, parse_candidates, select_queries
 from .data.candidates import BM25Index
 from .losses import answer_ce, listwise_ce
-from .models import TEACHER_INFO, load_causal_lm, resolve_spec
+from .models import TEACHER_INFO, load_causal_lm
 from .prompts import PromptBuilder, document_text
 from .scoring import YesNoHead
 
 TRAINABLE_FILE = "trainable.safetensors"
-METRICS = ("R@1", "RR@10", "nDCG@10")
-logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -361,155 +351,3 @@ def train_teacher_loop(config: dict) -> None:
                 history.append(metrics)
             reporter.report(metrics, history, epoch=epoch, step=step)
             sums, counted, started = {}, 0, time.perf_counter()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The job.
-
-
-def _root(path: str) -> Path:
-    return Path(path) if path else DEMO_DATA
-
-
-def _score_metrics(table, qrels: dict) -> dict[str, float]:
-    """Metrics of scored pairs over exactly the queries they hold (not every query the split judges)."""
-    from .metrics import retrieval_metrics, run_from_rows
-
-    run = run_from_rows(
-        table.column("query_id").to_pylist(),
-        table.column("doc_id").to_pylist(),
-        table.column("teacher_score").to_pylist(),
-    )
-    return retrieval_metrics(run, {q: qrels[q] for q in run if q in qrels}, METRICS)
-
-
-def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, int] | None = None) -> dict:
-    """Run one teacher fine-tuning (see the module docstring); returns the report also written to ``out``."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import ray
-
-    from .io import atomic_dir, init_ray, write_json_atomic
-    from .pipeline import pairs_dataset, teacher_stage, write_teacher_scores
-    from .raytrain import fit_torch_trainer, read_history
-
-    started = time.perf_counter()
-    teacher = dataclasses.replace(cfg.teacher, model=resolve_spec(cfg.teacher.model))
-    cfg = dataclasses.replace(cfg, teacher=teacher)  # workers run elsewhere
-    out = Path(cfg.out or f"runs/{cfg.name}").resolve()
-    storage = Path(cfg.storage_path).resolve() if cfg.storage_path else out.parent / f"{out.name}-ray"
-    # Refuses before any expensive work; the model is committed at the block's end, before the validation below.
-    with atomic_dir(out, cfg.overwrite) as staging:
-        train_data = read_beir(_root(cfg.data), cfg.split)
-        groups, skipped = build_groups(
-            train_data, cfg.negatives, cfg.negatives_from, cfg.max_queries, cfg.seed
-        )
-        steps_per_epoch = len(groups) // (cfg.num_workers * cfg.batch_size * cfg.grad_accum)
-        if steps_per_epoch < 1:
-            raise ValueError(
-                f"{len(groups)} training groups are fewer than one step needs (num_workers x batch_size x "
-                f"grad_accum = {cfg.num_workers * cfg.batch_size * cfg.grad_accum}); use more queries or smaller batches"
-            )
-        validate = cfg.val_data is not None
-        if validate:
-            val_root = _root(cfg.val_data) if cfg.val_data else _root(cfg.data)
-            val_data = read_beir(val_root, cfg.val_split)
-            val_pairs = build_pairs(val_data, cfg.val_candidates, cfg.max_val_queries, cfg.seed)
-        init_ray()
-        gpus = cfg.teacher_gpus if cfg.use_gpu else 0.0
-        report: dict[str, Any] = {"config": to_dict(cfg)}
-        timings: dict[str, float] = {}
-        if validate and cfg.validate_before:
-            t0 = time.perf_counter()
-            # Document-major order lets each teacher batch share a document's prefix across queries.
-            ordered = val_pairs.sort_by([("doc_id", "ascending"), ("query_id", "ascending")])
-            stage = teacher_stage(
-                pairs_dataset(ordered, 256),
-                cfg.teacher,
-                actors=(1, cfg.teacher_actors),
-                cpus_per_actor=cfg.teacher_cpus,
-                gpus_per_actor=gpus,
-                batch_size=256,
-            )
-            before = pa.concat_tables(ray.get(stage.to_arrow_refs()))
-            report["before"] = _score_metrics(before, val_data.qrels)
-            timings["validate_before"] = round(time.perf_counter() - t0, 1)
-            logger.info("before: %s", report["before"])
-
-        t0 = time.perf_counter()
-        checkpoint = fit_torch_trainer(
-            train_teacher_loop,
-            {
-                "train": cfg,
-                "groups": groups,
-                "steps_per_epoch": steps_per_epoch,
-                "fail_once_after_step": fail_once_after_step,
-            },
-            cfg,
-            cfg.name,
-            storage,
-        )
-        timings["train"] = round(time.perf_counter() - t0, 1)
-        with checkpoint.as_directory() as directory:
-            history = read_history(directory)
-            model, tokenizer = build_trained_model(cfg, Path(directory) / TRAINABLE_FILE)
-        info = {
-            "format": "rabtriever-teacher/1",
-            "base_model": cfg.teacher.model,
-            "prompt": to_dict(cfg.teacher.prompt),
-            "lora": cfg.lora,
-            "data": str(_root(cfg.data)),
-            "split": cfg.split,
-            "train_queries": len(groups),
-            "steps": history[-1]["step"] if history else 0,
-        }
-        save_teacher(model, tokenizer, staging, info)
-
-    report["counts"] = {
-        "train_queries": len(groups),
-        "skipped_queries": skipped,
-        "pairs_per_group": 1 + cfg.negatives,
-        "steps_per_epoch": steps_per_epoch,
-        "steps": history[-1]["step"] if history else 0,
-    }
-    if validate:
-        t0 = time.perf_counter()
-        write_teacher_scores(
-            ScoreTeacherConfig(
-                data=str(val_root),
-                split=cfg.val_split,
-                out=str(out / "val_scores"),
-                teacher=dataclasses.replace(cfg.teacher, model=str(out)),
-                candidates=cfg.val_candidates,
-                max_queries=cfg.max_val_queries,
-                seed=cfg.seed,
-                actors=f"1:{cfg.teacher_actors}",
-                gpus_per_actor=gpus,
-                cpus_per_actor=cfg.teacher_cpus,
-                batch_size=256,
-                overwrite=True,
-            )
-        )
-        after = pq.ParquetDataset(str(out / "val_scores" / "data")).read(
-            columns=["query_id", "doc_id", "teacher_score"]
-        )
-        report["after"] = _score_metrics(after, val_data.qrels)
-        report["counts"].update(
-            val_queries=len(set(val_pairs.column("query_id").to_pylist())), val_pairs=len(val_pairs)
-        )
-        timings["validate_after"] = round(time.perf_counter() - t0, 1)
-    timings["total"] = round(time.perf_counter() - started, 1)
-    report.update(history=history, timings_s=timings)
-    write_json_atomic(out / "report.json", report)
-    return report
-
-
-def format_report(report: dict) -> str:
-    """The before/after validation table as markdown."""
-    if "after" not in report:
-        return "(no validation data)"
-    lines = ["| teacher | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
-    for when in ("before", "after"):
-        if when in report:
-            lines.append(f"| {when} | " + " | ".join(f"{report[when][m]:.3f}" for m in METRICS) + " |")
-    return "\n".join(lines)

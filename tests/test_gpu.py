@@ -135,7 +135,7 @@ def test_teacher_fine_tuning_on_one_gpu(ray_local, tmp_path, strategy):
 
     from test_train_teacher import DEEPSPEED_LORA, _config, assert_reproduces_val_scores
 
-    from rabtriever_ray.train_teacher import run_train_teacher
+    from rabtriever_ray.finetune import run_train_teacher
 
     if strategy == "deepspeed":
         pytest.importorskip("deepspeed")

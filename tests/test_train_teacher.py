@@ -12,6 +12,7 @@ from conftest import DOCUMENTS, QUERIES
 from rabtriever_ray.config import PromptConfig, TeacherTrainConfig, load_config
 from rabtriever_ray.data import DEMO_DATA, read_beir
 from rabtriever_ray.data.candidates import BM25Index
+from rabtriever_ray.finetune import run_train_teacher
 from rabtriever_ray.losses import answer_ce, listwise_ce
 from rabtriever_ray.models import build_tiny_random_llama, load_causal_lm, prompt_mismatch
 from rabtriever_ray.prompts import PromptBuilder
@@ -23,7 +24,6 @@ from rabtriever_ray.train_teacher import (
     build_groups,
     group_batch,
     merge_lora,
-    run_train_teacher,
     save_teacher,
     teacher_losses,
 )
@@ -319,7 +319,7 @@ def test_job_errors_name_the_problem(tmp_path):
 def test_validation_metrics_average_over_the_scored_queries_only():
     import pyarrow as pa
 
-    from rabtriever_ray.train_teacher import _score_metrics
+    from rabtriever_ray.finetune import _score_metrics
 
     table = pa.table({"query_id": ["q1", "q1"], "doc_id": ["d1", "d2"], "teacher_score": [2.0, 1.0]})
     # q2 is judged by the split but was not scored: it must not count as a miss.

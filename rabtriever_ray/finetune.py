@@ -1,0 +1,175 @@
+"""The teacher fine-tuning job (``jobs/train_teacher.py``): train the generative reranker itself with Ray Train.
+
+`run_train_teacher(config)`:
+
+1. builds training groups from a BEIR folder (`train_teacher.build_groups`);
+2. scores the validation pairs with the model as it is ("before") on teacher actors (`pipeline.teacher_stage`);
+3. trains under ``TorchTrainer`` (`train_teacher.train_teacher_loop`), with ``FailureConfig`` and resume of a
+   rerun with the same name;
+4. writes ``out/``: a Hugging Face model directory (safetensors, config, tokenizer; LoRA merged in) with
+   ``rabtriever_teacher.json`` (the prompt it was trained with, the base model, the data), which
+   `models.load_causal_lm` and every job accept as ``--model`` / ``teacher=``;
+5. scores the validation pairs with the saved model ("after") into ``out/val_scores/`` (the
+   ``jobs/score_teacher.py`` format, so ``jobs/distill.py val_teacher_data=out/val_scores`` reuses them) and
+   writes ``out/report.json``: config, counts, R@1 / RR@10 / nDCG@10 before and after, history, timings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import ScoreTeacherConfig, TeacherTrainConfig, to_dict
+from .data import DEMO_DATA, build_pairs, read_beir
+from .metrics import HEADLINE_MEASURES, metrics_table
+from .models import resolve_spec
+from .train_teacher import TRAINABLE_FILE, build_groups, build_trained_model, save_teacher, train_teacher_loop
+
+logger = logging.getLogger(__name__)
+
+def _root(path: str) -> Path:
+    return Path(path) if path else DEMO_DATA
+
+
+def _score_metrics(table, qrels: dict) -> dict[str, float]:
+    """Metrics of scored pairs over exactly the queries they hold (not every query the split judges)."""
+    from .metrics import retrieval_metrics, run_from_rows
+
+    run = run_from_rows(
+        table.column("query_id").to_pylist(),
+        table.column("doc_id").to_pylist(),
+        table.column("teacher_score").to_pylist(),
+    )
+    return retrieval_metrics(run, {q: qrels[q] for q in run if q in qrels}, HEADLINE_MEASURES)
+
+
+def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, int] | None = None) -> dict:
+    """Run one teacher fine-tuning (see the module docstring); returns the report also written to ``out``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from .io import atomic_dir, init_ray, write_json_atomic
+    from .pipeline import pairs_dataset, teacher_stage, write_teacher_scores
+    from .raytrain import fit_torch_trainer, read_history
+
+    started = time.perf_counter()
+    teacher = dataclasses.replace(cfg.teacher, model=resolve_spec(cfg.teacher.model))
+    cfg = dataclasses.replace(cfg, teacher=teacher)  # workers run elsewhere
+    out = Path(cfg.out or f"runs/{cfg.name}").resolve()
+    storage = Path(cfg.storage_path).resolve() if cfg.storage_path else out.parent / f"{out.name}-ray"
+    # Refuses before any expensive work; the model is committed at the block's end, before the validation below.
+    with atomic_dir(out, cfg.overwrite) as staging:
+        train_data = read_beir(_root(cfg.data), cfg.split)
+        groups, skipped = build_groups(
+            train_data, cfg.negatives, cfg.negatives_from, cfg.max_queries, cfg.seed
+        )
+        steps_per_epoch = len(groups) // (cfg.num_workers * cfg.batch_size * cfg.grad_accum)
+        if steps_per_epoch < 1:
+            raise ValueError(
+                f"{len(groups)} training groups are fewer than one step needs (num_workers x batch_size x "
+                f"grad_accum = {cfg.num_workers * cfg.batch_size * cfg.grad_accum}); use more queries or smaller batches"
+            )
+        validate = cfg.val_data is not None
+        if validate:
+            val_root = _root(cfg.val_data) if cfg.val_data else _root(cfg.data)
+            val_data = read_beir(val_root, cfg.val_split)
+            val_pairs = build_pairs(val_data, cfg.val_candidates, cfg.max_val_queries, cfg.seed)
+        init_ray()
+        gpus = cfg.teacher_gpus if cfg.use_gpu else 0.0
+        report: dict[str, Any] = {"config": to_dict(cfg)}
+        timings: dict[str, float] = {}
+        if validate and cfg.validate_before:
+            t0 = time.perf_counter()
+            # Document-major order lets each teacher batch share a document's prefix across queries.
+            ordered = val_pairs.sort_by([("doc_id", "ascending"), ("query_id", "ascending")])
+            stage = teacher_stage(
+                pairs_dataset(ordered, 256),
+                cfg.teacher,
+                actors=(1, cfg.teacher_actors),
+                cpus_per_actor=cfg.teacher_cpus,
+                gpus_per_actor=gpus,
+                batch_size=256,
+            )
+            before = pa.concat_tables(ray.get(stage.to_arrow_refs()))
+            report["before"] = _score_metrics(before, val_data.qrels)
+            timings["validate_before"] = round(time.perf_counter() - t0, 1)
+            logger.info("before: %s", report["before"])
+
+        t0 = time.perf_counter()
+        checkpoint = fit_torch_trainer(
+            train_teacher_loop,
+            {
+                "train": cfg,
+                "groups": groups,
+                "steps_per_epoch": steps_per_epoch,
+                "fail_once_after_step": fail_once_after_step,
+            },
+            cfg,
+            cfg.name,
+            storage,
+        )
+        timings["train"] = round(time.perf_counter() - t0, 1)
+        with checkpoint.as_directory() as directory:
+            history = read_history(directory)
+            model, tokenizer = build_trained_model(cfg, Path(directory) / TRAINABLE_FILE)
+        info = {
+            "format": "rabtriever-teacher/1",
+            "base_model": cfg.teacher.model,
+            "prompt": to_dict(cfg.teacher.prompt),
+            "lora": cfg.lora,
+            "data": str(_root(cfg.data)),
+            "split": cfg.split,
+            "train_queries": len(groups),
+            "steps": history[-1]["step"] if history else 0,
+        }
+        save_teacher(model, tokenizer, staging, info)
+
+    report["counts"] = {
+        "train_queries": len(groups),
+        "skipped_queries": skipped,
+        "pairs_per_group": 1 + cfg.negatives,
+        "steps_per_epoch": steps_per_epoch,
+        "steps": history[-1]["step"] if history else 0,
+    }
+    if validate:
+        t0 = time.perf_counter()
+        write_teacher_scores(
+            ScoreTeacherConfig(
+                data=str(val_root),
+                split=cfg.val_split,
+                out=str(out / "val_scores"),
+                teacher=dataclasses.replace(cfg.teacher, model=str(out)),
+                candidates=cfg.val_candidates,
+                max_queries=cfg.max_val_queries,
+                seed=cfg.seed,
+                actors=f"1:{cfg.teacher_actors}",
+                gpus_per_actor=gpus,
+                cpus_per_actor=cfg.teacher_cpus,
+                batch_size=256,
+                overwrite=True,
+            )
+        )
+        after = pq.ParquetDataset(str(out / "val_scores" / "data")).read(
+            columns=["query_id", "doc_id", "teacher_score"]
+        )
+        report["after"] = _score_metrics(after, val_data.qrels)
+        report["counts"].update(
+            val_queries=len(set(val_pairs.column("query_id").to_pylist())), val_pairs=len(val_pairs)
+        )
+        timings["validate_after"] = round(time.perf_counter() - t0, 1)
+    timings["total"] = round(time.perf_counter() - started, 1)
+    report.update(history=history, timings_s=timings)
+    write_json_atomic(out / "report.json", report)
+    return report
+
+
+def format_report(report: dict) -> str:
+    """The before/after validation table as markdown."""
+    if "after" not in report:
+        return "(no validation data)"
+    rows = {when: report[when] for when in ("before", "after") if when in report}
+    return metrics_table(rows, first_header="teacher", measures=HEADLINE_MEASURES)
