@@ -150,10 +150,13 @@ class PromptBuilder:
 
     # -- prompts ----------------------------------------------------------------------------------------------
 
-    def _precut(self, texts: Sequence[str], limit: int, keep_end: bool) -> tuple[list[str], list[bool]]:
-        """Texts cut, on their own tokenisation, to a little over ``limit`` tokens (so that tokenising whole
-        prompts stays cheap for long texts); `pair_prompts` then cuts them exactly in context."""
-        margin = limit + 2
+    def _precut(
+        self, texts: Sequence[str], limit: int, keep_end: bool, slack: int = 2
+    ) -> tuple[list[str], list[bool]]:
+        """Texts cut, on their own tokenisation, to ``limit + slack`` tokens. By default a little over ``limit``,
+        so that tokenising whole prompts stays cheap for long texts; `pair_prompts` then cuts them exactly in
+        context."""
+        margin = limit + slack
         unique = sorted({t for t in texts if len(t.encode("utf-8")) + 1 > margin})
         cut: dict[str, str] = {}
         if unique:
@@ -161,6 +164,14 @@ class PromptBuilder:
                 if len(offsets) > margin:
                     cut[text] = text[offsets[-margin][0] :] if keep_end else text[: offsets[margin - 1][1]]
         return [cut.get(t, t) for t in texts], [t in cut for t in texts]
+
+    def cut_documents(self, documents: Sequence[str], max_tokens: int | None) -> tuple[list[str], list[bool]]:
+        """Documents cut at the end to their first ``max_tokens`` tokens (on their own tokenisation; a caller's
+        limit, e.g. a rerank request's ``max_tokens_per_doc``), and whether each was cut. ``None``: unchanged.
+        The prompts then still apply ``max_doc_tokens``."""
+        if max_tokens is None:
+            return list(documents), [False] * len(documents)
+        return self._precut(documents, max_tokens, keep_end=False, slack=0)
 
     def pair_prompts(self, queries: Sequence[str], documents: Sequence[str]) -> EncodedPrompts:
         """Teacher prompts for aligned (query, document) lists: document first, then query, then the question."""

@@ -91,6 +91,18 @@ def test_truncation_cuts_documents_at_the_end_and_queries_at_the_start(tokenizer
     assert docs.doc_truncated == [True] and docs.input_ids[0] == full_doc[:6]
 
 
+def test_cut_documents_keeps_the_first_tokens(tokenizer):
+    """A caller's per-request limit (rerank's ``max_tokens_per_doc``): the first N tokens, then the prompt limits."""
+    builder = PromptBuilder(tokenizer)
+    doc = "first words of the document then many more words that will not fit"
+    full_doc = tokenizer(doc, add_special_tokens=False).input_ids
+    texts, cut = builder.cut_documents([doc, "short", doc], 4)
+    assert cut == [True, False, True] and texts[1] == "short" and texts[0] == texts[2]
+    assert tokenizer(texts[0], add_special_tokens=False).input_ids == full_doc[:4]
+    assert builder.cut_documents([doc], len(full_doc)) == ([doc], [False])
+    assert builder.cut_documents([doc], None) == ([doc], [False])
+
+
 def test_answer_tokens_resolve_to_single_tokens(tokenizer):
     builder = PromptBuilder(tokenizer)
     assert tokenizer.decode([builder.yes_id]) == "yes" and tokenizer.decode([builder.no_id]) == "no"

@@ -48,6 +48,16 @@ def _teacher_config(config: ServeConfig, checkpoint: Path) -> TeacherConfig:
     return dataclasses.replace(recorded, model=config.teacher)
 
 
+def _cut_documents(prompts, items: list[tuple]) -> tuple[list[tuple], list[list[bool]]]:
+    """Rerank items ``(query, documents, max_tokens_per_doc)`` as ``(query, documents cut)``, and the cut flags."""
+    cut_items, flags = [], []
+    for query, documents, max_tokens in items:
+        texts, cut = prompts.cut_documents(documents, max_tokens)
+        cut_items.append((query, tuple(texts)))
+        flags.append(cut)
+    return cut_items, flags
+
+
 @serve.deployment
 class Encoder(_BatchedModel):
     """The student and, when configured, the index: first-stage vectors, predictor scores and search."""
@@ -89,11 +99,15 @@ class Encoder(_BatchedModel):
         await self._admit()
         return await self._embed_batch((tuple(texts), input_type))
 
-    async def rerank(self, query: str, documents: list[str]) -> dict[str, Any]:
-        """Predictor scores of ``query`` against each document (`Rabtriever.rerank`); a document whose text
-        the index holds is read from the index (the hidden state `build_index` stored), not encoded again."""
+    async def rerank(
+        self, query: str, documents: list[str], max_tokens_per_doc: int | None = None
+    ) -> dict[str, Any]:
+        """Predictor scores of ``query`` against each document (`Rabtriever.rerank`), each document first cut to
+        ``max_tokens_per_doc`` tokens (`PromptBuilder.cut_documents`); a document whose (cut) text the index holds
+        is read from the index (the hidden state `build_index` stored), not encoded again. Also returns the
+        truncation flags and ``tokens``: the query's tokens plus every document's, as encoded."""
         await self._admit()
-        return await self._rerank_batch((query, tuple(documents)))
+        return await self._rerank_batch((query, tuple(documents), max_tokens_per_doc))
 
     async def search(self, query: str, top_k: int, rerank: str) -> dict[str, Any]:
         """The index's top ``top_k`` for ``query`` (``rerank`` none | student, as `Searcher.search`)."""
@@ -147,6 +161,7 @@ class Encoder(_BatchedModel):
         return out
 
     def _rerank(self, items: list[tuple]) -> list[dict[str, Any]]:
+        items, request_cut = _cut_documents(self._prompts, items)
         # Requests often share documents (candidates from one corpus) and sometimes queries: encode each once,
         # and documents of the index not at all.
         queries = list(dict.fromkeys(query for query, _ in items))
@@ -162,17 +177,21 @@ class Encoder(_BatchedModel):
                 for doc in documents
             ]
         )
-        query_cut = self._prompts.query_prompts(queries).query_truncated
-        doc_cut = self._prompts.document_prompts(documents).doc_truncated
+        query_prompts = self._prompts.query_prompts(queries)
+        doc_prompts = self._prompts.document_prompts(documents)
         rows = [[doc_row[doc] for doc in docs] for _, docs in items]
         scores = self.student.rerank(h_query[[query_row[query] for query, _ in items]], h_doc, rows)
         return [
             {
                 "scores": item_scores.tolist(),
-                "query_truncated": query_cut[query_row[query]],
-                "documents_truncated": [doc_cut[row] for row in item_rows],
+                "query_truncated": query_prompts.query_truncated[query_row[query]],
+                "documents_truncated": [
+                    cut or doc_prompts.doc_truncated[row] for cut, row in zip(item_cut, item_rows)
+                ],
+                "tokens": query_prompts.query_tokens[query_row[query]]
+                + sum(doc_prompts.doc_tokens[row] for row in item_rows),
             }
-            for (query, _), item_rows, item_scores in zip(items, rows, scores)
+            for (query, _), item_rows, item_scores, item_cut in zip(items, rows, scores, request_cut)
         ]
 
     def _search(self, items: list[tuple]) -> list[dict[str, Any]]:
@@ -217,28 +236,32 @@ class Reranker(_BatchedModel):
     def info(self) -> dict[str, Any]:
         return self._info
 
-    async def rerank(self, query: str, documents: list[str]) -> dict[str, Any]:
+    async def rerank(
+        self, query: str, documents: list[str], max_tokens_per_doc: int | None = None
+    ) -> dict[str, Any]:
         """Teacher scores of ``query`` with each document (`GenerativeReranker.rerank`; the Router's teacher
-        re-rank of search hits too)."""
+        re-rank of search hits too), each document first cut to ``max_tokens_per_doc`` tokens; with the
+        truncation flags and ``tokens``: query plus document tokens summed over the pairs (one pass each)."""
         await self._admit()
-        return await self._rerank_batch((query, tuple(documents)))
+        return await self._rerank_batch((query, tuple(documents), max_tokens_per_doc))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _rerank_batch(self, items: list[tuple]) -> list[dict[str, Any]]:
         return await self._run("_rerank_batch", self._rerank, items)
 
     def _rerank(self, items: list[tuple]) -> list[dict[str, Any]]:
+        items, request_cut = _cut_documents(self.teacher.prompts, items)
         scores = self.teacher.rerank([query for query, _ in items], [docs for _, docs in items])
         out = []
-        for (query, docs), item_scores in zip(items, scores):
-            prompts = self.teacher.prompts.pair_prompts(
-                [query] * len(docs), docs
-            )  # the flags, per part of the pair
+        for (query, docs), item_scores, item_cut in zip(items, scores, request_cut):
+            # The flags and token counts, per part of the pair.
+            prompts = self.teacher.prompts.pair_prompts([query] * len(docs), docs)
             out.append(
                 {
                     "scores": item_scores.tolist(),
                     "query_truncated": any(prompts.query_truncated),
-                    "documents_truncated": prompts.doc_truncated,
+                    "documents_truncated": [a or b for a, b in zip(item_cut, prompts.doc_truncated)],
+                    "tokens": sum(prompts.query_tokens) + sum(prompts.doc_tokens),
                 }
             )
         return out

@@ -6,9 +6,11 @@ HTTP routes (an error is ``{"error": {"message", "type", "param", "code"}}``; ``
   ``encoding_format`` float|base64); extension ``input_type`` query (default) | document. Returns first-stage
   vectors (L2-normalised ``q_proj`` / ``d_proj`` of the frozen embeddings) and ``truncated``: the inputs cut.
 - ``GET /v1/models``: "student" and "teacher", with their backbone, checkpoint, vector size and index.
-- ``POST /rerank``: ``{"query", "documents", "top_n", "model": "student"|"teacher", "return_documents"}`` ->
-  ``{"model", "results": [{"index", "relevance_score", "document"?}], "truncated": {"query", "documents"}}``,
-  best first (Cohere / Jina style).
+- ``POST /rerank`` and ``POST /v2/rerank`` (the same route; the Cohere v2 / Jina dialect, docs/serving.md):
+  ``{"query", "documents": [str | {"text"}], "top_n", "model": "student"|"teacher", "return_documents",
+  "max_tokens_per_doc"}`` -> ``{"id", "model", "results": [{"index", "relevance_score", "document"?: {"text"}}],
+  "meta": {"api_version", "billed_units", "tokens"}, "usage": {"prompt_tokens", "total_tokens"},
+  "truncated": {"query", "documents"}}``, best first.
 - ``POST /search``: ``{"query", "top_k" (10), "rerank": "none"|"student" (default)|"teacher"}`` ->
   ``{"results": [{"doc_id", "score", "text"}], "truncated": {"query", "documents"}}``; 409 without an index.
   ``teacher`` re-scores the student's top_k on the Reranker (as `Searcher` with ``rerank="teacher"`` does).
@@ -25,10 +27,20 @@ start) and listed in ``truncated``; a text over ``max_text_bytes`` or a body ove
 from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import AfterValidator, BaseModel, Field, StrictStr, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictStr,
+    TypeAdapter,
+    WrapValidator,
+    field_validator,
+)
 
 API_KEY_ENV = "RABTRIEVER_API_KEY"
-ROUTES = ("/v1/embeddings", "/v1/models", "/rerank", "/search", "/healthz")
+ROUTES = ("/v1/embeddings", "/v1/models", "/rerank", "/v2/rerank", "/search", "/healthz")
+RERANK_MODELS = ("student", "teacher")
 DEFAULT_TOP_K = 10
 
 
@@ -57,14 +69,46 @@ class EmbeddingRequest(BaseModel):
         return [value] if isinstance(value, str) else value
 
 
+class TextDocument(BaseModel):
+    """A document as an object (Cohere v1, Jina): ``{"text": ...}``; other keys are refused, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: Text
+
+
+_TEXT = TypeAdapter(Text)
+
+
+def _string_or_object(value: Any, _handler) -> str | TextDocument:
+    # Validated by hand rather than as a union, so that an error names ``documents.3`` or ``documents.3.text``
+    # (a union would add the member's name to the field).
+    return TextDocument.model_validate(value) if isinstance(value, dict) else _TEXT.validate_python(value)
+
+
+Document = Annotated[TextDocument | Text, WrapValidator(_string_or_object)]
+
+
 class RerankRequest(BaseModel):
-    """``POST /rerank`` (Cohere / Jina style); ``top_n`` defaults to every document."""
+    """``POST /rerank`` = ``POST /v2/rerank`` (Cohere v2 / Jina); ``top_n`` defaults to every document.
+
+    Other fields those APIs define (``rank_fields``, ``max_chunks_per_doc``, ...) are ignored."""
 
     query: Text
-    documents: Annotated[list[Text], Field(min_length=1)]
+    documents: Annotated[list[Document], Field(min_length=1)]
     top_n: Annotated[int, Field(ge=1)] | None = None
-    model: Literal["student", "teacher"] = "student"
+    # Only this server's names: another service's model name (rerank-v3.5, jina-reranker-...) is refused
+    # rather than quietly served by a model it is not (docs/serving.md, "model").
+    model: Literal[RERANK_MODELS] = "student"
     return_documents: bool = False
+    max_tokens_per_doc: Annotated[int, Field(ge=1)] | None = None
+
+    @property
+    def texts(self) -> list[str]:
+        return [doc if isinstance(doc, str) else doc.text for doc in self.documents]
+
+    def document_param(self, index: int) -> str:
+        """The field of document ``index``'s text: ``documents.3`` or ``documents.3.text``."""
+        return f"documents.{index}" + ("" if isinstance(self.documents[index], str) else ".text")
 
 
 class SearchRequest(BaseModel):

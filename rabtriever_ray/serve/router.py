@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import logging
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -157,25 +158,35 @@ class Router:
         return {"object": "list", "data": [student, teacher]}
 
     async def rerank(self, body: RerankRequest) -> dict[str, Any]:
-        """The documents best first, scored by the student (predictor) or the teacher (LLM)."""
-        self._check_count(body.documents, "documents")
+        """The documents best first, scored by the student (predictor) or the teacher (LLM): one response that
+        is both a Cohere v2 and a Jina rerank response, plus ``model`` and ``truncated`` (docs/serving.md)."""
+        texts = body.texts
+        self._check_count(texts, "documents")
         _check_text(body.query, "query", self.config.max_text_bytes)
-        for i, text in enumerate(body.documents):
-            _check_text(text, f"documents.{i}", self.config.max_text_bytes)
+        for i, text in enumerate(texts):
+            _check_text(text, body.document_param(i), self.config.max_text_bytes)
         if body.top_n is not None and body.top_n > self.config.max_documents:
             raise RequestError(422, "top_n", f"top_n: at most max_documents={self.config.max_documents}")
         handle = self.encoder if body.model == "student" else self.reranker
-        result = await handle.rerank.remote(body.query, body.documents)
-        order = sorted(range(len(body.documents)), key=lambda i: -result["scores"][i])
+        result = await handle.rerank.remote(body.query, texts, body.max_tokens_per_doc)
+        order = sorted(range(len(texts)), key=lambda i: -result["scores"][i])
         results = []
         for i in order[: body.top_n]:
             hit = {"index": i, "relevance_score": result["scores"][i]}
             if body.return_documents:
-                hit["document"] = {"text": body.documents[i]}
+                hit["document"] = {"text": texts[i]}  # as sent, even where max_tokens_per_doc cut it
             results.append(hit)
+        tokens = result["tokens"]
         return {
+            "id": str(uuid.uuid4()),
             "model": body.model,
             "results": results,
+            "meta": {  # Cohere v2; a search unit is one query with up to 100 documents, as Cohere counts them
+                "api_version": {"version": "2", "is_experimental": False},
+                "billed_units": {"search_units": -(-len(texts) // 100)},
+                "tokens": {"input_tokens": tokens, "output_tokens": 0},
+            },
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},  # Jina (and OpenAI-style servers)
             "truncated": {
                 "query": result["query_truncated"],
                 "documents": [i for i, cut in enumerate(result["documents_truncated"]) if cut],
@@ -268,6 +279,7 @@ def _http_api(router: Router) -> FastAPI:
     api.post("/v1/embeddings")(router.embeddings)
     api.get("/v1/models")(router.models)
     api.post("/rerank")(router.rerank)
+    api.post("/v2/rerank")(router.rerank)  # Cohere v2's path, for clients that append it to a base URL
     api.post("/search")(router.search)
     api.get("/healthz")(router.healthz)
     return api
