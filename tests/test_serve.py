@@ -6,6 +6,7 @@ import json
 import shutil
 import socket
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -42,6 +43,7 @@ SETTINGS = {
 }
 
 JSON_TYPE = {"content-type": "application/json"}
+SCHEMAS = ROOT / "docs" / "schemas"  # the Cohere v2 and Jina rerank responses, as docs/serving.md reads them
 
 
 def _free_port() -> int:
@@ -198,6 +200,95 @@ def test_rerank_teacher_equals_generative_reranker(served):
     assert expected.truncated.all()
 
 
+def _check_rerank_response(body, documents, top_n=None, return_documents=False):
+    """``body`` is a Cohere v2 and a Jina rerank response (docs/schemas/) with this server's ``model`` and
+    ``truncated``, for a request of these ``documents`` (as sent), ``top_n`` and ``return_documents``."""
+    import jsonschema  # a dependency of Ray
+
+    for name in ("cohere-v2-rerank-response.json", "jina-rerank-response.json"):
+        jsonschema.validate(body, json.loads((SCHEMAS / name).read_text()))
+    assert uuid.UUID(body["id"]).version == 4
+    results = body["results"]
+    scores = [r["relevance_score"] for r in results]
+    assert scores == sorted(scores, reverse=True)
+    assert len(results) == (len(documents) if top_n is None else min(top_n, len(documents)))
+    assert len({r["index"] for r in results}) == len(results)
+    texts = [doc if isinstance(doc, str) else doc["text"] for doc in documents]
+    if return_documents:
+        assert all(r["document"] == {"text": texts[r["index"]]} for r in results)
+    else:
+        assert all("document" not in r for r in results)
+    assert body["meta"]["api_version"] == {"version": "2", "is_experimental": False}
+    assert body["meta"]["billed_units"] == {"search_units": 1}
+    tokens = body["usage"]["total_tokens"]
+    assert body["meta"]["tokens"] == {"input_tokens": tokens, "output_tokens": 0} and tokens > 0
+    assert body["usage"]["prompt_tokens"] == tokens
+    assert body["model"] in ("student", "teacher") and set(body["truncated"]) == {"query", "documents"}
+
+
+def _student_tokens(student, query, documents):
+    """The tokens the Encoder reports for a rerank: the query's once, plus every document's."""
+    prompts = student.teacher.prompts
+    return prompts.query_prompts([query]).query_tokens[0] + sum(
+        prompts.document_prompts(documents).doc_tokens
+    )
+
+
+def test_rerank_speaks_cohere_v2_and_jina(served, student):
+    """Today's form, Cohere v2's (at /v2/rerank) and Jina's ({"text"} objects) score alike; every response is
+    both a Cohere v2 and a Jina response, with the tokens the student encoded."""
+    today = _post(served, "/rerank", {"query": QUERY, "documents": DOCUMENTS}).json()
+    cohere_body = {"model": "student", "query": QUERY, "documents": DOCUMENTS, "top_n": 2}
+    cohere = _post(served, "/v2/rerank", {**cohere_body, "max_tokens_per_doc": 4096}).json()
+    objects = [{"text": d} for d in DOCUMENTS[:2]] + DOCUMENTS[2:]  # Jina takes both, mixed
+    jina = _post(served, "/rerank", {"query": QUERY, "documents": objects, "return_documents": True}).json()
+    _check_rerank_response(today, DOCUMENTS)
+    _check_rerank_response(cohere, DOCUMENTS, top_n=2)
+    _check_rerank_response(jina, objects, return_documents=True)
+    assert len({today["id"], cohere["id"], jina["id"]}) == 3
+    ranked = [r["index"] for r in today["results"]]
+    assert [r["index"] for r in cohere["results"]] == ranked[:2]
+    assert [r["index"] for r in jina["results"]] == ranked
+    for body in (cohere, jina):
+        np.testing.assert_allclose(
+            [r["relevance_score"] for r in body["results"]],
+            [r["relevance_score"] for r in today["results"][: len(body["results"])]],
+            atol=1e-5,
+        )
+    # Every document is scored (and counted) whatever top_n returns; 4096 > max_doc_tokens changes nothing.
+    tokens = _student_tokens(student, QUERY, DOCUMENTS)
+    assert [body["usage"]["total_tokens"] for body in (today, cohere, jina)] == [tokens] * 3
+
+
+@pytest.mark.parametrize("model", ["student", "teacher"])
+def test_rerank_max_tokens_per_doc_cuts_before_scoring(served, student, model):
+    """``max_tokens_per_doc`` cuts each document to its first tokens, then the model scores the cut texts."""
+    documents = [LONG, DOCUMENTS[0], "a"]  # the tiny tokenizer: "a" is one token
+    request = {"query": QUERY, "documents": documents, "model": model, "return_documents": True}
+    body = _post(served, "/rerank", {**request, "max_tokens_per_doc": 3}).json()
+    _check_rerank_response(body, documents, return_documents=True)  # the texts as sent
+    prompts = student.teacher.prompts
+    cut_texts, cut = prompts.cut_documents(documents, 3)
+    assert cut == [True, True, False] and body["truncated"]["documents"] == [0, 1]
+    got = {r["index"]: r["relevance_score"] for r in body["results"]}
+    if model == "student":
+        with torch.no_grad():
+            h_query, h_doc = student.encode_queries([QUERY]), student.encode_documents(cut_texts)
+            expected = student.score_matrix(h_query, h_doc)[0].numpy()
+        tokens = _student_tokens(student, QUERY, cut_texts)
+    else:
+        teacher = GenerativeReranker.from_config(
+            load_student_info(served["checkpoint"])["teacher_config"], device="cpu"
+        )
+        expected = teacher.score([QUERY] * len(documents), cut_texts).score.numpy()
+        pairs = prompts.pair_prompts([QUERY] * len(documents), cut_texts)
+        tokens = sum(pairs.query_tokens) + sum(pairs.doc_tokens)
+    np.testing.assert_allclose([got[i] for i in range(len(documents))], expected, atol=1e-4)
+    assert body["usage"]["total_tokens"] == tokens
+    uncut = _post(served, "/rerank", request).json()
+    assert uncut["usage"]["total_tokens"] > tokens and uncut["truncated"]["documents"] == [0]
+
+
 @pytest.mark.parametrize("rerank", ["none", "student", "teacher"])
 def test_search_equals_the_in_process_searcher(served, rerank):
     response = _post(served, "/search", {"query": QUERY, "top_k": 3, "rerank": rerank})
@@ -229,6 +320,16 @@ BAD = [
     ("/rerank", {"query": "q", "documents": ["a"], "top_n": 0}, 422, "top_n"),
     ("/rerank", {"query": "q", "documents": ["a"], "top_n": 9}, 422, "top_n"),
     ("/rerank", {"query": "q", "documents": ["a"], "model": "gpt"}, 422, "model"),
+    ("/v2/rerank", {"query": "q", "documents": ["a"], "model": "rerank-v3.5"}, 422, "model"),
+    ("/v2/rerank", {"query": "q", "documents": ["a", ""]}, 422, "documents.1"),
+    ("/rerank", {"query": "q", "documents": ["a", {"text": ""}]}, 422, "documents.1.text"),
+    ("/rerank", {"query": "q", "documents": [{"text": 3}]}, 422, "documents.0.text"),
+    ("/rerank", {"query": "q", "documents": [{"txt": "a"}]}, 422, "documents.0.text"),
+    ("/rerank", {"query": "q", "documents": [{"text": "a", "title": "b"}]}, 422, "documents.0.title"),
+    ("/rerank", {"query": "q", "documents": [["a"]]}, 422, "documents.0"),
+    ("/rerank", {"query": "q", "documents": ["a"], "max_tokens_per_doc": 0}, 422, "max_tokens_per_doc"),
+    ("/rerank", {"query": "q", "documents": ["a"], "max_tokens_per_doc": "all"}, 422, "max_tokens_per_doc"),
+    ("/rerank", {"query": "q", "documents": ["a", {"text": "é" * 1001}]}, 413, "documents.1.text"),
     ("/rerank", {"query": "q", "documents": ["a", "é" * 1001]}, 413, "documents.1"),
     ("/rerank", {"query": "q" * 2001, "documents": ["a"]}, 413, "query"),
     ("/search", {"query": ""}, 422, "query"),
@@ -312,6 +413,36 @@ def test_the_readme_curl_examples_work(served):
         body, _, code = done.stdout.rpartition("\n")
         assert code == "200", (command, body)
         assert "error" not in json.loads(body), (command, body)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs the curl program")
+def test_the_serving_doc_curl_examples_work(served):
+    """Every ```bash block of docs/serving.md that starts with curl, run by bash as written (against the test
+    server's address), answers 200 with a response that fits the Cohere v2 and Jina schemas."""
+    import re
+    import shlex
+    import subprocess
+
+    doc = (ROOT / "docs" / "serving.md").read_text()
+    blocks = [block.strip() for block in re.findall(r"```bash\n(.*?)```", doc, re.DOTALL)]
+    blocks = [block for block in blocks if block.startswith("curl")]
+    paths, document_kinds = set(), set()
+    for block in blocks:
+        assert block.count("curl ") == 1, block  # one command per block: the status below is its own
+        command = block.replace("http://localhost:8000", served["url"])
+        done = subprocess.run(
+            ["bash", "-c", command + " -w '\\n%{http_code}'"], capture_output=True, text=True, timeout=120
+        )
+        text, _, code = done.stdout.rpartition("\n")
+        assert code == "200", (block, text, done.stderr)
+        args = shlex.split(block.replace("\\\n", " "))
+        path = args[2].removeprefix("http://localhost:8000")
+        request = json.loads(args[args.index("-d") + 1])
+        paths.add(path)
+        document_kinds |= {type(doc).__name__ for doc in request["documents"]}
+        top_n, return_documents = request.get("top_n"), request.get("return_documents", False)
+        _check_rerank_response(json.loads(text), request["documents"], top_n, return_documents)
+    assert paths == {"/rerank", "/v2/rerank"} and document_kinds == {"str", "dict"}, blocks
 
 
 # -- batching ---------------------------------------------------------------------------------------------------
