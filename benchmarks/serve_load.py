@@ -35,11 +35,23 @@ answer). Targets on a 2-core CPU with the default model: 0 errors; with 32 clien
 with batching >= 3x without (the same ratio is reported for ``rerank_student_indexed``); ``search_student`` p50
 <= 1/10 of ``rerank_teacher`` p50 (1 client, batching on).
 Skips (exit 0, saying why) when the default model is needed and missing.
+
+``--kill-replica`` measures a replica death instead (one app, batching on, the ``rerank_student`` workload from
+the largest client count): ``--kill-after-s`` into the run it SIGKILLs one Encoder replica's process (its pid from
+Serve's details) and reports requests sent, failed, the status codes, and the seconds from the kill to the first
+success of a request sent after it (``recovered_s``). With ``--app encoder.min_replicas=2`` nothing may fail (the
+Router retries on the other replica); with one, calls in flight are retried on its replacement or answered 503
+``model_restarted``:
+
+    python benchmarks/serve_load.py --model tiny-random-llama --kill-replica --app encoder.min_replicas=2 \
+        --app encoder.max_replicas=2 --clients 8 --requests 400 --max-seconds 30 --out /tmp/kill_two.json
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import functools
 import importlib.util
 import json
 import os
@@ -146,10 +158,20 @@ def _bodies(url: str, queries: list[str], headers: dict) -> dict[str, list[dict]
 
 
 def _cell(
-    url: str, path: str, bodies: list[dict], clients: int, n_requests: int, max_seconds: float, headers
+    url: str,
+    path: str,
+    bodies: list[dict],
+    clients: int,
+    n_requests: int,
+    max_seconds: float,
+    headers,
+    during=None,
 ):
-    """``n_requests`` requests from ``clients`` threads (no new ones after ``max_seconds``): latency and errors."""
+    """``n_requests`` requests from ``clients`` threads (no new ones after ``max_seconds``): latency and errors,
+    and each request's ``(sent, answered, status)`` (``time.monotonic``; status 0: no answer). ``during``, when
+    given, runs in a thread of its own beside the clients (what `_kill_a_replica` does)."""
     latencies: list[float] = []
+    events: list[tuple[float, float, int]] = []
     errors = 0
     issued = 0
     lock = threading.Lock()
@@ -165,24 +187,27 @@ def _cell(
                     return
                 body = bodies[issued % len(bodies)]
                 issued += 1
-            started = time.perf_counter()
+            started, sent = time.perf_counter(), time.monotonic()
             try:
-                ok = (
-                    local.session.post(f"{url}{path}", json=body, headers=headers, timeout=600).status_code
-                    == 200
-                )
+                status = local.session.post(
+                    f"{url}{path}", json=body, headers=headers, timeout=600
+                ).status_code
             except requests.RequestException:
-                ok = False
+                status = 0
             with lock:
-                if ok:
+                events.append((sent, time.monotonic(), status))
+                if status == 200:
                     latencies.append(time.perf_counter() - started)
                 else:
                     errors += 1
 
     started = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
+    with ThreadPoolExecutor(clients + (during is not None)) as pool:
+        side = pool.submit(during) if during is not None else None
         for future in [pool.submit(client) for _ in range(clients)]:
             future.result()
+        if side is not None:
+            side.result()
     wall = time.perf_counter() - started
     ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
     return {
@@ -191,6 +216,38 @@ def _cell(
         "seconds": round(wall, 2),
         "throughput_rps": round(len(latencies) / wall, 3),
         **{f"p{q}_ms": round(float(np.percentile(ms, q)), 1) for q in (50, 95, 99)},
+    }, events
+
+
+def _kill_a_replica(deployment: str, after_s: float, killed: dict) -> None:
+    """After ``after_s``, SIGKILL the process of one running replica of ``deployment`` (app "rabtriever"); its
+    pid, and when (``time.monotonic``), go into ``killed``."""
+    import signal
+
+    from ray.serve.context import _get_global_client
+
+    time.sleep(after_s)
+    replicas = _get_global_client().get_serve_details()["applications"]["rabtriever"]["deployments"][
+        deployment
+    ]
+    running = [r for r in replicas["replicas"] if r["state"] == "RUNNING"]
+    killed.update(pid=running[0]["pid"], replicas_running=len(running), at=time.monotonic())
+    os.kill(running[0]["pid"], signal.SIGKILL)
+
+
+def _kill_report(cell: dict, events: list[tuple[float, float, int]], killed: dict) -> dict:
+    """What a replica death did to the requests of ``cell``: counts, status codes, time to recover."""
+    at = killed["at"]
+    after = [answered - at for sent, answered, status in events if status == 200 and sent >= at]
+    return {
+        **cell,
+        "killed_pid": killed["pid"],
+        "replicas_running_before": killed["replicas_running"],
+        "sent": len(events),
+        "failed": sum(status != 200 for _, _, status in events),
+        "statuses": {str(code): n for code, n in sorted(collections.Counter(s for *_, s in events).items())},
+        "in_flight_at_kill": sum(sent < at <= answered for sent, answered, _ in events),
+        "recovered_s": round(min(after), 2) if after else None,
     }
 
 
@@ -227,6 +284,14 @@ def main() -> int:
         default=",".join(WORKLOADS),
         help=f"comma-separated, from {', '.join(WORKLOADS + EXTRA_WORKLOADS)} (default: the first four)",
     )
+    parser.add_argument(
+        "--kill-replica",
+        action="store_true",
+        help="kill one Encoder replica mid-run and report what failed (see above); one app, batching on",
+    )
+    parser.add_argument(
+        "--kill-after-s", type=float, default=3.0, help="when --kill-replica kills, into the run"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/serve_load.json")
     args = parser.parse_args()
@@ -253,6 +318,8 @@ def main() -> int:
         parser.error(
             "--app configures the app this script starts; a running app (--url) is measured as it is"
         )
+    if args.kill_replica and args.url:
+        parser.error("--kill-replica kills a replica of the app this script starts, not of --url")
     if extra:  # checked as Serve will read them, before Ray starts or --model builds anything
         from rabtriever_ray.config import ConfigError
         from rabtriever_ray.serve import load_serve_config
@@ -289,6 +356,9 @@ def main() -> int:
             "on": {**app_args, "max_batch_size": args.max_batch_size},
             "off": {**app_args, "max_batch_size": 1},
         }
+        if args.kill_replica:
+            del modes["off"]
+            workloads, clients = ["rerank_student"], [max(clients)]
 
     cells = []
     batch_stats: dict[str, dict] = {}
@@ -303,7 +373,17 @@ def main() -> int:
         for workload in workloads:
             path = "/search" if workload.startswith("search") else "/rerank"
             for n_clients in clients:
-                cell = _cell(url, path, bodies[workload], n_clients, args.requests, args.max_seconds, headers)
+                killed: dict = {}
+                during = (
+                    functools.partial(_kill_a_replica, "Encoder", args.kill_after_s, killed)
+                    if args.kill_replica
+                    else None
+                )
+                cell, events = _cell(
+                    url, path, bodies[workload], n_clients, args.requests, args.max_seconds, headers, during
+                )
+                if args.kill_replica:
+                    cell = _kill_report(cell, events, killed)
                 cells.append({"batching": mode, "workload": workload, "clients": n_clients, **cell})
                 print(json.dumps(cells[-1]), flush=True)
         if app_args is not None:  # requests per model call, as the replicas counted them (this mode's app)

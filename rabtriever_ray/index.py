@@ -28,6 +28,7 @@ them), writes the encodings as Parquet and builds a FAISS inner-product index ov
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -41,6 +42,8 @@ import torch
 
 from .config import IndexConfig, TeacherConfig, actor_range, prompt_differences, to_dict
 from .io import MANIFEST
+
+logger = logging.getLogger(__name__)
 
 INDEX_FORMAT = "rabtriever-index/1"
 IndexType = Literal["flat", "hnsw", "ivf"]
@@ -231,12 +234,14 @@ class DocumentIndex:
 
     doc_ids: list[str]
     doc_text: list[str]
-    doc_hidden: torch.Tensor  # [n, d] float32
+    doc_hidden: torch.Tensor  # [n, d] float32, or float16 when loaded so (`Rabtriever` scores it in float32)
     faiss: Any
     manifest: dict[str, Any]
 
     @classmethod
-    def load(cls, path: str | Path) -> DocumentIndex:
+    def load(cls, path: str | Path, hidden_dtype: Literal["float32", "float16"] = "float32") -> DocumentIndex:
+        """The index folder ``path`` in memory, ``doc_hidden`` as ``hidden_dtype``: float16 halves its
+        ``n * d * 4`` bytes; states beyond float16's range (some LLMs have a few huge dimensions) keep float32."""
         import faiss
         import pyarrow.parquet as pq
 
@@ -271,10 +276,17 @@ class DocumentIndex:
             raise IndexFolderError(
                 f"{path}: index.faiss has dimension {index.d}, manifest says {manifest['proj_dim']}"
             )
+        hidden = _matrix(table.column("doc_hidden"), manifest["hidden_size"])
+        if hidden_dtype == "float16":
+            half = hidden.astype(np.float16)
+            if np.isfinite(half).all():
+                hidden = half
+            else:  # past float16's 65504 (the float32 states are finite)
+                logger.warning("%s: hidden states beyond float16's range; keeping them in float32", path)
         return cls(
             doc_ids=table.column("doc_id").to_pylist(),
             doc_text=table.column("doc_text").to_pylist(),
-            doc_hidden=torch.from_numpy(_matrix(table.column("doc_hidden"), manifest["hidden_size"]).copy()),
+            doc_hidden=torch.from_numpy(hidden if hidden.dtype == np.float16 else hidden.copy()),
             faiss=index,
             manifest=manifest,
         )

@@ -87,9 +87,10 @@ class Rabtriever(nn.Module):
         return self.q_proj.weight.device
 
     def predict(self, h_query: torch.Tensor, h_doc: torch.Tensor) -> torch.Tensor:
-        """Predicted contextual query embedding ``[..., d]`` for broadcastable ``[..., d]`` inputs."""
-        device = self._device()
-        return self.predictor(h_query.to(device), h_doc.to(device))
+        """Predicted contextual query embedding ``[..., d]`` for broadcastable ``[..., d]`` inputs (in the
+        predictor's dtype: an index may hold its document states in float16)."""
+        weight = self.q_proj.weight
+        return self.predictor(h_query.to(weight.device, weight.dtype), h_doc.to(weight.device, weight.dtype))
 
     def score(self, h_query: torch.Tensor, h_doc: torch.Tensor) -> torch.Tensor:
         """Aligned pairs ``[n, d]`` x ``[n, d]`` -> ``[n]`` float32 scores ``logp_yes - logp_no``."""

@@ -382,8 +382,10 @@ def test_kuberay_clusters_autoscale_gpu_workers_from_zero_on_the_shared_claim():
             volumes = {v["name"]: v for v in pod["volumes"]}
             mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
             assert mounts["/mnt/shared"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
-            env = {e["name"]: e["value"] for e in container["env"]}
+            env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
             assert env["RABTRIEVER_CACHE"].startswith("/mnt/shared/"), kind
+            if kind == "RayService":  # auth: key needs the key wherever Serve builds the app: from a Secret
+                assert set(env["RABTRIEVER_API_KEY"]) == {"secretKeyRef"}, env
     assert {g["groupName"]: _gpus(g) for g in _kuberay_cluster_specs()["RayCluster"]["workerGroupSpecs"]} == {
         "gpu-1x": 1,
         "gpu-4x": 4,
@@ -426,8 +428,9 @@ def test_rayservice_serves_the_app_of_serve_yaml_with_autoscaling():
         local.route_prefix,
         local.import_path,
     )
-    for key in ("max_batch_size", "max_documents"):
+    for key in ("max_batch_size", "max_documents", "auth"):
         assert app.args[key] == local.args[key], key
+    assert app.args["auth"] == "key"
     deployments = {d.name: d for d in app.deployments}
     assert set(deployments) == {"Encoder", "Reranker", "Router"}
     for d in local.deployments:  # what cluster/serve.yaml tunes, the RayService keeps
@@ -461,7 +464,11 @@ def test_rayservice_serve_config_deploys_locally(ray_local, tiny_checkpoint_and_
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         client = _get_global_client()
-        client.deploy_apps(ServeDeploySchema(applications=[app.model_copy(update={"args": args})]))
+        # The Secret's key, in the environment where Serve builds the app (auth: key refuses to start without it).
+        runtime_env = {"env_vars": {"RABTRIEVER_API_KEY": "s3cret-key"}}
+        client.deploy_apps(
+            ServeDeploySchema(applications=[app.model_copy(update={"args": args, "runtime_env": runtime_env})])
+        )
         deadline = time.monotonic() + 300
         while (status := serve.status().applications.get(app.name)) is None or status.status != "RUNNING":
             assert status is None or status.status not in ("DEPLOY_FAILED", "UNHEALTHY"), status.message
@@ -476,13 +483,16 @@ def test_rayservice_serve_config_deploys_locally(ray_local, tiny_checkpoint_and_
         assert requests.get(url + "/healthz", timeout=60).status_code == 200
         documents = [title for title, _ in SKILLS.values()][:3]
         query = "I spilled juice everywhere, can you clean the table?"
-        response = requests.post(url + "/rerank", json={"query": query, "documents": documents}, timeout=60)
+        body = {"query": query, "documents": documents}
+        assert requests.post(url + "/rerank", json=body, timeout=60).status_code == 401
+        auth = {"Authorization": "Bearer s3cret-key"}
+        response = requests.post(url + "/rerank", json=body, headers=auth, timeout=60)
         assert response.status_code == 200, response.text
         results = response.json()["results"]
         assert sorted(r["index"] for r in results) == [0, 1, 2]
         scores = [r["relevance_score"] for r in results]
         assert scores == sorted(scores, reverse=True)
-        response = requests.post(url + "/search", json={"query": query, "top_k": 3}, timeout=60)
+        response = requests.post(url + "/search", json={"query": query, "top_k": 3}, headers=auth, timeout=60)
         assert response.status_code == 200, response.text
         assert len(hits := response.json()["results"]) == 3 and {h["doc_id"] for h in hits} <= set(SKILLS)
     finally:

@@ -1,8 +1,12 @@
 """Ray Serve app over real HTTP on 127.0.0.1: every route, numerics against in-process models, bad input, auth,
 batching, metrics, and the cheap parts of the no-argument default (the demo distillation itself is not run)."""
 
+import asyncio
 import base64
+import contextlib
+import http.client
 import json
+import select
 import shutil
 import socket
 import time
@@ -380,6 +384,33 @@ def test_malformed_json_and_no_crashed_replica(served):
     assert _post(served, "/rerank", {"query": "q", "documents": ["a"]}).status_code == 200
 
 
+def test_a_chunked_upload_is_answered_413_while_it_is_still_being_sent(served):
+    """A chunked body is counted as it arrives: the 413 comes back while the client is still sending (the final
+    chunk is never sent), so no replica holds more than max_request_bytes of it; the app answers normally after."""
+    host, port = served["url"].removeprefix("http://").split(":")
+    chunk = b"x" * 1000
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            b"POST /rerank HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        sent, deadline = 0, time.monotonic() + 30
+        while not select.select([sock], [], [], 0.005)[0]:  # until the server answers
+            assert time.monotonic() < deadline and sent < 20 * SETTINGS["max_request_bytes"], sent
+            try:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            except OSError:  # the server closed the connection after answering
+                break
+            sent += len(chunk)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        body = json.loads(response.read())
+    assert response.status == 413 and body["error"]["param"] == "body", body
+    assert "max_request_bytes=20000" in body["error"]["message"] and sent > SETTINGS["max_request_bytes"]
+    assert requests.get(served["url"] + "/healthz", timeout=30).status_code == 200
+    assert _post(served, "/rerank", {"query": "q", "documents": ["a"]}).status_code == 200
+
+
 def test_a_json_body_sent_as_a_form_is_a_415_naming_the_header(served):
     """curl -d without -H sends application/x-www-form-urlencoded: say so instead of "field required"."""
     body = json.dumps({"query": "q", "documents": ["a"]})
@@ -555,6 +586,23 @@ def test_api_key_and_no_index(served, monkeypatch):
     assert _post(served, "/rerank", body).status_code == 200
 
 
+def test_without_a_key_build_app_warns_and_auth_key_refuses_to_start(served, monkeypatch, caplog):
+    monkeypatch.delenv(serve_module.API_KEY_ENV, raising=False)
+    monkeypatch.setattr(serve_module.logger, "handlers", [*serve_module.logger.handlers, caplog.handler])
+    args = {"checkpoint": str(served["checkpoint"])}
+    serve_module.build_app(args)
+    assert "RABTRIEVER_API_KEY is not set: every route is open" in caplog.text and "auth=none" in caplog.text
+    caplog.clear()
+    serve_module.build_app({**args, "auth": "none"})  # open on purpose: said once, not warned
+    assert "auth=none: every route is open" in caplog.text and "WARNING" not in caplog.text
+    with pytest.raises(ConfigError, match="auth=key but RABTRIEVER_API_KEY is not set where the app is built"):
+        serve_module.build_app({**args, "auth": "key"})
+    monkeypatch.setenv(serve_module.API_KEY_ENV, "s3cret-key")
+    caplog.clear()
+    serve_module.build_app({**args, "auth": "key"})
+    assert "open" not in caplog.text
+
+
 def test_routes_answer_503_while_the_models_load(served):
     from ray import serve
 
@@ -590,6 +638,87 @@ def test_routes_answer_503_while_the_models_load(served):
         assert response.headers["retry-after"] == "30"
     finally:
         serve.delete("loading")
+
+
+# -- replica deaths -----------------------------------------------------------------------------------------------
+
+
+class _DyingEncoder:
+    """An Encoder handle whose replica dies during the first ``deaths`` calls (each raises what an in-flight handle
+    call raises then, ActorDiedError). Its retry path finds a replica at once, or, without ``replica_free``, waits
+    as Serve's handle does while the only replica's replacement loads."""
+
+    deployment_name = "Encoder"
+
+    def __init__(self, deaths: int, replica_free: bool = True, error: Exception | None = None):
+        from ray.exceptions import ActorDiedError
+
+        self.deaths, self.replica_free, self.error, self.calls = deaths, replica_free, error or ActorDiedError(), 0
+
+    @property
+    def rerank(self):  # handle.rerank, the method's handle
+        return self
+
+    async def remote(self, query: str, documents: list[str]) -> dict:
+        self.calls += 1
+        if self.calls <= self.deaths:
+            raise self.error
+        return {"scores": [0.5] * len(documents), "query_truncated": False, "documents_truncated": [False]}
+
+    @contextlib.asynccontextmanager
+    async def choose_replica(self, *args):
+        if not self.replica_free:
+            await asyncio.sleep(3600)
+        yield "a live replica"
+
+    def dispatch(self, replica, *args):
+        return self.remote(*args)
+
+
+def _rerank_through_the_router(encoder, **settings) -> tuple[int, dict, dict]:
+    """POST /rerank through the Router's FastAPI app (ASGI, in process) over ``encoder``: status, headers, body."""
+    from rabtriever_ray.serve.router import _http_api
+
+    config = serve_module.load_serve_config({"checkpoint": "unused", **settings})
+    router = serve_module.Router.func_or_class.__mro__[1](encoder, None, config)  # the class under @serve.ingress
+    router._loaded = True  # the models' readiness is Serve's status, which this test has no app for
+    body = json.dumps({"query": "q", "documents": ["a"]}).encode()
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/rerank", "raw_path": b"/rerank", "root_path": "", "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+    }  # fmt: skip
+    incoming = [{"type": "http.request", "body": body, "more_body": False}]
+    sent = []
+
+    async def receive():
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(_http_api(router)(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    headers = {k.decode(): v.decode() for k, v in start["headers"]}
+    return start["status"], headers, json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+
+
+def test_a_call_whose_replica_died_is_retried_once_then_503_model_restarted():
+    encoder = _DyingEncoder(deaths=1)  # another replica takes the retry
+    status, _, body = _rerank_through_the_router(encoder)
+    assert status == 200 and body["results"] == [{"index": 0, "relevance_score": 0.5}] and encoder.calls == 2
+    for encoder, limit in [(_DyingEncoder(deaths=2), 5.0), (_DyingEncoder(1, replica_free=False), 0.2)]:
+        started = time.monotonic()  # the retry's replica died too; no replica within replica_retry_wait_s
+        status, headers, body = _rerank_through_the_router(encoder, replica_retry_wait_s=limit)
+        assert status == 503 and headers["retry-after"] == "10", body
+        assert body["error"]["type"] == "model_restarted" and "Encoder model restarted" in body["error"]["message"]
+        assert encoder.calls == 2 if encoder.replica_free else encoder.calls == 1
+        assert time.monotonic() - started < limit + 2
+    # A call that failed for another reason is not retried: it is the JSON 500 of any unhandled error.
+    encoder = _DyingEncoder(deaths=1, error=ValueError("no index is configured"))
+    status, _, body = _rerank_through_the_router(encoder)
+    assert status == 500 and body["error"]["type"] == "server_error" and encoder.calls == 1
 
 
 # -- configuration and the no-argument default --------------------------------------------------------------------
@@ -637,7 +766,8 @@ def test_no_arguments_serve_the_demo_from_the_cache(served, tmp_path, monkeypatc
     assert f"serving the demo checkpoint {checkpoint}" in caplog.text
 
 
-def test_cluster_serve_yaml_deploys_this_app():
+def test_cluster_serve_yaml_deploys_this_app(monkeypatch):
+    monkeypatch.delenv("RABTRIEVER_API_KEY", raising=False)
     from ray.serve.schema import ServeDeploySchema
 
     path = ROOT / "cluster" / "serve.yaml"
@@ -646,5 +776,9 @@ def test_cluster_serve_yaml_deploys_this_app():
     config = ServeDeploySchema.model_validate(yaml.safe_load(text))
     (application,) = config.applications
     assert application.import_path == "rabtriever_ray.serve:build_app"
+    assert application.args["auth"] == "key"  # a cluster never serves open by accident
+    with pytest.raises(ConfigError, match="auth=key but RABTRIEVER_API_KEY is not set"):
+        serve_module.build_app(application.args)
+    monkeypatch.setenv(serve_module.API_KEY_ENV, "s3cret-key")
     serve_module.build_app(application.args)  # the args are valid ServeConfig keys
     assert {d.name for d in application.deployments} <= {"Encoder", "Reranker", "Router"}

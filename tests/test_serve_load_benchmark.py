@@ -78,6 +78,7 @@ def test_bad_arguments_fail_before_anything_starts(tmp_path):
             ["--url", "http://127.0.0.1:9", "--app", "max_batch_size=2"],
             "--app configures the app this script",
         ),
+        (["--url", "http://127.0.0.1:9", "--kill-replica"], "--kill-replica kills a replica of the app this"),
     ]:
         result = subprocess.run(
             [sys.executable, str(_SCRIPT), *argv, "--out", str(tmp_path / "out.json")],

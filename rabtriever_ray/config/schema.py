@@ -439,10 +439,26 @@ class ServeConfig:
     batch_wait_timeout_s: float = option(0.01, "longest wait for a batch to fill once a request is queued")
     max_documents: int = option(100, "documents per /rerank request and inputs per /v1/embeddings request")
     max_text_bytes: int = option(32768, "UTF-8 bytes of one query, document or input (longer: 413)")
-    max_request_bytes: int = option(4 * 2**20, "bytes of one request body (larger: 413)")
+    max_request_bytes: int = option(
+        4 * 2**20, "bytes of one request body (larger: 413, counted as they arrive for a chunked upload)"
+    )
     max_top_k: int = option(100, "largest top_k of /search")
     first_stage_k: int = option(
         100, "FAISS candidates the predictor rescores per /search query (large indexes)"
+    )
+    auth: Literal["auto", "key", "none"] = option(
+        "auto",
+        "key: refuse to start without RABTRIEVER_API_KEY; none: every route open; auto: the key when set, else "
+        "open with a warning",
+    )
+    doc_states: Literal["float16", "float32"] = option(
+        "float16",
+        "dtype the Encoder holds the index's hidden states in (half the memory of float32; scored in float32)",
+    )
+    replica_retry_wait_s: float = option(
+        5.0,
+        "after a model replica dies during a call, how long the Router's one retry waits for a live replica "
+        "(then 503 model_restarted)",
     )
     encoder: ServeResources = option(ServeResources(), "the Encoder deployment (student and index)")
     reranker: ServeResources = option(ServeResources(), "the Reranker deployment (teacher)")
@@ -451,4 +467,4 @@ class ServeConfig:
     def __post_init__(self) -> None:
         _at_least(self, 1, "max_batch_size", "max_documents", "max_text_bytes", "max_request_bytes")
         _at_least(self, 1, "max_top_k", "first_stage_k")
-        _at_least(self, 0, "batch_wait_timeout_s")
+        _at_least(self, 0, "batch_wait_timeout_s", "replica_retry_wait_s")

@@ -57,6 +57,29 @@ def _options(resources: ServeResources, max_batch_size: int = 1) -> dict[str, An
     return options
 
 
+def _api_key_sha256(auth: str) -> str | None:
+    """The SHA-256 of ``RABTRIEVER_API_KEY`` that the Router will require, or None for open routes, as ``auth``
+    (`ServeConfig.auth`) says: ``key`` refuses to build without the variable, ``auto`` warns that every route is
+    open without it, ``none`` opens them whether it is set or not."""
+    key = os.environ.get(API_KEY_ENV) or None
+    if auth == "none":
+        logger.info("auth=none: every route is open%s", f" ({API_KEY_ENV} is ignored)" if key else "")
+        return None
+    if key is None and auth == "key":
+        raise ConfigError(
+            f"auth=key but {API_KEY_ENV} is not set where the app is built: set it in the environment of "
+            "`serve run`, or of the cluster for `serve deploy` / KubeRay (a Secret); auth=none serves without a key"
+        )
+    if key is None:
+        logger.warning(
+            "%s is not set: every route is open to anyone who reaches the port; set it to require "
+            "'Authorization: Bearer <key>', or pass auth=none to say that open is meant",
+            API_KEY_ENV,
+        )
+        return None
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 def build_app(args: dict[str, Any]) -> Application:
     """The application from builder args (`ServeConfig` keys; see `load_serve_config`). Cheap: loads nothing."""
     config = load_serve_config(args)
@@ -75,8 +98,7 @@ def build_app(args: dict[str, Any]) -> Application:
             )
     elif config.index is None:
         logger.info("no index given: /search answers 409")
-    key = os.environ.get(API_KEY_ENV)
-    key_sha256 = hashlib.sha256(key.encode()).hexdigest() if key else None
+    key_sha256 = _api_key_sha256(config.auth)
     encoder = Encoder.options(**_options(config.encoder, config.max_batch_size)).bind(config)
     reranker = Reranker.options(**_options(config.reranker, config.max_batch_size)).bind(config)
     return Router.options(**_options(config.router)).bind(encoder, reranker, config, key_sha256)

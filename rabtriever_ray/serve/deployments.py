@@ -65,13 +65,17 @@ class Encoder(_BatchedModel):
     BATCHED = ("_embed_batch", "_rerank_batch", "_search_batch")
 
     def __init__(self, config: ServeConfig):
+        from ..index import DocumentIndex
         from ..search import Searcher
         from ..student import load_student, load_student_info
 
         checkpoint, index = _checkpoint_and_index(config)
         teacher = load_student_info(checkpoint)["teacher_config"]
         self.student = load_student(checkpoint, teacher, config.device)
-        self.searcher = Searcher.from_student(self.student, teacher, index, checkpoint) if index else None
+        held = DocumentIndex.load(index, config.doc_states) if index else None  # doc_states: the memory held
+        self.searcher = (
+            None if held is None else Searcher.from_student(self.student, teacher, held, checkpoint)
+        )
         self.first_stage_k = config.first_stage_k
         # Documents the index holds are encoded already: /rerank reads their stored hidden states.
         texts = self.searcher.index.doc_text if self.searcher else []
@@ -173,7 +177,7 @@ class Encoder(_BatchedModel):
         encoded = dict(zip(fresh, self.student.encode_documents(fresh).cpu())) if fresh else {}
         h_doc = torch.stack(
             [
-                encoded[doc] if doc in encoded else self.searcher.index.doc_hidden[self._indexed[doc]]
+                encoded[doc] if doc in encoded else self.searcher.index.doc_hidden[self._indexed[doc]].float()
                 for doc in documents
             ]
         )

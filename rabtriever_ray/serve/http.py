@@ -20,6 +20,8 @@ Scores: ``relevance_score`` and ``student`` / ``teacher`` search scores are ``lo
 teacher's answer (the student predicts it; higher = more relevant); ``rerank="none"`` search scores are
 first-stage cosines. Texts longer than the prompt's token limits are cut (documents at the end, queries at the
 start) and listed in ``truncated``; a text over ``max_text_bytes`` or a body over ``max_request_bytes`` is 413.
+A model replica that dies during a call is retried once on another; when none takes the retry in time the answer
+is 503 ``model_restarted`` with ``Retry-After``.
 """
 
 # No ``from __future__ import annotations``: these models are the types of the Router's route signatures, which
@@ -120,11 +122,19 @@ class SearchRequest(BaseModel):
 
 
 class RequestError(Exception):
-    """A request the server refuses: HTTP ``status``, the ``param`` (field) at fault and why."""
+    """A request the server refuses: HTTP ``status``, the ``param`` (field) at fault, why, and response headers."""
 
-    def __init__(self, status: int, param: str | None, message: str, kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        param: str | None,
+        message: str,
+        kind: str = "invalid_request_error",
+        **headers: str,
+    ):
         super().__init__(message)
         self.status, self.param, self.message, self.kind = status, param, message, kind
+        self.headers = headers
 
 
 def _error(status: int, param: str | None, message: str, kind: str = "invalid_request_error", **headers):

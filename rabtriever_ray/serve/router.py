@@ -3,7 +3,18 @@ Reranker through their handles.
 
 Auth: when ``RABTRIEVER_API_KEY`` is set where the app is built (``serve run``, or the cluster's environment for
 ``serve deploy``), every route but ``/healthz`` needs ``Authorization: Bearer <key>`` (401 otherwise). Only the
-key's SHA-256 is passed to the Router, which compares digests in constant time.
+key's SHA-256 is passed to the Router, which compares digests in constant time. ``ServeConfig.auth`` says whether
+the key is required (`application.build_app` refuses to start ``auth=key`` without it, and warns that every route
+is open under ``auto``, the default, without it).
+
+Body size: ``max_request_bytes`` is checked against Content-Length before the body is read, and a chunked upload
+(no Content-Length) is counted as its chunks arrive and answered 413 at the first byte past the limit, so a replica
+never holds more than the limit of one body. (Serve's proxy queues what the client sends until the Router answers.)
+
+Replica deaths: the model calls are idempotent, so a call whose replica died (`_replica_gone`) is sent once more;
+Serve's handle has marked the dead replica by then, so the retry goes to another one. The retry waits at most
+``replica_retry_wait_s`` for a replica to take it (with a single replica, its replacement is still loading) and
+then answers 503 ``model_restarted`` with ``Retry-After``, never a bare 500.
 
 Metrics (Prometheus, through Ray's metrics agent): ``ray_rabtriever_requests_total{route,status}``,
 ``ray_rabtriever_request_latency_ms{route}``, ``ray_rabtriever_batch_size{method}``, beside Serve's own.
@@ -13,6 +24,7 @@ Metrics (Prometheus, through Ray's metrics agent): ``ray_rabtriever_requests_tot
 # reads the route signatures' types there, so they must be objects, not strings.
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -25,6 +37,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 
@@ -44,6 +58,16 @@ from .http import (
 logger = logging.getLogger("ray.serve")
 
 READY_STATUSES = ("HEALTHY", "UPSCALING", "DOWNSCALING")  # Serve deployment statuses with replicas serving
+# What a handle call raises when its replica went away (Ray 2.60): ActorDiedError for a call in flight on a replica
+# whose process died, ActorUnavailableError while it cannot be reached (both RayActorError); Serve's own errors
+# when the chosen replica or the whole deployment is gone before the call is sent.
+REPLICA_GONE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
+RESTART_RETRY_AFTER_S = 10  # the Retry-After of a model_restarted 503: a replacement replica loads its model
+
+
+def _replica_gone(error: BaseException) -> bool:
+    """Whether ``error`` says the replica went away (also as the cause of a RayTaskError), not that the call failed."""
+    return isinstance(error, REPLICA_GONE) or isinstance(getattr(error, "cause", None), REPLICA_GONE)
 
 
 @serve.deployment
@@ -61,6 +85,9 @@ class Router:
         self.encoder, self.reranker, self.config = encoder, reranker, config
         self._api_key_sha256 = api_key_sha256
         self._loaded = False
+        logger.info(
+            "Router: auth=%s, %s", config.auth, "API key required" if api_key_sha256 else "routes open"
+        )
         self._requests = Counter(
             "rabtriever_requests",
             description="HTTP requests by route and status.",
@@ -117,9 +144,41 @@ class Router:
         length = request.headers.get("content-length")
         if length is not None and not length.isdigit():
             return _error(400, "content-length", f"invalid Content-Length {length!r}")
-        if (int(length) if length else len(await request.body())) > limit:
+        if length is not None:  # the server reads no more than Content-Length announces
+            within = int(length) <= limit
+        else:  # chunked, or no body at all
+            within = "transfer-encoding" not in request.headers or await _read_body(request, limit)
+        if not within:
             return _error(413, "body", f"request body over max_request_bytes={limit}")
         return await call_next(request)
+
+    async def _call(self, handle: DeploymentHandle, method: str, *args: Any) -> Any:
+        """``await handle.<method>.remote(*args)``, sent once more when its replica died (`_replica_gone`).
+
+        The retry waits at most ``replica_retry_wait_s`` for a replica to take it; a call that a replica has taken
+        runs unbounded, as the first one did. Raises `RequestError` 503 ``model_restarted`` when the retry finds
+        no replica in time or its replica dies too."""
+        call = getattr(handle, method)
+        try:
+            return await call.remote(*args)
+        except Exception as error:
+            if not _replica_gone(error):
+                raise
+            logger.warning("%s.%s: %s; retrying once", handle.deployment_name, method, type(error).__name__)
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                replica = await asyncio.wait_for(
+                    stack.enter_async_context(call.choose_replica(*args)), self.config.replica_retry_wait_s
+                )
+                return await call.dispatch(replica, *args)
+        except Exception as error:
+            if not (isinstance(error, asyncio.TimeoutError) or _replica_gone(error)):
+                raise
+            logger.warning("%s.%s: the retry failed (%r)", handle.deployment_name, method, error)
+            raise RequestError(
+                503, None, f"the {handle.deployment_name} model restarted during the request; retry it",
+                "model_restarted", **{"Retry-After": str(RESTART_RETRY_AFTER_S)},
+            ) from error  # fmt: skip
 
     # -- routes ---------------------------------------------------------------------------------------------
 
@@ -131,12 +190,12 @@ class Router:
         for i, text in enumerate(body.input):
             _check_text(text, f"input.{i}", self.config.max_text_bytes)
         if body.dimensions is not None:
-            dimensions = (await self.encoder.info.remote())["dimensions"]
+            dimensions = (await self._call(self.encoder, "info"))["dimensions"]
             if body.dimensions != dimensions:
                 raise RequestError(
                     422, "dimensions", f"dimensions: the vectors have {dimensions}, not {body.dimensions}"
                 )
-        result = await self.encoder.embed.remote(body.input, body.input_type)
+        result = await self._call(self.encoder, "embed", body.input, body.input_type)
         data = []
         for i, vector in enumerate(result["vectors"]):
             if body.encoding_format == "base64":
@@ -152,7 +211,9 @@ class Router:
 
     async def models(self) -> dict[str, Any]:
         """The student and the teacher, with backbone, checkpoint, vector size and index."""
-        encoder, reranker = await asyncio.gather(self.encoder.info.remote(), self.reranker.info.remote())
+        encoder, reranker = await asyncio.gather(
+            self._call(self.encoder, "info"), self._call(self.reranker, "info")
+        )
         student = {"id": "student", "object": "model", "created": 0, "owned_by": "rabtriever-ray", **encoder}
         teacher = {"id": "teacher", "object": "model", "created": 0, "owned_by": "rabtriever-ray", **reranker}
         return {"object": "list", "data": [student, teacher]}
@@ -168,7 +229,7 @@ class Router:
         if body.top_n is not None and body.top_n > self.config.max_documents:
             raise RequestError(422, "top_n", f"top_n: at most max_documents={self.config.max_documents}")
         handle = self.encoder if body.model == "student" else self.reranker
-        result = await handle.rerank.remote(body.query, texts, body.max_tokens_per_doc)
+        result = await self._call(handle, "rerank", body.query, texts, body.max_tokens_per_doc)
         order = sorted(range(len(texts)), key=lambda i: -result["scores"][i])
         results = []
         for i in order[: body.top_n]:
@@ -204,13 +265,13 @@ class Router:
         top_k = min(DEFAULT_TOP_K, self.config.max_top_k) if body.top_k is None else body.top_k
         if top_k > self.config.max_top_k:
             raise RequestError(422, "top_k", f"top_k: at most max_top_k={self.config.max_top_k}")
-        found = await self.encoder.search.remote(
-            body.query, top_k, "student" if body.rerank == "teacher" else body.rerank
+        found = await self._call(
+            self.encoder, "search", body.query, top_k, "student" if body.rerank == "teacher" else body.rerank
         )
         hits, doc_cut = found["hits"], found["documents_truncated"]
         if body.rerank == "teacher" and hits:
             # The student's top_k, re-scored by the teacher on the Reranker (Searcher's rerank="teacher").
-            scored = await self.reranker.rerank.remote(body.query, [hit["text"] for hit in hits])
+            scored = await self._call(self.reranker, "rerank", body.query, [hit["text"] for hit in hits])
             for hit, score in zip(hits, scored["scores"]):
                 hit["score"] = score
             doc_cut = scored["documents_truncated"]
@@ -252,6 +313,22 @@ class Router:
             )
 
 
+async def _read_body(request: Request, limit: int) -> bool:
+    """Read a body of unannounced size, counting its bytes as they arrive; False (the rest unread) past ``limit``.
+
+    The body read is kept where Starlette's ``BaseHTTPMiddleware`` replays it to the route (``Request._body``, as
+    ``Request.body`` leaves it)."""
+    chunks, size = [], 0
+    async with contextlib.aclosing(request.stream()) as stream:
+        async for chunk in stream:
+            size += len(chunk)
+            if size > limit:
+                return False
+            chunks.append(chunk)
+    request._body = b"".join(chunks)
+    return True
+
+
 def _http_api(router: Router) -> FastAPI:
     """The routes of ``router`` as a FastAPI app (request models validate; `Router` methods do the work)."""
     api = FastAPI(title="rabtriever-ray", description="Rabtriever student and teacher on Ray Serve")
@@ -273,7 +350,7 @@ def _http_api(router: Router) -> FastAPI:
 
     @api.exception_handler(RequestError)
     async def refused(_request: Request, error: RequestError) -> JSONResponse:
-        return _error(error.status, error.param, error.message, error.kind)
+        return _error(error.status, error.param, error.message, error.kind, **error.headers)
 
     api.middleware("http")(router.guard)
     api.post("/v1/embeddings")(router.embeddings)
