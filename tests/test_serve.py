@@ -473,7 +473,7 @@ def test_the_serving_doc_curl_examples_work(served):
         document_kinds |= {type(doc).__name__ for doc in request["documents"]}
         top_n, return_documents = request.get("top_n"), request.get("return_documents", False)
         _check_rerank_response(json.loads(text), request["documents"], top_n, return_documents)
-    assert paths == {"/rerank", "/v2/rerank"} and document_kinds == {"str", "dict"}, blocks
+    assert paths == {"/rerank", "/v1/rerank", "/v2/rerank"} and document_kinds == {"str", "dict"}, blocks
 
 
 # -- batching ---------------------------------------------------------------------------------------------------

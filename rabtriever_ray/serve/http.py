@@ -6,7 +6,7 @@ HTTP routes (an error is ``{"error": {"message", "type", "param", "code"}}``; ``
   ``encoding_format`` float|base64); extension ``input_type`` query (default) | document. Returns first-stage
   vectors (L2-normalised ``q_proj`` / ``d_proj`` of the frozen embeddings) and ``truncated``: the inputs cut.
 - ``GET /v1/models``: "student" and "teacher", with their backbone, checkpoint, vector size and index.
-- ``POST /rerank`` and ``POST /v2/rerank`` (the same route; the Cohere v2 / Jina dialect, docs/serving.md):
+- ``POST /rerank``, ``POST /v1/rerank`` and ``POST /v2/rerank`` (one route; the Cohere v2 / Jina dialect, docs/serving.md):
   ``{"query", "documents": [str | {"text"}], "top_n", "model": "student"|"teacher", "return_documents",
   "max_tokens_per_doc"}`` -> ``{"id", "model", "results": [{"index", "relevance_score", "document"?: {"text"}}],
   "meta": {"api_version", "billed_units", "tokens"}, "usage": {"prompt_tokens", "total_tokens"},
@@ -41,7 +41,7 @@ from pydantic import (
 )
 
 API_KEY_ENV = "RABTRIEVER_API_KEY"
-ROUTES = ("/v1/embeddings", "/v1/models", "/rerank", "/v2/rerank", "/search", "/healthz")
+ROUTES = ("/v1/embeddings", "/v1/models", "/rerank", "/v1/rerank", "/v2/rerank", "/search", "/healthz")
 RERANK_MODELS = ("student", "teacher")
 DEFAULT_TOP_K = 10
 

@@ -357,6 +357,7 @@ def _http_api(router: Router) -> FastAPI:
     api.get("/v1/models")(router.models)
     api.post("/rerank")(router.rerank)
     api.post("/v2/rerank")(router.rerank)  # Cohere v2's path, for clients that append it to a base URL
+    api.post("/v1/rerank")(router.rerank)  # Jina's (and Cohere v1's) path
     api.post("/search")(router.search)
     api.get("/healthz")(router.healthz)
     return api
