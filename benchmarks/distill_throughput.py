@@ -23,6 +23,7 @@ worker's CPU count), so on a small machine the split of CPUs between workers mat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -65,33 +66,27 @@ def main() -> None:
     teacher = TeacherConfig(model=args.model)
     scoring = {}
     train_scores, val_scores = args.teacher_data, args.val_teacher_data
+    # The demo's BM25 top 8 per query: training queries with their positives added, 8 validation queries.
+    train_config = ScoreTeacherConfig(
+        data=str(DEMO_DATA),
+        split="train",
+        out=str(work / "train"),
+        teacher=teacher,
+        candidates="bm25:8",
+        max_queries=args.queries,
+        training=True,
+        cpus_per_actor=cpus,
+    )
     if train_scores is None:
         t0 = time.perf_counter()
-        write_teacher_scores(
-            ScoreTeacherConfig(
-                data=str(DEMO_DATA),
-                split="train",
-                out=str(work / "train"),
-                teacher=teacher,
-                candidates="bm25:8",
-                max_queries=args.queries,
-                training=True,
-                cpus_per_actor=cpus,
-            )
-        )
+        write_teacher_scores(train_config)
         scoring["train_s"] = round(time.perf_counter() - t0, 1)
         train_scores = str(work / "train")
     if val_scores is None:
         t0 = time.perf_counter()
         write_teacher_scores(
-            ScoreTeacherConfig(
-                data=str(DEMO_DATA),
-                split="dev",
-                out=str(work / "val"),
-                teacher=teacher,
-                candidates="bm25:8",
-                max_queries=8,
-                cpus_per_actor=cpus,
+            dataclasses.replace(
+                train_config, split="dev", out=str(work / "val"), max_queries=8, training=False
             )
         )
         scoring["val_s"] = round(time.perf_counter() - t0, 1)

@@ -1,5 +1,6 @@
 """The distillation run on local Ray with the tiny model and a slice of the bundled demo data."""
 
+import dataclasses
 import json
 
 import pytest
@@ -66,29 +67,22 @@ def test_training_on_pre_scored_parquet(ray_local, tmp_path):
     teacher = TeacherConfig(
         model="tiny-random-llama", prompt=PromptConfig(max_query_tokens=32, max_doc_tokens=48)
     )
-    manifest = write_teacher_scores(
-        ScoreTeacherConfig(
-            data=str(DEMO_DATA),
-            split="train",
-            out=str(scores),
-            teacher=teacher,
-            candidates="bm25:4",
-            max_queries=16,
-            training=True,
-            cpus_per_actor=0.5,
-            batch_size=32,
-        )
+    manifest_config = ScoreTeacherConfig(
+        data=str(DEMO_DATA),
+        split="train",
+        out=str(scores),
+        teacher=teacher,
+        candidates="bm25:4",
+        max_queries=16,
+        training=True,
+        cpus_per_actor=0.5,
+        batch_size=32,
     )
+    manifest = write_teacher_scores(manifest_config)
     val_scores = tmp_path / "val_scores"
     val_manifest = write_teacher_scores(
-        ScoreTeacherConfig(
-            data=str(DEMO_DATA),
-            split="dev",
-            out=str(val_scores),
-            teacher=teacher,
-            candidates="bm25:6",
-            max_queries=8,
-            cpus_per_actor=0.5,
+        dataclasses.replace(
+            manifest_config, split="dev", out=str(val_scores), candidates="bm25:6", max_queries=8, training=False
         )
     )
     config = _config(
