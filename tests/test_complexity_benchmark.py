@@ -110,6 +110,9 @@ def test_report_compares_the_query_prefix_cache_with_the_full_prompt(complexity_
     agreement = cache["agreement"]
     assert agreement["max_abs_diff_hidden"] <= 1e-4 * agreement["max_abs_hidden"]
     assert agreement["max_rel_diff_hidden"] <= 1e-4 and agreement["max_abs_diff_score"] <= 1e-4
+    batch = cache["batch"]
+    assert batch["queries"] == 16 and batch["ms_encode_per_query_cached"] > 0
+    assert batch["encode_ratio"] > 0
     assert cache["speedup_L512_N100_cached"] == complexity_report["speedup_L512_N100"]
     assert cache["speedup_L512_N100_uncached"] > 0
 
