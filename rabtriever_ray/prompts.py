@@ -40,6 +40,13 @@ def document_text(title: str | None, text: str) -> str:
     return f"{title}\n{text}" if title else text
 
 
+def _overlapping(offsets: Sequence[tuple[int, int]], start: int, end: int) -> list[int]:
+    """Indices of the tokens whose characters overlap ``[start, end)``. None for an empty span, even where one
+    token covers it (SmolLM2's byte-level BPE merges the newlines around an empty document into one): a student
+    query prompt holds no document, so everything before its query is shareable (`GenerativeReranker.encode`)."""
+    return [k for k, (a, b) in enumerate(offsets) if a < end and b > start] if end > start else []
+
+
 @dataclass
 class EncodedPrompts:
     """Token ids of a batch of prompts with their truncation bookkeeping (one entry per prompt)."""
@@ -193,8 +200,8 @@ class PromptBuilder:
                 doc_end = doc_start + len(docs[i])
                 query_start = doc_end + len(self._middle)
                 query_end = query_start + len(queries[i])
-                in_doc = [k for k, (a, b) in enumerate(offsets) if a < doc_end and b > doc_start]
-                in_query = [k for k, (a, b) in enumerate(offsets) if a < query_end and b > query_start]
+                in_doc = _overlapping(offsets, doc_start, doc_end)
+                in_query = _overlapping(offsets, query_start, query_end)
                 over = len(in_doc) > doc_limit or len(in_query) > query_limit
                 if over and attempt < 2:
                     if len(in_doc) > doc_limit:

@@ -22,7 +22,10 @@ def complexity():
     return module
 
 
-def test_tiny_grid_writes_report_and_plot(complexity, tmp_path):
+@pytest.fixture(scope="module")
+def complexity_out(complexity, tmp_path_factory):
+    """The benchmark's output folder after one run on the tiny model (shared by the tests below)."""
+    tmp_path = tmp_path_factory.mktemp("complexity")
     # A checkpoint of the untrained tiny student, to exercise --checkpoint.
     model, tokenizer = load_causal_lm("tiny-random-llama", device="cpu")
     Rabtriever(GenerativeReranker(model, tokenizer)).save_trainable(tmp_path / "ckpt")
@@ -38,11 +41,19 @@ def test_tiny_grid_writes_report_and_plot(complexity, tmp_path):
         "--max-batch-tokens",
         "32768",
     ]
-    argv += ["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")]
+    argv += ["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"), "--profile"]
     assert complexity.main(argv) == 0
+    return tmp_path / "out"
 
-    report = json.loads((tmp_path / "out" / "complexity.json").read_text())
-    png = (tmp_path / "out" / "complexity.png").read_bytes()
+
+@pytest.fixture(scope="module")
+def complexity_report(complexity_out):
+    return json.loads((complexity_out / "complexity.json").read_text())
+
+
+def test_tiny_grid_writes_report_and_plot(complexity_out, complexity_report):
+    report = complexity_report
+    png = (complexity_out / "complexity.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 1000
     assert report["model"] == "tiny-random-llama"
     assert report["student"].startswith("checkpoint ")
@@ -68,8 +79,51 @@ def test_tiny_grid_writes_report_and_plot(complexity, tmp_path):
     assert report["speedup_L512_N100"] == pytest.approx(
         reference["teacher_s"] / reference["rabtriever_query_s"], rel=1e-2
     )
-    assert set(report["targets"]) == {"rabtriever_exponent", "teacher_exponent", "speedup_L512_N100"}
+    assert set(report["targets"]) == {
+        "rabtriever_exponent",
+        "teacher_exponent",
+        "speedup_L512_N100",
+        "speedup_L512_N100_2_cores",
+        "prefix_cache_ratio",
+        "prefix_cache_exact",
+    }
     assert all(isinstance(t["met"], bool) for t in report["targets"].values())
+
+
+def test_report_compares_the_query_prefix_cache_with_the_full_prompt(complexity_report):
+    """Cached and uncached queries agree, the token counts add up to the prompt, and the ratios are measured."""
+    cache = complexity_report["prefix_cache"]
+    assert cache["cache_active"] and cache["N"] == 100
+    tokens = cache["tokens"]
+    assert tokens["query"] == complexity_report["query_tokens"]
+    assert tokens["before_query"] + tokens["query"] + tokens["after_query"] == tokens["prompt"]
+    # The uncached path runs the whole prompt, the cached one everything but the part before the query.
+    assert tokens["run_uncached"] == tokens["prompt"]
+    assert tokens["run_cached"] == tokens["prompt"] - tokens["before_query"]
+    assert cache["ideal_token_ratio"] == pytest.approx(tokens["prompt"] / tokens["run_cached"], rel=1e-3)
+    for key in ("ms_per_query_cached", "ms_per_query_uncached", "ms_encode_cached", "ms_encode_uncached"):
+        assert cache[key] > 0, key
+    assert cache["ratio"] == pytest.approx(
+        cache["ms_per_query_uncached"] / cache["ms_per_query_cached"], rel=1e-2
+    )
+    assert cache["agreement"]["equal"] and complexity_report["targets"]["prefix_cache_exact"]["met"]
+    agreement = cache["agreement"]
+    assert agreement["max_abs_diff_hidden"] <= 1e-4 * agreement["max_abs_hidden"]
+    assert agreement["max_rel_diff_hidden"] <= 1e-4 and agreement["max_abs_diff_score"] <= 1e-4
+    batch = cache["batch"]
+    assert batch["queries"] == 16 and batch["ms_encode_per_query_cached"] > 0
+    assert batch["encode_ratio"] > 0
+    assert cache["speedup_L512_N100_cached"] == complexity_report["speedup_L512_N100"]
+    assert cache["speedup_L512_N100_uncached"] > 0
+
+
+def test_report_profiles_one_query(complexity_report):
+    profile = complexity_report["query_profile"]
+    parts = ("tokenise", "backbone_forward", "encode_other", "predictor", "yes_no_head")
+    assert set(profile["ms"]) == {*parts, "total"} and set(profile["share"]) == set(parts)
+    assert all(profile["ms"][part] >= 0 for part in parts if part != "encode_other")
+    assert profile["ms"]["backbone_forward"] > 0 and profile["ms"]["total"] > 0
+    assert profile["top_ops"] and all(op["self_cpu_ms_per_query"] >= 0 for op in profile["top_ops"])
 
 
 def test_exponent_fit_recovers_power_law(complexity):

@@ -59,3 +59,20 @@ def test_default_student_matches_teacher_on_empty_document(teacher):
     assert h_d.shape == (2, 576)
     expected = teacher.score([CONVERSATION], [""]).score
     torch.testing.assert_close(student.score_matrix(h_q, h_d), expected.expand(1, 2), atol=1e-4, rtol=1e-4)
+
+
+def test_a_lone_default_query_runs_only_its_own_tokens_and_after(default_model):
+    """SmolLM2's tokenizer merges the newlines around the empty document slot into one token; the query prompt
+    still holds no document, so once cached everything before the query is reused, exactly."""
+    model, tokenizer = default_model
+    prompt = load_config(TeacherConfig, "configs/teacher/esconv_strategy.yaml").prompt
+    teacher = GenerativeReranker(model, tokenizer, prompt)
+    plain = GenerativeReranker(model, tokenizer, prompt, share_prefix=False)
+    first, second = (teacher.prompts.query_prompts([text]) for text in (CONVERSATION, STRATEGIES[0]))
+    assert first.doc_tokens == second.doc_tokens == [0]
+    cached = [teacher.encode(first)]
+    ran = teacher.stats["tokens"]
+    cached.append(teacher.encode(second))
+    assert teacher.stats["tokens"] - ran == len(second.input_ids[0]) - second.shared_tokens[0]
+    reference = plain.encode(teacher.prompts.query_prompts([CONVERSATION, STRATEGIES[0]]))
+    torch.testing.assert_close(torch.cat(cached), reference, atol=1e-4, rtol=1e-4)
