@@ -659,11 +659,16 @@ class _DyingEncoder:
     def rerank(self):  # handle.rerank, the method's handle
         return self
 
-    async def remote(self, query: str, documents: list[str]) -> dict:
+    async def remote(self, query: str, documents: list[str], max_tokens_per_doc: int | None = None) -> dict:
         self.calls += 1
         if self.calls <= self.deaths:
             raise self.error
-        return {"scores": [0.5] * len(documents), "query_truncated": False, "documents_truncated": [False]}
+        return {
+            "scores": [0.5] * len(documents),
+            "query_truncated": False,
+            "documents_truncated": [False] * len(documents),
+            "tokens": 2,
+        }
 
     @contextlib.asynccontextmanager
     async def choose_replica(self, *args):

@@ -28,14 +28,12 @@ from .schema import (
     IndexConfig,
     LossConfig,
     PromptConfig,
-    RouterResources,
     ScoreTeacherConfig,
-    ServeConfig,
-    ServeResources,
     StudentConfig,
     TeacherConfig,
     TeacherTrainConfig,
 )
+from .serving import RouterResources, ServeConfig, ServeResources
 
 __all__ = [
     "ConfigError",

@@ -20,10 +20,10 @@ from .schema import (
     EvaluateConfig,
     IndexConfig,
     ScoreTeacherConfig,
-    ServeConfig,
     TeacherConfig,
     TeacherTrainConfig,
 )
+from .serving import ServeConfig
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 REFERENCE_START = "<!-- config-reference:start -->"
