@@ -336,56 +336,54 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     from .data.candidates import build_pairs, select_queries
     from .io import write_json_atomic
 
-    data_dir, split, teacher, out = config.data, config.split, config.teacher, config.out
-    checkpoint, index, max_queries, seed = config.checkpoint, config.index, config.max_queries, config.seed
-    candidates, exclude_self = config.candidates, config.exclude_self
-    frequency_data, frequency_split = config.frequency_data, config.frequency_split
     methods = [m.strip() for m in config.methods if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ValueError(f"unknown methods {unknown or methods}; choose from {', '.join(METHODS)}")
-    if checkpoint is None and {"rabtriever", "rabtriever-search"} & set(methods):
+    if config.checkpoint is None and {"rabtriever", "rabtriever-search"} & set(methods):
         raise ValueError("methods rabtriever and rabtriever-search need --checkpoint")
     if "minilm" in methods:
         minilm_path()  # fail before the expensive methods, not after
-    data = read_beir(data_dir, split)
+    data = read_beir(config.data, config.split)
     if not data.qrels:
-        raise ValueError(f"{data_dir}: split {split!r} judges no query")
-    prior = None
+        raise ValueError(f"{config.data}: split {config.split!r} judges no query")
+    prior, frequency_data = None, config.frequency_data or config.data
     if "frequency" in methods:
-        prior = read_beir(frequency_data or data_dir, frequency_split)
+        prior = read_beir(frequency_data, config.frequency_split)
         if not prior.qrels:
-            raise ValueError(f"{frequency_data or data_dir}: split {frequency_split!r} judges no query")
-    query_ids = select_queries(data, max_queries, seed)
+            raise ValueError(f"{frequency_data}: split {config.frequency_split!r} judges no query")
+    query_ids = select_queries(data, config.max_queries, config.seed)
     per_query: dict[str, list[str]] = {q: [] for q in query_ids}
     if set(methods) & set(CANDIDATE_METHODS):
-        pairs = build_pairs(data, candidates, query_ids=query_ids)
+        pairs = build_pairs(data, config.candidates, query_ids=query_ids)
         for qid, did in zip(pairs.column("query_id").to_pylist(), pairs.column("doc_id").to_pylist()):
-            if not (exclude_self and did == qid):
+            if not (config.exclude_self and did == qid):
                 per_query[qid].append(did)
-    evaluation = Evaluation(data, query_ids, per_query, teacher, checkpoint, exclude_self, index, prior=prior)
+    evaluation = Evaluation(
+        data, query_ids, per_query, config.teacher, config.checkpoint, config.exclude_self, config.index, prior=prior
+    )
     for method in methods:
         evaluation.run(method)
     results = evaluation.results(
-        Path(data_dir).name,
-        split,
+        Path(config.data).name,
+        config.split,
         {
             "config": {
-                "data": str(data_dir),
+                "data": str(config.data),
                 "methods": list(methods),
-                "candidates": candidates,
-                "max_queries": max_queries,
-                "seed": seed,
-                "exclude_self": exclude_self,
-                "checkpoint": str(checkpoint) if checkpoint else None,
-                "index": str(index) if index else None,
-                "frequency_prior": f"{frequency_data or data_dir}:{frequency_split}" if prior else None,
-                "teacher": to_dict(teacher),
+                "candidates": config.candidates,
+                "max_queries": config.max_queries,
+                "seed": config.seed,
+                "exclude_self": config.exclude_self,
+                "checkpoint": str(config.checkpoint) if config.checkpoint else None,
+                "index": str(config.index) if config.index else None,
+                "frequency_prior": f"{frequency_data}:{config.frequency_split}" if prior else None,
+                "teacher": to_dict(config.teacher),
                 "candidate_pairs": sum(len(v) for v in per_query.values()),
             }
         },
     )
-    if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out, results)
+    if config.out is not None:
+        Path(config.out).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(config.out, results)
     return results

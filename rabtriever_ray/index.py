@@ -158,16 +158,12 @@ def build_index(config: IndexConfig) -> dict[str, Any]:
     from .student import checkpoint_digest, load_student_info
 
     start = time.perf_counter()
-    data_dir, out, index_type, teacher = config.data, config.out, config.index_type, config.teacher
-    gpus_per_actor, cpus_per_actor, batch_size = config.gpus_per_actor, config.cpus_per_actor, config.batch_size
-    hnsw_m, nlist, on_bad_row, actors = config.hnsw_m, config.nlist, config.on_bad_row, actor_range(config.actors)
-    overwrite = config.overwrite
     checkpoint = Path(config.checkpoint).resolve()
-    info = load_student_info(checkpoint, teacher)  # a bad checkpoint fails before any work
-    with atomic_dir(out, overwrite) as staging:
-        corpus, rejects = read_corpus(find_file(Path(data_dir), "corpus"), on_bad_row=on_bad_row)  # type: ignore[arg-type]
+    info = load_student_info(checkpoint, config.teacher)  # a bad checkpoint fails before any work
+    with atomic_dir(config.out, config.overwrite) as staging:
+        corpus, rejects = read_corpus(find_file(Path(config.data), "corpus"), on_bad_row=config.on_bad_row)  # type: ignore[arg-type]
         if not corpus:
-            raise ValueError(f"{data_dir}: the corpus has no documents")
+            raise ValueError(f"{config.data}: the corpus has no documents")
         docs = pa.table(
             {
                 "doc_id": list(corpus),
@@ -175,17 +171,19 @@ def build_index(config: IndexConfig) -> dict[str, Any]:
             }
         )
         init_ray()
+        gpus_per_actor = config.gpus_per_actor
         if gpus_per_actor is None:
             gpus_per_actor = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        blocks = [docs.slice(i, batch_size) for i in range(0, len(docs), batch_size)]
+        min_actors, max_actors = actor_range(config.actors)
+        blocks = [docs.slice(i, config.batch_size) for i in range(0, len(docs), config.batch_size)]
         encoded = ray.data.from_arrow(blocks).map_batches(
             DocumentEncoder,
             fn_constructor_kwargs={"checkpoint": str(checkpoint), "teacher": info["teacher_config"]},
-            batch_size=batch_size,
+            batch_size=config.batch_size,
             batch_format="pyarrow",
-            compute=ActorPoolStrategy(min_size=actors[0], max_size=actors[1]),
+            compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
             num_gpus=gpus_per_actor,
-            num_cpus=cpus_per_actor,
+            num_cpus=config.cpus_per_actor,
         )
         encoded.write_parquet(str(staging / "embeddings"))
         files = sorted(p.name for p in (staging / "embeddings").glob("*.parquet"))
@@ -196,7 +194,7 @@ def build_index(config: IndexConfig) -> dict[str, Any]:
             raise RuntimeError(f"encoded {table.num_rows} documents of {len(docs)}")
         proj_dim = table.schema.field("doc_vec").type.list_size
         encode_s = time.perf_counter() - start
-        index = faiss_index(_matrix(table.column("doc_vec"), proj_dim), index_type, hnsw_m, nlist)
+        index = faiss_index(_matrix(table.column("doc_vec"), proj_dim), config.index_type, config.hnsw_m, config.nlist)
         import faiss
 
         faiss.write_index(index, str(staging / "index.faiss"))
@@ -206,18 +204,18 @@ def build_index(config: IndexConfig) -> dict[str, Any]:
             write_rejects(rejects, staging / "rejects.jsonl")
         manifest = {
             "format": INDEX_FORMAT,
-            "data": str(data_dir),
+            "data": str(config.data),
             "checkpoint": str(checkpoint),
             "checkpoint_sha256": checkpoint_digest(checkpoint),
             "teacher": to_dict(info["teacher_config"]),
             "hidden_size": info["hidden_size"],
             "proj_dim": proj_dim,
             "count": table.num_rows,
-            "index_type": index_type,
-            "index_params": {"hnsw_m": hnsw_m}
-            if index_type == "hnsw"
+            "index_type": config.index_type,
+            "index_params": {"hnsw_m": config.hnsw_m}
+            if config.index_type == "hnsw"
             else {"nlist": int(index.nlist)}
-            if index_type == "ivf"
+            if config.index_type == "ivf"
             else {},
             "files": files,
             "rejected_rows": len(rejects),

@@ -246,19 +246,20 @@ def write_teacher_scores(
     from .io import atomic_dir, init_ray, write_json_atomic
 
     start = time.perf_counter()
-    data_dir, split, out, teacher = config.data, config.split, config.out, config.teacher
-    candidates, max_queries, seed, training = config.candidates, config.max_queries, config.seed, config.training
-    on_bad_row, actors = config.on_bad_row, actor_range(config.actors)
-    with atomic_dir(out, config.overwrite) as staging:  # refuses before any expensive work
-        data = read_beir(data_dir, split, on_bad_row=on_bad_row)  # type: ignore[arg-type]
-        pairs = build_pairs(data, candidates, max_queries=max_queries, seed=seed, training=training)
+    with atomic_dir(config.out, config.overwrite) as staging:  # refuses before any expensive work
+        data = read_beir(config.data, config.split, on_bad_row=config.on_bad_row)  # type: ignore[arg-type]
+        pairs = build_pairs(
+            data, config.candidates, max_queries=config.max_queries, seed=config.seed, training=config.training
+        )
         if len(pairs) == 0:
-            raise ValueError(f"{data_dir}: no candidate pairs (split {split!r}, candidates {candidates!r})")
+            raise ValueError(
+                f"{config.data}: no candidate pairs (split {config.split!r}, candidates {config.candidates!r})"
+            )
         init_ray()  # after the input is known to be good: bad input fails fast, without starting Ray
         stage = teacher_stage(
             pairs_dataset(pairs),
-            teacher,
-            actors=actors,
+            config.teacher,
+            actors=actor_range(config.actors),
             gpus_per_actor=config.gpus_per_actor,
             cpus_per_actor=config.cpus_per_actor,
             batch_size=config.batch_size,
@@ -276,14 +277,14 @@ def write_teacher_scores(
         elapsed = time.perf_counter() - start
         manifest = {
             "format": "rabtriever-teacher-scores/1",
-            "data": str(data_dir),
-            "split": split,
-            "candidates": candidates,
-            "training": training,
-            "max_queries": max_queries,
-            "seed": seed,
-            "teacher": to_dict(teacher),
-            "prompt_template": PromptBuilder.template_text(teacher.prompt),
+            "data": str(config.data),
+            "split": config.split,
+            "candidates": config.candidates,
+            "training": config.training,
+            "max_queries": config.max_queries,
+            "seed": config.seed,
+            "teacher": to_dict(config.teacher),
+            "prompt_template": PromptBuilder.template_text(config.teacher.prompt),
             "hidden_size": hidden_size,
             **counts,
             "rejected_rows": data.reject_counts(),
