@@ -499,11 +499,10 @@ def test_rayservice_serve_config_deploys_locally(ray_local, tiny_checkpoint_and_
         serve.shutdown()
 
 
-# -- README ------------------------------------------------------------------------------------------------------
+# -- docs/cluster.md ----------------------------------------------------------------------------------------------
 
 
-def test_readme_cluster_section_names_every_cluster_file():
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Running on a cluster", 1)[1].split("\n## ", 1)[0]
+def test_the_cluster_page_names_every_cluster_file():
+    page = (ROOT / "docs" / "cluster.md").read_text()
     files = [p for p in (ROOT / "cluster").rglob("*") if p.is_file()]
-    assert files and [_ids(p) for p in files if _ids(p) not in section] == []
+    assert files and [_ids(p) for p in files if _ids(p) not in page] == []

@@ -22,9 +22,9 @@ from rabtriever_ray.config import (
     TeacherTrainConfig,
     config_help,
     config_reference_markdown,
+    documented_config_reference,
     load_config,
     parse_job_args,
-    readme_config_reference,
     to_dict,
     write_config_reference,
 )
@@ -191,13 +191,25 @@ def test_a_section_given_as_a_yaml_path_is_loaded_from_that_file(tmp_path):
         load_config(DistillConfig, root / "scifact.yaml")
 
 
-# -- the README's configuration reference ------------------------------------------------------------------------
+# -- docs/configuration.md's configuration reference ---------------------------------------------------------------
 
 
-def test_readme_config_reference_is_current():
-    assert readme_config_reference() == config_reference_markdown(), (
-        "README.md's configuration reference is stale: run python -m rabtriever_ray.config.reference --write-readme"
+def test_documented_config_reference_is_current():
+    assert documented_config_reference() == config_reference_markdown(), (
+        "docs/configuration.md's configuration reference is stale: run "
+        "python -m rabtriever_ray.config.reference --write"
     )
+
+
+def test_the_command_line_checks_docs_configuration_md_by_default():
+    done = subprocess.run(
+        [sys.executable, "-m", "rabtriever_ray.config.reference", "--check"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
+    assert done.returncode == 0, done.stderr
+    assert str(Path("docs") / "configuration.md") in done.stdout and "current" in done.stdout
 
 
 def _reference_sections(markdown: str) -> dict[str, list[str]]:
@@ -256,34 +268,34 @@ def test_config_reference_renders_types_and_defaults_as_yaml_takes_them():
     assert "runs/\\<name>" in markdown and "all \\| bm25:K" in markdown  # no HTML tag, no extra column
 
 
-def test_check_fails_on_a_stale_copy_and_write_readme_replaces_only_the_block(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text(
+def test_check_fails_on_a_stale_copy_and_write_replaces_only_the_block(tmp_path):
+    page = tmp_path / "configuration.md"
+    page.write_text(
         f"# Title\n\nintro\n\n{REFERENCE_START}\n| `model` | old |\n{REFERENCE_END}\n\n## After\n"
     )
-    readme.chmod(0o640)
-    check = [sys.executable, "-m", "rabtriever_ray.config.reference", "--check", "--readme", str(readme)]
+    page.chmod(0o640)
+    check = [sys.executable, "-m", "rabtriever_ray.config.reference", "--check", "--file", str(page)]
     stale = subprocess.run(check, capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert stale.returncode == 1
-    assert "stale" in stale.stderr and "python -m rabtriever_ray.config.reference --write-readme" in stale.stderr
+    assert "stale" in stale.stderr and "python -m rabtriever_ray.config.reference --write" in stale.stderr
 
-    config_main(["--write-readme", "--readme", str(readme)])
-    text = readme.read_text()
+    config_main(["--write", "--file", str(page)])
+    text = page.read_text()
     assert text.startswith(f"# Title\n\nintro\n\n{REFERENCE_START}\n\n#### TeacherConfig\n")
     assert text.endswith(f" |\n\n{REFERENCE_END}\n\n## After\n")
-    assert readme_config_reference(readme) == config_reference_markdown()
+    assert documented_config_reference(page) == config_reference_markdown()
     # Renamed over the old file: its mode is kept and no temporary file is left behind.
-    assert readme.stat().st_mode & 0o777 == 0o640 and [p.name for p in tmp_path.iterdir()] == ["README.md"]
-    assert write_config_reference(readme) is False  # already current: the file is left alone
-    config_main(["--check", "--readme", str(readme)])  # current: returns, no exit status 1
+    assert page.stat().st_mode & 0o777 == 0o640 and [p.name for p in tmp_path.iterdir()] == ["configuration.md"]
+    assert write_config_reference(page) is False  # already current: the file is left alone
+    config_main(["--check", "--file", str(page)])  # current: returns, no exit status 1
 
 
-def test_readme_without_markers_is_an_error(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# Title\n{REFERENCE_END}\n{REFERENCE_START}\n")
+def test_page_without_markers_is_an_error(tmp_path):
+    page = tmp_path / "configuration.md"
+    page.write_text(f"# Title\n{REFERENCE_END}\n{REFERENCE_START}\n")
     with pytest.raises(ConfigError, match="expected one <!-- config-reference:start --> line"):
-        write_config_reference(readme)
-    assert readme.read_text() == f"# Title\n{REFERENCE_END}\n{REFERENCE_START}\n"
+        write_config_reference(page)
+    assert page.read_text() == f"# Title\n{REFERENCE_END}\n{REFERENCE_START}\n"
 
 
 def test_prompt_differences_read_missing_fields_as_their_defaults():

@@ -428,16 +428,19 @@ def test_a_json_body_sent_as_a_form_is_a_415_naming_the_header(served):
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs the curl program")
-def test_the_readme_curl_examples_work(served):
-    """Every `curl -s localhost:8000/...` line of the README, run as written against the app, answers 200."""
+def test_the_route_tour_and_readme_curl_examples_work(served):
+    """Every `curl -s localhost:8000/...` line of docs/serving.md (its tour of every route) and every such command
+    in the README (the walk-through's query), run as written against the app, answers 200."""
+    import re
     import shlex
     import subprocess
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    commands = [
-        line.strip() for line in readme.splitlines() if line.strip().startswith("curl -s localhost:8000/")
-    ]
+    doc = (ROOT / "docs" / "serving.md").read_text()
+    commands = [line.strip() for line in doc.splitlines() if line.strip().startswith("curl -s localhost:8000/")]
     assert len(commands) >= 5, commands
+    readme = re.findall(r"`(curl -s localhost:8000/[^`]+)`", (ROOT / "README.md").read_text())
+    assert readme, "the README's walk-through queries the served model"
+    commands += readme
     for command in commands:
         args = shlex.split(command.replace("localhost:8000", served["url"].removeprefix("http://")))
         done = subprocess.run([*args, "-w", "\\n%{http_code}"], capture_output=True, text=True, timeout=60)

@@ -3,8 +3,8 @@
 - `schema`: the config dataclasses of every job and of the Serve app.
 - `loading`: defaults, then YAML, then overrides (`load_config`), the jobs' command line (`parse_job_args`), and
   the helpers built on the schema walk (`from_dict`, `to_dict`, `config_help`, `prompt_differences`).
-- `reference`: README.md's configuration reference, generated from the dataclasses (``python -m
-  rabtriever_ray.config.reference --write-readme``); off the runtime path, so it is imported only on demand.
+- `reference`: docs/configuration.md's configuration reference, generated from the dataclasses (``python -m
+  rabtriever_ray.config.reference --write``); off the runtime path, so it is imported only on demand.
 
 Every name is importable from here: ``from rabtriever_ray.config import TeacherConfig, load_config``.
 """
@@ -59,16 +59,16 @@ __all__ = [
     "to_dict",
 ]
 
-# The README reference generator, loaded only when one of its names is asked for.
+# The configuration reference generator, loaded only when one of its names is asked for.
 _REFERENCE_NAMES = {
-    "README",
     "REFERENCE_CONFIGS",
     "REFERENCE_END",
+    "REFERENCE_PAGE",
     "REFERENCE_START",
     "REGENERATE",
     "config_reference_markdown",
+    "documented_config_reference",
     "main",
-    "readme_config_reference",
     "write_config_reference",
 }
 

@@ -1,7 +1,9 @@
-"""README.md's configuration reference, generated from the config dataclasses; tests/test_config.py checks it.
+"""docs/configuration.md's configuration reference, generated from the config dataclasses; tests/test_config.py
+checks it.
 
-    python -m rabtriever_ray.config.reference --write-readme    # rewrite the block between the README's markers
-    python -m rabtriever_ray.config.reference --check           # exit status 1 when the block is stale
+    python -m rabtriever_ray.config.reference --write    # rewrite the block between the page's markers
+    python -m rabtriever_ray.config.reference --check    # exit status 1 when the block is stale
+    python -m rabtriever_ray.config.reference            # print the reference
 
 Not on the runtime path: no library module imports this one.
 """
@@ -25,10 +27,10 @@ from .schema import (
 )
 from .serving import ServeConfig
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+REFERENCE_PAGE = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 REFERENCE_START = "<!-- config-reference:start -->"
 REFERENCE_END = "<!-- config-reference:end -->"
-REGENERATE = "python -m rabtriever_ray.config.reference --write-readme"
+REGENERATE = "python -m rabtriever_ray.config.reference --write"
 
 # The top-level configs (nested ones are expanded under them), each with who reads it and how to override it.
 REFERENCE_CONFIGS: tuple[tuple[type, str], ...] = (
@@ -76,7 +78,7 @@ REFERENCE_CONFIGS: tuple[tuple[type, str], ...] = (
 
 
 def config_reference_markdown() -> str:
-    """The README's configuration reference: per top-level config a ``####`` heading, who reads it and a table
+    """The configuration reference: per top-level config a ``####`` heading, who reads it and a table
     ``| key | type | default | meaning |`` with a row per dotted key (a section's row comes before its keys)."""
     sections = []
     for cls, usage in REFERENCE_CONFIGS:
@@ -119,43 +121,43 @@ def _markdown_default(value: Any) -> str:
     return f"`{text}`".replace("|", r"\|")
 
 
-def _split_readme(text: str, readme: Path) -> tuple[str, str, str]:
+def _split_page(text: str, page: Path) -> tuple[str, str, str]:
     """(the text up to and with the start marker, the block between the markers, the end marker and after)."""
     if (
         text.count(REFERENCE_START) != 1
         or text.count(REFERENCE_END) != 1
         or text.find(REFERENCE_END) < text.find(REFERENCE_START)
     ):
-        raise ConfigError(f"{readme}: expected one {REFERENCE_START} line, then one {REFERENCE_END} line")
+        raise ConfigError(f"{page}: expected one {REFERENCE_START} line, then one {REFERENCE_END} line")
     head, rest = text.split(REFERENCE_START)
     block, tail = rest.split(REFERENCE_END)
     return head + REFERENCE_START, block, REFERENCE_END + tail
 
 
-def readme_config_reference(readme: str | Path = README) -> str:
-    """The block between the README's config-reference markers, without the blank lines around it."""
-    readme = Path(readme)
-    return _split_readme(readme.read_text(encoding="utf-8"), readme)[1].strip("\n")
+def documented_config_reference(page: str | Path = REFERENCE_PAGE) -> str:
+    """The block between the page's config-reference markers, without the blank lines around it."""
+    page = Path(page)
+    return _split_page(page.read_text(encoding="utf-8"), page)[1].strip("\n")
 
 
-def write_config_reference(readme: str | Path = README) -> bool:
-    """Regenerate the block between the README's markers, keeping the rest of the file as it is; returns whether
+def write_config_reference(page: str | Path = REFERENCE_PAGE) -> bool:
+    """Regenerate the block between the page's markers, keeping the rest of the file as it is; returns whether
     the file changed. Written to a temporary file beside it, then renamed over it."""
-    readme = Path(readme)
-    text = readme.read_text(encoding="utf-8")
-    head, _, tail = _split_readme(text, readme)
+    page = Path(page)
+    text = page.read_text(encoding="utf-8")
+    head, _, tail = _split_page(text, page)
     new = f"{head}\n\n{config_reference_markdown()}\n\n{tail}"
     if new == text:
         return False
     from ..io import write_text_atomic
 
-    write_text_atomic(readme, new, keep_mode=True)
+    write_text_atomic(page, new, keep_mode=True)
     return True
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Print the configuration reference, write it into the README (``--write-readme``) or check it (``--check``,
-    exit status 1 when stale)."""
+    """Print the configuration reference, write it into docs/configuration.md (``--write``) or check it
+    (``--check``, exit status 1 when stale); ``--file`` names another page with the two markers."""
     import argparse
 
     parser = argparse.ArgumentParser(
@@ -164,24 +166,22 @@ def main(argv: list[str] | None = None) -> None:
     )
     action = parser.add_mutually_exclusive_group()
     action.add_argument(
-        "--write-readme",
+        "--write",
         action="store_true",
-        help="replace the README's block between the config-reference markers",
+        help="replace the page's block between the config-reference markers",
     )
-    action.add_argument(
-        "--check", action="store_true", help="exit with status 1 when the README's block is stale"
-    )
+    action.add_argument("--check", action="store_true", help="exit with status 1 when the page's block is stale")
     parser.add_argument(
-        "--readme", type=Path, default=README, help="the README to write or check (default: %(default)s)"
+        "--file", type=Path, default=REFERENCE_PAGE, help="the page to write or check (default: %(default)s)"
     )
     args = parser.parse_args(argv)
     if args.check:
-        if readme_config_reference(args.readme) != config_reference_markdown():
-            parser.exit(1, f"{args.readme}: the configuration reference is stale; run {REGENERATE}\n")
-        print(f"{args.readme}: the configuration reference is current")
-    elif args.write_readme:
-        changed = write_config_reference(args.readme)
-        print(f"{args.readme}: the configuration reference {'updated' if changed else 'was already current'}")
+        if documented_config_reference(args.file) != config_reference_markdown():
+            parser.exit(1, f"{args.file}: the configuration reference is stale; run {REGENERATE}\n")
+        print(f"{args.file}: the configuration reference is current")
+    elif args.write:
+        changed = write_config_reference(args.file)
+        print(f"{args.file}: the configuration reference {'updated' if changed else 'was already current'}")
     else:
         print(config_reference_markdown())
 
