@@ -88,6 +88,19 @@ def backbone(model: nn.Module) -> nn.Module:
     return decoder if decoder is not None and decoder is not model else model.base_model
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder's blocks, bottom first (``layers``, ``h`` or ``blocks``: the list of ``num_hidden_layers``)."""
+    decoder = backbone(model)
+    count = text_config(model.config).num_hidden_layers
+    for child in decoder.children():
+        if isinstance(child, nn.ModuleList) and len(child) == count:
+            return child
+    raise UnsupportedModelError(
+        f"cannot find the {count} decoder layers of {type(model).__name__} (no ModuleList of that length on "
+        f"{type(decoder).__name__})"
+    )
+
+
 def final_norm(model: nn.Module) -> nn.Module:
     """The norm the model applies after its last decoder layer."""
     decoder = backbone(model)

@@ -35,6 +35,7 @@ from .backbone import last_positions, pad_batch, pre_norm_hidden_at
 from .config import TeacherTrainConfig
 from .data import BeirData, parse_candidates, select_queries
 from .data.candidates import BM25Index
+from .families import decoder_layers
 from .losses import answer_ce, listwise_ce
 from .models import TEACHER_INFO, load_causal_lm
 from .prompts import PromptBuilder, document_text
@@ -156,11 +157,35 @@ def teacher_losses(scorer: nn.Module, batch: dict, cfg: TeacherTrainConfig) -> d
 # Models: LoRA, trainable weights, the saved teacher.
 
 
-def add_lora(model: nn.Module, cfg: TeacherTrainConfig) -> nn.Module:
-    """Inject LoRA adapters (peft) into ``model`` in place; only the adapters stay trainable. Returns ``model``."""
-    from peft import LoraConfig, inject_adapter_in_model
+def trained_layers(model: nn.Module, cfg: TeacherTrainConfig) -> list[tuple[str, nn.Module]]:
+    """``(qualified name, block)`` of the decoder blocks that train: the top ``cfg.train_layers`` (0: all)."""
+    blocks = decoder_layers(model)
+    first = max(len(blocks) - cfg.train_layers, 0) if cfg.train_layers else 0
+    names = {id(module): name for name, module in model.named_modules()}
+    return [(names[id(block)], block) for block in list(blocks)[first:]]
 
-    targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
+
+def add_lora(model: nn.Module, cfg: TeacherTrainConfig) -> nn.Module:
+    """Inject LoRA adapters (peft) into ``model`` in place; only the adapters stay trainable. Returns ``model``.
+
+    With ``train_layers``, adapters go only into the top blocks, so the forward below them records no graph.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
+    wanted = None if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
+    if cfg.train_layers:
+        # Qualified names of the matching linear layers inside the trained blocks (peft matches name suffixes).
+        targets = [
+            f"{block_name}.{name}"
+            for block_name, block in trained_layers(model, cfg)
+            for name, module in block.named_modules()
+            if isinstance(module, (nn.Linear, Conv1D)) and (wanted is None or name.rpartition(".")[2] in wanted)
+        ]
+        if not targets:
+            raise ValueError(f"lora_targets={cfg.lora_targets!r} matches no linear layer of the trained blocks")
+    else:
+        targets = "all-linear" if wanted is None else wanted
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -174,12 +199,16 @@ def add_lora(model: nn.Module, cfg: TeacherTrainConfig) -> nn.Module:
 
 
 def make_trainable(model: nn.Module, cfg: TeacherTrainConfig) -> None:
-    """Mark what trains: LoRA adapters injected into ``model`` (``cfg.lora``), or every weight."""
+    """Mark what trains: LoRA adapters injected into ``model`` (``cfg.lora``), or every weight; with
+    ``train_layers``, only in (or of) the top decoder blocks."""
     if cfg.lora:
         add_lora(model, cfg)
-    else:
-        for parameter in model.parameters():
-            parameter.requires_grad_(True)
+        return
+    for parameter in model.parameters():
+        parameter.requires_grad_(not cfg.train_layers)
+    if cfg.train_layers:
+        for _, block in trained_layers(model, cfg):
+            block.requires_grad_(True)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

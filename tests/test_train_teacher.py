@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import DOCUMENTS, QUERIES
+from tiny_families import FAMILIES, build_family
 
 from rabtriever_ray.config import PromptConfig, TeacherTrainConfig, load_config
 from rabtriever_ray.data import DEMO_DATA, read_beir
 from rabtriever_ray.data.candidates import BM25Index
+from rabtriever_ray.families import decoder_layers
 from rabtriever_ray.finetune import run_train_teacher
 from rabtriever_ray.losses import answer_ce, listwise_ce
 from rabtriever_ray.models import build_tiny_random_llama, load_causal_lm, prompt_mismatch
@@ -23,6 +25,7 @@ from rabtriever_ray.train_teacher import (
     add_lora,
     build_groups,
     group_batch,
+    make_trainable,
     merge_lora,
     save_teacher,
     teacher_losses,
@@ -205,6 +208,30 @@ def test_lora_trains_only_adapters_and_merges_into_a_plain_model(tmp_path):
     torch.testing.assert_close(
         _reranker_scores(loaded, loaded_tokenizer, _groups()), with_adapters, atol=1e-5, rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("lora", [False, True])
+def test_train_layers_trains_only_the_top_blocks_of_every_family(family, lora):
+    model, _ = build_family(family)
+    blocks = decoder_layers(model)
+    assert len(blocks) == 2
+    make_trainable(model, TeacherTrainConfig(train_layers=1, lora=lora, lora_r=4, lora_alpha=8))
+    top = {id(p) for p in blocks[-1].parameters()}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(id(p) in top for _, p in trainable)
+    assert all(("lora_" in n) == lora for n, _ in trainable)
+    assert not any(p.requires_grad for p in blocks[0].parameters())
+
+
+def test_train_layers_steps_change_only_the_top_block():
+    model, tokenizer = build_tiny_random_llama()
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    make_trainable(model, TeacherTrainConfig(train_layers=1))
+    losses = _train_steps(model, tokenizer)
+    assert losses[-1] < losses[0]
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, base[n])}
+    assert changed == {n for n, _ in model.named_parameters() if n.startswith("model.layers.1.")}
 
 
 def test_a_teacher_used_with_another_prompt_than_it_was_trained_with_is_flagged(tmp_path):

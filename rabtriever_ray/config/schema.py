@@ -237,6 +237,11 @@ class TeacherTrainConfig:
     w_pointwise: float = option(0.0, "weight of the pointwise cross-entropy on the yes/no answer tokens")
     temperature: float = option(1.0, "temperature of the listwise softmax")
     seed: int = option(0, "seed for subsets, negatives, shuffling and LoRA initialisation")
+    train_layers: int = option(
+        0,
+        "train only the top N decoder layers (0: every layer); the forward below them keeps no graph, so a step "
+        "costs little more than scoring",
+    )
     lora: bool = option(
         False, "train LoRA adapters (peft) instead of all weights; merged into the saved model"
     )
@@ -275,7 +280,9 @@ class TeacherTrainConfig:
     def __post_init__(self) -> None:
         _at_least(self, 1, "negatives", "epochs", "batch_size", "grad_accum", "num_workers", "teacher_actors")
         _at_least(self, 1, "lora_r", "lora_alpha")
-        _at_least(self, 0, "warmup_steps", "report_every", "w_listwise", "w_pointwise", "max_failures")
+        _at_least(
+            self, 0, "warmup_steps", "report_every", "w_listwise", "w_pointwise", "max_failures", "train_layers"
+        )
         if self.w_listwise == self.w_pointwise == 0:
             raise ConfigError("w_listwise and w_pointwise are both 0: nothing to train")
         if self.lr <= 0 or self.temperature <= 0:
