@@ -31,7 +31,7 @@ from .data.candidates import BM25Index
 from .io import atomic_dir, init_ray, write_json_atomic
 from .metrics import HEADLINE_MEASURES, metrics_table, retrieval_metrics, run_from_rows
 from .models import model_hidden_size, prompt_mismatch, resolve_spec
-from .pipeline import SchemaError, pairs_dataset, read_teacher_scores, teacher_stage
+from .pipeline import SchemaError, document_major, pairs_dataset, read_teacher_scores, teacher_stage
 
 logger = logging.getLogger(__name__)
 
@@ -69,9 +69,8 @@ def _validation(
             cfg.teacher_cpus,
             min(cfg.teacher_cpus + cfg.cpus_per_worker * cfg.num_workers / cfg.teacher_actors, _node_cpus()),
         )
-        val_sorted = val_pairs.sort_by([("doc_id", "ascending"), ("query_id", "ascending")])
         stage = teacher_stage(
-            pairs_dataset(val_sorted, cfg.teacher_batch_size),
+            pairs_dataset(document_major(val_pairs), cfg.teacher_batch_size),
             teacher,
             **{**stage_args, "cpus_per_actor": val_cpus},
         )

@@ -53,7 +53,7 @@ def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, 
     import ray
 
     from .io import atomic_dir, init_ray, write_json_atomic
-    from .pipeline import pairs_dataset, teacher_stage, write_teacher_scores
+    from .pipeline import document_major, pairs_dataset, teacher_stage, write_teacher_scores
     from .raytrain import fit_torch_trainer, read_history
 
     started = time.perf_counter()
@@ -84,10 +84,8 @@ def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, 
         timings: dict[str, float] = {}
         if validate and cfg.validate_before:
             t0 = time.perf_counter()
-            # Document-major order lets each teacher batch share a document's prefix across queries.
-            ordered = val_pairs.sort_by([("doc_id", "ascending"), ("query_id", "ascending")])
             stage = teacher_stage(
-                pairs_dataset(ordered, 256),
+                pairs_dataset(document_major(val_pairs), 256),
                 cfg.teacher,
                 actors=(1, cfg.teacher_actors),
                 cpus_per_actor=cfg.teacher_cpus,

@@ -132,6 +132,12 @@ class TeacherScorer:
         return pa.table(columns, schema=output_schema(d))
 
 
+def document_major(pairs: pa.Table) -> pa.Table:
+    """``pairs`` sorted by document, then query: each teacher batch then runs a document's prefix (template and
+    document) once for all the queries it holds it with (`backbone.shared_prefix_last_hidden`)."""
+    return pairs.sort_by([("doc_id", "ascending"), ("query_id", "ascending")])
+
+
 def pairs_dataset(pairs: pa.Table, rows_per_block: int = 256):
     """A Ray Dataset of candidate pairs (`PAIR_SCHEMA`), split into blocks so several actors share the work."""
     import ray.data
@@ -257,7 +263,7 @@ def write_teacher_scores(
             )
         init_ray()  # after the input is known to be good: bad input fails fast, without starting Ray
         stage = teacher_stage(
-            pairs_dataset(pairs),
+            pairs_dataset(document_major(pairs)),
             config.teacher,
             actors=actor_range(config.actors),
             gpus_per_actor=config.gpus_per_actor,
