@@ -186,8 +186,8 @@ def prompt_differences(recorded: Mapping[str, Any], prompt: Mapping[str, Any]) -
 def config_help(cls: type, prefix: str = "") -> str:
     """One line per key: ``key (type, default): help``; nested dataclasses are flattened with dots."""
     return "\n".join(
-        f"  {key} ({_type_name(field_type)}, default {_default(f)!r}): {f.metadata.get('help', '')}"
-        for key, f, field_type in _flat_fields(cls, prefix)
+        f"  {key} ({_type_name(field_type)}, default {default!r}): {f.metadata.get('help', '')}"
+        for key, f, field_type, default in _flat_fields(cls, prefix)
         if not dataclasses.is_dataclass(field_type)
     )
 
@@ -197,12 +197,20 @@ def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
     return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
 
 
-def _flat_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field, Any]]:
-    """(dotted key, field, type) of every field in order; a nested dataclass comes just before its own keys."""
+def _flat_fields(
+    cls: type, prefix: str = "", base: Any = None
+) -> Iterator[tuple[str, dataclasses.Field, Any, Any]]:
+    """(dotted key, field, type, default) of every field in order; a nested dataclass comes just before its own
+    keys, whose defaults are those of the section's own default (``base``). Keys a config sets itself in a section
+    (its ``DERIVED`` class attribute: section name -> keys) are left out."""
+    derived = getattr(cls, "DERIVED", {})
     for name, (f, field_type) in _fields(cls).items():
-        yield f"{prefix}{name}", f, field_type
+        default = getattr(base, name) if base is not None else _default(f)
+        yield f"{prefix}{name}", f, field_type, default
         if dataclasses.is_dataclass(field_type):
-            yield from _flat_fields(field_type, f"{prefix}{name}.")
+            for key, *rest in _flat_fields(field_type, f"{prefix}{name}.", default):
+                if key.removeprefix(f"{prefix}{name}.").split(".")[0] not in derived.get(name, ()):
+                    yield (key, *rest)
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -268,20 +276,31 @@ def _check_mapping(cls: type, mapping: Mapping[str, Any], prefix: str, source: s
     return out
 
 
-def _build(cls: type, values: Mapping[str, Any], prefix: str, source: str) -> Any:
+def _build(cls: type, values: Mapping[str, Any], prefix: str, source: str, base: Any = None) -> Any:
+    """``cls`` from ``values``; keys they leave out keep ``base``'s values (a field's own default instance, for a
+    section such as a recipe whose defaults differ from its class's), else the class defaults."""
     kwargs = {}
-    for name, (_f, field_type) in _fields(cls).items():
+    for name, (f, field_type) in _fields(cls).items():
         section = _section(field_type)
+        nested_base = getattr(base, name) if base is not None else _default_instance(f)
         if section and values.get(name) is not None:
-            kwargs[name] = _build(section, values[name], f"{prefix}{name}.", source)
+            kwargs[name] = _build(section, values[name], f"{prefix}{name}.", source, nested_base)
         elif section and name not in values and not _is_optional(field_type)[0]:
-            kwargs[name] = _build(section, {}, f"{prefix}{name}.", source)  # class defaults, as nested
+            kwargs[name] = _build(section, {}, f"{prefix}{name}.", source, nested_base)  # defaults, as nested
         elif name in values:
             kwargs[name] = values[name]
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except ConfigError as err:
         raise ConfigError(f"{source}: {prefix}{err}") from err
+
+
+def _default_instance(f: dataclasses.Field) -> Any:
+    """The default of a section field (a dataclass instance), or None."""
+    if f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+        return value if dataclasses.is_dataclass(value) else None
+    return f.default if dataclasses.is_dataclass(f.default) else None
 
 
 def _type_name(tp: Any) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .base import ConfigError
-from .loading import _default, _flat_fields, _type_name
+from .loading import _flat_fields, _type_name
 from .schema import (
     DistillConfig,
     EvaluateConfig,
@@ -83,11 +83,11 @@ def config_reference_markdown() -> str:
     sections = []
     for cls, usage in REFERENCE_CONFIGS:
         rows = []
-        for key, f, field_type in _flat_fields(cls):
+        for key, f, field_type, default in _flat_fields(cls):
             if dataclasses.is_dataclass(field_type):
                 type_cell, default_cell = f"`{field_type.__name__}`", f"`{key}.*` below"
             else:
-                type_cell, default_cell = _markdown_type(field_type), _markdown_default(_default(f))
+                type_cell, default_cell = _markdown_type(field_type), _markdown_default(default)
             help_cell = f.metadata["help"].replace("|", r"\|").replace("<", r"\<")  # \< : not an HTML tag
             rows.append(f"| `{key}` | {type_cell} | {default_cell} | {help_cell} |")
         header = [
