@@ -16,7 +16,9 @@ the same ranking. `agreement`'s top-1 document is the first of this ranking.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -131,6 +133,16 @@ def run_from_rows(
     for qid, did, score in zip(query_ids, doc_ids, scores, strict=True):
         run.setdefault(qid, {})[did] = float(score)
     return run
+
+
+def top1_concentration(run: Run) -> dict[str, Any]:
+    """How often one document comes first: ``{"doc_id", "queries", "of"}`` for the document that is the top-1
+    (`ranking` order) of the most queries. A judge biased towards one document puts it first for most queries."""
+    firsts = Counter(ranking(docs)[0] for docs in run.values() if docs)
+    if not firsts:
+        return {"doc_id": None, "queries": 0, "of": 0}
+    doc_id, count = min(firsts.items(), key=lambda item: (-item[1], item[0]))
+    return {"doc_id": doc_id, "queries": count, "of": sum(firsts.values())}
 
 
 def metrics_table(

@@ -11,6 +11,7 @@ from rabtriever_ray.metrics import (
     run_from_rows,
     spearman,
     strictly_ranked,
+    top1_concentration,
 )
 
 QRELS = {"q1": {"d1": 1}, "q2": {"d3": 1}, "q3": {"d2": 1}, "q4": {"d1": 0}}
@@ -171,3 +172,22 @@ def test_run_from_rows():
         "q1": {"a": 1.0, "b": 2.0},
         "q2": {"a": 3.0},
     }
+
+
+def test_top1_concentration_counts_each_querys_first_document_as_ranking_orders_it():
+    rng = random.Random(0)
+    docs = ["a", "b", "c", "d"]
+    run = {f"q{i}": {d: float(rng.randint(0, 2)) for d in docs} for i in range(40)}  # many ties
+    firsts: dict[str, int] = {}
+    for scores in run.values():  # naive: highest score, ties to the smallest id
+        best = max(scores.values())
+        first = min(d for d, s in scores.items() if s == best)
+        firsts[first] = firsts.get(first, 0) + 1
+    top = max(sorted(firsts), key=lambda d: firsts[d])
+    assert top1_concentration(run) == {"doc_id": top, "queries": firsts[top], "of": 40}
+    assert top1_concentration({"q": {"x": 1.0, "y": 2.0}, "r": {"x": 3.0, "y": 0.0}}) == {
+        "doc_id": "x",
+        "queries": 1,
+        "of": 2,
+    }  # a tie in counts goes to the smallest id
+    assert top1_concentration({}) == {"doc_id": None, "queries": 0, "of": 0}
