@@ -41,8 +41,11 @@ def init_ray(**kwargs: Any) -> None:
     """
     import ray
 
+    from .console import ray_init_options
+
     if ray.is_initialized():
         return
+    kwargs = {**ray_init_options(), **kwargs}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
     else:

@@ -265,17 +265,21 @@ def peak_memory_metrics(device: torch.device, world: int) -> dict[str, list[floa
 
 
 def fit_torch_trainer(
-    loop: Callable[[dict], None], loop_config: dict, cfg, name: str, storage: Path, **kwargs
+    loop: Callable[[dict], None], loop_config: dict, cfg, name: str, storage: Path, bar=None, **kwargs
 ):
     """Run ``loop`` on a `TorchTrainer` shaped by ``cfg`` and return the final checkpoint.
 
     ``cfg`` is a `DistillConfig` or `TeacherTrainConfig`: workers, CPUs and GPUs per worker, placement,
     ``max_failures`` (workers restart from the last checkpoint) and ``num_to_keep``. A rerun with the same ``name``
-    under ``storage`` resumes from its latest checkpoint. ``kwargs`` go to `TorchTrainer` (datasets, ...).
+    under ``storage`` resumes from its latest checkpoint. ``bar`` (a `console.stage` bar) follows the ``step``
+    the workers report. ``kwargs`` go to `TorchTrainer` (datasets, ...).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from .console import step_progress
+
+    callback, stop = step_progress(bar) if bar is not None else (None, None)
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
@@ -291,10 +295,15 @@ def fit_torch_trainer(
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep),
+            callbacks=[callback] if callback else None,
         ),
         **kwargs,
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        if stop:
+            stop()
     if result.checkpoint is None:
         raise RuntimeError(f"{name}: training finished without a checkpoint: {result.error}")
     return result.checkpoint
