@@ -6,24 +6,28 @@
 
 Connects to a running cluster when RAY_ADDRESS is set (as under `ray job submit`), else starts local Ray.
 Each flag sets the config key of the same name (--teacher runs/my_teacher); trailing key=value arguments
-override any key (dotted keys for sections: loss.w_rank=0.5, teacher.prompt.max_doc_tokens=256). Writes
-report.json, checkpoint/ and training_curves.png into out_dir (default runs/<name>); a rerun with the same name
-resumes from the latest checkpoint.
+override any key (dotted keys for sections: loss.w_rank=0.5, teacher.prompt.max_doc_tokens=256). A base-model
+teacher is first fine-tuned on the training split (finetune_teacher=false skips it). Writes report.json,
+checkpoint/, teacher/ and training_curves.png into out_dir (default runs/<name>), and Ray's own log lines into
+out_dir/job.log (--verbose shows them instead); a rerun with the same name resumes from the latest checkpoint.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rabtriever_ray.config import DistillConfig, parse_job_args
-from rabtriever_ray.distill import format_table, run_distill
+from rabtriever_ray.console import quiet_ray
+from rabtriever_ray.distill import LOG_FILE, format_summary, run_distill
 from rabtriever_ray.io import run_job
 
 
 def main(argv: list[str] | None = None) -> dict:
     config = parse_job_args(DistillConfig, argv, __doc__)
+    out_dir = Path(config.out_dir or f"runs/{config.name}")
+    quiet_ray(out_dir / LOG_FILE, verbose=config.verbose)
     report = run_distill(config)
-    print(format_table(report["final"]))
-    out_dir = config.out_dir or f"runs/{config.name}"
-    print(f"\nwrote {out_dir}/report.json, {out_dir}/checkpoint/, {out_dir}/training_curves.png")
+    print("\n" + format_summary(report, out_dir))
     return report
 
 

@@ -25,15 +25,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import console
 from .config import DistillConfig, TeacherConfig, prompt_differences, to_dict
 from .data import DEMO_DATA, build_pairs, read_beir
 from .data.candidates import BM25Index
 from .io import atomic_dir, init_ray, write_json_atomic
 from .metrics import HEADLINE_MEASURES, metrics_table, retrieval_metrics, run_from_rows
-from .models import model_hidden_size, prompt_mismatch, resolve_spec
+from .models import model_hidden_size, prompt_mismatch, resolve_spec, trained_prompt
 from .pipeline import SchemaError, document_major, pairs_dataset, read_teacher_scores, teacher_stage
 
 logger = logging.getLogger(__name__)
+LOG_FILE = "job.log"  # in out_dir: what Ray and this package log, unless the job runs with verbose=true
 
 
 def _data_root(cfg: DistillConfig, sub: str) -> Path:
@@ -74,7 +76,8 @@ def _validation(
             teacher,
             **{**stage_args, "cpus_per_actor": val_cpus},
         )
-        scored, n_scored = pa.concat_tables(ray.get(stage.to_arrow_refs())), len(val_pairs)
+        with console.stage("teacher: validation pairs", len(val_pairs), "pairs") as bar:
+            scored, n_scored = console.collect_rows(stage, bar), len(val_pairs)
     val = {
         name: scored.column(name).to_pylist()
         for name in ("query_id", "doc_id", "query_text", "doc_text", "teacher_score")
@@ -124,6 +127,22 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
     if not cfg.teacher_data or cfg.rounds > 1:
         train_data = read_beir(_data_root(cfg, cfg.train_data), cfg.train_split)
     init_ray()
+    tuned = None
+    if cfg.finetune_teacher and not (cfg.teacher_data or cfg.val_teacher_data) and not trained_prompt(
+        cfg.teacher.model
+    ):
+        from .finetune import finetune_before_distillation
+
+        tuned = finetune_before_distillation(
+            cfg, _data_root(cfg, cfg.train_data), _data_root(cfg, cfg.val_data), storage, _node_cpus()
+        )
+        # From here on the fine-tuned model is the teacher, and the scores it wrote are the validation's.
+        tuned_dir = out_dir / "teacher"
+        cfg = dataclasses.replace(
+            cfg,
+            teacher=dataclasses.replace(cfg.teacher, model=str(tuned_dir)),
+            val_teacher_data=str(tuned_dir / "val_scores"),
+        )
     teacher = cfg.teacher
     stage_args = {
         "actors": (1, cfg.teacher_actors),
@@ -148,7 +167,7 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
             pairs_dataset(train_pairs, rows_per_block=cfg.teacher_batch_size), teacher, **stage_args
         )
 
-    checkpoint, first_epoch, rounds, train_s = None, 0, [], 0.0
+    checkpoint, first_epoch, rounds, train_s, steps_done = None, 0, [], 0.0, 0
     for round_index in range(cfg.rounds):
         t0 = time.perf_counter()
         if round_index == 0:
@@ -164,25 +183,30 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
         sample_s = time.perf_counter() - t0
         epochs = cfg.epochs if round_index == 0 else (cfg.round_epochs or cfg.epochs)
         steps_per_epoch = _steps_per_epoch(n_train, cfg)
-        checkpoint = fit_torch_trainer(
-            train_loop_per_worker,
-            {
-                "distill": cfg,
-                "steps_per_epoch": steps_per_epoch,
-                "val": val,
-                "fail_once_after_step": fail_once_after_step,
-                "round": round_index,
-                "first_epoch": first_epoch,
-                "end_epoch": first_epoch + epochs,
-                "init_checkpoint": checkpoint,
-            },
-            cfg,
-            # Each round is its own Ray Train run, so a rerun resumes the round it stopped in.
-            cfg.name if round_index == 0 else f"{cfg.name}-round{round_index}",
-            storage,
-            datasets={"train": stage},
-            dataset_config=DataConfig(datasets_to_split=["train"]),
-        )
+        title = "distilling Rabtriever" + (f" (round {round_index + 1} of {cfg.rounds})" if cfg.rounds > 1 else "")
+        # Workers report the step counted over every round so far.
+        with console.stage(title, steps_done + epochs * steps_per_epoch, "steps") as bar:
+            bar.update(steps_done)
+            checkpoint = fit_torch_trainer(
+                train_loop_per_worker,
+                {
+                    "distill": cfg,
+                    "steps_per_epoch": steps_per_epoch,
+                    "val": val,
+                    "fail_once_after_step": fail_once_after_step,
+                    "round": round_index,
+                    "first_epoch": first_epoch,
+                    "end_epoch": first_epoch + epochs,
+                    "init_checkpoint": checkpoint,
+                },
+                cfg,
+                # Each round is its own Ray Train run, so a rerun resumes the round it stopped in.
+                cfg.name if round_index == 0 else f"{cfg.name}-round{round_index}",
+                storage,
+                bar=bar,
+                datasets={"train": stage},
+                dataset_config=DataConfig(datasets_to_split=["train"]),
+            )
         round_s = time.perf_counter() - t0
         train_s += round_s
         with checkpoint.as_directory() as directory:
@@ -204,6 +228,7 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
             }
         )
         first_epoch += epochs
+        steps_done = int(this_round[-1]["step"]) if this_round else steps_done
 
     with (
         checkpoint.as_directory() as directory,
@@ -213,9 +238,14 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
     history = read_history(out_dir / "checkpoint")
 
     final = _final_metrics(history[-1], val, val_data)
+    if tuned is not None:
+        final["teacher_zero_shot"] = tuned["before"]
+    top1, cost = _top1_and_cost(cfg, val, val_data, out_dir / "checkpoint")
     report = {
         "config": to_dict(cfg),
         "final": final,
+        "top1": top1,
+        "cost": cost,
         "rounds": rounds,
         "history": history,
         "counts": {
@@ -227,7 +257,17 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
             "val_pairs_scored_by_teacher": val_scored,
             "steps_per_epoch": rounds[0]["steps_per_epoch"],
         },
+        "teacher_finetune": None
+        if tuned is None
+        else {
+            "model": cfg.teacher.model,
+            "before": tuned["before"],
+            "after": tuned["after"],
+            "counts": tuned["counts"],
+            "timings_s": tuned["timings_s"],
+        },
         "timings_s": {
+            "finetune_teacher": tuned["timings_s"]["total"] if tuned else 0.0,
             "val_teacher": round(val_teacher_s, 1),
             "train_with_streaming_teacher": round(train_s, 1),
             "total": round(time.perf_counter() - started, 1),
@@ -310,6 +350,48 @@ def _final_metrics(last: dict, val: dict, val_data) -> dict[str, Any]:
     }
 
 
+def _top1_and_cost(cfg: DistillConfig, val: dict, val_data, checkpoint: Path) -> tuple[dict, dict | None]:
+    """The bias diagnosis and the cost, measured in this process on the validation candidates.
+
+    ``top1``: for the teacher and the student, the document ranked first for the most validation queries
+    (`metrics.top1_concentration`). ``cost``: milliseconds per query for the teacher and for Rabtriever to rank the
+    candidates of the same ``cost_queries`` seeded validation queries (`evaluate.Evaluation`, which times per-query
+    work only: Rabtriever's documents are encoded beforehand, as an index holds them), and their ratio; None when
+    ``cost_queries`` is 0.
+    """
+    import random
+
+    from .evaluate import Evaluation
+    from .metrics import top1_concentration
+
+    candidates: dict[str, list[str]] = {}
+    for qid, did in zip(val["query_id"], val["doc_id"]):
+        candidates.setdefault(qid, []).append(did)
+    queries = sorted(candidates)
+    with console.stage("Rabtriever: validation queries", len(queries), "queries") as bar:
+        student_run = Evaluation(val_data, queries, candidates, cfg.teacher, checkpoint).run("rabtriever")
+        bar.update(len(queries))
+    teacher_run = run_from_rows(val["query_id"], val["doc_id"], val["teacher_score"])
+    top1 = {"teacher": top1_concentration(teacher_run), "student": top1_concentration(student_run)}
+    if not cfg.cost_queries:
+        return top1, None
+    sample = sorted(random.Random(cfg.seed).sample(queries, min(cfg.cost_queries, len(queries))))
+    timed = Evaluation(val_data, sample, candidates, cfg.teacher, checkpoint)
+    with console.stage("timing teacher and Rabtriever per query", 2, "judges") as bar:
+        for method in ("rabtriever", "teacher"):
+            timed.run(method)
+            bar.update(1)
+    teacher_ms, student_ms = (timed.timing[m]["per_query_ms"] for m in ("teacher", "rabtriever"))
+    cost = {
+        "queries": len(sample),
+        "candidates_per_query": round(sum(len(candidates[q]) for q in sample) / len(sample), 1),
+        "teacher_ms": teacher_ms,
+        "student_ms": student_ms,
+        "speedup": round(teacher_ms / student_ms, 1) if student_ms > 0 else None,
+    }
+    return top1, cost
+
+
 def plot_curves(history: list[dict], path: Path) -> None:
     """Losses and validation metrics per epoch, as a PNG."""
     import matplotlib
@@ -336,9 +418,63 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 
 def format_table(final: dict[str, Any]) -> str:
-    """The final validation table as markdown."""
-    rows = {method: final[method] for method in ("teacher", "student", "bm25")}
+    """The final validation table as markdown: teacher, Rabtriever, BM25 and, when the job fine-tuned the teacher,
+    the zero-shot teacher; then the student-teacher agreement."""
+    tuned = "teacher_zero_shot" in final
+    names = {
+        "teacher": "teacher (fine-tuned)" if tuned else "teacher",
+        "student": "Rabtriever",
+        "bm25": "BM25",
+        "teacher_zero_shot": "teacher (zero-shot)",
+    }
+    rows = {label: final[key] for key, label in names.items() if key in final}
     lines = [metrics_table(rows, measures=HEADLINE_MEASURES)]
     agree = final["agreement"]
-    lines.append(f"\nstudent-teacher agreement: Spearman {agree['spearman']:.3f}, top-1 {agree['top1']:.3f}")
+    lines.append(
+        f"\nRabtriever agrees with the teacher: Spearman {agree['spearman']:.3f}, "
+        f"the same top-1 document for {agree['top1']:.0%} of queries"
+    )
     return "\n".join(lines)
+
+
+def format_summary(report: dict[str, Any], out_dir: str | Path) -> str:
+    """The one screen the job ends with: the table, agreement, top-1 concentration, per-query cost, time and
+    where everything was written."""
+    counts = report["counts"]
+    lines = [
+        f"Validation: {counts['val_queries']} queries, {counts['val_pairs']} candidate pairs",
+        "",
+        format_table(report["final"]),
+    ]
+    top1 = report.get("top1")
+    if top1:
+        parts = [
+            f"{label} puts {t['doc_id']} first for {t['queries']} of {t['of']} queries"
+            for label, t in (("the teacher", top1["teacher"]), ("Rabtriever", top1["student"]))
+        ]
+        lines.append("Most frequent top-1 document: " + "; ".join(parts))
+    cost = report.get("cost")
+    if cost:
+        lines.append(
+            f"Per query ({cost['candidates_per_query']:g} candidates, {cost['queries']} queries timed here): "
+            f"teacher {cost['teacher_ms']:,.0f} ms, Rabtriever {cost['student_ms']:,.1f} ms "
+            f"({cost['speedup']:g}x cheaper)"
+        )
+    timings = report["timings_s"]
+    spent = f"Time: {_minutes(timings['total'])}"
+    if timings.get("finetune_teacher"):
+        spent += f" (fine-tuning and validating the teacher {_minutes(timings['finetune_teacher'])})"
+    lines.append(spent)
+    out = Path(out_dir)
+    written = ["report.json", "checkpoint/", "training_curves.png"]
+    if report.get("teacher_finetune"):
+        written.insert(2, "teacher/")
+    if (out / LOG_FILE).is_file():
+        written.append(f"{LOG_FILE} (Ray's log lines)")
+    lines.append(f"Wrote {out}/: " + ", ".join(written))
+    return "\n".join(lines)
+
+
+def _minutes(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s" if minutes else f"{rest} s"

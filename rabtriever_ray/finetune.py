@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import ScoreTeacherConfig, TeacherTrainConfig, to_dict
+from . import console
+from .config import DistillConfig, ScoreTeacherConfig, TeacherTrainConfig, to_dict
 from .data import DEMO_DATA, build_pairs, read_beir
 from .metrics import HEADLINE_MEASURES, metrics_table
 from .models import resolve_spec
@@ -48,9 +49,7 @@ def _score_metrics(table, qrels: dict) -> dict[str, float]:
 
 def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, int] | None = None) -> dict:
     """Run one teacher fine-tuning (see the module docstring); returns the report also written to ``out``."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
-    import ray
 
     from .io import atomic_dir, init_ray, write_json_atomic
     from .pipeline import document_major, pairs_dataset, teacher_stage, write_teacher_scores
@@ -92,24 +91,27 @@ def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, 
                 gpus_per_actor=gpus,
                 batch_size=256,
             )
-            before = pa.concat_tables(ray.get(stage.to_arrow_refs()))
+            with console.stage("teacher before fine-tuning: validation pairs", len(val_pairs), "pairs") as bar:
+                before = console.collect_rows(stage, bar)
             report["before"] = _score_metrics(before, val_data.qrels)
             timings["validate_before"] = round(time.perf_counter() - t0, 1)
             logger.info("before: %s", report["before"])
 
         t0 = time.perf_counter()
-        checkpoint = fit_torch_trainer(
-            train_teacher_loop,
-            {
-                "train": cfg,
-                "groups": groups,
-                "steps_per_epoch": steps_per_epoch,
-                "fail_once_after_step": fail_once_after_step,
-            },
-            cfg,
-            cfg.name,
-            storage,
-        )
+        with console.stage("fine-tuning the teacher", steps_per_epoch * cfg.epochs, "steps") as bar:
+            checkpoint = fit_torch_trainer(
+                train_teacher_loop,
+                {
+                    "train": cfg,
+                    "groups": groups,
+                    "steps_per_epoch": steps_per_epoch,
+                    "fail_once_after_step": fail_once_after_step,
+                },
+                cfg,
+                cfg.name,
+                storage,
+                bar=bar,
+            )
         timings["train"] = round(time.perf_counter() - t0, 1)
         with checkpoint.as_directory() as directory:
             history = read_history(directory)
@@ -135,22 +137,23 @@ def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, 
     }
     if validate:
         t0 = time.perf_counter()
-        write_teacher_scores(
-            ScoreTeacherConfig(
-                data=str(val_root),
-                split=cfg.val_split,
-                out=str(out / "val_scores"),
-                teacher=dataclasses.replace(cfg.teacher, model=str(out)),
-                candidates=cfg.val_candidates,
-                max_queries=cfg.max_val_queries,
-                seed=cfg.seed,
-                actors=f"1:{cfg.teacher_actors}",
-                gpus_per_actor=gpus,
-                cpus_per_actor=cfg.teacher_cpus,
-                batch_size=256,
-                overwrite=True,
+        with console.stage("fine-tuned teacher: validation pairs"):
+            write_teacher_scores(
+                ScoreTeacherConfig(
+                    data=str(val_root),
+                    split=cfg.val_split,
+                    out=str(out / "val_scores"),
+                    teacher=dataclasses.replace(cfg.teacher, model=str(out)),
+                    candidates=cfg.val_candidates,
+                    max_queries=cfg.max_val_queries,
+                    seed=cfg.seed,
+                    actors=f"1:{cfg.teacher_actors}",
+                    gpus_per_actor=gpus,
+                    cpus_per_actor=cfg.teacher_cpus,
+                    batch_size=256,
+                    overwrite=True,
+                )
             )
-        )
         after = pq.ParquetDataset(str(out / "val_scores" / "data")).read(
             columns=["query_id", "doc_id", "teacher_score"]
         )
@@ -163,6 +166,45 @@ def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, 
     report.update(history=history, timings_s=timings)
     write_json_atomic(out / "report.json", report)
     return report
+
+
+def finetune_before_distillation(
+    cfg: DistillConfig, train_root: Path, val_root: Path, storage: Path, node_cpus: float
+) -> dict:
+    """Fine-tune ``cfg.teacher`` with the recipe ``cfg.finetune`` on the distillation's own training split, and
+    score the distillation's validation pairs with it before and after (`run_train_teacher`).
+
+    The teacher is written to ``<out_dir>/teacher`` (a model directory with ``val_scores/``, the distillation's
+    validation scores, and ``report.json``); a finished one there is reused, so a rerun resumes. Training and
+    validation run alone, so each may use a whole node's CPUs. Returns the fine-tuning report.
+    """
+    import json
+
+    out = Path(cfg.out_dir or f"runs/{cfg.name}").resolve() / "teacher"
+    if (out / "report.json").is_file():
+        logger.info("reusing the fine-tuned teacher in %s", out)
+        return json.loads((out / "report.json").read_text())
+    recipe = cfg.finetune
+    tune = dataclasses.replace(
+        recipe,
+        name=f"{cfg.name}-teacher",
+        out=str(out),
+        storage_path=str(storage),
+        overwrite=True,
+        data=str(train_root),
+        split=cfg.train_split,
+        teacher=cfg.teacher,
+        val_data=str(val_root),
+        val_split=cfg.val_split,
+        max_val_queries=cfg.max_val_queries,
+        val_candidates=cfg.val_candidates,
+        validate_before=True,
+        seed=cfg.seed,
+        use_gpu=cfg.use_gpu,
+        cpus_per_worker=max(recipe.cpus_per_worker, node_cpus / recipe.num_workers),
+        teacher_cpus=max(recipe.teacher_cpus, node_cpus / recipe.teacher_actors),
+    )
+    return run_train_teacher(tune)
 
 
 def format_report(report: dict) -> str:

@@ -29,6 +29,8 @@ TINY_DISTILL = [
     "warmup_steps=2",
     "teacher.prompt.max_query_tokens=32",
     "teacher.prompt.max_doc_tokens=48",
+    "finetune_teacher=false",
+    "cost_queries=0",
 ]
 
 QUERIES = [

@@ -224,10 +224,24 @@ def _reference_sections(markdown: str) -> dict[str, list[str]]:
 def _every_field(cls: type, prefix: str = ""):
     """(dotted key, field, owning class) of every field, nested dataclasses (found on a default instance) too."""
     defaults = cls()
+    derived = getattr(cls, "DERIVED", {})
     for f in dataclasses.fields(cls):
         yield f"{prefix}{f.name}", f, cls
         if dataclasses.is_dataclass(getattr(defaults, f.name)):
-            yield from _every_field(type(getattr(defaults, f.name)), f"{prefix}{f.name}.")
+            for key, *rest in _every_field(type(getattr(defaults, f.name)), f"{prefix}{f.name}."):
+                if key.removeprefix(f"{prefix}{f.name}.").split(".")[0] not in derived.get(f.name, ()):
+                    yield (key, *rest)
+
+
+def test_the_distillation_recipe_for_its_teacher_keeps_its_own_defaults_and_refuses_keys_it_sets():
+    config = load_config(DistillConfig, None, ["finetune.lr=0.001"])
+    assert (config.finetune.lr, config.finetune.train_layers) == (0.001, DistillConfig().finetune.train_layers)
+    assert DistillConfig().finetune.train_layers == 8 != TeacherTrainConfig().train_layers
+    reference = config_reference_markdown()
+    assert "| `finetune.train_layers` | `int` | 8 |" in reference and "`finetune.data`" not in reference
+    for key in ("data=x", "teacher.model=x", "val_split=test", "seed=3"):
+        with pytest.raises(ConfigError, match=f"finetune.{key.split('.')[0].split('=')[0]} is set by the distil"):
+            load_config(DistillConfig, None, [f"finetune.{key}"])
 
 
 def test_config_reference_has_a_row_per_field_with_its_help():

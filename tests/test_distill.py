@@ -2,6 +2,10 @@
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import TINY_DISTILL as TINY
@@ -169,3 +173,52 @@ def test_on_policy_rounds_score_student_drawn_pairs(ray_local, tmp_path):
     assert [(h["round"], h["epoch"]) for h in again["history"]] == [(0, 0), (0, 1), (1, 2)]
     assert again["final"] == report["final"]
     assert [h["teacher_rows"] for h in again["history"]] == [first["train_pairs"], 0, second["train_pairs"]]
+
+
+def test_the_job_fine_tunes_a_base_teacher_first_and_ends_with_one_screen(tmp_path):
+    """`python jobs/distill.py` as a user runs it (its own local Ray): the base teacher is fine-tuned on the
+    training split, the screen holds the table, the diagnosis, the cost and the outputs but none of Ray's log
+    lines (those are in job.log), and a rerun reuses the fine-tuned teacher and the finished distillation."""
+    out = tmp_path / "run"
+    args = [a for a in TINY if a not in ("finetune_teacher=false", "cost_queries=0", "num_workers=2")]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve().parents[1] / "jobs" / "distill.py"),
+        *args,
+        f"out_dir={out}",
+        "epochs=2",
+        "cost_queries=2",
+        "finetune.max_queries=8",
+        "finetune.batch_size=2",
+        "finetune.train_layers=1",
+        "finetune.cpus_per_worker=0.5",
+        "finetune.teacher_cpus=0.5",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, as a user starts it
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    screen = done.stdout + done.stderr
+    for line in ("| teacher (fine-tuned) |", "| Rabtriever |", "| BM25 |", "| teacher (zero-shot) |"):
+        assert line in screen
+    assert "Most frequent top-1 document:" in screen and "x cheaper" in screen and f"Wrote {out}/" in screen
+    for ray_line in ("INFO streaming_executor", "(RayTrainWorker", "(TrainController", "logging_progress", "real_accel"):
+        assert ray_line not in screen
+    assert "streaming_executor" in (out / "job.log").read_text()
+
+    report = json.loads((out / "report.json").read_text())
+    tuned = report["teacher_finetune"]
+    assert tuned["model"] == str(out / "teacher") and (out / "teacher" / "rabtriever_teacher.json").is_file()
+    final = report["final"]
+    assert final["teacher_zero_shot"] == tuned["before"] and final["teacher"] == tuned["after"]
+    assert report["config"]["teacher"]["model"] == str(out / "teacher")  # the student's backbone is the tuned one
+    cost = report["cost"]
+    assert cost["queries"] == 2 and cost["teacher_ms"] > 0 and cost["student_ms"] > 0
+    assert cost["speedup"] == pytest.approx(cost["teacher_ms"] / cost["student_ms"], rel=0.01)
+    assert report["top1"]["teacher"]["of"] == report["counts"]["val_queries"] == report["top1"]["student"]["of"]
+
+    stamp = (out / "teacher" / "report.json").stat().st_mtime_ns
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (out / "teacher" / "report.json").stat().st_mtime_ns == stamp  # reused, not trained again
+    rerun = json.loads((out / "report.json").read_text())
+    assert [h["epoch"] for h in rerun["history"]] == [0, 1] and rerun["final"]["teacher"] == final["teacher"]

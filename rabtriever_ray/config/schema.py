@@ -106,102 +106,6 @@ class LossConfig:
 
 
 @dataclass
-class DistillConfig:
-    """A distillation run: data, teacher, student, loss, optimisation and the Ray cluster shape it uses."""
-
-    name: str = option("demo", "run name: the Ray Train run under storage_path, and runs/<name> by default")
-    out_dir: str | None = option(
-        None, "where report.json, checkpoint/ and training_curves.png go (default runs/<name>)"
-    )
-    storage_path: str | None = option(
-        None, "Ray Train storage (shared storage on a cluster); default <out_dir>/ray"
-    )
-    data_dir: str = option("", "folder holding the train and val data folders; empty: the bundled demo data")
-    train_data: str = option("", "train BEIR folder under data_dir (empty: data_dir itself)")
-    train_split: str = option("train", "qrels split of the training queries")
-    val_data: str = option("", "validation BEIR folder under data_dir (empty: data_dir itself)")
-    val_split: str = option("dev", "qrels split of the validation queries")
-    teacher: TeacherConfig = option(
-        TeacherConfig(),
-        "the teacher (also the student's frozen backbone and prompt): a section, a teacher YAML or a model spec",
-    )
-    student: StudentConfig = option(StudentConfig(), "trainable parts")
-    loss: LossConfig = option(LossConfig(), "loss mix")
-    teacher_data: str | None = option(
-        None, "pre-scored Parquet from jobs/score_teacher.py to train on, instead of the live teacher stage"
-    )
-    val_teacher_data: str | None = option(
-        None, "pre-scored validation Parquet (jobs/score_teacher.py) instead of scoring the validation pairs"
-    )
-    candidates: str = option("bm25:8", "training candidates per query: all | bm25:K | a TREC run file")
-    val_candidates: str = option("all", "validation candidates per query: all | bm25:K | a TREC run file")
-    max_train_queries: int | None = option(None, "seeded subset of training queries")
-    max_val_queries: int | None = option(None, "seeded subset of validation queries")
-    epochs: int = option(
-        20, "passes over the training pairs (after the first, the teacher outputs are reused)"
-    )
-    batch_size: int = option(64, "pairs per worker per step")
-    lr: float = option(1e-3, "peak AdamW learning rate")
-    weight_decay: float = option(0.01, "AdamW weight decay")
-    warmup_steps: int = option(20, "linear warm-up steps before cosine decay")
-    grad_clip: float = option(1.0, "gradient-norm clip (0: off)")
-    seed: int = option(0, "seed for subsets, shuffling and initialisation")
-    num_workers: int = option(1, "Ray Train workers")
-    use_gpu: bool = option(False, "train and score on GPUs (gpus_per_worker, teacher_gpus)")
-    cpus_per_worker: float = option(1.0, "CPUs per training worker")
-    gpus_per_worker: float = option(
-        1.0, "GPUs per training worker with use_gpu (a fraction shares one GPU with the teacher actors)"
-    )
-    teacher_actors: int = option(1, "teacher actors streaming the training pairs")
-    teacher_cpus: float = option(1.0, "CPUs per teacher actor")
-    teacher_gpus: float = option(
-        1.0,
-        "GPUs per teacher actor (and per round sampler) with use_gpu; 0.5 + gpus_per_worker=0.5 fits one GPU",
-    )
-    teacher_batch_size: int = option(
-        256, "pairs per teacher actor call (more pairs share more document prefixes)"
-    )
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = option(
-        "PACK", "placement of the training workers (SPREAD: one per node where possible)"
-    )
-    strategy: Literal["ddp", "deepspeed"] = option(
-        "ddp", "data parallelism: torch DDP, or DeepSpeed (deepspeed.initialize with ZeRO)"
-    )
-    zero_stage: int = option(1, "DeepSpeed ZeRO stage (0, 1 or 2; the trainable parts are small)")
-    rounds: int = option(
-        1, "training rounds; rounds after the first train on pairs the current student samples"
-    )
-    round_k: int = option(4, "documents sampled per query from the student's softmax in each later round")
-    round_tau: float = option(1.0, "temperature of the student's softmax for the round sampling")
-    round_pool: str = option("all", "candidate pool the student samples from: all | bm25:K | a run file")
-    round_epochs: int | None = option(None, "epochs of each later round (default: epochs)")
-    max_failures: int = option(1, "worker failures to recover from (from the last checkpoint)")
-    num_to_keep: int = option(2, "checkpoints kept")
-
-    def __post_init__(self) -> None:
-        _at_least(
-            self,
-            1,
-            "epochs",
-            "batch_size",
-            "num_workers",
-            "teacher_actors",
-            "teacher_batch_size",
-            "rounds",
-            "round_k",
-        )
-        if self.round_epochs is not None and self.round_epochs < 1:
-            raise ConfigError(f"round_epochs must be >= 1, got {self.round_epochs}")
-        if self.zero_stage not in (0, 1, 2):
-            raise ConfigError(f"zero_stage must be 0, 1 or 2, got {self.zero_stage}")
-        _gpu_shares(self, "gpus_per_worker", "teacher_gpus")
-        if self.round_tau <= 0:
-            raise ConfigError(f"round_tau must be > 0, got {self.round_tau}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-
-
-@dataclass
 class TeacherTrainConfig:
     """Fine-tuning the generative reranker (jobs/train_teacher.py): data, groups, loss, optimisation, cluster."""
 
@@ -295,6 +199,149 @@ class TeacherTrainConfig:
         if self.negatives_from != "all" and not self.negatives_from.startswith("bm25:"):
             raise ConfigError(f"negatives_from must be all or bm25:K, got {self.negatives_from!r}")
 
+
+
+@dataclass
+class DistillConfig:
+    """A distillation run: data, teacher, student, loss, optimisation and the Ray cluster shape it uses."""
+
+    name: str = option("demo", "run name: the Ray Train run under storage_path, and runs/<name> by default")
+    out_dir: str | None = option(
+        None, "where report.json, checkpoint/ and training_curves.png go (default runs/<name>)"
+    )
+    storage_path: str | None = option(
+        None, "Ray Train storage (shared storage on a cluster); default <out_dir>/ray"
+    )
+    data_dir: str = option("", "folder holding the train and val data folders; empty: the bundled demo data")
+    train_data: str = option("", "train BEIR folder under data_dir (empty: data_dir itself)")
+    train_split: str = option("train", "qrels split of the training queries")
+    val_data: str = option("", "validation BEIR folder under data_dir (empty: data_dir itself)")
+    val_split: str = option("dev", "qrels split of the validation queries")
+    teacher: TeacherConfig = option(
+        TeacherConfig(),
+        "the teacher (also the student's frozen backbone and prompt): a section, a teacher YAML or a model spec",
+    )
+    student: StudentConfig = option(StudentConfig(), "trainable parts")
+    loss: LossConfig = option(LossConfig(), "loss mix")
+    finetune_teacher: bool = option(
+        True,
+        "first fine-tune the teacher on the training split (the recipe in finetune) and distil from the result; "
+        "skipped when the teacher was written by jobs/train_teacher.py or the pairs come pre-scored "
+        "(teacher_data, val_teacher_data)",
+    )
+    finetune: TeacherTrainConfig = option(
+        TeacherTrainConfig(
+            negatives=3, train_layers=8, lr=2e-4, batch_size=4, warmup_steps=3, report_every=10
+        ),
+        "the fine-tuning recipe (jobs/train_teacher.py's keys); its teacher, data, validation, seed and output "
+        "come from this config (output: <out_dir>/teacher)",
+    )
+    teacher_data: str | None = option(
+        None, "pre-scored Parquet from jobs/score_teacher.py to train on, instead of the live teacher stage"
+    )
+    val_teacher_data: str | None = option(
+        None, "pre-scored validation Parquet (jobs/score_teacher.py) instead of scoring the validation pairs"
+    )
+    candidates: str = option("bm25:8", "training candidates per query: all | bm25:K | a TREC run file")
+    val_candidates: str = option("all", "validation candidates per query: all | bm25:K | a TREC run file")
+    max_train_queries: int | None = option(None, "seeded subset of training queries")
+    max_val_queries: int | None = option(None, "seeded subset of validation queries")
+    epochs: int = option(
+        20, "passes over the training pairs (after the first, the teacher outputs are reused)"
+    )
+    batch_size: int = option(64, "pairs per worker per step")
+    lr: float = option(1e-3, "peak AdamW learning rate")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    warmup_steps: int = option(20, "linear warm-up steps before cosine decay")
+    grad_clip: float = option(1.0, "gradient-norm clip (0: off)")
+    seed: int = option(0, "seed for subsets, shuffling and initialisation")
+    num_workers: int = option(1, "Ray Train workers")
+    use_gpu: bool = option(False, "train and score on GPUs (gpus_per_worker, teacher_gpus)")
+    cpus_per_worker: float = option(1.0, "CPUs per training worker")
+    gpus_per_worker: float = option(
+        1.0, "GPUs per training worker with use_gpu (a fraction shares one GPU with the teacher actors)"
+    )
+    teacher_actors: int = option(1, "teacher actors streaming the training pairs")
+    teacher_cpus: float = option(1.0, "CPUs per teacher actor")
+    teacher_gpus: float = option(
+        1.0,
+        "GPUs per teacher actor (and per round sampler) with use_gpu; 0.5 + gpus_per_worker=0.5 fits one GPU",
+    )
+    teacher_batch_size: int = option(
+        256, "pairs per teacher actor call (more pairs share more document prefixes)"
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = option(
+        "PACK", "placement of the training workers (SPREAD: one per node where possible)"
+    )
+    strategy: Literal["ddp", "deepspeed"] = option(
+        "ddp", "data parallelism: torch DDP, or DeepSpeed (deepspeed.initialize with ZeRO)"
+    )
+    zero_stage: int = option(1, "DeepSpeed ZeRO stage (0, 1 or 2; the trainable parts are small)")
+    rounds: int = option(
+        1, "training rounds; rounds after the first train on pairs the current student samples"
+    )
+    round_k: int = option(4, "documents sampled per query from the student's softmax in each later round")
+    round_tau: float = option(1.0, "temperature of the student's softmax for the round sampling")
+    round_pool: str = option("all", "candidate pool the student samples from: all | bm25:K | a run file")
+    round_epochs: int | None = option(None, "epochs of each later round (default: epochs)")
+    max_failures: int = option(1, "worker failures to recover from (from the last checkpoint)")
+    num_to_keep: int = option(2, "checkpoints kept")
+    cost_queries: int = option(
+        4, "validation queries on which the teacher's and Rabtriever's per-query cost is timed at the end (0: none)"
+    )
+    verbose: bool = option(
+        False, "show Ray's own log lines and progress on the console (otherwise they go to <out_dir>/job.log)"
+    )
+
+    # finetune keys the distillation sets from its own (data, teacher, validation, seed, output): not user keys.
+    DERIVED: ClassVar[dict[str, tuple[str, ...]]] = {
+        "finetune": (
+            "name",
+            "out",
+            "storage_path",
+            "overwrite",
+            "data",
+            "split",
+            "teacher",
+            "val_data",
+            "val_split",
+            "max_val_queries",
+            "val_candidates",
+            "validate_before",
+            "seed",
+            "use_gpu",
+        )
+    }
+
+    def __post_init__(self) -> None:
+        plain = TeacherTrainConfig()
+        for key in self.DERIVED["finetune"]:
+            if getattr(self.finetune, key) != getattr(plain, key):
+                raise ConfigError(
+                    f"finetune.{key} is set by the distillation from its own keys (train_data, teacher, val_*, "
+                    "seed, use_gpu, out_dir); set those instead"
+                )
+        _at_least(
+            self,
+            1,
+            "epochs",
+            "batch_size",
+            "num_workers",
+            "teacher_actors",
+            "teacher_batch_size",
+            "rounds",
+            "round_k",
+        )
+        _at_least(self, 0, "cost_queries")
+        if self.round_epochs is not None and self.round_epochs < 1:
+            raise ConfigError(f"round_epochs must be >= 1, got {self.round_epochs}")
+        if self.zero_stage not in (0, 1, 2):
+            raise ConfigError(f"zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+        _gpu_shares(self, "gpus_per_worker", "teacher_gpus")
+        if self.round_tau <= 0:
+            raise ConfigError(f"round_tau must be > 0, got {self.round_tau}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
 
 
 # --------------------------------------------------------------------------------------------------------------
