@@ -127,7 +127,7 @@ def test_ray_job_submit_runs_the_distillation(ray_head, tmp_path):
             break
         time.sleep(3)
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-    assert "succeeded" in submit.stdout and "student-teacher agreement" in submit.stdout
+    assert "succeeded" in submit.stdout and "Rabtriever agrees with the teacher" in submit.stdout
     report = json.loads((out / "report.json").read_text())
     assert [h["epoch"] for h in report["history"]] == [0, 1]
     assert (out / "checkpoint" / "student.safetensors").is_file()
