@@ -1,8 +1,8 @@
 """The demo checkpoint and index that ``serve run rabtriever_ray.serve:app`` serves without ``checkpoint=``.
 
 They live under ``cache_dir()/serve-demo`` (one folder per set of distillation overrides). `ensure_demo` builds
-them the first time (the demo distillation, `run_distill` on the bundled data, then `build_index`; about 8 minutes
-on 2 CPUs) under a file lock, so one process builds and the others wait; later calls reuse them. The training
+them the first time (the demo distillation, `run_distill` on the bundled data with its teacher fine-tuning, then
+`build_index`; about 12 minutes on 2 CPUs) under a file lock, so one process builds and the others wait; later calls reuse them. The training
 stack is imported only there: serving imports this module without it.
 """
 
@@ -19,7 +19,12 @@ logger = logging.getLogger("ray.serve")
 
 # The demo distillation and index build run beside the deployments' reservations (0.6 CPUs by default), so on a
 # 2-CPU machine they get fractions too (Ray Data's own 1-CPU tasks need the rest); the work uses the free cores.
-DEMO_RESOURCES = ["cpus_per_worker=0.4", "teacher_cpus=0.4"]
+DEMO_RESOURCES = [
+    "cpus_per_worker=0.4",
+    "teacher_cpus=0.4",
+    "finetune.cpus_per_worker=0.4",
+    "finetune.teacher_cpus=0.4",
+]
 DEMO_INDEX_CPUS = 0.4
 
 

@@ -134,7 +134,7 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
         from .finetune import finetune_before_distillation
 
         tuned = finetune_before_distillation(
-            cfg, _data_root(cfg, cfg.train_data), _data_root(cfg, cfg.val_data), storage, _node_cpus()
+            cfg, _data_root(cfg, cfg.train_data), _data_root(cfg, cfg.val_data), storage, _free_node_cpus()
         )
         # From here on the fine-tuned model is the teacher, and the scores it wrote are the validation's.
         tuned_dir = out_dir / "teacher"
@@ -312,6 +312,13 @@ def _node_cpus() -> float:
     import ray
 
     return max(n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"])
+
+
+def _free_node_cpus() -> float:
+    """CPUs one task may take now: the largest node's, less what others hold (a Serve app building its demo)."""
+    import ray
+
+    return min(_node_cpus(), ray.available_resources().get("CPU", 0.0))
 
 
 def _scored_by_teacher(cfg: DistillConfig, round_index: int, this_round: list[dict]) -> int:

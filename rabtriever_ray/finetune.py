@@ -169,14 +169,15 @@ def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, 
 
 
 def finetune_before_distillation(
-    cfg: DistillConfig, train_root: Path, val_root: Path, storage: Path, node_cpus: float
+    cfg: DistillConfig, train_root: Path, val_root: Path, storage: Path, free_cpus: float
 ) -> dict:
     """Fine-tune ``cfg.teacher`` with the recipe ``cfg.finetune`` on the distillation's own training split, and
     score the distillation's validation pairs with it before and after (`run_train_teacher`).
 
     The teacher is written to ``<out_dir>/teacher`` (a model directory with ``val_scores/``, the distillation's
     validation scores, and ``report.json``); a finished one there is reused, so a rerun resumes. Training and
-    validation run alone, so each may use a whole node's CPUs. Returns the fine-tuning report.
+    validation run alone, so each may use the ``free_cpus`` of a node (at least the recipe's own). Returns the
+    fine-tuning report.
     """
     import json
 
@@ -201,8 +202,8 @@ def finetune_before_distillation(
         validate_before=True,
         seed=cfg.seed,
         use_gpu=cfg.use_gpu,
-        cpus_per_worker=max(recipe.cpus_per_worker, node_cpus / recipe.num_workers),
-        teacher_cpus=max(recipe.teacher_cpus, node_cpus / recipe.teacher_actors),
+        cpus_per_worker=max(recipe.cpus_per_worker, free_cpus / recipe.num_workers),
+        teacher_cpus=max(recipe.teacher_cpus, free_cpus / recipe.teacher_actors),
     )
     return run_train_teacher(tune)
 

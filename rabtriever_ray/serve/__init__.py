@@ -21,8 +21,9 @@ The HTTP contract (routes, errors, scores, limits) is in `rabtriever_ray.serve.h
 Defaults: ``app`` is what ``serve run rabtriever_ray.serve:app`` runs: ``build_app({})``, made when asked for, not
 at import. Building it is cheap (it resolves paths and binds deployments); the models load in the replicas.
 Without ``checkpoint``, the app serves the demo: its checkpoint and index live under ``cache_dir()/serve-demo``;
-the first replica to start builds them (the demo distillation, `run_distill` on the bundled data, then
-`build_index`; about 8 minutes on 2 CPUs) under a file lock, the others wait, and later starts reuse them.
+the first replica to start builds them (the demo distillation, `run_distill` on the bundled data with its
+teacher fine-tuning, then `build_index`; about 12 minutes on 2 CPUs) under a file lock, the others wait, and
+later starts reuse them.
 ``build_app`` logs which of the two will happen.
 """
 

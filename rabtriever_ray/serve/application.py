@@ -92,7 +92,7 @@ def build_app(args: dict[str, Any]) -> Application:
         else:
             logger.warning(
                 "no checkpoint given: the demo checkpoint %s and index %s will be built on first start "
-                "(the demo distillation, about 8 minutes on 2 CPUs); /healthz answers 503 until then",
+                "(the demo distillation, about 12 minutes on 2 CPUs); /healthz answers 503 until then",
                 checkpoint,
                 index,
             )
