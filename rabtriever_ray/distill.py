@@ -2,7 +2,10 @@
 
 `run_distill(config)`:
 
-1. reads the train and validation BEIR data and builds candidate pairs (training mode adds the positives);
+1. reads the train and validation BEIR data and builds candidate pairs (training mode adds the positives); with
+   ``finetune_teacher`` and a base-model teacher, first fine-tunes it on the training split
+   (`finetune.finetune_before_distillation`: scores the validation pairs before and after, writes
+   ``out_dir/teacher/``), and distils from the fine-tuned model, reusing its validation scores;
 2. scores the validation pairs once with the teacher stage (or reads them, ``val_teacher_data``), and hands the
    *lazy* teacher stage over the training pairs to Ray Train as ``datasets={"train": ...}``, so teacher actors and
    training workers run at the same time (or reads pre-scored pairs, ``teacher_data``);
@@ -13,7 +16,8 @@
    (`rounds.sample_round_pairs`) and trains on from the previous round's checkpoint, as its own Ray Train run
    (``<name>-round<r>``);
 5. writes ``out_dir/report.json`` (config, per-round and per-epoch history, final validation metrics of student,
-   teacher and BM25, agreement, timings, counts), ``out_dir/checkpoint/`` and ``out_dir/training_curves.png``.
+   teacher, BM25 and the zero-shot teacher, agreement, top-1 concentration, per-query cost, timings, counts),
+   ``out_dir/checkpoint/`` and ``out_dir/training_curves.png``; `format_summary` is the screen the job ends with.
 """
 
 from __future__ import annotations
