@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ def ray_head(tmp_path):
     """`ray start --head --block` in its own process group; yields the dashboard (job server) address."""
     if shutil.which("ray") is None:
         pytest.skip("the `ray` CLI is not on PATH")
-    dashboard = _free_port()
+    dashboard, gcs_port = _free_port(), _free_port()
     # The cluster and its CLI clients share one token (Ray enables token authentication by default).
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     log = open(tmp_path / "ray_head.log", "w")  # noqa: SIM115 - closed below
@@ -45,7 +46,7 @@ def ray_head(tmp_path):
             "start",
             "--head",
             "--block",
-            f"--port={_free_port()}",
+            f"--port={gcs_port}",
             "--num-cpus=2",
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
@@ -95,6 +96,11 @@ def ray_head(tmp_path):
         except ProcessLookupError:
             pass
         log.close()
+        # `ray start` records its head in Ray's temp folder; left there, a later plain ray.init() would try to join
+        # the dead head instead of starting its own local Ray.
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if current.is_file() and current.read_text().strip().endswith(f":{gcs_port}"):
+            current.unlink()
 
 
 def test_ray_job_submit_runs_the_distillation(ray_head, tmp_path):
