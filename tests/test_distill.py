@@ -213,7 +213,7 @@ def test_the_job_fine_tunes_a_base_teacher_first_and_ends_with_one_screen(tmp_pa
     assert report["config"]["teacher"]["model"] == str(out / "teacher")  # the student's backbone is the tuned one
     cost = report["cost"]
     assert cost["queries"] == 2 and cost["teacher_ms"] > 0 and cost["student_ms"] > 0
-    assert cost["speedup"] == pytest.approx(cost["teacher_ms"] / cost["student_ms"], rel=0.01)
+    assert cost["speedup"] == pytest.approx(cost["teacher_ms"] / cost["student_ms"], abs=0.06)  # to 0.1
     assert report["top1"]["teacher"]["of"] == report["counts"]["val_queries"] == report["top1"]["student"]["of"]
 
     stamp = (out / "teacher" / "report.json").stat().st_mtime_ns
