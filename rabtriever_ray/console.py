@@ -26,11 +26,6 @@ _quiet = False
 _deepspeed_log = None
 
 
-def is_quiet() -> bool:
-    """Whether `quiet_ray` is in effect in this process (stage bars are shown only then)."""
-    return _quiet
-
-
 def quiet_ray(log_file: str | Path, verbose: bool = False) -> None:
     """Route Ray's and this package's log lines to ``log_file`` (see the module docstring); ``verbose``: leave
     everything on the console, as Ray prints it."""
@@ -84,13 +79,9 @@ class _Bar:
     """A stage's bar when the console is not quiet: accepts the same calls and shows nothing."""
 
     n = 0
-    total = None
 
     def update(self, n: int = 1) -> None:
         self.n += n
-
-    def reset(self, total: int | None = None) -> None:
-        self.n, self.total = 0, total
 
     def refresh(self) -> None:
         pass
