@@ -48,8 +48,11 @@ def main() -> None:
         cached = _timed_load(cache)
     hidden_size = 576  # SmolLM2-135M
     config = StudentConfig()
-    predictor = count_parameters(Predictor(hidden_size, config.predictor_hidden, config.input_norm))
-    projections = 2 * hidden_size * config.proj_dim
+    predictor = count_parameters(
+        Predictor(hidden_size, config.predictor_hidden, config.input_norm, config.query_mean)
+    )
+    query_width = hidden_size * (2 if config.query_mean else 1)
+    projections = (query_width + hidden_size) * config.proj_dim
     result = {
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}",
         "cold_load_s": round(cold["load_s"], 2),

@@ -1,16 +1,16 @@
 """How much of a query the student's query embedding carries, against the query tokens' mean state.
 
 Rabtriever scores a pair from two independent encodings; whatever it knows of a query must be in its query
-embedding: the pre-norm hidden state of the last token of the prompt with an empty document slot
-(`Rabtriever.encode_queries`). This benchmark measures how well that embedding tells queries apart, on a BEIR
+embedding (`Rabtriever.encode_queries`), read from the prompt with an empty document slot. This benchmark measures how well that embedding tells queries apart, on a BEIR
 folder whose queries have one relevant document each (the demo's skills): each validation query is labelled by
 its relevant document, and two read-outs learnt on the training queries predict it:
 
 - 1-NN: the label of the nearest training query (cosine of standardised embeddings);
 - probe: a linear softmax classifier (Adam, 300 full-batch steps, seeded).
 
-It compares Rabtriever's embedding (``last``) with the mean pre-norm state over the query's own tokens in the
-same forward (``query_mean``). Prints a table and saves JSON.
+It compares the answer-position state (``last``, Rabtriever's query embedding with ``student.query_mean=false``)
+with the mean pre-norm state over the query's own tokens in the same forward (``query_mean``, which the default
+query embedding adds). Prints a table and saves JSON.
 
     python benchmarks/query_probe.py                                   # default model, demo data
     python benchmarks/query_probe.py --model runs/demo/teacher --out benchmarks/results/query_probe_demo_tuned.json
@@ -28,24 +28,11 @@ import torch
 
 
 def _representations(student, texts: list[str]) -> dict[str, torch.Tensor]:
-    """``last`` (the student's query embedding) and ``query_mean`` for each text, ``[n, d]`` float32."""
-    from rabtriever_ray.backbone import capture_pre_norm
-    from rabtriever_ray.families import backbone
-
-    teacher = student.teacher
-    tokenizer = teacher.prompts.tokenizer
-    means = []
-    for text in texts:
-        ids = teacher.prompts.pair_prompts([text], [""]).input_ids[0]
-        query = tokenizer(text, add_special_tokens=False).input_ids
-        # The query's tokens inside the prompt (the first occurrence of its token sequence).
-        start = next(i for i in range(len(ids)) if ids[i : i + len(query)] == query)
-        with capture_pre_norm(teacher.model) as captured, torch.inference_mode():
-            backbone(teacher.model)(input_ids=torch.tensor([ids]), use_cache=False)
-        means.append(captured[-1][0, start : start + len(query)].float().mean(0))
+    """``last`` (the answer-position state) and ``query_mean`` for each text, ``[n, d]`` float32, from
+    `Rabtriever.encode_queries` with `StudentConfig.query_mean`."""
     with torch.no_grad():
-        last = student.encode_queries(texts).float()
-    return {"last": last, "query_mean": torch.stack(means)}
+        encoded = student.encode_queries(texts).float()
+    return {"last": encoded[:, : student.hidden_size], "query_mean": encoded[:, student.hidden_size :]}
 
 
 def _read_outs(train: torch.Tensor, y_train: torch.Tensor, val: torch.Tensor, y_val: torch.Tensor, classes: int):
@@ -66,7 +53,7 @@ def _read_outs(train: torch.Tensor, y_train: torch.Tensor, val: torch.Tensor, y_
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from rabtriever_ray.config import TeacherConfig
+    from rabtriever_ray.config import StudentConfig, TeacherConfig
     from rabtriever_ray.data import DEMO_DATA, read_beir
     from rabtriever_ray.student import Rabtriever
     from rabtriever_ray.teacher import GenerativeReranker
@@ -80,7 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.perf_counter()
-    student = Rabtriever(GenerativeReranker.from_config(TeacherConfig(model=args.model))).eval()
+    teacher = GenerativeReranker.from_config(TeacherConfig(model=args.model))
+    student = Rabtriever(teacher, StudentConfig(query_mean=True)).eval()
     splits = {name: read_beir(args.data, split) for name, split in (("train", args.train_split), ("val", args.val_split))}
     documents = sorted(splits["train"].corpus)
     encoded, labels = {}, {}

@@ -1,7 +1,8 @@
 """Running a causal LM's backbone: batching, padding, and the capture of the pre-norm hidden state.
 
 `last_token_hidden` is the one forward pass every component uses: it returns the final-layer hidden state at the
-last token of each sequence, *before* the final norm, so that ``lm_head(final_norm(hidden))`` gives the logits.
+last token of each sequence, *before* the final norm, so that ``lm_head(final_norm(hidden))`` gives the logits,
+and on request the mean of those states over a span of each sequence (the student's query tokens).
 `pre_norm_hidden_at` is its step on one padded batch, with gradients when the caller allows them (teacher
 fine-tuning); `shared_prefix_last_hidden` gives the same states while running each shared prefix once.
 """
@@ -80,18 +81,20 @@ def last_token_hidden(
     padding_side: str = "right",
     max_batch_tokens: int = 16384,
     stats: dict[str, int] | None = None,
+    spans: Sequence[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
     """Pre-final-norm hidden state at the last real token of each sequence: ``[len(sequences), hidden]`` float32.
 
+    With ``spans`` (a ``(start, end)`` token range per sequence) each row is ``[last; mean]``, ``[n, 2 * hidden]``:
+    the last token's state and the mean state over the span, from the same forward (`span_mean`).
     Batches are formed by `token_batches` and padded on ``padding_side``; results come back in input order.
     The forward runs under ``torch.inference_mode``; the returned tensor is an ordinary tensor, usable as an
     input or target of trainable modules. ``stats``, when given, accumulates ``tokens`` (real), ``padded_tokens``
     (rows x longest, what the forward computed) and ``forwards``.
     """
     device = next(model.parameters()).device
-    out = torch.empty(
-        (len(sequences), text_config(model.config).hidden_size), dtype=torch.float32
-    )  # outside inference mode
+    width = text_config(model.config).hidden_size * (2 if spans is not None else 1)
+    out = torch.empty((len(sequences), width), dtype=torch.float32)  # outside inference mode
     with torch.inference_mode():
         for batch in token_batches([len(s) for s in sequences], max_batch_tokens):
             input_ids, attention_mask, position_ids = pad_batch(
@@ -99,9 +102,29 @@ def last_token_hidden(
             )
             _count(stats, attention_mask)
             last = last_positions(attention_mask, padding_side)
-            rows = pre_norm_hidden_at(model, input_ids, attention_mask, position_ids, last)
+            if spans is None:
+                rows = pre_norm_hidden_at(model, input_ids, attention_mask, position_ids, last)
+            else:
+                # Left padding moves a sequence's tokens right by its padding.
+                shift = [input_ids.shape[1] - len(sequences[i]) if padding_side == "left" else 0 for i in batch]
+                columns = [(spans[i][0] + s, spans[i][1] + s) for i, s in zip(batch, shift, strict=True)]
+                rows = span_mean(pre_norm_states(model, input_ids, attention_mask, position_ids), last, columns)
             out[torch.as_tensor(batch)] = rows.float().cpu()
     return out
+
+
+def span_mean(states: torch.Tensor, last: torch.Tensor, columns: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """``[last; mean]`` per row of ``states`` ``[rows, length, d]``: the state at column ``last[row]`` and the mean
+    state over columns ``[start, end)`` of ``columns[row]`` (the last state again where a span is empty), ``[rows, 2d]``
+    float32."""
+    rows, length, _ = states.shape
+    last_state = states[torch.arange(rows, device=states.device), last].float()
+    bounds = torch.tensor(columns, dtype=torch.long, device=states.device).reshape(rows, 2)
+    position = torch.arange(length, device=states.device)
+    weights = ((position >= bounds[:, :1]) & (position < bounds[:, 1:])).float()
+    counts = weights.sum(-1, keepdim=True)
+    mean = torch.bmm((weights / counts.clamp(min=1))[:, None, :], states.float())[:, 0]
+    return torch.cat([last_state, torch.where(counts > 0, mean, last_state)], -1)
 
 
 def last_positions(attention_mask: torch.Tensor, padding_side: str) -> torch.Tensor:
@@ -125,11 +148,19 @@ def pre_norm_hidden_at(
     Differentiable when gradients are enabled (teacher fine-tuning); `last_token_hidden` calls it under
     ``torch.inference_mode``.
     """
+    states = pre_norm_states(model, input_ids, attention_mask, position_ids)
+    return states[torch.arange(len(last), device=last.device), last]
+
+
+def pre_norm_states(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+) -> torch.Tensor:
+    """Pre-final-norm hidden states of every position of a padded batch, ``[rows, length, hidden]``."""
     with capture_pre_norm(model) as captured:
         backbone(model)(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         )
-    return captured[-1][torch.arange(len(last), device=last.device), last]
+    return captured[-1]
 
 
 def shared_prefix_last_hidden(
@@ -142,8 +173,10 @@ def shared_prefix_last_hidden(
     stats: dict[str, int] | None = None,
     kv_cache: MutableMapping[tuple[int, ...], torch.Tensor] | None = None,
     keep: Sequence[bool] | None = None,
+    spans: Sequence[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
     """`last_token_hidden` of ``prefixes[prefix_of[i]] + tails[i]``, running each shared prefix only once.
+    ``spans`` (token ranges of the full sequences, inside their tails) as in `last_token_hidden`.
 
     ``kv_cache`` (keyed by a prefix's token ids) supplies prefixes computed by an earlier call, and receives
     those marked in ``keep``; it must only be reused with the same, unchanged model.
@@ -161,7 +194,8 @@ def shared_prefix_last_hidden(
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    out = torch.empty((len(tails), text_config(model.config).hidden_size), dtype=torch.float32)
+    width = text_config(model.config).hidden_size * (2 if spans is not None else 1)
+    out = torch.empty((len(tails), width), dtype=torch.float32)
     decoder = backbone(model)
     cache_arg = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
     with capture_pre_norm(model) as captured, torch.inference_mode():
@@ -183,6 +217,8 @@ def shared_prefix_last_hidden(
             if kv_cache is not None and keep is not None and keep[number]:
                 kv_cache[key] = prefix_kv[-1]
         prefix_lengths = [len(prefixes[p]) for p in prefix_of]
+        if spans is not None and any(start < n for (start, _), n in zip(spans, prefix_lengths, strict=True)):
+            raise ValueError("a span to average starts inside a shared prefix; only tail tokens are read")
         for batch in token_batches([len(t) for t in tails], max_batch_tokens, prefix_lengths=prefix_lengths):
             input_ids, tail_mask, _ = pad_batch([tails[i] for i in batch], pad_id, "right", device)
             rows, length = input_ids.shape
@@ -206,7 +242,12 @@ def shared_prefix_last_hidden(
                 **{cache_arg: cache},
             )
             last = last_positions(tail_mask, "right")
-            out[torch.as_tensor(batch)] = captured[-1][torch.arange(rows, device=device), last].float().cpu()
+            if spans is None:
+                states = captured[-1][torch.arange(rows, device=device), last]
+            else:
+                columns = [(spans[i][0] - n, spans[i][1] - n) for i, n in zip(batch, lengths, strict=True)]
+                states = span_mean(captured[-1], last, columns)
+            out[torch.as_tensor(batch)] = states.float().cpu()
     return out
 
 

@@ -238,7 +238,9 @@ class Evaluation:
     def _llm_embed(self):
         student, hidden = self.student(), self._candidate_hidden()
         with torch.no_grad():
-            queries = torch.nn.functional.normalize(student.encode_queries(self.query_text), dim=-1)
+            # The last-token state (a query embedding with `query_mean` adds the query tokens' mean after it).
+            last = student.encode_queries(self.query_text)[:, : student.hidden_size]
+            queries = torch.nn.functional.normalize(last, dim=-1)
         run = {}
         for qid, q in zip(self.query_ids, queries):
             docs = self.candidates[qid]

@@ -60,6 +60,9 @@ class EncodedPrompts:
     # prompts that share them can share that part of the forward pass. 0 where nothing is shared.
     shared_tokens: list[int] = field(default_factory=list)
     template_tokens: list[int] = field(default_factory=list)
+    # Index of the first query token (its ``query_tokens`` tokens follow); 0 for document prompts. It is at or
+    # after ``shared_tokens``: a shared prefix never holds a query token.
+    query_start: list[int] = field(default_factory=list)
 
     @property
     def truncated(self) -> list[bool]:
@@ -215,13 +218,15 @@ class PromptBuilder:
                     continue
                 template = sum(1 for _, b in offsets if b <= doc_start)
                 shared = sum(1 for _, b in offsets if b <= query_start)
-                results[i] = (ids, len(in_query), len(in_doc), template, shared)
+                start = in_query[0] if in_query else shared
+                results[i] = (ids, len(in_query), len(in_doc), template, shared, start)
             pending = again
             if not pending:
                 break
         for i in range(len(docs)):
-            ids, n_query, n_doc, template, shared = results[i]
+            ids, n_query, n_doc, template, shared, start = results[i]
             out.input_ids.append(ids)
+            out.query_start.append(start)
             out.query_tokens.append(n_query)
             out.doc_tokens.append(n_doc)
             out.template_tokens.append(template)
@@ -250,4 +255,5 @@ class PromptBuilder:
             doc_truncated=doc_cut,
             shared_tokens=[0] * len(doc_ids),
             template_tokens=[0] * len(doc_ids),
+            query_start=[0] * len(doc_ids),
         )

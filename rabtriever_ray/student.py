@@ -47,19 +47,21 @@ class Rabtriever(nn.Module):
         generator = torch.Generator().manual_seed(config.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            self.predictor = Predictor(hidden_size, config.predictor_hidden, config.input_norm)
-            self.q_proj = nn.Linear(hidden_size, config.proj_dim, bias=False)
+            self.predictor = Predictor(hidden_size, config.predictor_hidden, config.input_norm, config.query_mean)
+            self.q_proj = nn.Linear(self.query_width, config.proj_dim, bias=False)
             self.d_proj = nn.Linear(hidden_size, config.proj_dim, bias=False)
         # Log of the factor that turns first-stage cosines into logits for the listwise loss (ranking by
         # inner product, as a FAISS index does, does not depend on it). Shape [1], not a 0-d scalar: DeepSpeed
         # broadcasts parameters as byte views, which 0-d tensors cannot take.
         self.first_stage_scale = nn.Parameter(torch.tensor([math.log(10.0)]))
         # Both projections start as the same random orthogonal map, so untrained first-stage scores are a
-        # cosine similarity of the frozen embeddings rather than noise.
+        # cosine similarity of the frozen last-token embeddings rather than noise (the query tokens' mean, with
+        # `query_mean`, starts with zero weight).
         init = torch.empty(config.proj_dim, hidden_size)
         nn.init.orthogonal_(init, generator=generator)
         with torch.no_grad():
-            self.q_proj.weight.copy_(init)
+            self.q_proj.weight.zero_()
+            self.q_proj.weight[:, :hidden_size].copy_(init)
             self.d_proj.weight.copy_(init)
         self.to(next(teacher.model.parameters()).device)
 
@@ -71,11 +73,19 @@ class Rabtriever(nn.Module):
     def hidden_size(self) -> int:
         return self.teacher.hidden_size
 
+    @property
+    def query_width(self) -> int:
+        """Width of a query embedding: ``d``, or ``2d`` with `StudentConfig.query_mean`."""
+        return self.hidden_size * (2 if self.config.query_mean else 1)
+
     # -- encoding (frozen) --------------------------------------------------------------------------------------
 
     def encode_queries(self, texts: Sequence[str]) -> torch.Tensor:
-        """``[n, d]`` float32: pre-norm hidden state at the answer position of the empty-document prompt."""
-        return self.teacher.encode(self.teacher.prompts.query_prompts(texts))
+        """``[n, d]`` float32: pre-norm hidden state at the answer position of the empty-document prompt; with
+        `StudentConfig.query_mean`, ``[n, 2d]``: that state, then the mean pre-norm state over the query's tokens
+        (same forward)."""
+        prompts = self.teacher.prompts.query_prompts(texts)
+        return self.teacher.encode(prompts, query_mean=self.config.query_mean)
 
     def encode_documents(self, texts: Sequence[str]) -> torch.Tensor:
         """``[m, d]`` float32: pre-norm hidden state at the last token of the document alone."""
@@ -98,7 +108,7 @@ class Rabtriever(nn.Module):
 
     def _pair_bytes(self) -> int:
         """Bytes of the predictor's input and activations for one (query, document) pair (float32)."""
-        return (3 * self.hidden_size + self.config.predictor_hidden + 2 * self.hidden_size) * 4
+        return (self.query_width + 3 * self.hidden_size + self.config.predictor_hidden + 2 * self.hidden_size) * 4
 
     def score_matrix(
         self, h_query: torch.Tensor, h_doc: torch.Tensor, max_chunk_bytes: int = 256 * 2**20
@@ -142,8 +152,11 @@ class Rabtriever(nn.Module):
     def forward(self, h_query: torch.Tensor, h_doc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Training forward for aligned pairs ``[n, d]``: (predicted embedding ``[n, d]``, first-stage logits ``[n]``).
 
-        Everything trainable is used here, so DDP (which wraps this module) syncs all of it.
+        Everything trainable is used here, so DDP (which wraps this module) syncs all of it. In training mode the
+        predictor's query statistics learn from ``h_query`` first (`Predictor.observe`).
         """
+        if self.training:
+            self.predictor.observe(h_query.to(self._device()))
         first_stage = (self.embed_queries(h_query) * self.embed_documents(h_doc)).sum(
             -1
         ) * self.first_stage_scale.exp()
@@ -151,7 +164,10 @@ class Rabtriever(nn.Module):
 
     def embed_queries(self, h_query: torch.Tensor) -> torch.Tensor:
         """First-stage query vectors ``[n, k]``, L2-normalised."""
-        return F.normalize(self.q_proj(h_query.to(self._device())), dim=-1)
+        h_query = h_query.to(self._device())
+        if self.config.query_mean:  # the mean read through the predictor's standardisation
+            h_query = torch.cat(self.predictor.query_parts(h_query), dim=-1)
+        return F.normalize(self.q_proj(h_query), dim=-1)
 
     def embed_documents(self, h_doc: torch.Tensor) -> torch.Tensor:
         """First-stage document vectors ``[m, k]``, L2-normalised (what a FAISS inner-product index holds)."""
@@ -242,7 +258,9 @@ def load_student_info(checkpoint: str | Path, teacher: TeacherConfig | None = No
             recorded["max_batch_tokens"] = info["max_batch_tokens"]
         teacher = from_dict(TeacherConfig, recorded, source=f"{info_path} teacher")
     info["teacher_config"] = teacher
-    info["student_config"] = from_dict(StudentConfig, info["student"], source=f"{info_path} student")
+    # Checkpoints written before query embeddings could carry the query tokens' mean were trained without it.
+    recorded_student = {"query_mean": False, **info["student"]}
+    info["student_config"] = from_dict(StudentConfig, recorded_student, source=f"{info_path} student")
     return info
 
 

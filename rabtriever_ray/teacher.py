@@ -94,9 +94,16 @@ class GenerativeReranker:
     def hidden_size(self) -> int:
         return text_config(self.model.config).hidden_size
 
-    def encode(self, prompts: EncodedPrompts) -> torch.Tensor:
-        """Pre-norm last-token hidden states ``[n, d]`` of built prompts (see `PromptBuilder`)."""
+    def encode(self, prompts: EncodedPrompts, query_mean: bool = False) -> torch.Tensor:
+        """Pre-norm last-token hidden states ``[n, d]`` of built prompts (see `PromptBuilder`).
+
+        With ``query_mean``, ``[n, 2d]``: each row is followed by the mean pre-norm state over the prompt's query
+        tokens, from the same forward (`backbone.span_mean`).
+        """
         ids = prompts.input_ids
+        spans = None
+        if query_mean:
+            spans = [(s, s + n) for s, n in zip(prompts.query_start, prompts.query_tokens, strict=True)]
         if not (self.share_prefix and any(prompts.template_tokens)):
             return last_token_hidden(
                 self.model,
@@ -105,6 +112,7 @@ class GenerativeReranker:
                 padding_side=self.tokenizer.padding_side,
                 max_batch_tokens=self.max_batch_tokens,
                 stats=self.stats,
+                spans=spans,
             )
         # Pairs whose document is shared by another pair share template + document; the rest share the template.
         # A prompt with an empty document slot shares everything before its query. Prefixes are keyed by their
@@ -140,6 +148,7 @@ class GenerativeReranker:
             stats=self.stats,
             kv_cache=self.prefix_cache,
             keep=[p in keep for p in prefixes],
+            spans=spans,
         )
 
     def score(self, queries: Sequence[str], documents: Sequence[str], head_chunk: int = 256) -> TeacherScores:

@@ -138,6 +138,10 @@ def test_shared_prefix_equals_plain_batching_beyond_the_window(family):
     torch.testing.assert_close(shared.hidden, reference.hidden, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(shared.score, reference.score, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(shared.logp_yes, reference.logp_yes, atol=1e-4, rtol=1e-4)
+    # The query tokens' mean state (a student query embedding's second half) from the tails of shared prefixes.
+    torch.testing.assert_close(
+        teacher.encode(prompts, query_mean=True), plain.encode(prompts, query_mean=True), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_a_query_runs_only_its_own_tokens_once_the_template_is_cached(family):
@@ -146,10 +150,12 @@ def test_a_query_runs_only_its_own_tokens_once_the_template_is_cached(family):
     _, model, tokenizer, _ = family
     teacher = GenerativeReranker(model, tokenizer, PROMPT)  # an empty cache
     plain = GenerativeReranker(model, tokenizer, PROMPT, share_prefix=False)
-    one_by_one = torch.cat([teacher.encode(teacher.prompts.query_prompts([q])) for q in QUERIES])
-    torch.testing.assert_close(
-        one_by_one, plain.encode(plain.prompts.query_prompts(QUERIES)), atol=1e-4, rtol=1e-4
-    )
+    for query_mean in (False, True):  # the answer-position state, and with the query tokens' mean after it
+        one_by_one = torch.cat(
+            [teacher.encode(teacher.prompts.query_prompts([q]), query_mean=query_mean) for q in QUERIES]
+        )
+        reference = plain.encode(plain.prompts.query_prompts(QUERIES), query_mean=query_mean)
+        torch.testing.assert_close(one_by_one, reference, atol=1e-4, rtol=1e-4)
     prompts = teacher.prompts.query_prompts(QUERIES[:1])
     assert tuple(prompts.input_ids[0][: prompts.shared_tokens[0]]) in teacher.prefix_cache
     ran = teacher.stats["tokens"]
@@ -177,7 +183,7 @@ def test_untrained_student_equals_the_teacher_on_an_empty_document(family):
     student = Rabtriever(teacher, StudentConfig(predictor_hidden=16, proj_dim=8))
     expected = teacher.score(QUERIES, [""] * len(QUERIES))
     h_query, h_doc = student.encode_queries(QUERIES), student.encode_documents(DOCUMENTS)
-    torch.testing.assert_close(h_query, expected.hidden, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h_query[:, : student.hidden_size], expected.hidden, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(student.score(h_query, h_doc), expected.score, atol=1e-5, rtol=1e-5)
 
 

@@ -79,6 +79,11 @@ class StudentConfig:
 
     predictor_hidden: int = option(1024, "hidden width of the predictor MLP")
     input_norm: bool = option(True, "LayerNorm the query and document embeddings before the predictor MLP")
+    query_mean: bool = option(
+        True,
+        "query embedding = answer-position state + mean state of the query's tokens (standardised per dimension "
+        "for the predictor); false: the answer-position state alone",
+    )
     proj_dim: int = option(256, "dimension of the first-stage projections q_proj / d_proj")
     seed: int = option(0, "seed for the trainable parts' initialisation")
 
