@@ -1,3 +1,4 @@
+import gzip
 import json
 
 import pytest
@@ -129,6 +130,99 @@ def test_bad_header_and_missing_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no corpus.jsonl or corpus.jsonl.gz"):
         read_beir(tmp_path / "empty")
+
+
+def rewrite_bytes(path, change):
+    """Apply ``change`` to the file's bytes (inside the gzip stream for ``.gz``)."""
+    if path.suffix == ".gz":
+        path.write_bytes(gzip.compress(change(gzip.decompress(path.read_bytes()))))
+    else:
+        path.write_bytes(change(path.read_bytes()))
+
+
+def beir_files(root):
+    return [*sorted(root.glob("*.jsonl*")), root / "qrels" / "test.tsv"]
+
+
+def same_content(a, b):
+    return (a.corpus, a.queries, a.qrels, a.rejects) == (b.corpus, b.queries, b.qrels, b.rejects)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("name", ["corpus", "queries", "qrels/test"])
+def test_byte_order_mark_is_dropped(tmp_path, name, gz):
+    root = write_beir(tmp_path / "d", gz=gz)
+    path = next(p for p in beir_files(root) if str(p.relative_to(root)).startswith(name))
+    rewrite_bytes(path, lambda data: b"\xef\xbb\xbf" + data)
+    data = read_beir(root, "test")
+    assert same_content(data, read_beir(write_beir(tmp_path / "plain", gz=gz), "test"))
+    assert "pick_cup" in data.corpus and "q1" in data.queries and "q1" in data.qrels
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_crlf_folder_reads_like_lf(tmp_path, gz):
+    root = write_beir(tmp_path / "crlf", gz=gz)
+    for path in beir_files(root):
+        rewrite_bytes(path, lambda data: data.replace(b"\n", b"\r\n"))
+    assert b"\r\n" in (root / "qrels" / "test.tsv").read_bytes()
+    data = read_beir(root, "test")
+    assert same_content(data, read_beir(write_beir(tmp_path / "lf", gz=gz), "test"))
+    strings = [
+        *data.corpus,
+        *data.queries,
+        *data.qrels,
+        *(d for judged in data.qrels.values() for d in judged),
+    ]
+    strings += [f"{d.title}{d.text}" for d in data.corpus.values()] + [q.text for q in data.queries.values()]
+    assert not any("\r" in text for text in strings)
+
+
+# A Windows-1252 line ("\x8a" is "Š" there, and no UTF-8 start byte), put on line 4 of the file.
+CP1252_LINE = b'{"_id": "cp1252", "title": "\x8akoda", "text": "a cp1252 title"}'
+CP1252_QREL = b"q1\tpick_cup\x8a\t1"
+
+
+def insert_line(path, line, at=4):
+    def change(data):
+        lines = data.split(b"\n")
+        return b"\n".join([*lines[: at - 1], line, *lines[at - 1 :]])
+
+    rewrite_bytes(path, change)
+
+
+@pytest.mark.parametrize(
+    "name, gz, line",
+    [
+        ("corpus.jsonl", False, CP1252_LINE),
+        ("corpus.jsonl.gz", True, CP1252_LINE),
+        ("test.tsv", False, CP1252_QREL),
+    ],
+    ids=["corpus", "corpus-gz", "qrels"],
+)
+def test_undecodable_line_names_file_and_line(tmp_path, name, gz, line):
+    root = write_beir(tmp_path / "d", gz=gz)
+    insert_line(next(p for p in beir_files(root) if p.name == name), line)
+    column = line.index(b"\x8a") + 1
+    message = rf"{name}:4: field '<encoding>': not UTF-8: byte 0x8a at byte {column} of the line \(invalid start byte\)"
+    with pytest.raises(DataError, match=message):
+        read_beir(root, "test")
+
+
+def test_skip_policy_rejects_undecodable_line_and_reads_on(tmp_path):
+    root = write_beir(tmp_path / "d", extra_corpus_lines=BROKEN_CORPUS[:1])  # malformed JSON, line 7
+    insert_line(root / "corpus.jsonl", CP1252_LINE)  # the malformed row moves to line 8
+    data = read_beir(root, "test", on_bad_row="skip")
+    assert data.corpus == read_beir(write_beir(tmp_path / "clean"), "test").corpus
+    assert [(r.line, r.field) for r in data.rejects] == [(4, "<encoding>"), (8, "<json>")]
+    path = tmp_path / "rejects.jsonl"
+    write_rejects(data.rejects, path)
+    first = json.loads(path.read_text(encoding="utf-8").splitlines()[0])
+    assert (
+        first["file"].endswith("corpus.jsonl")
+        and first["line"] == 4
+        and "invalid start byte" in first["reason"]
+    )
+    assert first["raw"] == CP1252_LINE.decode("utf-8", "backslashreplace") and "\\x8akoda" in first["raw"]
 
 
 def test_all_candidates_and_labels(clean):

@@ -2,14 +2,16 @@
 
 A BEIR folder holds ``corpus.jsonl`` (``_id``, ``title``, ``text``, optional ``metadata``), ``queries.jsonl``
 (``_id``, ``text``, optional ``metadata``) and ``qrels/<split>.tsv`` (header ``query-id corpus-id score``); each
-JSONL file may also be gzipped (``.jsonl.gz``).
+JSONL file may also be gzipped (``.jsonl.gz``). Files are UTF-8, with or without a byte-order mark, with LF or
+CRLF line endings (as editors on Windows save them); neither reaches an id, a text or a score.
 
-Every row is checked: malformed JSON, a row that is not an object, a missing or non-string ``_id`` / ``text``, an
-empty query text, a document with neither title nor text, a non-object ``metadata``, a duplicate id, a malformed
-qrel line, and a qrel naming an unknown query or document. With ``on_bad_row="fail"`` (the default) the first bad
-row stops the read with a `DataError` naming file, line and field. With ``"skip"`` the row is left out and recorded
-in ``BeirData.rejects`` (file, line, field, reason, raw text); `write_rejects` writes them as JSONL. Nothing is
-dropped silently.
+Every row is checked: malformed JSON, a row that is not an object, a missing or non-string ``_id`` / ``text``,
+an empty query text, a document with neither title nor text, a non-object ``metadata``, a duplicate id, a
+malformed qrel line, a qrel naming an unknown query or document, and a line that is not UTF-8 (field
+``<encoding>``). With ``on_bad_row="fail"`` (the default) the first bad row stops the read with a `DataError`
+naming file, line and field. With ``"skip"`` the row is left out and recorded in ``BeirData.rejects`` (file,
+line, field, reason, raw text with any byte that is not UTF-8 written as ``\\x8a``); `write_rejects` writes
+them as JSONL. Nothing is dropped silently.
 
 `read_beir` returns plain Python (`BeirData`) for in-process use; `corpus_dataset` / `queries_dataset` turn it
 into Ray Datasets.
@@ -102,10 +104,32 @@ def find_file(root: Path, stem: str) -> Path:
     raise DataError(f"{root}: no {stem}.jsonl or {stem}.jsonl.gz (is this a BEIR folder?)")
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
+def _lines(path: Path, check: _Validator) -> Iterator[tuple[int, str]]:
+    """Numbered (from 1) text lines of ``path`` (gzipped if ``.gz``); a line that is not UTF-8 is a bad row.
+
+    ``utf-8-sig`` drops a leading byte-order mark and universal newlines turn CRLF into ``"\\n"``. Undecodable
+    bytes are read as surrogate escapes rather than failing the whole read, because the codec's own error names
+    neither the file nor the line (its position counts from the start of a read-ahead chunk); such a line goes
+    to ``check`` like any other bad row, with the codec's reason and the byte's place in the line.
+    """
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        yield from enumerate(handle, start=1)
+    with opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.isascii():  # only a non-ASCII line can hold an escaped byte
+                raw = line.encode("utf-8", "surrogateescape")  # the bytes read (CRLF as LF)
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    where = f"byte 0x{raw[err.start]:02x} at byte {err.start + 1} of the line"
+                    check.bad(
+                        path,
+                        line_no,
+                        "<encoding>",
+                        f"not UTF-8: {where} ({err.reason})",
+                        raw.decode("utf-8", "backslashreplace"),
+                    )
+                    continue
+            yield line_no, line
 
 
 def _read_jsonl(
@@ -113,7 +137,7 @@ def _read_jsonl(
 ) -> dict[str, Document | Query]:
     rows: dict[str, Document | Query] = {}
     first_line: dict[str, int] = {}
-    for line_no, raw in _lines(path):
+    for line_no, raw in _lines(path, check):
         if not raw.strip():
             continue
         try:
@@ -171,7 +195,7 @@ def read_queries(path: str | Path, on_bad_row: OnBadRow = "fail") -> tuple[dict[
 
 def _read_qrels(path: Path, queries: dict, corpus: dict, check: _Validator) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
-    for line_no, raw in _lines(path):
+    for line_no, raw in _lines(path, check):
         if not raw.strip():
             continue
         parts = raw.rstrip("\n").split("\t")
