@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -341,11 +342,17 @@ def _val_metrics(entry: dict) -> dict:
 
 
 def _final_metrics(last: dict, val: dict, val_data) -> dict[str, Any]:
-    """Student (from the last validation), teacher and BM25 on the validation candidates."""
+    """Student (from the last validation), teacher and BM25 on the validation candidates.
+
+    BM25 ranks each query's candidates by its scores from a top-k search, k the longest candidate list (not the
+    corpus): exact when the candidates are BM25's own top K or the whole corpus; a candidate below BM25's top k
+    scores 0, below every candidate that BM25 ranks.
+    """
     teacher_run = run_from_rows(val["query_id"], val["doc_id"], val["teacher_score"])
     bm25 = BM25Index.from_corpus(val_data)
     queries = sorted(set(val["query_id"]))
-    hits, scores = bm25.search([val_data.queries[q].text for q in queries], len(val_data.corpus))
+    depth = max(Counter(val["query_id"]).values(), default=1)
+    hits, scores = bm25.search([val_data.queries[q].text for q in queries], min(depth, len(val_data.corpus)))
     bm25_full = {q: dict(zip(h, map(float, s))) for q, h, s in zip(queries, hits, scores)}
     bm25_run = run_from_rows(
         val["query_id"],

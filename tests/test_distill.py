@@ -222,3 +222,24 @@ def test_the_job_fine_tunes_a_base_teacher_first_and_ends_with_one_screen(tmp_pa
     assert (out / "teacher" / "report.json").stat().st_mtime_ns == stamp  # reused, not trained again
     rerun = json.loads((out / "report.json").read_text())
     assert [h["epoch"] for h in rerun["history"]] == [0, 1] and rerun["final"]["teacher"] == final["teacher"]
+
+
+def test_the_bm25_row_ranks_the_candidates_as_a_search_of_the_whole_corpus_does():
+    """BM25 searches only as deep as the longest candidate list; on BM25's own top-K candidates, and on the whole
+    corpus, that ranks every candidate as a search of the whole corpus does."""
+    from rabtriever_ray.data import DEMO_DATA, BM25Index, build_pairs, read_beir
+    from rabtriever_ray.distill import _final_metrics
+    from rabtriever_ray.metrics import HEADLINE_MEASURES, retrieval_metrics, run_from_rows
+
+    data = read_beir(DEMO_DATA, "dev")
+    for candidates in ("bm25:5", "all"):
+        pairs = build_pairs(data, candidates).to_pydict()
+        val = {**pairs, "teacher_score": [0.0] * len(pairs["doc_id"]), "qrels": data.qrels}
+        last = {f"val/{m}": 0.0 for m in (*HEADLINE_MEASURES, "spearman", "top1_agreement")}
+        queries = sorted(set(pairs["query_id"]))
+        hits, scores = BM25Index.from_corpus(data).search([data.queries[q].text for q in queries], 10_000)
+        whole = {q: dict(zip(h, map(float, s))) for q, h, s in zip(queries, hits, scores)}
+        bm25_scores = [whole[q][d] for q, d in zip(pairs["query_id"], pairs["doc_id"])]
+        reference = run_from_rows(pairs["query_id"], pairs["doc_id"], bm25_scores)
+        expected = retrieval_metrics(reference, data.qrels, HEADLINE_MEASURES)
+        assert _final_metrics(last, val, data)["bm25"] == expected
