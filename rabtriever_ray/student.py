@@ -164,10 +164,9 @@ class Rabtriever(nn.Module):
 
     def embed_queries(self, h_query: torch.Tensor) -> torch.Tensor:
         """First-stage query vectors ``[n, k]``, L2-normalised."""
-        h_query = h_query.to(self._device())
-        if self.config.query_mean:  # the mean read through the predictor's standardisation
-            h_query = torch.cat(self.predictor.query_parts(h_query), dim=-1)
-        return F.normalize(self.q_proj(h_query), dim=-1)
+        # With `query_mean` the projection reads [last; mean] as they are: standardising the mean by the
+        # predictor's running statistics made the first stage chase those statistics while they settled.
+        return F.normalize(self.q_proj(h_query.to(self._device())), dim=-1)
 
     def embed_documents(self, h_doc: torch.Tensor) -> torch.Tensor:
         """First-stage document vectors ``[m, k]``, L2-normalised (what a FAISS inner-product index holds)."""
