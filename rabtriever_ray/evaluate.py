@@ -15,9 +15,11 @@ Methods (``--methods``):
 - ``rabtriever-search``: two-stage search (`Searcher`) over the whole corpus.
 
 ``llm-embed``, ``teacher`` and ``rabtriever`` rank each query's candidates (``all`` | ``bm25:K`` | a run file);
-the others rank the whole corpus. Metrics are ir-measures' nDCG@10, RR@10, R@1, R@5 and R@100 over the judged
-queries (a candidate reranker's R@100 is bounded by its candidates); tied scores rank by document id, smallest
-first, for every measure and for the top 100 kept (`metrics.ranking`). Where teacher and Rabtriever both ran,
+the others rank the whole corpus. No method holds a queries x corpus array: the teacher scores the pairs in
+document-major chunks of `TEACHER_CHUNK_PAIRS`, and MiniLM takes each query's top documents from an exact FAISS
+index. Metrics are ir-measures' nDCG@10, RR@10, R@1, R@5 and R@100 over the judged queries (a candidate reranker's
+R@100 is bounded by its candidates); tied scores rank by document id, smallest first, for every measure and for the
+top 100 kept (`metrics.ranking`). Where teacher and Rabtriever both ran,
 ``agreement`` compares them on every candidate pair. ``timing`` gives wall seconds per method and per query for
 the per-query work only; one-time costs are reported apart: loading models (not timed), encoding the candidate
 documents with the backbone (``document_encoding``, shared by ``llm-embed`` and ``rabtriever``), MiniLM's corpus
@@ -27,6 +29,7 @@ documents with the backbone (``document_encoding``, shared by ``llm-embed`` and 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -44,6 +47,10 @@ METHODS = ("frequency", "bm25", "minilm", "llm-embed", "teacher", "rabtriever", 
 CANDIDATE_METHODS = ("llm-embed", "teacher", "rabtriever")
 logger = logging.getLogger(__name__)
 RESULT_DEPTH = 100  # documents kept per query for the full-corpus methods (R@100)
+# Pairs per teacher `score` call. A call holds the keys and values of every document it shares between pairs (up to
+# half its pairs' documents, tens of MB each at 512 tokens), so the call is bounded; 256 is the distillation's
+# teacher_batch_size, and document-major order keeps a document's queries in one call wherever they fit.
+TEACHER_CHUNK_PAIRS = 256
 
 
 class MissingBaseline(RuntimeError):
@@ -70,6 +77,28 @@ def _top(scores: np.ndarray, doc_ids: Sequence[str], k: int) -> dict[str, float]
         kept = np.arange(len(doc_ids))
     docs = {doc_ids[j]: float(scores[j]) for j in kept}
     return {d: docs[d] for d in ranking(docs)[:k]}
+
+
+def _index_top(index, queries: np.ndarray, doc_ids: Sequence[str], k: int) -> list[dict[str, float]]:
+    """Each query's `_top` ``k`` documents by inner product, searched in a FAISS ``index`` over the documents
+    (``doc_ids`` in index order) instead of a ``[queries, documents]`` score matrix; ``queries`` ``[n, d]``.
+
+    With an exact index (`IndexFlatIP`) this is `_top` of the full score row: a query whose next score after its
+    k-th equals the k-th is searched deeper until every document tied at the cut is in, so `_top` still gives the
+    cut to the smallest doc ids.
+    """
+    k = min(k, len(doc_ids))
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    deepest = min(k + 1, len(doc_ids))  # one past the cut shows a tie at it
+    all_scores, all_rows = index.search(queries, deepest)
+    out = []
+    for query, scores, rows in zip(queries, all_scores, all_rows):
+        depth = deepest
+        while depth < len(doc_ids) and scores[-1] == scores[k - 1]:
+            depth = min(2 * depth, len(doc_ids))
+            scores, rows = (column[0] for column in index.search(query[None], depth))
+        out.append(_top(scores, [doc_ids[row] for row in rows], k))
+    return out
 
 
 def _without_self(run: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -212,6 +241,8 @@ class Evaluation:
         return {q: dict(zip(h, map(float, s))) for q, h, s in zip(self.query_ids, hits, scores)}
 
     def _minilm(self):
+        from .index import faiss_index
+
         path = minilm_path()
         try:
             from sentence_transformers import SentenceTransformer
@@ -226,14 +257,15 @@ class Evaluation:
         docs = model.encode(
             [self.doc_text[d] for d in self.doc_ids], batch_size=64, normalize_embeddings=True
         )
+        index = faiss_index(docs, "flat")  # exact inner product: cosine of the normalised vectors
+        del docs  # the index holds its own copy
         self.timing["minilm/corpus_encoding"] = {
             "total_s": time.perf_counter() - start,
             "documents": len(self.doc_ids),
         }
         self._one_time_s += time.perf_counter() - start
         queries = model.encode(self.query_text, batch_size=64, normalize_embeddings=True)
-        scores = queries @ docs.T
-        return {q: _top(row, self.doc_ids, self._depth()) for q, row in zip(self.query_ids, scores)}
+        return dict(zip(self.query_ids, _index_top(index, queries, self.doc_ids, self._depth())))
 
     def _llm_embed(self):
         student, hidden = self.student(), self._candidate_hidden()
@@ -258,8 +290,39 @@ class Evaluation:
         }
 
     def _teacher(self):
-        texts = [[self.doc_text[d] for d in self.candidates[q]] for q in self.query_ids]
-        return self._per_query_run(self.teacher().rerank(self.query_text, texts))
+        """Every candidate pair's teacher score, in `score` calls of at most `TEACHER_CHUNK_PAIRS` pairs.
+
+        The pairs go in document-major order, and a document with at most that many pairs is never split between
+        calls, so its queries share its prefix as in one call over every pair (`GenerativeReranker.rerank`);
+        the scores equal that call's up to float rounding.
+        """
+        teacher, size = self.teacher(), TEACHER_CHUNK_PAIRS
+        scores = [torch.empty(len(self.candidates[q])) for q in self.query_ids]
+        pairs = sorted(
+            (doc_id, row, column)
+            for row, qid in enumerate(self.query_ids)
+            for column, doc_id in enumerate(self.candidates[qid])
+        )
+        chunks, chunk = [], []
+        for _, group in itertools.groupby(pairs, key=lambda pair: pair[0]):
+            group = list(group)
+            if chunk and len(chunk) + len(group) > size and len(group) <= size:
+                chunks.append(chunk)  # the document starts the next call
+                chunk = []
+            for pair in group:  # a document with more pairs fills calls up
+                chunk.append(pair)
+                if len(chunk) == size:
+                    chunks.append(chunk)
+                    chunk = []
+        if chunk:
+            chunks.append(chunk)
+        for chunk in chunks:
+            chunk_scores = teacher.score(
+                [self.query_text[row] for _, row, _ in chunk], [self.doc_text[d] for d, _, _ in chunk]
+            ).score
+            for (_, row, column), score in zip(chunk, chunk_scores):
+                scores[row][column] = score
+        return self._per_query_run(scores)
 
     def _rabtriever(self):
         student, hidden = self.student(), self._candidate_hidden()

@@ -300,3 +300,34 @@ def test_bundled_demo_data_is_clean_and_split():
     assert len(train.corpus) == 30 and len(train.queries) == 150 and len(dev.queries) == 60
     assert not set(train.queries) & set(dev.queries) and train.rejects == dev.rejects == []
     assert all(len(judged) == 1 for judged in {**train.qrels, **dev.qrels}.values())
+
+
+def test_all_candidates_are_refused_beyond_the_pair_bound(tmp_path, monkeypatch):
+    from rabtriever_ray.data import candidates
+
+    corpus = {f"doc{i}": (f"Skill {i}", f"Step {i} of a household task.") for i in range(10)}
+    queries = {f"q{i}": (f"please do task {i}", f"doc{i}") for i in range(4)}
+    data = read_beir(write_beir(tmp_path / "generated", corpus, queries), "test")
+    monkeypatch.setattr(candidates, "MAX_ALL_PAIRS", 40)
+    assert len(build_pairs(data, "all")) == 40  # 4 queries x 10 documents: at the bound
+    monkeypatch.setattr(candidates, "MAX_ALL_PAIRS", 39)
+    with pytest.raises(DataError, match=r"'all': 4 queries x 10 documents = 40 pairs, more than 39; use bm25:K"):
+        build_pairs(data, "all", training=True)
+    assert len(build_pairs(data, "all", max_queries=3)) == 30  # fewer queries fit
+    assert len(build_pairs(data, "bm25:2")) == 8  # and so does bm25:K
+
+
+def test_the_all_bound_is_in_the_help_of_the_options_that_default_to_all():
+    from dataclasses import fields
+
+    from rabtriever_ray.config import DistillConfig, TeacherTrainConfig
+    from rabtriever_ray.data.candidates import MAX_ALL_PAIRS
+
+    helps = {
+        (config.__name__, f.name): f.metadata["help"]
+        for config in (DistillConfig, TeacherTrainConfig)
+        for f in fields(config)
+        if f.name in ("val_candidates", "round_pool")
+    }
+    assert len(helps) == 3
+    assert all(f"refused beyond {MAX_ALL_PAIRS:,} queries x" in text for text in helps.values())

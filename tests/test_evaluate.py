@@ -149,3 +149,70 @@ def test_bad_input_is_a_clear_error(tmp_path):
         _evaluate(data, "test", ["bm25", "colbert"], TEACHER)
     with pytest.raises(ValueError, match="need --checkpoint"):
         _evaluate(data, "test", ["rabtriever"], TEACHER)
+
+
+def test_teacher_scores_in_document_major_chunks_as_in_one_call(tmp_path, monkeypatch):
+    import rabtriever_ray.evaluate as evaluate
+    from rabtriever_ray.data import read_beir
+
+    beir = read_beir(write_beir(tmp_path / "skills"), "test")
+    # Pairs per document: open_drawer 4, pick_cup 3, wipe_table 3, pour_water 2, close_door 1, stack_blocks 1; q4
+    # has no candidates (left out of the run).
+    candidates = {
+        "q1": list(beir.corpus),
+        "q2": ["pick_cup", "open_drawer", "wipe_table"],
+        "q3": ["wipe_table", "open_drawer"],
+        "q4": [],
+        "q5": ["pick_cup", "open_drawer", "pour_water"],
+    }
+    evaluation = evaluate.Evaluation(beir, list(beir.queries), candidates, TEACHER)
+    teacher = evaluation.teacher()
+    texts = [[evaluation.doc_text[d] for d in candidates[q]] for q in evaluation.query_ids]
+    one_call = evaluation._per_query_run(teacher.rerank(evaluation.query_text, texts))
+
+    calls, score = [], teacher.score
+    doc_id = {text: d for d, text in evaluation.doc_text.items()}
+    monkeypatch.setattr(teacher, "score", lambda q, d: calls.append([doc_id[t] for t in d]) or score(q, d))
+    monkeypatch.setattr(evaluate, "TEACHER_CHUNK_PAIRS", 3)
+    chunked = evaluation.run("teacher")
+    assert [len(call) for call in calls] == [3, 2, 3, 3, 3]
+    assert [d for call in calls for d in call] == sorted(d for docs in candidates.values() for d in docs)
+    assert {call[-1] for call, after in zip(calls, calls[1:]) if call[-1] == after[0]} == {"open_drawer"}
+    assert list(chunked) == list(one_call) == ["q1", "q2", "q3", "q5"]
+    for qid, scores in one_call.items():
+        assert list(chunked[qid]) == candidates[qid]
+        assert list(chunked[qid].values()) == pytest.approx(list(scores.values()), abs=1e-5)
+    assert set(evaluation.timing["teacher"]) == {"total_s", "per_query_ms"}
+
+
+def test_faiss_top_k_equals_a_numpy_argsort_ties_included():
+    from rabtriever_ray.evaluate import _index_top
+    from rabtriever_ray.index import faiss_index
+
+    rng = np.random.default_rng(0)
+    normal = rng.normal(size=(325, 16)).astype(np.float32)
+    unit = normal / np.linalg.norm(normal, axis=1, keepdims=True)  # cosine, as MiniLM's normalised vectors
+    integer = rng.integers(0, 3, size=(305, 6)).astype(np.float32)  # exact integer scores: many ties at the cut
+    doc_ids = [f"d{j:03d}" for j in rng.permutation(300)]  # id order is not index order
+    ties_at_cut = 0
+    for docs, queries in ((unit[:300], unit[300:]), (integer[:300], integer[300:])):
+        index = faiss_index(docs, "flat", use_gpu=False)
+        for k in (1, 10, 100, 300):
+            for query, found in zip(queries, _index_top(index, queries, doc_ids, k)):
+                scores = docs.astype(np.float64) @ query.astype(np.float64)
+                order = sorted(range(len(docs)), key=lambda j: (-scores[j], doc_ids[j]))
+                assert list(found) == [doc_ids[j] for j in order[:k]]
+                assert list(found.values()) == pytest.approx([scores[j] for j in order[:k]], abs=1e-5)
+                ties_at_cut += k < len(docs) and scores[order[k - 1]] == scores[order[k]]
+    assert ties_at_cut > 5  # the search had to go past k
+
+
+def test_all_candidates_beyond_the_bound_fail_before_any_model_loads(tmp_path, monkeypatch):
+    from rabtriever_ray.data import candidates
+
+    data = write_beir(tmp_path / "skills")
+    monkeypatch.setattr(candidates, "MAX_ALL_PAIRS", 29)
+    monkeypatch.setattr(GenerativeReranker, "from_config", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(DataError, match=r"5 queries x 6 documents = 30 pairs, more than 29; use bm25:K"):
+        _evaluate(data, "test", ["bm25", "teacher"], TEACHER)  # candidates: all, the default
+    assert _evaluate(data, "test", ["bm25"], TEACHER)["n_queries"] == 5  # full-corpus methods build no pairs

@@ -2,7 +2,8 @@
 
 Policies (``candidates=``):
 
-- ``all``: every document for every query (small corpora, e.g. the 8 ESConv strategies).
+- ``all``: every document for every query (small corpora, e.g. the 8 ESConv strategies); refused when queries x
+  documents exceeds `MAX_ALL_PAIRS`.
 - ``bm25:K``: the top K documents per query by BM25 (bm25s over title + text).
 - a path to a TREC run file (``qid Q0 docid rank score tag``): the documents it lists per query, by rank.
 
@@ -33,6 +34,12 @@ import pyarrow as pa
 
 from ..prompts import document_text
 from .beir import BeirData, DataError
+
+# The most pairs the ``all`` policy builds. Every pair carries its full document text in the driver and costs the
+# teacher one forward, so queries x documents bounds both; a million pairs (about 1 GB of text at 1 kB a pair, hours
+# of teacher time) is well past every task that means "all" (ESConv: 12,235 training queries x 8 strategies =
+# 97,880 pairs; the demo: 150 x 30) and refuses a full-corpus retrieval set (SciFact test: 300 x 5,183).
+MAX_ALL_PAIRS = 1_000_000
 
 PAIR_SCHEMA = pa.schema(
     [
@@ -139,6 +146,12 @@ def build_pairs(
     policy, arg = parse_candidates(candidates)
     doc_ids = list(data.corpus)
     if policy == "all":
+        if len(query_ids) * len(doc_ids) > MAX_ALL_PAIRS:
+            raise DataError(
+                f"candidates 'all': {len(query_ids):,} queries x {len(doc_ids):,} documents = "
+                f"{len(query_ids) * len(doc_ids):,} pairs, more than {MAX_ALL_PAIRS:,}; use bm25:K (e.g. bm25:100) "
+                "or a TREC run file instead, or fewer queries"
+            )
         per_query = {qid: doc_ids for qid in query_ids}
     elif policy == "bm25":
         index = BM25Index.from_corpus(data)
