@@ -115,10 +115,7 @@ def _read_scored(cfg: DistillConfig, path: str):
 
 def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None = None) -> dict[str, Any]:
     """Run one distillation (see the module docstring); returns the report that is also written to disk."""
-
-    from ray.train import DataConfig
-
-    from .raytrain import fit_torch_trainer, read_history
+    from .raytrain import WholeBlockSplit, fit_torch_trainer, read_history
     from .rounds import sample_round_pairs
     from .train import train_loop_per_worker
 
@@ -168,9 +165,7 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
     _warn_if_no_cpu_left_for_data(cfg)
     val, val_teacher_s, val_scored = _validation(cfg, val_data, teacher, stage_args)
     if not cfg.teacher_data:
-        round0_stage = teacher_stage(
-            pairs_dataset(train_pairs, rows_per_block=cfg.teacher_batch_size), teacher, **stage_args
-        )
+        round0_stage = _training_stage(cfg, train_pairs, teacher, stage_args)
 
     checkpoint, first_epoch, rounds, train_s, steps_done = None, 0, [], 0.0, 0
     for round_index in range(cfg.rounds):
@@ -182,9 +177,7 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
             pairs = sample_round_pairs(cfg, train_data, checkpoint, round_index, cpus=_node_cpus())
             n_train = len(pairs)
             n_train_queries = len(set(pairs.column("query_id").to_pylist()))
-            stage = teacher_stage(
-                pairs_dataset(pairs, rows_per_block=cfg.teacher_batch_size), teacher, **stage_args
-            )
+            stage = _training_stage(cfg, pairs, teacher, stage_args)
         sample_s = time.perf_counter() - t0
         epochs = cfg.epochs if round_index == 0 else (cfg.round_epochs or cfg.epochs)
         steps_per_epoch = _steps_per_epoch(n_train, cfg)
@@ -210,7 +203,7 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
                 storage,
                 bar=bar,
                 datasets={"train": stage},
-                dataset_config=DataConfig(datasets_to_split=["train"]),
+                dataset_config=WholeBlockSplit(datasets_to_split=["train"]),
             )
         round_s = time.perf_counter() - t0
         train_s += round_s
@@ -283,6 +276,14 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
     return report
 
 
+def _training_stage(cfg: DistillConfig, pairs, teacher, stage_args: dict):
+    """The teacher stage over training pairs, in blocks of whole candidate lists that it keeps whole (one actor
+    call per block), a few blocks per worker so that the workers' whole-block shards come out close in size."""
+    per_block = max(1, min(cfg.teacher_batch_size, len(pairs) // (4 * cfg.num_workers)))
+    blocks = pairs_dataset(pairs, rows_per_block=per_block, whole_queries=True)
+    return teacher_stage(blocks, teacher, **{**stage_args, "batch_size": None})
+
+
 def _steps_per_epoch(n_train: int, cfg: DistillConfig) -> int:
     steps = n_train // (cfg.batch_size * cfg.num_workers)
     if steps < 1:
@@ -329,8 +330,7 @@ def _free_node_cpus() -> float:
 def _scored_by_teacher(cfg: DistillConfig, round_index: int, this_round: list[dict]) -> int:
     """Teacher rows the workers read in the round's first epoch (0 when the scores came from ``teacher_data``).
 
-    Measured by the workers (``teacher_rows``), not set from the pair count: Ray Data's equal split of the stream
-    over the workers drops up to ``num_workers - 1`` rows, so it can be below ``train_pairs``.
+    Measured by the workers (``teacher_rows``), not set from the pair count: what the workers actually read.
     """
     if round_index == 0 and cfg.teacher_data:
         return 0

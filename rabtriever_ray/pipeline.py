@@ -138,12 +138,33 @@ def document_major(pairs: pa.Table) -> pa.Table:
     return pairs.sort_by([("doc_id", "ascending"), ("query_id", "ascending")])
 
 
-def pairs_dataset(pairs: pa.Table, rows_per_block: int = 256):
-    """A Ray Dataset of candidate pairs (`PAIR_SCHEMA`), split into blocks so several actors share the work."""
+def pairs_dataset(pairs: pa.Table, rows_per_block: int = 256, whole_queries: bool = False):
+    """A Ray Dataset of candidate pairs (`PAIR_SCHEMA`), split into blocks so several actors share the work.
+
+    With ``whole_queries`` the pairs are grouped by query (a stable sort, keeping each query's candidate order)
+    and a block ends at a query boundary: each block holds whole candidate lists of about ``rows_per_block``
+    rows (a list longer than that is a block of its own). A teacher stage that maps whole blocks
+    (``teacher_stage(..., batch_size=None)``) keeps them whole, and so does a split that hands out whole blocks
+    (`raytrain.WholeBlockSplit`): what training needs for its listwise terms.
+    """
     import ray.data
 
-    blocks = [pairs.slice(i, rows_per_block) for i in range(0, max(len(pairs), 1), rows_per_block)]
-    return ray.data.from_arrow(blocks)
+    if not whole_queries:
+        blocks = [pairs.slice(i, rows_per_block) for i in range(0, max(len(pairs), 1), rows_per_block)]
+        return ray.data.from_arrow(blocks)
+    query_ids = pairs.column("query_id").to_pylist()
+    if any(a > b for a, b in zip(query_ids, query_ids[1:])):
+        import pyarrow.compute as pc
+
+        pairs = pairs.take(pc.sort_indices(pairs, sort_keys=[("query_id", "ascending")]))  # stable
+        query_ids = pairs.column("query_id").to_pylist()
+    blocks, start = [], 0
+    for row in range(1, len(query_ids) + 1):
+        at_boundary = row == len(query_ids) or query_ids[row] != query_ids[row - 1]
+        if at_boundary and (row - start >= rows_per_block or row == len(query_ids)):
+            blocks.append(pairs.slice(start, row - start))
+            start = row
+    return ray.data.from_arrow(blocks or [pairs])
 
 
 def teacher_stage(
@@ -152,7 +173,7 @@ def teacher_stage(
     actors: tuple[int, int] = (1, 1),
     gpus_per_actor: float | None = None,
     cpus_per_actor: float = 1.0,
-    batch_size: int = 64,
+    batch_size: int | None = 64,
     max_restarts: int = -1,
     max_task_retries: int = -1,
     crash_once: tuple[str, int] | None = None,
@@ -165,7 +186,8 @@ def teacher_stage(
         actors: ``(min, max)`` actor-pool size; the pool autoscales in between.
         gpus_per_actor: GPUs per actor; ``None`` means 1 when the cluster has GPUs, else 0.
         cpus_per_actor: CPUs per actor (fractions let other stages run beside it on small machines).
-        batch_size: rows per ``map_batches`` call; the teacher further batches by tokens inside.
+        batch_size: rows per ``map_batches`` call; the teacher further batches by tokens inside. ``None``: one
+            call per block, which keeps blocks as they are (whole candidate lists, see `pairs_dataset`).
         max_restarts, max_task_retries: actor restarts and per-batch retries after a crash (-1: unlimited).
     """
     import ray
@@ -262,13 +284,20 @@ def write_teacher_scores(
                 f"{config.data}: no candidate pairs (split {config.split!r}, candidates {config.candidates!r})"
             )
         init_ray()  # after the input is known to be good: bad input fails fast, without starting Ray
+        # Training pairs in blocks of whole candidate lists, one actor call per block, so that each written file
+        # holds whole lists (what distillation batches need); other pairs grouped by document for prefix sharing.
+        blocks = (
+            pairs_dataset(pairs, config.batch_size, whole_queries=True)
+            if config.training
+            else pairs_dataset(document_major(pairs))
+        )
         stage = teacher_stage(
-            pairs_dataset(document_major(pairs)),
+            blocks,
             config.teacher,
             actors=actor_range(config.actors),
             gpus_per_actor=config.gpus_per_actor,
             cpus_per_actor=config.cpus_per_actor,
-            batch_size=config.batch_size,
+            batch_size=None if config.training else config.batch_size,
             crash_once=crash_once,
         )
         stage.write_parquet(str(staging / "data"))

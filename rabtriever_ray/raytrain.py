@@ -264,6 +264,43 @@ def peak_memory_metrics(device: torch.device, world: int) -> dict[str, list[floa
     return metrics
 
 
+def _data_config_base():
+    from ray.train import DataConfig
+
+    return DataConfig
+
+
+class WholeBlockSplit(_data_config_base()):
+    """`ray.train.DataConfig` whose split of the datasets in ``datasets_to_split`` hands each worker whole blocks.
+
+    Ray Train splits with ``streaming_split(equal=True)``, which cuts blocks to give every worker the same number
+    of rows; that would cut a candidate list built whole by `pipeline.pairs_dataset`. Here the split is
+    ``equal=False``: shards differ by up to a block, and the training loop evens out the step counts
+    (`train.train_loop_per_worker`). Otherwise as `DataConfig.configure` (execution options, locality).
+    """
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        split = set(datasets) if self._datasets_to_split == "all" else set(self._datasets_to_split)
+        output = super().configure(
+            {n: d for n, d in datasets.items() if n not in split},
+            world_size,
+            worker_handles,
+            worker_node_ids,
+            **kwargs,
+        )
+        locality = worker_node_ids if self._enable_shard_locality else None
+        for name in sorted(split & set(datasets)):
+            dataset = datasets[name].copy(datasets[name])
+            if dataset.name is None:
+                dataset.set_name(name)
+            dataset.context.execution_options = self._resolve_execution_options(name)
+            for rank, shard in enumerate(
+                dataset.streaming_split(world_size, equal=False, locality_hints=locality)
+            ):
+                output[rank][name] = shard
+        return output
+
+
 def fit_torch_trainer(
     loop: Callable[[dict], None], loop_config: dict, cfg, name: str, storage: Path, bar=None, **kwargs
 ):

@@ -135,7 +135,8 @@ class StudentSampler:
 def sample_round_pairs(cfg: DistillConfig, data, checkpoint: Any, round_index: int, cpus: float) -> pa.Table:
     """The pairs of round ``round_index``, drawn by the previous round's student on a Ray Data actor pool.
 
-    Sorted by query so each training batch holds whole candidate lists for the listwise terms.
+    Sorted by query: the training stage cuts its blocks at query boundaries (`pipeline.pairs_dataset`), so each
+    training batch holds whole candidate lists for the listwise terms.
     """
     import ray
     import ray.data

@@ -143,21 +143,87 @@ def teacher_batch_tensors(batch) -> dict:
 
 
 class TeacherStream:
-    """One pass over a worker's shard of teacher-stage rows, as full training batches (`teacher_batch_tensors`).
+    """One pass over a worker's shard of teacher-stage rows, as training batches (`teacher_batch_tensors`) of whole
+    candidate lists.
 
-    ``rows`` counts every row read so far, the short last batch included: that batch is counted but not trained on
-    (every step sees ``batch_size`` pairs, and every worker takes the same number of steps).
+    A block of the shard holds whole candidate lists (`pipeline.pairs_dataset` with ``whole_queries``, split by
+    `raytrain.WholeBlockSplit`); `candidate_lists` groups its rows by query. A batch takes whole lists
+    while they fit in ``batch_size`` rows (a longer list is a batch of its own), so the listwise terms see every
+    candidate of each query; every row read is trained on. ``rows`` counts the rows read so far.
     """
 
     def __init__(self, shard, batch_size: int):
         self.shard, self.batch_size, self.rows = shard, batch_size, 0
 
+    def _blocks(self):
+        for block in self.shard.iter_batches(batch_size=None, batch_format="pyarrow"):
+            self.rows += block.num_rows
+            yield block
+
     def __iter__(self):
-        batches = self.shard.iter_batches(batch_size=self.batch_size, batch_format="pyarrow", drop_last=False)
-        for batch in batches:
-            self.rows += batch.num_rows
-            if batch.num_rows == self.batch_size:
-                yield teacher_batch_tensors(batch)
+        import pyarrow as pa
+
+        batch, rows = [], 0
+        for group in candidate_lists(self._blocks()):
+            if batch and rows + group.num_rows > self.batch_size:
+                yield teacher_batch_tensors(pa.concat_tables(batch))
+                batch, rows = [], 0
+            batch.append(group)
+            rows += group.num_rows
+        if batch:
+            yield teacher_batch_tensors(pa.concat_tables(batch))
+
+
+def candidate_lists(blocks):
+    """Each query's rows in a stream of pyarrow tables, one table per query: the rows of a block grouped by
+    ``query_id`` (in order of first appearance), and a block's last list joined with the next block's first when
+    they are the same query (a list that continues across blocks)."""
+    import pyarrow as pa
+
+    pending: tuple[str, pa.Table] | None = None  # a block's last list: it may continue in the next block
+    for block in blocks:
+        rows: dict[str, list[int]] = {}
+        for index, query in enumerate(block.column("query_id").to_pylist()):
+            rows.setdefault(query, []).append(index)
+        lists = [(query, block.take(indices)) for query, indices in rows.items()]
+        if not lists:
+            continue
+        if pending is not None:
+            if lists[0][0] == pending[0]:
+                lists[0] = (pending[0], pa.concat_tables([pending[1], lists[0][1]]))
+            else:
+                yield pending[1]
+        for _, table in lists[:-1]:
+            yield table
+        pending = lists[-1]
+    if pending is not None:
+        yield pending[1]
+
+
+def epoch_batches(stored: list, fresh, steps: int, generator: torch.Generator):
+    """Exactly ``steps`` training batches for one epoch, the same count on every worker (DDP steps together).
+
+    ``fresh`` (the first pass over the teacher stream, or None): its batches come first and are appended to
+    ``stored``; a shard shorter than ``steps`` batches goes on with replays of what it read, and one longer is
+    read to its end, the rest stored for later epochs. Later epochs draw from ``stored`` in a seeded random
+    order, as many passes as ``steps`` needs.
+    """
+    given = 0
+    if fresh is not None:
+        for batch in fresh:
+            stored.append(batch)
+            if given < steps:
+                given += 1
+                yield batch
+    if given < steps and not stored:
+        raise RuntimeError(
+            "this worker's share of the training data is empty: there are fewer blocks of candidate lists than "
+            "workers; use fewer workers (num_workers) or more training queries"
+        )
+    while given < steps:
+        for index in torch.randperm(len(stored), generator=generator).tolist()[: steps - given]:
+            given += 1
+            yield stored[index]
 
 
 def validate(student: Rabtriever, val: dict, query_cache: EmbeddingCache, doc_cache: EmbeddingCache) -> dict:
@@ -264,15 +330,9 @@ def train_loop_per_worker(config: dict) -> None:
         return
     for epoch in range(start_epoch, end_epoch):
         stream = None if stored else TeacherStream(shard, cfg.batch_size)
-        if stream is not None:
-            source = iter(stream)
-        else:
-            source = (stored[i] for i in torch.randperm(len(stored), generator=generator).tolist())
         sums: dict[str, float] = {}
         pairs, started = 0, time.perf_counter()
-        for _, batch in zip(range(steps_per_epoch), source):
-            if stream is not None:
-                stored.append(batch)
+        for batch in epoch_batches(stored, stream, steps_per_epoch, generator):
             fault_hook(config, rank, step)
             terms = distill_losses(
                 student,
@@ -298,9 +358,6 @@ def train_loop_per_worker(config: dict) -> None:
             pairs += len(batch["query_id"])
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
-        if stream is not None:
-            for _ in source:  # read the shard to its end, so every row the teacher delivered is counted
-                pass
         metrics = {f"loss/{k}": v / steps_per_epoch for k, v in sums.items()}
         metrics.update(
             round=round_index,

@@ -187,3 +187,57 @@ def test_corpus_and_queries_as_ray_datasets(ray_local, beir):
     assert corpus[0]["title"] == "Pick up the cup"
     queries = queries_dataset(data).take_all()
     assert {row["query_id"]: row["text"] for row in queries} == {k: t for k, (t, _) in INSTRUCTIONS.items()}
+
+
+def test_training_blocks_hold_whole_candidate_lists_and_the_split_hands_out_whole_blocks(ray_local):
+    """`pairs_dataset(whole_queries=True)` cuts at query boundaries (after shuffling the pairs' order), the teacher
+    stage maps whole blocks, and `WholeBlockSplit` gives each of two workers whole blocks: every query's pairs reach
+    one worker, in one block."""
+    import random
+    import threading
+
+    from rabtriever_ray.data.candidates import PAIR_SCHEMA
+    from rabtriever_ray.raytrain import WholeBlockSplit
+
+    sizes = [3, 8, 1, 5, 8, 2, 8, 4, 6, 7]
+    rows = [(f"q{i:02d}", f"d{j}") for i, size in enumerate(sizes) for j in range(size)]
+    random.Random(0).shuffle(rows)
+    pairs = pa.table(
+        {
+            "query_id": [q for q, _ in rows],
+            "doc_id": [d for _, d in rows],
+            "label": pa.array([0] * len(rows), pa.int8()),
+            "query_text": [q for q, _ in rows],
+            "doc_text": [d for _, d in rows],
+        },
+        schema=PAIR_SCHEMA,
+    )
+    dataset = pairs_dataset(pairs, rows_per_block=10, whole_queries=True)
+    blocks = [ray_local.get(ref) for ref in dataset.to_arrow_refs()]
+    assert sum(b.num_rows for b in blocks) == len(rows) and len(blocks) >= 4
+    for block in blocks:
+        ids = block.column("query_id").to_pylist()
+        assert all(ids.count(q) == sizes[int(q[1:])] for q in set(ids))  # whole lists only
+        assert block.num_rows < 10 + max(sizes)  # cut at the first boundary past rows_per_block
+        doc_order = {q: [d for i, d in zip(ids, block.column("doc_id").to_pylist()) if i == q] for q in set(ids)}
+        assert all(docs == [d for i, d in rows if i == q] for q, docs in doc_order.items())  # order kept
+
+    scored = teacher_stage(dataset, TEACHER, **_stage_kwargs(batch_size=None))  # one actor call per block
+    shards = WholeBlockSplit(datasets_to_split=["train"]).configure({"train": scored}, 2, None, None)
+    seen: list[list[list[str]]] = [[], []]
+
+    def read(rank: int) -> None:
+        for block in shards[rank]["train"].iter_batches(batch_size=None, batch_format="pyarrow"):
+            seen[rank].append(block.column("query_id").to_pylist())
+
+    threads = [threading.Thread(target=read, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    per_worker = [[q for block in worker for q in block] for worker in seen]
+    assert sorted(per_worker[0] + per_worker[1]) == sorted(q for q, _ in rows)  # every row, once
+    assert not set(per_worker[0]) & set(per_worker[1])  # no list split across workers
+    for worker in seen:
+        for block in worker:
+            assert all(block.count(q) == sizes[int(q[1:])] for q in set(block))

@@ -44,31 +44,78 @@ def test_group_by_query():
     assert mask.tolist() == [[True, True, True], [True, False, False], [True, False, False]]
 
 
-def test_teacher_stream_trains_on_full_batches_and_counts_every_row():
+def _teacher_rows(query_ids: list[str], start: int = 0):
+    """Teacher-stage rows with these query ids; ``teacher_score`` numbers the rows from ``start``."""
     import pyarrow as pa
 
-    class Shard:  # a Ray Data shard's iter_batches over 37 teacher rows, batches of 16
-        def iter_batches(self, batch_size, batch_format, drop_last):
-            assert batch_format == "pyarrow" and not drop_last
-            rows = pa.table(
-                {
-                    "query_id": [f"q{i // 4}" for i in range(37)],
-                    "query_text": ["query"] * 37,
-                    "doc_text": ["document"] * 37,
-                    "teacher_score": pa.array(range(37), pa.float32()),
-                    "teacher_hidden": pa.FixedSizeListArray.from_arrays(
-                        pa.array([0.5] * 37 * 3, pa.float32()), 3
-                    ),
-                }
-            )
-            return (rows.slice(start, batch_size) for start in range(0, 37, batch_size))
+    n = len(query_ids)
+    return pa.table(
+        {
+            "query_id": query_ids,
+            "query_text": [f"query {q}" for q in query_ids],
+            "doc_text": ["document"] * n,
+            "teacher_score": pa.array(range(start, start + n), pa.float32()),
+            "teacher_hidden": pa.FixedSizeListArray.from_arrays(pa.array([0.5] * n * 3, pa.float32()), 3),
+        }
+    )
 
-    stream = TeacherStream(Shard(), batch_size=16)
+
+class _Shard:
+    """A Ray Data shard's whole-block ``iter_batches`` over the given blocks."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def iter_batches(self, batch_size, batch_format):
+        assert batch_size is None and batch_format == "pyarrow"
+        return iter(self.blocks)
+
+
+def test_candidate_lists_group_a_blocks_rows_and_join_a_list_across_blocks():
+    from rabtriever_ray.train import candidate_lists
+
+    blocks = [_teacher_rows(["a", "b", "a", "c"], 0), _teacher_rows(["c", "d"], 4), _teacher_rows([], 6)]
+    blocks.append(_teacher_rows(["e", "d"], 6))
+    lists = [(t.column("query_id").to_pylist(), t["teacher_score"].to_pylist()) for t in candidate_lists(blocks)]
+    # "c" continues into the next block and is joined; "d" after "e" in a later block is a list of its own.
+    expected = [(["a", "a"], [0, 2]), (["b"], [1]), (["c", "c"], [3, 4]), (["d"], [5]), (["e"], [6]), (["d"], [7])]
+    assert lists == expected
+
+
+def test_teacher_stream_batches_whole_candidate_lists_and_trains_on_every_row():
+    sizes = [3, 5, 2, 7, 20, 4, 1, 6]  # candidate list sizes; one (20) longer than a batch
+    ids = [f"q{i}" for i, size in enumerate(sizes) for _ in range(size)]
+    table = _teacher_rows(ids)
+    blocks = [table.slice(0, 10), table.slice(10, 24), table.slice(34)]  # "q3" continues across the first cut
+    stream = TeacherStream(_Shard(blocks), batch_size=16)
     batches = list(stream)
-    assert [len(b["query_id"]) for b in batches] == [16, 16]  # the short last batch is not trained on
-    assert stream.rows == 37  # but it is counted
-    assert batches[1]["teacher_score"].tolist() == list(range(16, 32))
-    assert batches[0]["teacher_hidden"].shape == (16, 3)
+    assert stream.rows == len(ids)
+    seen = [score for b in batches for score in b["teacher_score"].tolist()]
+    assert sorted(seen) == list(range(len(ids)))  # every row, once
+    for b in batches:
+        queries = b["query_id"]
+        assert len(queries) <= 16 or len(set(queries)) == 1  # a longer list is a batch of its own
+        for q in set(queries):  # each list whole in its batch
+            assert queries.count(q) == sizes[int(q[1:])]
+    assert [len(b["query_id"]) for b in batches] == [10, 7, 20, 11]
+    assert batches[0]["teacher_hidden"].shape == (10, 3)
+
+
+def test_every_worker_takes_the_same_steps_replaying_or_keeping_what_its_shard_holds():
+    from rabtriever_ray.train import epoch_batches
+
+    generator = torch.Generator().manual_seed(0)
+    stored: list = []
+    short = list(epoch_batches(stored, iter(["a", "b"]), 5, generator))  # a shard of 2 batches, 5 steps
+    assert short[:2] == ["a", "b"] and len(short) == 5 and set(short[2:]) <= {"a", "b"} and stored == ["a", "b"]
+    stored = []
+    long = list(epoch_batches(stored, iter("abcdefg"), 3, generator))  # 7 batches, 3 steps
+    assert long == ["a", "b", "c"] and stored == list("abcdefg")  # the rest is kept for later epochs
+    later = [list(epoch_batches(stored, None, 3, generator)) for _ in range(2)]
+    assert all(len(epoch) == 3 and len(set(epoch)) == 3 for epoch in later)
+    assert len(list(epoch_batches(stored, None, 10, generator))) == 10  # more steps than batches: passes repeat
+    with pytest.raises(RuntimeError, match="fewer blocks of candidate lists than workers"):
+        list(epoch_batches([], iter([]), 2, generator))
 
 
 def test_loss_terms_equal_the_pure_functions(student, batch):

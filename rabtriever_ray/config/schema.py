@@ -178,7 +178,11 @@ class TeacherTrainConfig:
     )
     val_split: str = option("dev", "qrels split of the validation queries")
     max_val_queries: int | None = option(None, "seeded subset of validation queries")
-    val_candidates: str = option("all", "validation candidates per query: all | bm25:K | a TREC run file")
+    val_candidates: str = option(
+        "all",
+        "validation candidates per query: all (every document; refused beyond 1,000,000 queries x documents) "
+        "| bm25:K | a TREC run file",
+    )
     validate_before: bool = option(
         True, "also score the validation pairs with the model before training (false: only after)"
     )
@@ -248,7 +252,11 @@ class DistillConfig:
         None, "pre-scored validation Parquet (jobs/score_teacher.py) instead of scoring the validation pairs"
     )
     candidates: str = option("bm25:8", "training candidates per query: all | bm25:K | a TREC run file")
-    val_candidates: str = option("all", "validation candidates per query: all | bm25:K | a TREC run file")
+    val_candidates: str = option(
+        "all",
+        "validation candidates per query: all (every document; refused beyond 1,000,000 queries x documents) "
+        "| bm25:K | a TREC run file",
+    )
     max_train_queries: int | None = option(None, "seeded subset of training queries")
     max_val_queries: int | None = option(None, "seeded subset of validation queries")
     epochs: int = option(
@@ -287,7 +295,11 @@ class DistillConfig:
     )
     round_k: int = option(4, "documents sampled per query from the student's softmax in each later round")
     round_tau: float = option(1.0, "temperature of the student's softmax for the round sampling")
-    round_pool: str = option("all", "candidate pool the student samples from: all | bm25:K | a run file")
+    round_pool: str = option(
+        "all",
+        "candidate pool the student samples from: all (every document; refused beyond 1,000,000 queries x "
+        "documents) | bm25:K | a run file",
+    )
     round_epochs: int | None = option(None, "epochs of each later round (default: epochs)")
     max_failures: int = option(1, "worker failures to recover from (from the last checkpoint)")
     num_to_keep: int = option(2, "checkpoints kept")
@@ -366,13 +378,17 @@ class ScoreTeacherConfig:
     out: str = option("", "output folder (written atomically); required")
     teacher: TeacherConfig = option(TeacherConfig(), _TEACHER_HELP)
     candidates: str = option("all", "all | bm25:K | path to a TREC run file")
-    training: bool = option(False, "add qrel positives missing from the candidates")
+    training: bool = option(
+        False,
+        "training pairs: add qrel positives missing from the candidates, and keep each query's candidate list whole "
+        "in one written block",
+    )
     max_queries: int | None = option(None, "seeded subset of this many queries")
     seed: int = option(0, "seed of the query subset")
     actors: str = option("1:1", "teacher actor pool MIN:MAX (or N)")
     gpus_per_actor: float | None = option(None, "GPUs per teacher actor; None: 1 when the cluster has GPUs")
     cpus_per_actor: float = option(1.0, "CPUs per teacher actor")
-    batch_size: int = option(64, "rows per actor call")
+    batch_size: int = option(64, "rows per actor call (with training: about, whole candidate lists per call)")
     on_bad_row: Literal["fail", "skip"] = option("fail", "bad input rows: stop or skip (rejects.jsonl)")
     overwrite: bool = option(False, "replace a finished out")
 
