@@ -1,10 +1,11 @@
 """What a job shows on the console: one progress bar per stage, and Ray's own log lines in a file.
 
 - `quiet_ray(log_file, verbose)`: unless ``verbose``, the log lines of Ray's driver-side loggers (``ray``,
-  ``ray.data``, ``ray.train``, ...), of transformers and this package's INFO lines go to ``log_file``; Ray Data's
-  own progress output is off, and actors and training workers keep their output in Ray's session logs
-  (``/tmp/ray/session_latest/logs``) instead of forwarding it to the driver. Warnings of this package still reach
-  the console. It must run before Ray starts in this process.
+  ``ray.data``, ``ray.train``, ...), of transformers, of Ray's core worker in this process (file descriptor 2)
+  and this package's INFO lines go to ``log_file``; Ray Data's own progress output is off, and actors and
+  training workers keep their output in Ray's session logs (``/tmp/ray/session_latest/logs``) instead of
+  forwarding it to the driver. Warnings of this package and tracebacks still reach the console. It must run
+  before Ray starts in this process.
 - `stage(title)`: a progress bar for one stage of a job; it ends with the stage's wall time.
 - `collect_rows(dataset, bar)`: a Ray Dataset materialised into one Arrow table, moving ``bar`` by rows.
 - `StepProgress`: a Ray Train callback that moves a driver-side bar as the workers report their step.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import threading
 import time
@@ -34,6 +36,16 @@ def quiet_ray(log_file: str | Path, verbose: bool = False) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return
     Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    global _deepspeed_log
+    _deepspeed_log = open(log_file, "a")  # noqa: SIM115 (kept open: DeepSpeed's handler and fd 2 write to it)
+    # Ray's core worker in this process writes its own warnings to file descriptor 2 directly (one per teacher
+    # actor pool: its constructor arguments sit in the object store). Point that descriptor at the log file and
+    # rebind Python's stderr to a copy of the console's, so bars, this package's warnings and tracebacks still
+    # reach the console.
+    sys.stderr.flush()
+    console = os.fdopen(os.dup(2), "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
+    os.dup2(_deepspeed_log.fileno(), 2)
+    sys.stderr = console
     to_file = logging.FileHandler(log_file)
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     to_console = logging.StreamHandler(sys.stderr)
@@ -52,9 +64,7 @@ def quiet_ray(log_file: str | Path, verbose: bool = False) -> None:
     import transformers
 
     # DeepSpeed logs to a stdout handler it makes at import (transformers imports it to save a model), so it is
-    # imported here with stdout pointing at the log file (kept open: the handler writes to it from then on).
-    global _deepspeed_log
-    _deepspeed_log = open(log_file, "a")  # noqa: SIM115
+    # imported here with stdout pointing at the log file (the handler writes to it from then on).
     with contextlib.redirect_stdout(_deepspeed_log):
         try:
             import deepspeed  # noqa: F401
