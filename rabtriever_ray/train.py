@@ -15,6 +15,7 @@ Only the hidden state travels from the teacher; its logits are recomputed here w
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -26,26 +27,43 @@ from .student import Rabtriever
 
 
 class EmbeddingCache:
-    """Frozen-backbone embeddings keyed by text, so each unique text is encoded once per run.
+    """Frozen-backbone embeddings keyed by text, so a text is encoded once while it stays cached.
 
     Args:
         encode: texts -> ``[n, d]`` embeddings (e.g. `Rabtriever.encode_queries`).
+        max_bytes: the most bytes of embeddings kept; past it the least recently used are dropped (and encoded
+            again if they come back). ``None``: no bound. The rows a call returns are never dropped by that call.
+
+    ``encoded`` counts the texts encoded so far (re-encodings included).
     """
 
-    def __init__(self, encode: Callable[[Sequence[str]], torch.Tensor]):
+    def __init__(self, encode: Callable[[Sequence[str]], torch.Tensor], max_bytes: int | None = None):
         self._encode = encode
-        self._rows: dict[str, torch.Tensor] = {}
+        self._rows: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.encoded = 0
 
     def __len__(self) -> int:
         return len(self._rows)
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
-        """``[len(texts), d]`` embeddings; texts not seen before are encoded together in one call."""
+        """``[len(texts), d]`` embeddings; texts not cached are encoded together in one call."""
         missing = list(dict.fromkeys(t for t in texts if t not in self._rows))
         if missing:
             for text, row in zip(missing, self._encode(missing), strict=True):
                 self._rows[text] = row
-        return torch.stack([self._rows[t] for t in texts])
+                self.bytes += row.numel() * row.element_size()
+            self.encoded += len(missing)
+        out = torch.stack([self._rows[t] for t in texts])
+        for text in dict.fromkeys(texts):
+            self._rows.move_to_end(text)
+        if self.max_bytes is not None:
+            needed = len(set(texts))
+            while self.bytes > self.max_bytes and len(self._rows) > needed:
+                _, row = self._rows.popitem(last=False)
+                self.bytes -= row.numel() * row.element_size()
+        return out
 
 
 def group_by_query(query_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,7 +336,9 @@ def train_loop_per_worker(config: dict) -> None:
     reporter = CheckpointReporter(cfg, rank, world, optimizer, scheduler, write_student)
     # Where the workers run (rank order), for the report: SPREAD placement puts them on different nodes.
     worker_nodes = gather_all(ray.get_runtime_context().get_node_id(), world)
-    query_cache, doc_cache = EmbeddingCache(student.encode_queries), EmbeddingCache(student.encode_documents)
+    cache_bytes = cfg.embedding_cache_mb * 2**20 // 2  # each cache half of the budget
+    query_cache = EmbeddingCache(student.encode_queries, cache_bytes)
+    doc_cache = EmbeddingCache(student.encode_documents, cache_bytes)
     shard = ray.train.get_dataset_shard("train")
     # This worker's teacher outputs, kept during the first pass so later epochs reuse them.
     stored: list[dict] = []
@@ -365,8 +385,8 @@ def train_loop_per_worker(config: dict) -> None:
             step=step,
             lr=scheduler.get_last_lr()[0],
             pairs_per_s=pairs * world / (time.perf_counter() - started),
-            encoded_queries=len(query_cache),
-            encoded_documents=len(doc_cache),
+            encoded_queries=query_cache.encoded,
+            encoded_documents=doc_cache.encoded,
             worker_nodes=worker_nodes,
         )
         # Rows the workers read from the teacher stage in this epoch (0 when it replays the stored batches).

@@ -38,6 +38,27 @@ def test_embedding_cache_encodes_each_text_once(student):
     torch.testing.assert_close(second, student.encode_queries([QUERIES[1], QUERIES[2]]))
 
 
+def test_embedding_cache_keeps_at_most_its_bytes_dropping_the_least_recently_used():
+    calls = []
+
+    def encode(texts):
+        calls.append(list(texts))
+        return torch.stack([torch.full((4,), float(ord(t[0]))) for t in texts])  # 16 bytes a row
+
+    cache = EmbeddingCache(encode, max_bytes=48)  # three rows
+    cache(["a", "b", "c"])
+    cache(["a"])  # "a" is now the most recently used
+    out = cache(["d"])  # over the budget: "b", the least recently used, goes
+    assert len(cache) == 3 and cache.bytes == 48 and out[0, 0] == ord("d")
+    torch.testing.assert_close(cache(["a", "c", "d"])[:, 0], torch.tensor([97.0, 99.0, 100.0]))
+    assert calls == [["a", "b", "c"], ["d"]]  # nothing re-encoded yet
+    rows = cache(["b", "e", "a", "c"])  # a call needs more than the budget: its rows are all kept for it
+    assert rows[:, 0].tolist() == [98.0, 101.0, 97.0, 99.0] and calls[-1] == ["b", "e"] and cache.encoded == 6
+    assert cache.bytes == 64 and len(cache) == 4  # then trimmed back on the next call
+    cache(["a"])
+    assert cache.bytes == 48 and "d" not in cache._rows
+
+
 def test_group_by_query():
     index, mask = group_by_query(["a", "b", "a", "c", "a"])
     assert index.tolist() == [[0, 2, 4], [1, 0, 0], [3, 0, 0]]

@@ -283,6 +283,11 @@ class DistillConfig:
     teacher_batch_size: int = option(
         256, "pairs per teacher actor call (more pairs share more document prefixes)"
     )
+    embedding_cache_mb: int = option(
+        2048,
+        "per training worker: MiB of cached frozen query and document embeddings (half each); past it the least "
+        "recently used are encoded again when they come back",
+    )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = option(
         "PACK", "placement of the training workers (SPREAD: one per node where possible)"
     )
@@ -346,6 +351,7 @@ class DistillConfig:
             "num_workers",
             "teacher_actors",
             "teacher_batch_size",
+            "embedding_cache_mb",
             "rounds",
             "round_k",
         )
