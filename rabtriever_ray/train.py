@@ -15,6 +15,7 @@ Only the hidden state travels from the teacher; its logits are recomputed here w
 
 from __future__ import annotations
 
+import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -161,8 +162,8 @@ def teacher_batch_tensors(batch) -> dict:
 
 
 class TeacherStream:
-    """One pass over a worker's shard of teacher-stage rows, as training batches (`teacher_batch_tensors`) of whole
-    candidate lists.
+    """One pass over a worker's shard of teacher-stage rows, as training batches (pyarrow tables, for
+    `teacher_batch_tensors`) of whole candidate lists.
 
     A block of the shard holds whole candidate lists (`pipeline.pairs_dataset` with ``whole_queries``, split by
     `raytrain.WholeBlockSplit`); `candidate_lists` groups its rows by query. A batch takes whole lists
@@ -184,12 +185,12 @@ class TeacherStream:
         batch, rows = [], 0
         for group in candidate_lists(self._blocks()):
             if batch and rows + group.num_rows > self.batch_size:
-                yield teacher_batch_tensors(pa.concat_tables(batch))
+                yield pa.concat_tables(batch).combine_chunks()
                 batch, rows = [], 0
             batch.append(group)
             rows += group.num_rows
         if batch:
-            yield teacher_batch_tensors(pa.concat_tables(batch))
+            yield pa.concat_tables(batch).combine_chunks()
 
 
 def candidate_lists(blocks):
@@ -216,6 +217,45 @@ def candidate_lists(blocks):
         pending = lists[-1]
     if pending is not None:
         yield pending[1]
+
+
+class BatchStore:
+    """A worker's teacher batches (pyarrow tables), kept for the epochs after the first: in memory up to
+    ``max_bytes``, the rest spilled to Arrow IPC files in ``directory`` and read back memory-mapped.
+
+    A list as `epoch_batches` uses one: ``append``, ``len`` and indexing.
+    """
+
+    def __init__(self, max_bytes: int, directory: str | Path):
+        self.max_bytes, self.directory = max_bytes, Path(directory)
+        self._batches: list = []  # a table in memory, or the path of its spilled file
+        self.bytes = 0  # in memory
+        self.spilled = 0
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def append(self, table) -> None:
+        import pyarrow as pa
+
+        if self.bytes + table.nbytes <= self.max_bytes:
+            self._batches.append(table)
+            self.bytes += table.nbytes
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"batch-{len(self._batches):07d}.arrow"
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        self._batches.append(path)
+        self.spilled += 1
+
+    def __getitem__(self, index: int):
+        import pyarrow as pa
+
+        batch = self._batches[index]
+        if isinstance(batch, Path):
+            return pa.ipc.open_file(pa.memory_map(str(batch))).read_all()
+        return batch
 
 
 def epoch_batches(stored: list, fresh, steps: int, generator: torch.Generator):
@@ -340,8 +380,10 @@ def train_loop_per_worker(config: dict) -> None:
     query_cache = EmbeddingCache(student.encode_queries, cache_bytes)
     doc_cache = EmbeddingCache(student.encode_documents, cache_bytes)
     shard = ray.train.get_dataset_shard("train")
-    # This worker's teacher outputs, kept during the first pass so later epochs reuse them.
-    stored: list[dict] = []
+    # This worker's teacher outputs, kept during the first pass so later epochs reuse them; past the memory
+    # budget they go to local disk, removed when the loop ends.
+    spill = tempfile.TemporaryDirectory(prefix="rabtriever-teacher-batches-")
+    stored = BatchStore(cfg.teacher_cache_mb * 2**20, spill.name)
     generator = torch.Generator().manual_seed(cfg.seed + rank + 1000 * round_index)
 
     if start_epoch >= end_epoch:  # nothing left (a rerun of a finished run): hand back the last checkpoint
@@ -352,7 +394,8 @@ def train_loop_per_worker(config: dict) -> None:
         stream = None if stored else TeacherStream(shard, cfg.batch_size)
         sums: dict[str, float] = {}
         pairs, started = 0, time.perf_counter()
-        for batch in epoch_batches(stored, stream, steps_per_epoch, generator):
+        for table in epoch_batches(stored, stream, steps_per_epoch, generator):
+            batch = teacher_batch_tensors(table)
             fault_hook(config, rank, step)
             terms = distill_losses(
                 student,
@@ -391,9 +434,11 @@ def train_loop_per_worker(config: dict) -> None:
         )
         # Rows the workers read from the teacher stage in this epoch (0 when it replays the stored batches).
         metrics["teacher_rows"] = sum(gather_all(stream.rows if stream is not None else 0, world))
+        metrics["spilled_batches"] = sum(gather_all(stored.spilled, world))
         metrics.update(peak_memory_metrics(device, world))
         if rank == 0 and config.get("val"):
             metrics.update(validate(student, config["val"], query_cache, doc_cache))
         if rank == 0:
             history.append(metrics)
         reporter.report(metrics, history, epoch=epoch, step=step, round=round_index)
+    spill.cleanup()

@@ -151,9 +151,11 @@ def test_on_policy_rounds_score_student_drawn_pairs(ray_local, tmp_path):
         "round_epochs=1",
         "round_k=2",
         "round_pool=bm25:8",
+        "teacher_cache_mb=0",  # every stored teacher batch spills to disk and is read back in epoch 1
     )
     report = run_distill(config)
     first, second = report["rounds"]
+    assert report["history"][0]["spilled_batches"] >= first["steps_per_epoch"]
     # One worker: the stream is not split, so the worker reads every pair the teacher scored.
     assert first["pairs_scored_by_teacher"] == first["train_pairs"] and first["val_before"] is None
     # Round 1: the student drew 2 of its 8 pool documents per query, plus any positive it did not draw.

@@ -5,7 +5,13 @@ from conftest import DOCUMENTS, QUERIES
 from rabtriever_ray.config import LossConfig, StudentConfig
 from rabtriever_ray.losses import jepa_loss, listwise_kl, reverse_kl
 from rabtriever_ray.student import Rabtriever
-from rabtriever_ray.train import EmbeddingCache, TeacherStream, distill_losses, group_by_query
+from rabtriever_ray.train import (
+    EmbeddingCache,
+    TeacherStream,
+    distill_losses,
+    group_by_query,
+    teacher_batch_tensors,
+)
 
 
 @pytest.fixture
@@ -109,7 +115,7 @@ def test_teacher_stream_batches_whole_candidate_lists_and_trains_on_every_row():
     table = _teacher_rows(ids)
     blocks = [table.slice(0, 10), table.slice(10, 24), table.slice(34)]  # "q3" continues across the first cut
     stream = TeacherStream(_Shard(blocks), batch_size=16)
-    batches = list(stream)
+    batches = [teacher_batch_tensors(table) for table in stream]
     assert stream.rows == len(ids)
     seen = [score for b in batches for score in b["teacher_score"].tolist()]
     assert sorted(seen) == list(range(len(ids)))  # every row, once
@@ -120,6 +126,20 @@ def test_teacher_stream_batches_whole_candidate_lists_and_trains_on_every_row():
             assert queries.count(q) == sizes[int(q[1:])]
     assert [len(b["query_id"]) for b in batches] == [10, 7, 20, 11]
     assert batches[0]["teacher_hidden"].shape == (10, 3)
+
+
+def test_batch_store_keeps_batches_in_memory_to_its_budget_and_spills_the_rest(tmp_path):
+    from rabtriever_ray.train import BatchStore
+
+    tables = [_teacher_rows([f"q{i}"] * 5, 5 * i) for i in range(4)]
+    store = BatchStore(max_bytes=2 * tables[0].nbytes, directory=tmp_path / "spill")
+    for table in tables:
+        store.append(table)
+    assert len(store) == 4 and store.spilled == 2 and store.bytes == 2 * tables[0].nbytes
+    assert sorted(p.name for p in (tmp_path / "spill").iterdir()) == ["batch-0000002.arrow", "batch-0000003.arrow"]
+    for index, table in enumerate(tables):
+        assert store[index].equals(table)  # spilled ones read back from disk, the same rows
+    torch.testing.assert_close(teacher_batch_tensors(store[3])["teacher_hidden"], torch.full((5, 3), 0.5))
 
 
 def test_every_worker_takes_the_same_steps_replaying_or_keeping_what_its_shard_holds():

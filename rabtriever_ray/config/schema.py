@@ -283,6 +283,11 @@ class DistillConfig:
     teacher_batch_size: int = option(
         256, "pairs per teacher actor call (more pairs share more document prefixes)"
     )
+    teacher_cache_mb: int = option(
+        4096,
+        "per training worker: MiB of teacher outputs kept in memory for the epochs after the first; the rest "
+        "spill to local disk (Arrow files, read back memory-mapped)",
+    )
     embedding_cache_mb: int = option(
         2048,
         "per training worker: MiB of cached frozen query and document embeddings (half each); past it the least "
@@ -355,7 +360,7 @@ class DistillConfig:
             "rounds",
             "round_k",
         )
-        _at_least(self, 0, "cost_queries")
+        _at_least(self, 0, "cost_queries", "teacher_cache_mb")
         if self.round_epochs is not None and self.round_epochs < 1:
             raise ConfigError(f"round_epochs must be >= 1, got {self.round_epochs}")
         if self.zero_stage not in (0, 1, 2):
