@@ -1,7 +1,9 @@
 """Document index: the corpus encoded once by the frozen backbone, first-stage vectors in a FAISS index.
 
 `build_index` streams the corpus through a Ray Data actor pool (`DocumentEncoder`, GPUs when the cluster has
-them), writes the encodings as Parquet and builds a FAISS inner-product index over ``doc_vec``. The output folder
+them), writes the encodings as Parquet and builds a FAISS inner-product index over ``doc_vec`` from those files,
+one at a time (`faiss_index_from_chunks`: peak memory is the index plus one file's vectors; IVF trains on a
+seeded sample from every file). The output folder
 (written atomically, manifest last):
 
 - ``embeddings/*.parquet``, in FAISS id order (file order in the manifest, then row order):
@@ -31,7 +33,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -113,25 +115,45 @@ def faiss_index(
     nlist: int | None = None,
     use_gpu: bool | None = None,
 ):
-    """A FAISS inner-product index over ``[n, k]`` float32 ``vectors`` (a CPU index, ready to save or search).
+    """A FAISS inner-product index over ``[n, k]`` float32 ``vectors`` (a CPU index, ready to save or search);
+    `faiss_index_from_chunks` over one chunk."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    return faiss_index_from_chunks(lambda: iter([vectors]), *vectors.shape, index_type, hnsw_m, nlist, use_gpu)
+
+
+IVF_TRAIN_POINTS_PER_LIST = 256  # FAISS's advice: 39 to 256 training points per inverted list
+
+
+def faiss_index_from_chunks(
+    chunks: Callable[[], Iterator[np.ndarray]],
+    count: int,
+    dim: int,
+    index_type: IndexType = "flat",
+    hnsw_m: int = 32,
+    nlist: int | None = None,
+    use_gpu: bool | None = None,
+    seed: int = 0,
+):
+    """A FAISS inner-product index over ``count`` vectors of width ``dim`` that ``chunks()`` yields as float32
+    ``[rows, dim]`` arrays, added chunk by chunk: peak memory is the index plus one chunk.
 
     ``ivf`` clusters into ``nlist`` lists (default ``4 sqrt(n)``, at most ``n / 39`` so each list has the 39
-    training points FAISS asks for). Flat and IVF indexes are built on the GPUs when there are any.
+    training points FAISS asks for), trained on a seeded sample of at most `IVF_TRAIN_POINTS_PER_LIST` x
+    ``nlist`` vectors drawn from every chunk (all of them up to about a million vectors at the default
+    ``nlist``); ``chunks`` is then called twice. Flat and IVF indexes are built on the GPUs when there are any.
     """
     import faiss
 
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    n, dim = vectors.shape
-    if n == 0:
+    if count == 0:
         raise ValueError("cannot index an empty corpus")
     if index_type == "flat":
         index = faiss.IndexFlatIP(dim)
     elif index_type == "hnsw":
         index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
     elif index_type == "ivf":
-        nlist = nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
-        if nlist > n:
-            raise ValueError(f"nlist={nlist} is more than the {n} documents")
+        nlist = nlist or max(1, min(int(4 * math.sqrt(count)), count // 39))
+        if nlist > count:
+            raise ValueError(f"nlist={nlist} is more than the {count} documents")
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
     else:
         raise ValueError(f"index_type must be flat, hnsw or ivf, got {index_type!r}")
@@ -139,9 +161,25 @@ def faiss_index(
     if on_gpu:
         index = faiss.index_cpu_to_all_gpus(index)
     if not index.is_trained:
-        index.train(vectors)
-    index.add(vectors)
+        index.train(ivf_training_sample(chunks, count, nlist, seed))
+    added = 0
+    for chunk in chunks():
+        index.add(np.ascontiguousarray(chunk, dtype=np.float32))
+        added += len(chunk)
+    if added != count:
+        raise RuntimeError(f"indexed {added} vectors, expected {count}")
     return faiss.index_gpu_to_cpu(index) if on_gpu else index
+
+
+def ivf_training_sample(
+    chunks: Callable[[], Iterator[np.ndarray]], count: int, nlist: int, seed: int = 0
+) -> np.ndarray:
+    """IVF training vectors: every vector when ``count`` is at most `IVF_TRAIN_POINTS_PER_LIST` x ``nlist``, else
+    each vector kept with that share (seeded), so the sample comes from every chunk."""
+    share = min(1.0, IVF_TRAIN_POINTS_PER_LIST * nlist / count)
+    generator = np.random.default_rng(seed)
+    sample = [chunk if share == 1.0 else chunk[generator.random(len(chunk)) < share] for chunk in chunks()]
+    return np.ascontiguousarray(np.concatenate(sample), dtype=np.float32)
 
 
 def build_index(config: IndexConfig) -> dict[str, Any]:
@@ -187,14 +225,19 @@ def build_index(config: IndexConfig) -> dict[str, Any]:
         )
         encoded.write_parquet(str(staging / "embeddings"))
         files = sorted(p.name for p in (staging / "embeddings").glob("*.parquet"))
-        table = pa.concat_tables(
-            [pq.read_table(staging / "embeddings" / f, columns=["doc_id", "doc_vec"]) for f in files]
-        )
-        if table.num_rows != len(docs):
-            raise RuntimeError(f"encoded {table.num_rows} documents of {len(docs)}")
-        proj_dim = table.schema.field("doc_vec").type.list_size
+        count = sum(pq.ParquetFile(staging / "embeddings" / f).metadata.num_rows for f in files)
+        if count != len(docs):
+            raise RuntimeError(f"encoded {count} documents of {len(docs)}")
+        proj_dim = pq.read_schema(staging / "embeddings" / files[0]).field("doc_vec").type.list_size
         encode_s = time.perf_counter() - start
-        index = faiss_index(_matrix(table.column("doc_vec"), proj_dim), config.index_type, config.hnsw_m, config.nlist)
+
+        def vectors() -> Iterator[np.ndarray]:  # one file at a time, in FAISS id order
+            for name in files:
+                yield _matrix(pq.read_table(staging / "embeddings" / name, columns=["doc_vec"])["doc_vec"], proj_dim)
+
+        index = faiss_index_from_chunks(
+            vectors, count, proj_dim, config.index_type, config.hnsw_m, config.nlist
+        )
         import faiss
 
         faiss.write_index(index, str(staging / "index.faiss"))
@@ -210,7 +253,7 @@ def build_index(config: IndexConfig) -> dict[str, Any]:
             "teacher": to_dict(info["teacher_config"]),
             "hidden_size": info["hidden_size"],
             "proj_dim": proj_dim,
-            "count": table.num_rows,
+            "count": count,
             "index_type": config.index_type,
             "index_params": {"hnsw_m": config.hnsw_m}
             if config.index_type == "hnsw"

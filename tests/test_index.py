@@ -182,6 +182,40 @@ def test_index_types_agree_with_exact_search():
         faiss_index(vectors[:0], "flat")
 
 
+def test_an_index_built_chunk_by_chunk_equals_one_built_at_once_and_ivf_trains_on_a_sample(monkeypatch):
+    import rabtriever_ray.index as index_module
+    from rabtriever_ray.index import faiss_index_from_chunks
+
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((400, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    queries = vectors[::40] + 0.01 * rng.standard_normal((10, 16)).astype(np.float32)
+    calls = []
+
+    def chunks():
+        calls.append(1)
+        return (vectors[i : i + 70] for i in range(0, 400, 70))
+
+    chunked = faiss_index_from_chunks(chunks, 400, 16, "flat", use_gpu=False)
+    assert chunked.ntotal == 400 and len(calls) == 1
+    np.testing.assert_array_equal(chunked.search(queries, 5)[1], faiss_index(vectors, "flat").search(queries, 5)[1])
+
+    monkeypatch.setattr(index_module, "IVF_TRAIN_POINTS_PER_LIST", 20)  # 10 lists x 20 = a 200-vector sample
+    sample = index_module.ivf_training_sample(chunks, 400, 10)
+    assert 140 < len(sample) < 260 and np.isin(sample[:, 0], vectors[:, 0]).all()  # about half, of the vectors
+    assert np.isin(vectors[350:, 0], sample[:, 0]).any()  # the last chunk too
+    np.testing.assert_array_equal(sample, index_module.ivf_training_sample(chunks, 400, 10))  # seeded
+    calls.clear()
+    ivf = faiss_index_from_chunks(chunks, 400, 16, "ivf", use_gpu=False)
+    assert len(calls) == 2  # once for the sample, once to add
+    assert ivf.ntotal == 400 and ivf.nlist == 10
+    ivf.nprobe = ivf.nlist  # probing every list is exact
+    exact = np.argsort(-(queries @ vectors.T), axis=1)[:, :5]
+    np.testing.assert_array_equal(ivf.search(queries, 5)[1], exact)
+    with pytest.raises(RuntimeError, match="indexed 400 vectors, expected 401"):
+        faiss_index_from_chunks(chunks, 401, 16, "flat", use_gpu=False)
+
+
 def test_hnsw_index_job_and_reload(ray_local, checkpoint, data, tmp_path):
     import importlib.util
 
