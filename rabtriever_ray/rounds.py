@@ -72,7 +72,7 @@ class StudentSampler:
     Args:
         cfg: the run's `DistillConfig` (teacher spec, prompt, student shape, ``round_k``, ``round_tau``, seed).
         checkpoint: the previous round's `ray.train.Checkpoint` (or a directory with ``student.safetensors``).
-        documents: ``doc_id -> text`` for the corpus; each document is encoded once per actor.
+        documents: ``doc_id -> text`` for every pooled document; each is encoded once per actor.
         qrels: ``query_id -> {doc_id: grade}`` for the labels of the drawn pairs.
         round_index: the round being prepared (seeds the draws).
     """
@@ -145,7 +145,9 @@ def sample_round_pairs(cfg: DistillConfig, data, checkpoint: Any, round_index: i
     from .prompts import document_text
 
     queries = pools_table(cfg, data)
-    documents = {did: document_text(doc.title, doc.text) for did, doc in data.corpus.items()}
+    # The sampler actors get the texts of pooled documents only, not the corpus.
+    pooled = {did for pool in queries.column("pool").to_pylist() for did in pool}
+    documents = {did: document_text(data.corpus[did].title, data.corpus[did].text) for did in sorted(pooled)}
     qrels = {qid: dict(data.qrels.get(qid, {})) for qid in queries.column("query_id").to_pylist()}
     gpus = cfg.teacher_gpus if cfg.use_gpu and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     drawn = ray.data.from_arrow(queries).map_batches(
