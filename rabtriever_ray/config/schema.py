@@ -260,7 +260,7 @@ class DistillConfig:
     max_train_queries: int | None = option(None, "seeded subset of training queries")
     max_val_queries: int | None = option(None, "seeded subset of validation queries")
     epochs: int = option(
-        10, "passes over the training pairs (after the first, the teacher outputs are reused)"
+        5, "passes over the training pairs (after the first, the teacher outputs are reused)"
     )
     batch_size: int = option(64, "pairs per worker per step")
     lr: float = option(1e-3, "peak AdamW learning rate")
