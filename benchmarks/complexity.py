@@ -289,7 +289,7 @@ def _query_profile(student, query: str, h_doc: torch.Tensor, repeats: int, devic
             start = time.perf_counter()
             prompts = teacher.prompts.query_prompts([query])
             tokenised = time.perf_counter()
-            h_query = teacher.encode(prompts)
+            h_query = teacher.encode(prompts, query_mean=student.config.query_mean)
             _sync(device)
             encoded = time.perf_counter()
             with torch.inference_mode():
