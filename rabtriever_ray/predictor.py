@@ -50,11 +50,11 @@ class RunningStandardize(nn.Module):
         self.count.copy_(total)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if float(self.count) == 0:  # nothing seen yet: identity
-            return x
-        variance = self.m2 / self.count
+        variance = self.m2 / self.count.clamp(min=1)
         scale = (variance + self.eps).rsqrt()
-        return (x - self.mean.to(x.dtype)) * scale.to(x.dtype)
+        standardised = (x - self.mean.to(x.dtype)) * scale.to(x.dtype)
+        # Nothing seen yet: the identity. Chosen on the device, without reading the count back (a sync per call).
+        return torch.where(self.count.to(x.device) > 0, standardised, x)
 
 
 class Predictor(nn.Module):
