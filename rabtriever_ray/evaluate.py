@@ -16,7 +16,7 @@ Methods (``--methods``):
 
 ``llm-embed``, ``teacher`` and ``rabtriever`` rank each query's candidates (``all`` | ``bm25:K`` | a run file);
 the others rank the whole corpus. No method holds a queries x corpus array: the teacher scores the pairs in
-document-major chunks of `TEACHER_CHUNK_PAIRS`, and MiniLM takes each query's top documents from an exact FAISS
+document-major chunks (`GenerativeReranker.rerank`), and MiniLM takes each query's top documents from an exact FAISS
 index. Metrics are ir-measures' nDCG@10, RR@10, R@1, R@5 and R@100 over the judged queries (a candidate reranker's
 R@100 is bounded by its candidates); tied scores rank by document id, smallest first, for every measure and for the
 top 100 kept (`metrics.ranking`). Where teacher and Rabtriever both ran,
@@ -29,7 +29,6 @@ documents with the backbone (``document_encoding``, shared by ``llm-embed`` and 
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -47,10 +46,6 @@ METHODS = ("frequency", "bm25", "minilm", "llm-embed", "teacher", "rabtriever", 
 CANDIDATE_METHODS = ("llm-embed", "teacher", "rabtriever")
 logger = logging.getLogger(__name__)
 RESULT_DEPTH = 100  # documents kept per query for the full-corpus methods (R@100)
-# Pairs per teacher `score` call. A call holds the keys and values of every document it shares between pairs (up to
-# half its pairs' documents, tens of MB each at 512 tokens), so the call is bounded; 256 is the distillation's
-# teacher_batch_size, and document-major order keeps a document's queries in one call wherever they fit.
-TEACHER_CHUNK_PAIRS = 256
 
 
 class MissingBaseline(RuntimeError):
@@ -290,39 +285,8 @@ class Evaluation:
         }
 
     def _teacher(self):
-        """Every candidate pair's teacher score, in `score` calls of at most `TEACHER_CHUNK_PAIRS` pairs.
-
-        The pairs go in document-major order, and a document with at most that many pairs is never split between
-        calls, so its queries share its prefix as in one call over every pair (`GenerativeReranker.rerank`);
-        the scores equal that call's up to float rounding.
-        """
-        teacher, size = self.teacher(), TEACHER_CHUNK_PAIRS
-        scores = [torch.empty(len(self.candidates[q])) for q in self.query_ids]
-        pairs = sorted(
-            (doc_id, row, column)
-            for row, qid in enumerate(self.query_ids)
-            for column, doc_id in enumerate(self.candidates[qid])
-        )
-        chunks, chunk = [], []
-        for _, group in itertools.groupby(pairs, key=lambda pair: pair[0]):
-            group = list(group)
-            if chunk and len(chunk) + len(group) > size and len(group) <= size:
-                chunks.append(chunk)  # the document starts the next call
-                chunk = []
-            for pair in group:  # a document with more pairs fills calls up
-                chunk.append(pair)
-                if len(chunk) == size:
-                    chunks.append(chunk)
-                    chunk = []
-        if chunk:
-            chunks.append(chunk)
-        for chunk in chunks:
-            chunk_scores = teacher.score(
-                [self.query_text[row] for _, row, _ in chunk], [self.doc_text[d] for d, _, _ in chunk]
-            ).score
-            for (_, row, column), score in zip(chunk, chunk_scores):
-                scores[row][column] = score
-        return self._per_query_run(scores)
+        texts = [[self.doc_text[d] for d in self.candidates[q]] for q in self.query_ids]
+        return self._per_query_run(self.teacher().rerank(self.query_text, texts))
 
     def _rabtriever(self):
         student, hidden = self.student(), self._candidate_hidden()

@@ -9,6 +9,7 @@ reproduces the teacher's logits.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
@@ -26,6 +27,9 @@ from .scoring import YesNoHead
 logger = logging.getLogger(__name__)
 _PREFIX_CACHE_SIZE = 16  # document-independent prefixes kept per teacher (one or two per prompt config)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Pairs per `score` call of `GenerativeReranker.rerank`. A call holds the keys and values of every document it shares
+# between pairs (tens of MB each at 512 tokens), so the call is bounded; 256 is the distillation's teacher_batch_size.
+RERANK_CHUNK_PAIRS = 256
 
 
 @dataclass
@@ -177,9 +181,28 @@ class GenerativeReranker:
         """Each query's own candidate documents: ``queries[i]`` with each text of ``candidates[i]`` -> ``n`` CPU
         float32 tensors ``[len(candidates[i])]`` of ``logp_yes - logp_no``, in order.
 
-        One `score` call over every pair of every query, so pairs batch together and share prefixes (a document
-        that several queries rank), then regrouped by query. `Rabtriever.rerank` is the student's.
+        The pairs of every query go through `score` in document-major calls of at most `RERANK_CHUNK_PAIRS`
+        pairs, a document's pairs kept in one call when they fit: they batch together and share the document's
+        prefix (a document that several queries rank) as in one call over every pair, while a call's cache of
+        shared prefixes stays bounded. `Rabtriever.rerank` is the student's.
         """
-        pairs = [(query, doc) for query, docs in zip(queries, candidates, strict=True) for doc in docs]
-        scores = self.score([query for query, _ in pairs], [doc for _, doc in pairs]).score
-        return list(scores.split([len(docs) for docs in candidates]))
+        scores = [torch.empty(len(docs)) for docs in candidates]
+        pairs = sorted((doc, row, column) for row, docs in enumerate(candidates) for column, doc in enumerate(docs))
+        chunks, chunk = [], []
+        for _, group in itertools.groupby(pairs, key=lambda pair: pair[0]):
+            group = list(group)
+            if chunk and len(chunk) + len(group) > RERANK_CHUNK_PAIRS and len(group) <= RERANK_CHUNK_PAIRS:
+                chunks.append(chunk)  # the document starts the next call
+                chunk = []
+            for pair in group:  # a document with more pairs fills calls up
+                chunk.append(pair)
+                if len(chunk) == RERANK_CHUNK_PAIRS:
+                    chunks.append(chunk)
+                    chunk = []
+        if chunk:
+            chunks.append(chunk)
+        for chunk in chunks:
+            chunk_scores = self.score([queries[row] for _, row, _ in chunk], [doc for doc, _, _ in chunk]).score
+            for (_, row, column), score in zip(chunk, chunk_scores):
+                scores[row][column] = score
+        return scores

@@ -153,6 +153,7 @@ def test_bad_input_is_a_clear_error(tmp_path):
 
 def test_teacher_scores_in_document_major_chunks_as_in_one_call(tmp_path, monkeypatch):
     import rabtriever_ray.evaluate as evaluate
+    import rabtriever_ray.teacher as teacher_module
     from rabtriever_ray.data import read_beir
 
     beir = read_beir(write_beir(tmp_path / "skills"), "test")
@@ -173,7 +174,7 @@ def test_teacher_scores_in_document_major_chunks_as_in_one_call(tmp_path, monkey
     calls, score = [], teacher.score
     doc_id = {text: d for d, text in evaluation.doc_text.items()}
     monkeypatch.setattr(teacher, "score", lambda q, d: calls.append([doc_id[t] for t in d]) or score(q, d))
-    monkeypatch.setattr(evaluate, "TEACHER_CHUNK_PAIRS", 3)
+    monkeypatch.setattr(teacher_module, "RERANK_CHUNK_PAIRS", 3)
     chunked = evaluation.run("teacher")
     assert [len(call) for call in calls] == [3, 2, 3, 3, 3]
     assert [d for call in calls for d in call] == sorted(d for docs in candidates.values() for d in docs)

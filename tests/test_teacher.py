@@ -90,7 +90,7 @@ def test_shared_prefixes_give_the_same_scores_with_fewer_tokens(padded_teacher):
     torch.testing.assert_close(shared.score, single, atol=1e-4, rtol=1e-4)
 
 
-def test_rerank_regroups_one_batched_score_by_query(tiny_teacher):
+def test_rerank_regroups_document_major_scores_by_query(tiny_teacher):
     candidates = [DOCUMENTS[:2], [], DOCUMENTS[1:], DOCUMENTS[3:]]
     scores = tiny_teacher.rerank(QUERIES, candidates)
     assert [s.shape for s in scores] == [(len(docs),) for docs in candidates]
