@@ -70,7 +70,8 @@ class StudentSampler:
     """Ray Data actor: the round's student scores each query's pool and draws the pairs the teacher scores next.
 
     Args:
-        cfg: the run's `DistillConfig` (teacher spec, prompt, student shape, ``round_k``, ``round_tau``, seed).
+        cfg: the run's `DistillConfig` (teacher spec and prompt, ``round_k``, ``round_tau``, seed; the student's
+            shape is the checkpoint's).
         checkpoint: the previous round's `ray.train.Checkpoint` (or a directory with ``student.safetensors``).
         documents: ``doc_id -> text`` for every pooled document; each is encoded once per actor.
         qrels: ``query_id -> {doc_id: grade}`` for the labels of the drawn pairs.
@@ -85,19 +86,10 @@ class StudentSampler:
         qrels: Mapping[str, Mapping[str, int]],
         round_index: int,
     ):
-        from .student import Rabtriever
-        from .teacher import GenerativeReranker
+        from .student import load_student
         from .train import EmbeddingCache
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        teacher = GenerativeReranker.from_config(cfg.teacher, device=device)
-        self.student = Rabtriever(teacher, cfg.student)
-        if isinstance(checkpoint, str):
-            self.student.load_trainable(checkpoint)
-        else:
-            with checkpoint.as_directory() as directory:
-                self.student.load_trainable(directory)
-        self.student.eval()
+        self.student = load_student(checkpoint, cfg.teacher)
         self.documents = dict(documents)
         self.qrels = qrels
         self.cfg = cfg

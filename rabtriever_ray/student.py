@@ -17,6 +17,7 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -264,11 +265,16 @@ def load_student_info(checkpoint: str | Path, teacher: TeacherConfig | None = No
 
 
 def load_student(
-    checkpoint: str | Path,
+    checkpoint: str | Path | Any,
     teacher: TeacherConfig | None = None,
     device: str | torch.device | None = None,
 ) -> Rabtriever:
-    """A trained Rabtriever from a checkpoint folder (see `load_student_info`), in eval mode."""
+    """A trained Rabtriever from a checkpoint folder or a `ray.train.Checkpoint` (see `load_student_info`), in
+    eval mode."""
+    # A Ray Train checkpoint (on the run's storage) is fetched to a folder on this node while loading.
+    if not isinstance(checkpoint, (str, Path)):
+        with checkpoint.as_directory() as directory:
+            return load_student(directory, teacher, device)
     info = load_student_info(checkpoint, teacher)
     student = Rabtriever(
         GenerativeReranker.from_config(info["teacher_config"], device=device), info["student_config"]
