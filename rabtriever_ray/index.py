@@ -33,7 +33,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -95,9 +95,10 @@ def encode_corpus(student, doc_ids: Sequence[str], doc_texts: Sequence[str]) -> 
 
 
 class DocumentEncoder:
-    """Ray Data callable class: loads the student once per actor, encodes a pyarrow batch of documents."""
+    """Ray Data callable class: loads the student once per actor (``checkpoint``: a folder or a
+    `ray.train.Checkpoint`), encodes a pyarrow batch of documents."""
 
-    def __init__(self, checkpoint: str, teacher: TeacherConfig | None = None):
+    def __init__(self, checkpoint: str | Any, teacher: TeacherConfig | None = None):
         from .student import load_student
 
         self.student = load_student(checkpoint, teacher)
@@ -106,6 +107,38 @@ class DocumentEncoder:
         return encode_corpus(
             self.student, batch.column("doc_id").to_pylist(), batch.column("doc_text").to_pylist()
         )
+
+
+def encode_corpus_dataset(
+    corpus: Mapping[str, Any],
+    checkpoint: str | Any,
+    teacher: TeacherConfig | None,
+    batch_size: int,
+    actors: tuple[int, int],
+    cpus_per_actor: float,
+    gpus_per_actor: float,
+):
+    """``corpus`` (``doc_id -> document`` with ``title`` and ``text``) encoded by a checkpoint's student on a Ray
+    Data pool of `DocumentEncoder` actors (``actors``: MIN, MAX): a lazy Dataset of `embedding_schema` rows, one
+    block per ``batch_size`` documents."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    from .prompts import document_text
+
+    docs = pa.table(
+        {"doc_id": list(corpus), "doc_text": [document_text(d.title, d.text) for d in corpus.values()]}
+    )
+    blocks = [docs.slice(i, batch_size) for i in range(0, len(docs), batch_size)]
+    return ray.data.from_arrow(blocks).map_batches(
+        DocumentEncoder,
+        fn_constructor_kwargs={"checkpoint": checkpoint, "teacher": teacher},
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(min_size=actors[0], max_size=actors[1]),
+        num_gpus=gpus_per_actor,
+        num_cpus=cpus_per_actor,
+    )
 
 
 def faiss_index(
@@ -187,12 +220,9 @@ def build_index(config: IndexConfig) -> dict[str, Any]:
     `IndexConfig`); returns the manifest."""
     import pyarrow.parquet as pq
     import ray
-    import ray.data
-    from ray.data import ActorPoolStrategy
 
     from .data.beir import find_file, read_corpus
     from .io import atomic_dir, init_ray, write_json_atomic
-    from .prompts import document_text
     from .student import checkpoint_digest, load_student_info
 
     start = time.perf_counter()
@@ -202,32 +232,24 @@ def build_index(config: IndexConfig) -> dict[str, Any]:
         corpus, rejects = read_corpus(find_file(Path(config.data), "corpus"), on_bad_row=config.on_bad_row)  # type: ignore[arg-type]
         if not corpus:
             raise ValueError(f"{config.data}: the corpus has no documents")
-        docs = pa.table(
-            {
-                "doc_id": list(corpus),
-                "doc_text": [document_text(d.title, d.text) for d in corpus.values()],
-            }
-        )
         init_ray()
         gpus_per_actor = config.gpus_per_actor
         if gpus_per_actor is None:
             gpus_per_actor = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        min_actors, max_actors = actor_range(config.actors)
-        blocks = [docs.slice(i, config.batch_size) for i in range(0, len(docs), config.batch_size)]
-        encoded = ray.data.from_arrow(blocks).map_batches(
-            DocumentEncoder,
-            fn_constructor_kwargs={"checkpoint": str(checkpoint), "teacher": info["teacher_config"]},
-            batch_size=config.batch_size,
-            batch_format="pyarrow",
-            compute=ActorPoolStrategy(min_size=min_actors, max_size=max_actors),
-            num_gpus=gpus_per_actor,
-            num_cpus=config.cpus_per_actor,
+        encoded = encode_corpus_dataset(
+            corpus,
+            str(checkpoint),
+            info["teacher_config"],
+            config.batch_size,
+            actor_range(config.actors),
+            config.cpus_per_actor,
+            gpus_per_actor,
         )
         encoded.write_parquet(str(staging / "embeddings"))
         files = sorted(p.name for p in (staging / "embeddings").glob("*.parquet"))
         count = sum(pq.ParquetFile(staging / "embeddings" / f).metadata.num_rows for f in files)
-        if count != len(docs):
-            raise RuntimeError(f"encoded {count} documents of {len(docs)}")
+        if count != len(corpus):
+            raise RuntimeError(f"encoded {count} documents of {len(corpus)}")
         proj_dim = pq.read_schema(staging / "embeddings" / files[0]).field("doc_vec").type.list_size
         encode_s = time.perf_counter() - start
 
