@@ -141,6 +141,24 @@ def encode_corpus_dataset(
     )
 
 
+class QueryEncoder:
+    """Ray Data callable class, the query side of `DocumentEncoder`: a batch of queries (``query_id``,
+    ``query_text``) to their first-stage vectors ``q_vec`` (fixed_size_list<float32>[k],
+    ``normalize(q_proj(encode_queries(text)))``: `Rabtriever.embed_queries`), what a ``doc_vec`` index is searched
+    with."""
+
+    def __init__(self, checkpoint: str | Any, teacher: TeacherConfig | None = None):
+        from .student import load_student
+
+        self.student = load_student(checkpoint, teacher)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        with torch.no_grad():
+            hidden = self.student.encode_queries(batch.column("query_text").to_pylist())
+            vectors = self.student.embed_queries(hidden).float().cpu()
+        return pa.table({"query_id": batch.column("query_id"), "q_vec": _fixed_list(vectors.numpy())})
+
+
 def faiss_index(
     vectors: np.ndarray,
     index_type: IndexType = "flat",

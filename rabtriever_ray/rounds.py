@@ -1,9 +1,14 @@
 """On-policy rounds: the current student chooses which pairs the teacher scores next.
 
-In round ``r >= 1`` every training query's candidate pool (``round_pool``: all | bm25:K | a run file) is scored
-by the student of round ``r - 1``; ``round_k`` documents are drawn per query *without replacement* from the
-student's own softmax over its scores at temperature ``round_tau`` (Gumbel top-k), the query's positives are
-added, and exactly those pairs go to the teacher stage and on to training.
+In round ``r >= 1`` every training query's candidate pool (``round_pool``) is scored by the student of round
+``r - 1``; ``round_k`` documents are drawn per query *without replacement* from the student's own softmax over its
+scores at temperature ``round_tau`` (Gumbel top-k), the query's positives are added, and exactly those pairs go to
+the teacher stage and on to training. Round 0 trains on ``candidates`` (or ``teacher_data``) whatever the pool.
+
+The pool of a query is its qrel positives plus either the candidates of a `build_pairs` policy (all | bm25:K | a
+run file) or, with ``student:K``, the top K documents of the whole corpus by the first stage of the student of
+round ``r - 1`` (`student_pools`: the corpus encoded on a Ray Data actor pool, an exact FAISS inner-product
+index built block by block, the queries' first-stage vectors searched against it).
 
 The draw for a query depends only on ``(seed, round, query_id)``, not on how Ray Data batches the queries, so a
 rerun of an interrupted job picks the same pairs and Ray Train resumes the round from its own checkpoint.
@@ -18,8 +23,8 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from .config import DistillConfig
-from .data.candidates import PAIR_SCHEMA, build_pairs
+from .config import ConfigError, DistillConfig
+from .data.candidates import PAIR_SCHEMA, build_pairs, select_queries
 
 
 def gumbel_top_k(scores: torch.Tensor, k: int, tau: float, generator: torch.Generator) -> list[int]:
@@ -42,20 +47,99 @@ def query_generator(seed: int, round_index: int, query_id: str) -> torch.Generat
     return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{round_index}:{query_id}".encode()))
 
 
-def pools_table(cfg: DistillConfig, data) -> pa.Table:
-    """One row per training query: its text, its candidate pool and its positives (the sampler's input)."""
-    pairs = build_pairs(data, cfg.round_pool, cfg.max_train_queries, cfg.seed, training=True)
+def student_pool_size(spec: str) -> int | None:
+    """K of a ``student:K`` round pool; None for the `build_pairs` policies (all | bm25:K | a run file)."""
+    if not spec.startswith("student:"):
+        return None
+    try:
+        k = int(spec.split(":", 1)[1])
+    except ValueError as err:
+        raise ConfigError(f"round_pool {spec!r}: expected student:K with an integer K") from err
+    if k < 1:
+        raise ConfigError(f"round_pool {spec!r}: K must be >= 1")
+    return k
+
+
+def student_pools(
+    cfg: DistillConfig, data, query_ids: Sequence[str], checkpoint: Any, k: int, cpus: float, gpus: float
+) -> dict[str, list[str]]:
+    """Each query's top ``k`` documents of the whole corpus (best first) by the first stage of the student in
+    ``checkpoint``: inner products of ``embed_queries`` and ``embed_documents`` vectors, exact.
+
+    Documents and queries are encoded on Ray Data actor pools (`encode_corpus_dataset`, `QueryEncoder`; up to
+    ``teacher_actors`` actors of ``cpus`` / ``gpus`` each); the driver builds a flat FAISS index from the encoded
+    blocks one at a time (`faiss_index_from_chunks`) and searches it one block of queries at a time.
+    """
+    import ray
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    from .index import QueryEncoder, _matrix, encode_corpus_dataset, faiss_index_from_chunks
+
+    actors = (1, cfg.teacher_actors)
+    encoded = encode_corpus_dataset(
+        data.corpus, checkpoint, cfg.teacher, cfg.teacher_batch_size, actors, cpus, gpus
+    )
+    doc_blocks = encoded.select_columns(["doc_id", "doc_vec"]).to_arrow_refs()
+    doc_ids = [d for block in doc_blocks for d in ray.get(block).column("doc_id").to_pylist()]
+    dim = ray.get(doc_blocks[0]).schema.field("doc_vec").type.list_size
+    index = faiss_index_from_chunks(
+        lambda: (_matrix(ray.get(block).column("doc_vec"), dim) for block in doc_blocks), len(doc_ids), dim
+    )
+    doc_blocks.clear()  # the index holds its own copy of the vectors: release the blocks
+    texts = [data.queries[qid].text for qid in query_ids]
+    vectors = ray.data.from_arrow(pa.table({"query_id": list(query_ids), "query_text": texts})).map_batches(
+        QueryEncoder,
+        fn_constructor_kwargs={"checkpoint": checkpoint, "teacher": cfg.teacher},
+        batch_size=64,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(min_size=1, max_size=cfg.teacher_actors),
+        num_cpus=cpus,
+        num_gpus=gpus,
+    )
+    pools: dict[str, list[str]] = {}
+    for ref in vectors.to_arrow_refs():
+        block = ray.get(ref)
+        _, ids = index.search(_matrix(block.column("q_vec"), dim), min(k, len(doc_ids)))
+        for qid, row in zip(block.column("query_id").to_pylist(), ids):
+            pools[qid] = [doc_ids[j] for j in row]
+    return pools
+
+
+def pools_table(
+    cfg: DistillConfig, data, checkpoint: Any = None, cpus: float = 1.0, gpus: float = 0.0
+) -> pa.Table:
+    """One row per training query: its text, its candidate pool and its positives (the sampler's input).
+
+    A ``student:K`` pool needs ``checkpoint``, the student whose first stage retrieves it (`student_pools`, on
+    actors of ``cpus`` / ``gpus`` each).
+    """
     pools: dict[str, dict[str, Any]] = {}
-    for qid, did, label, qtext in zip(
-        pairs.column("query_id").to_pylist(),
-        pairs.column("doc_id").to_pylist(),
-        pairs.column("label").to_pylist(),
-        pairs.column("query_text").to_pylist(),
-    ):
-        entry = pools.setdefault(qid, {"query_text": qtext, "pool": [], "positives": []})
-        entry["pool"].append(did)
-        if label > 0:
-            entry["positives"].append(did)
+    k = student_pool_size(cfg.round_pool)
+    if k is not None:
+        if checkpoint is None:
+            raise ValueError(
+                f"round_pool {cfg.round_pool!r} draws from a student's first stage: it needs the checkpoint of "
+                "the round before (round 0 trains on candidates)"
+            )
+        query_ids = select_queries(data, cfg.max_train_queries, cfg.seed)
+        retrieved = student_pools(cfg, data, query_ids, checkpoint, k, cpus, gpus)
+        for qid in query_ids:
+            positives = [d for d, grade in data.qrels.get(qid, {}).items() if grade > 0]
+            pool = retrieved[qid] + [d for d in positives if d not in retrieved[qid]]
+            pools[qid] = {"query_text": data.queries[qid].text, "pool": pool, "positives": positives}
+    else:
+        pairs = build_pairs(data, cfg.round_pool, cfg.max_train_queries, cfg.seed, training=True)
+        for qid, did, label, qtext in zip(
+            pairs.column("query_id").to_pylist(),
+            pairs.column("doc_id").to_pylist(),
+            pairs.column("label").to_pylist(),
+            pairs.column("query_text").to_pylist(),
+        ):
+            entry = pools.setdefault(qid, {"query_text": qtext, "pool": [], "positives": []})
+            entry["pool"].append(did)
+            if label > 0:
+                entry["positives"].append(did)
     return pa.table(
         {
             "query_id": list(pools),
@@ -136,12 +220,12 @@ def sample_round_pairs(cfg: DistillConfig, data, checkpoint: Any, round_index: i
 
     from .prompts import document_text
 
-    queries = pools_table(cfg, data)
+    gpus = cfg.teacher_gpus if cfg.use_gpu and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    queries = pools_table(cfg, data, checkpoint, cpus, gpus)
     # The sampler actors get the texts of pooled documents only, not the corpus.
     pooled = {did for pool in queries.column("pool").to_pylist() for did in pool}
     documents = {did: document_text(data.corpus[did].title, data.corpus[did].text) for did in sorted(pooled)}
     qrels = {qid: dict(data.qrels.get(qid, {})) for qid in queries.column("query_id").to_pylist()}
-    gpus = cfg.teacher_gpus if cfg.use_gpu and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     drawn = ray.data.from_arrow(queries).map_batches(
         StudentSampler,
         fn_constructor_kwargs={

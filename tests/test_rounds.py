@@ -4,10 +4,17 @@ import pyarrow as pa
 import pytest
 import torch
 
-from rabtriever_ray.config import DistillConfig, load_config
+from rabtriever_ray.config import ConfigError, DistillConfig, load_config
 from rabtriever_ray.data import DEMO_DATA, read_beir
 from rabtriever_ray.prompts import document_text
-from rabtriever_ray.rounds import StudentSampler, gumbel_top_k, pools_table, query_generator
+from rabtriever_ray.rounds import (
+    StudentSampler,
+    gumbel_top_k,
+    pools_table,
+    query_generator,
+    sample_round_pairs,
+    student_pool_size,
+)
 from rabtriever_ray.student import Rabtriever
 
 
@@ -49,15 +56,17 @@ def _config(*extra):
     )
 
 
-@pytest.fixture
-def checkpoint(tiny_teacher, tmp_path):
-    """A tiny student with a perturbed (non-zero) predictor, saved as a checkpoint directory."""
+@pytest.fixture(scope="module")
+def checkpoint(tiny_teacher, tmp_path_factory):
+    """A tiny student with a perturbed (non-zero) predictor and first-stage projections (not their seeded
+    initialisation: whoever scores with them must have read the checkpoint), saved as a checkpoint directory."""
     student = Rabtriever(tiny_teacher, _config().student)
     with torch.no_grad():
-        for p in student.predictor.parameters():
+        for p in student.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.5)
-    student.save_trainable(tmp_path / "ckpt", teacher="tiny-random-llama")
-    return student, str(tmp_path / "ckpt")
+    directory = tmp_path_factory.mktemp("rounds") / "ckpt"
+    student.save_trainable(directory, teacher="tiny-random-llama")
+    return student, str(directory)
 
 
 def test_sampler_draws_k_from_the_pool_plus_positives_and_is_batch_independent(checkpoint):
@@ -107,3 +116,91 @@ def test_sampler_at_low_temperature_takes_the_students_own_top_k(checkpoint):
             )[0]
         top = {pool[i] for i in scores.topk(3).indices.tolist()}
         assert {r["doc_id"] for r in rows if r["query_id"] == qid} == top | set(positives)
+
+
+# -- student:K pools: the previous round's student's own first stage over the whole corpus -------------------
+
+
+@pytest.fixture(scope="module")
+def student_round(ray_local, checkpoint):
+    """Round 1 with ``round_pool=student:5`` on Ray, as the distillation runs it (from a Ray Train checkpoint):
+    (config, data, the pools the round drew from, the drawn pairs)."""
+    from ray.train import Checkpoint
+
+    from rabtriever_ray import rounds
+
+    _, directory = checkpoint
+    cfg = _config("round_pool=student:5", "round_k=2", "teacher_batch_size=8")  # 30 documents, 4 blocks
+    data = read_beir(DEMO_DATA, "train")
+    pools = []
+
+    def kept_pools_table(*args, **kwargs):
+        pools.append(pools_table(*args, **kwargs))
+        return pools[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rounds, "pools_table", kept_pools_table)
+        pairs = sample_round_pairs(cfg, data, Checkpoint.from_directory(directory), round_index=1, cpus=0.5)
+    return cfg, data, pools[0], pairs
+
+
+def test_student_pools_are_the_first_stage_top_k_plus_positives(student_round, checkpoint):
+    student, _ = checkpoint
+    _, data, queries, _ = student_round
+    assert queries.num_rows == 6
+    # The plain reference: every query against every document in this process, best first.
+    doc_ids = list(data.corpus)
+    with torch.no_grad():
+        reference = student.first_stage_scores(
+            student.encode_queries(queries.column("query_text").to_pylist()),
+            student.encode_documents([document_text(d.title, d.text) for d in data.corpus.values()]),
+        )
+    for row, scores in zip(queries.to_pylist(), reference):
+        positives = [d for d, grade in data.qrels[row["query_id"]].items() if grade > 0]
+        retrieved = row["pool"][:5]
+        assert row["positives"] == positives and positives
+        assert row["pool"] == retrieved + [d for d in positives if d not in retrieved]
+        assert len(set(retrieved)) == 5
+        # The student's top 5 in its order (a near-tie at the 5th place may swap within float32 rounding).
+        got = scores[[doc_ids.index(d) for d in retrieved]]
+        torch.testing.assert_close(got, scores.topk(5).values, atol=1e-5, rtol=0)
+
+
+def test_student_pools_draw_the_same_pairs_for_the_same_seed(student_round, checkpoint):
+    _, directory = checkpoint
+    cfg, data, pools, pairs = student_round
+    documents = {d: document_text(doc.title, doc.text) for d, doc in data.corpus.items()}
+    qrels = {q: dict(data.qrels[q]) for q in pools.column("query_id").to_pylist()}
+    # The pairs drawn on Ray are the ones this process draws from the same pools with the same seed and round
+    # (sorted by query, as sample_round_pairs returns them).
+    in_process = StudentSampler(cfg, directory, documents, qrels, round_index=1)(pools)
+    assert (
+        pairs.to_pylist()
+        == in_process.sort_by([("query_id", "ascending"), ("doc_id", "ascending")]).to_pylist()
+    )
+    drawn: dict[str, set[str]] = {}
+    for row in pairs.to_pylist():
+        drawn.setdefault(row["query_id"], set()).add(row["doc_id"])
+    for qid, pool, positives in zip(
+        *(pools.column(c).to_pylist() for c in ("query_id", "pool", "positives"))
+    ):
+        assert set(positives) <= drawn[qid] <= set(pool) and 2 <= len(drawn[qid]) <= 2 + len(positives)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [("student:0", "K must be >= 1"), ("student:-2", "K must be >= 1"), ("student:x", "integer K")],
+)
+def test_a_bad_student_pool_is_refused_naming_the_option(spec, message):
+    with pytest.raises(ConfigError, match=rf"round_pool '{spec}': .*{message}"):
+        _config(f"round_pool={spec}")
+    with pytest.raises(ConfigError, match=message):
+        student_pool_size(spec)
+
+
+def test_student_pools_need_a_student():
+    assert student_pool_size("student:7") == 7 and student_pool_size("bm25:7") is None
+    with pytest.raises(
+        ValueError, match="round_pool 'student:5' .* needs the checkpoint of the round before"
+    ):
+        pools_table(_config("round_pool=student:5"), read_beir(DEMO_DATA, "train"))

@@ -307,8 +307,9 @@ class DistillConfig:
     round_tau: float = option(1.0, "temperature of the student's softmax for the round sampling")
     round_pool: str = option(
         "all",
-        "candidate pool the student samples from: all (every document; refused beyond 1,000,000 queries x "
-        "documents) | bm25:K | a run file",
+        "candidate pool the student samples from in each later round: all (every document; refused beyond "
+        "1,000,000 queries x documents) | bm25:K | a run file | student:K (the top K of the whole corpus by the "
+        "previous round's student's own first stage, exact FAISS search; round 0 trains on candidates)",
     )
     round_epochs: int | None = option(None, "epochs of each later round (default: epochs)")
     max_failures: int = option(1, "worker failures to recover from (from the last checkpoint)")
@@ -368,6 +369,10 @@ class DistillConfig:
         _gpu_shares(self, "gpus_per_worker", "teacher_gpus")
         if self.round_tau <= 0:
             raise ConfigError(f"round_tau must be > 0, got {self.round_tau}")
+        if self.round_pool.startswith("student:"):
+            from ..rounds import student_pool_size  # with the policy it parses; imports torch, so only here
+
+            student_pool_size(self.round_pool)
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
 
