@@ -242,6 +242,7 @@ def read_teacher_scores(path: str | Path, hidden_size: int | None = None):
 
 def summarize(path: str | Path) -> dict[str, Any]:
     """Row, query, document and truncation counts of written Parquet files (read from a few columns only)."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     table = pq.ParquetDataset(str(path)).read(
@@ -249,8 +250,8 @@ def summarize(path: str | Path) -> dict[str, Any]:
     )
     return {
         "rows": table.num_rows,
-        "queries": len(set(table.column("query_id").to_pylist())),
-        "documents": len(set(table.column("doc_id").to_pylist())),
+        "queries": pc.count_distinct(table.column("query_id")).as_py(),
+        "documents": pc.count_distinct(table.column("doc_id")).as_py(),
         "truncated": int(np.sum(table.column("truncated").to_numpy(zero_copy_only=False))),
         "query_tokens": int(np.sum(table.column("query_tokens").to_numpy())),
         "doc_tokens": int(np.sum(table.column("doc_tokens").to_numpy())),
@@ -270,40 +271,70 @@ def write_teacher_scores(
 
     from .config import to_dict
     from .data.beir import read_beir, write_rejects
-    from .data.candidates import build_pairs
+    from .data.candidates import build_pairs, parse_candidates
+    from .data.stream import read_beir_dataset, run_pairs
     from .io import atomic_dir, init_ray, write_json_atomic
 
     start = time.perf_counter()
+    policy, _ = parse_candidates(config.candidates)
+    min_actors, max_actors = actor_range(config.actors)
     with atomic_dir(config.out, config.overwrite) as staging:  # refuses before any expensive work
-        data = read_beir(config.data, config.split, on_bad_row=config.on_bad_row)  # type: ignore[arg-type]
-        pairs = build_pairs(
-            data, config.candidates, max_queries=config.max_queries, seed=config.seed, training=config.training
-        )
-        if len(pairs) == 0:
+        if policy == "run":
+            # A run file: read, validate and join in Ray Data; the driver holds counts, not the corpus.
+            init_ray()
+            data = read_beir_dataset(config.data, config.split, on_bad_row=config.on_bad_row)  # type: ignore[arg-type]
+            blocks, pair_counts = run_pairs(
+                data,
+                config.candidates,
+                training=config.training,
+                max_queries=config.max_queries,
+                seed=config.seed,
+                min_partitions=2 * max_actors,
+            )
+            n_pairs = pair_counts["pairs"]
+        else:
+            data = read_beir(config.data, config.split, on_bad_row=config.on_bad_row)  # type: ignore[arg-type]
+            pairs = build_pairs(
+                data,
+                config.candidates,
+                max_queries=config.max_queries,
+                seed=config.seed,
+                training=config.training,
+            )
+            n_pairs = len(pairs)
+        if n_pairs == 0:
             raise ValueError(
                 f"{config.data}: no candidate pairs (split {config.split!r}, candidates {config.candidates!r})"
             )
-        init_ray()  # after the input is known to be good: bad input fails fast, without starting Ray
-        # Training pairs in blocks of whole candidate lists, one actor call per block, so that each written file
-        # holds whole lists (what distillation batches need); other pairs grouped by document for prefix sharing.
-        blocks = (
-            pairs_dataset(pairs, config.batch_size, whole_queries=True)
-            if config.training
-            else pairs_dataset(document_major(pairs))
-        )
+        if policy != "run":
+            init_ray()  # after the input is known to be good: bad input fails fast, without starting Ray
+            # Training pairs in blocks of whole candidate lists, one actor call per block, so that each written
+            # file holds whole lists (what distillation batches need); other pairs grouped by document for prefix
+            # sharing.
+            blocks = (
+                pairs_dataset(pairs, config.batch_size, whole_queries=True)
+                if config.training
+                else pairs_dataset(document_major(pairs))
+            )
         stage = teacher_stage(
             blocks,
             config.teacher,
-            actors=actor_range(config.actors),
+            actors=(min_actors, max_actors),
             gpus_per_actor=config.gpus_per_actor,
             cpus_per_actor=config.cpus_per_actor,
             batch_size=None if config.training else config.batch_size,
             crash_once=crash_once,
         )
         stage.write_parquet(str(staging / "data"))
-        counts = summarize(staging / "data")
-        if counts["rows"] != len(pairs):
-            raise RuntimeError(f"wrote {counts['rows']} rows for {len(pairs)} candidate pairs")
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # Counted in a task on this node (where the folder is): the driver never reads the written rows.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        count_task = ray.remote(summarize).options(num_cpus=0.25, scheduling_strategy=here)
+        counts = ray.get(count_task.remote(str(staging / "data")))
+        if counts["rows"] != n_pairs:
+            raise RuntimeError(f"wrote {counts['rows']} rows for {n_pairs} candidate pairs")
         if data.rejects:
             write_rejects(data.rejects, staging / "rejects.jsonl")
         import pyarrow.parquet as pq

@@ -136,6 +136,38 @@ def test_job_skip_policy_writes_rejects(ray_local, tmp_path):
     assert [(r["line"], r["field"]) for r in rejects] == [(7, "<json>"), (7, "corpus-id")]
 
 
+def test_job_with_a_run_file_reads_and_joins_in_ray_data(ray_local, tmp_path):
+    """Run-file candidates go through the Ray Data readers and joins: the same pairs as the in-process path, bad
+    rows in rejects.jsonl, and in training mode every written file holding whole candidate lists."""
+    root = write_beir(
+        tmp_path / "broken", extra_corpus_lines=['{"_id": "x", "text": '], extra_qrel_lines=["q1\tnope\t1"]
+    )
+    run = tmp_path / "run.trec"
+    run.write_text(
+        "".join(f"{q} Q0 {d} {r} 1.0 t\n" for q in INSTRUCTIONS for r, d in enumerate(SKILLS) if r < 3)
+    )
+    out = tmp_path / "out"
+    config = _score_config(
+        root, out, candidates=str(run), training=True, on_bad_row="skip", actors="1:2", **_stage_kwargs()
+    )
+    manifest = write_teacher_scores(config)
+    expected = build_pairs(read_beir(root, "test", on_bad_row="skip"), str(run), training=True)
+    assert manifest["rows"] == len(expected) and manifest["queries"] == len(INSTRUCTIONS)
+    assert manifest["rejected_rows"] == {"corpus.jsonl": 1, "test.tsv": 1}
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["field"]) for r in rejects] == [(7, "<json>"), (7, "corpus-id")]
+    files = sorted((out / "data").glob("*.parquet"))
+    assert len(files) > 1
+    seen = set()
+    for path in files:
+        queries = set(pq.read_table(path, columns=["query_id"]).column("query_id").to_pylist())
+        assert not queries & seen  # a query's list lies in one file
+        seen |= queries
+    written = pq.ParquetDataset(str(out / "data")).read()
+    key = lambda t: sorted(zip(*(t.column(c).to_pylist() for c in ("query_id", "doc_id", "label"))))  # noqa: E731
+    assert key(written) == key(expected)
+
+
 def test_failed_run_leaves_nothing_that_looks_complete(ray_local, tmp_path):
     root = write_beir(tmp_path / "broken", extra_corpus_lines=['{"_id": "x", "text": '])
     out = tmp_path / "out"
@@ -219,7 +251,9 @@ def test_training_blocks_hold_whole_candidate_lists_and_the_split_hands_out_whol
         ids = block.column("query_id").to_pylist()
         assert all(ids.count(q) == sizes[int(q[1:])] for q in set(ids))  # whole lists only
         assert block.num_rows < 10 + max(sizes)  # cut at the first boundary past rows_per_block
-        doc_order = {q: [d for i, d in zip(ids, block.column("doc_id").to_pylist()) if i == q] for q in set(ids)}
+        doc_order = {
+            q: [d for i, d in zip(ids, block.column("doc_id").to_pylist()) if i == q] for q in set(ids)
+        }
         assert all(docs == [d for i, d in rows if i == q] for q, docs in doc_order.items())  # order kept
 
     scored = teacher_stage(dataset, TEACHER, **_stage_kwargs(batch_size=None))  # one actor call per block

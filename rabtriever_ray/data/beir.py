@@ -83,16 +83,18 @@ class BeirData:
 
 
 class _Validator:
-    def __init__(self, on_bad_row: OnBadRow):
+    def __init__(self, on_bad_row: OnBadRow, hint: bool = True):
         if on_bad_row not in ("fail", "skip"):
             raise ValueError(f"on_bad_row must be 'fail' or 'skip', got {on_bad_row!r}")
         self.on_bad_row = on_bad_row
         self.rejects: list[BadRow] = []
+        self.hint = hint  # whether on_bad_row='skip' is an option for this file
 
     def bad(self, path: Path, line: int, field_name: str, reason: str, raw: str) -> None:
         row = BadRow(str(path), line, field_name, reason, raw.rstrip("\n")[:2000])
         if self.on_bad_row == "fail":
-            raise DataError(row.message() + " (use on_bad_row='skip' to write it to rejects.jsonl and go on)")
+            hint = " (use on_bad_row='skip' to write it to rejects.jsonl and go on)" if self.hint else ""
+            raise DataError(row.message() + hint)
         self.rejects.append(row)
 
 
@@ -104,32 +106,86 @@ def find_file(root: Path, stem: str) -> Path:
     raise DataError(f"{root}: no {stem}.jsonl or {stem}.jsonl.gz (is this a BEIR folder?)")
 
 
-def _lines(path: Path, check: _Validator) -> Iterator[tuple[int, str]]:
-    """Numbered (from 1) text lines of ``path`` (gzipped if ``.gz``); a line that is not UTF-8 is a bad row.
+class RowError(ValueError):
+    """One row's problem: the field and the reason (`_Validator.bad` adds file, line and raw text)."""
 
-    ``utf-8-sig`` drops a leading byte-order mark and universal newlines turn CRLF into ``"\\n"``. Undecodable
-    bytes are read as surrogate escapes rather than failing the whole read, because the codec's own error names
-    neither the file nor the line (its position counts from the start of a read-ahead chunk); such a line goes
-    to ``check`` like any other bad row, with the codec's reason and the byte's place in the line.
-    """
+    def __init__(self, field_name: str, reason: str):
+        super().__init__(reason)
+        self.field = field_name
+        self.reason = reason
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def decode_line(raw: bytes, line_no: int) -> str:
+    """One line's bytes as text: a byte-order mark on line 1 dropped, CRLF read as LF; `RowError` (field
+    ``<encoding>``) when the bytes are not UTF-8, naming the byte and its place in the line (the codec's own
+    message counts from the start of a read-ahead chunk, which names neither file nor line)."""
+    if line_no == 1 and raw.startswith(BOM):
+        raw = raw[len(BOM) :]
+    if raw.endswith(b"\r\n"):
+        raw = raw[:-2] + b"\n"
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        where = f"byte 0x{raw[err.start]:02x} at byte {err.start + 1} of the line"
+        raise RowError("<encoding>", f"not UTF-8: {where} ({err.reason})") from None
+
+
+def raw_text(raw: bytes) -> str:
+    """A line as a reject records it: any byte that is not UTF-8 written as ``\\x8a``."""
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _lines(path: Path, check: _Validator) -> Iterator[tuple[int, str]]:
+    """Numbered (from 1) text lines of ``path`` (gzipped if ``.gz``); a line that is not UTF-8 is a bad row."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.isascii():  # only a non-ASCII line can hold an escaped byte
-                raw = line.encode("utf-8", "surrogateescape")  # the bytes read (CRLF as LF)
-                try:
-                    raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    where = f"byte 0x{raw[err.start]:02x} at byte {err.start + 1} of the line"
-                    check.bad(
-                        path,
-                        line_no,
-                        "<encoding>",
-                        f"not UTF-8: {where} ({err.reason})",
-                        raw.decode("utf-8", "backslashreplace"),
-                    )
-                    continue
-            yield line_no, line
+    with opener(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                yield line_no, decode_line(raw, line_no)
+            except RowError as err:
+                check.bad(path, line_no, err.field, err.reason, raw_text(raw))
+
+
+def parse_record(obj: Any, kind: Literal["corpus", "queries"]) -> tuple[str, str, str, dict[str, Any]]:
+    """A corpus or queries row (a parsed JSON value) as ``(id, title, text, metadata)``; `RowError` names the
+    field at fault. A query's title is always ``""``."""
+    if not isinstance(obj, dict):
+        raise RowError("<json>", f"expected a JSON object, got {type(obj).__name__}")
+    row_id = obj.get("_id")
+    if isinstance(row_id, int) and not isinstance(row_id, bool):
+        row_id = str(row_id)
+    if not isinstance(row_id, str) or not row_id.strip():
+        raise RowError("_id", "missing or not a non-empty string")
+    text, title = obj.get("text"), obj.get("title", "")
+    if not isinstance(text, str):
+        raise RowError("text", "missing or not a string")
+    if title is None:
+        title = ""
+    if not isinstance(title, str):
+        raise RowError("title", "not a string")
+    if kind == "queries" and not text.strip():
+        raise RowError("text", "empty query text")
+    if kind == "corpus" and not text.strip() and not title.strip():
+        raise RowError("text", "empty document (no text and no title)")
+    metadata = obj.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise RowError("metadata", "not a JSON object")
+    return row_id, title if kind == "corpus" else "", text, metadata
+
+
+def parse_json_line(raw: str) -> Any:
+    """A JSONL line's value; `RowError` (field ``<json>``) when it is not JSON."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise RowError("<json>", f"malformed JSON: {err.msg} at column {err.colno}") from None
+
+
+def duplicate_reason(row_id: str, first_line: int) -> str:
+    return f"duplicate id {row_id!r} (first on line {first_line})"
 
 
 def _read_jsonl(
@@ -141,42 +197,12 @@ def _read_jsonl(
         if not raw.strip():
             continue
         try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as err:
-            check.bad(path, line_no, "<json>", f"malformed JSON: {err.msg} at column {err.colno}", raw)
-            continue
-        if not isinstance(obj, dict):
-            check.bad(path, line_no, "<json>", f"expected a JSON object, got {type(obj).__name__}", raw)
-            continue
-        row_id = obj.get("_id")
-        if isinstance(row_id, int) and not isinstance(row_id, bool):
-            row_id = str(row_id)
-        if not isinstance(row_id, str) or not row_id.strip():
-            check.bad(path, line_no, "_id", "missing or not a non-empty string", raw)
-            continue
-        text, title = obj.get("text"), obj.get("title", "")
-        if not isinstance(text, str):
-            check.bad(path, line_no, "text", "missing or not a string", raw)
-            continue
-        if title is None:
-            title = ""
-        if not isinstance(title, str):
-            check.bad(path, line_no, "title", "not a string", raw)
-            continue
-        if kind == "queries" and not text.strip():
-            check.bad(path, line_no, "text", "empty query text", raw)
-            continue
-        if kind == "corpus" and not text.strip() and not title.strip():
-            check.bad(path, line_no, "text", "empty document (no text and no title)", raw)
-            continue
-        metadata = obj.get("metadata") or {}
-        if not isinstance(metadata, dict):
-            check.bad(path, line_no, "metadata", "not a JSON object", raw)
+            row_id, title, text, metadata = parse_record(parse_json_line(raw), kind)
+        except RowError as err:
+            check.bad(path, line_no, err.field, err.reason, raw)
             continue
         if row_id in rows:
-            check.bad(
-                path, line_no, "_id", f"duplicate id {row_id!r} (first on line {first_line[row_id]})", raw
-            )
+            check.bad(path, line_no, "_id", duplicate_reason(row_id, first_line[row_id]), raw)
             continue
         first_line[row_id] = line_no
         rows[row_id] = Document(title, text, metadata) if kind == "corpus" else Query(text, metadata)
@@ -193,27 +219,36 @@ def read_queries(path: str | Path, on_bad_row: OnBadRow = "fail") -> tuple[dict[
     return _read_jsonl(Path(path), "queries", check), check.rejects
 
 
+def parse_qrel(raw: str, line_no: int) -> tuple[str, str, int] | None:
+    """A qrels line as ``(query_id, doc_id, grade)``, or None for the header (line 1, checked); `RowError`
+    names the field at fault. Whether the ids exist is the caller's check."""
+    parts = raw.rstrip("\n").split("\t")
+    if line_no == 1:
+        if tuple(p.strip() for p in parts) != QRELS_HEADER:
+            raise RowError("<header>", f"expected header {' '.join(QRELS_HEADER)!r} (tab-separated)")
+        return None
+    if len(parts) != 3:
+        raise RowError("<row>", f"expected 3 tab-separated fields, got {len(parts)}")
+    query_id, doc_id, score = (p.strip() for p in parts)
+    try:
+        return query_id, doc_id, int(score)
+    except ValueError:
+        raise RowError("score", f"not an integer: {score!r}") from None
+
+
 def _read_qrels(path: Path, queries: dict, corpus: dict, check: _Validator) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
     for line_no, raw in _lines(path, check):
         if not raw.strip():
             continue
-        parts = raw.rstrip("\n").split("\t")
-        if line_no == 1:
-            if tuple(p.strip() for p in parts) != QRELS_HEADER:
-                check.bad(
-                    path, 1, "<header>", f"expected header {' '.join(QRELS_HEADER)!r} (tab-separated)", raw
-                )
-            continue
-        if len(parts) != 3:
-            check.bad(path, line_no, "<row>", f"expected 3 tab-separated fields, got {len(parts)}", raw)
-            continue
-        query_id, doc_id, score = (p.strip() for p in parts)
         try:
-            grade = int(score)
-        except ValueError:
-            check.bad(path, line_no, "score", f"not an integer: {score!r}", raw)
+            parsed = parse_qrel(raw, line_no)
+        except RowError as err:
+            check.bad(path, line_no, err.field, err.reason, raw)
             continue
+        if parsed is None:
+            continue
+        query_id, doc_id, grade = parsed
         if query_id not in queries:
             check.bad(path, line_no, "query-id", f"unknown query {query_id!r}", raw)
             continue

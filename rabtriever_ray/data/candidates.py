@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..prompts import document_text
-from .beir import BeirData, DataError
+from .beir import BeirData, DataError, RowError, _lines, _Validator
 
 # The most pairs the ``all`` policy builds. Every pair carries its full document text in the driver and costs the
 # teacher one forward, so queries x documents bounds both; a million pairs (about 1 GB of text at 1 kB a pair, hours
@@ -105,25 +105,37 @@ class BM25Index:
         return [[self.doc_ids[i] for i in row] for row in indices], scores
 
 
+RUN_FORMAT = "qid Q0 docid rank score tag"
+
+
+def parse_run_line(raw: str) -> tuple[str, str, float] | None:
+    """A TREC run line as ``(query_id, doc_id, rank)``, None when blank; `RowError` names the field at fault."""
+    parts = raw.split()
+    if not parts:
+        return None
+    if len(parts) != 6:
+        raise RowError("<row>", f"expected {RUN_FORMAT!r}, got {len(parts)} fields")
+    try:
+        return parts[0], parts[2], float(parts[3])
+    except ValueError:
+        raise RowError("rank", f"not a number: {parts[3]!r}") from None
+
+
 def read_run(path: Path, data: BeirData) -> dict[str, list[str]]:
-    """A TREC run file as ``{query_id: [doc_id, ...]}`` ordered by rank; unknown ids are an error with the line."""
+    """A TREC run file as ``{query_id: [doc_id, ...]}`` ordered by rank; a bad line or an unknown document id is
+    a `DataError` naming file, line and field."""
     ranked: dict[str, list[tuple[float, str]]] = {}
-    with open(path, encoding="utf-8") as handle:
-        for line_no, raw in enumerate(handle, start=1):
-            parts = raw.split()
-            if not parts:
-                continue
-            if len(parts) != 6:
-                raise DataError(
-                    f"{path}:{line_no}: expected 'qid Q0 docid rank score tag', got {len(parts)} fields"
-                )
-            qid, _, doc_id, rank = parts[0], parts[1], parts[2], parts[3]
-            if doc_id not in data.corpus:
-                raise DataError(f"{path}:{line_no}: field 'docid': unknown document {doc_id!r}")
-            try:
-                ranked.setdefault(qid, []).append((float(rank), doc_id))
-            except ValueError as err:
-                raise DataError(f"{path}:{line_no}: field 'rank': not a number: {rank!r}") from err
+    for line_no, raw in _lines(path, _Validator("fail", hint=False)):
+        try:
+            parsed = parse_run_line(raw)
+        except RowError as err:
+            raise DataError(f"{path}:{line_no}: field {err.field!r}: {err.reason}") from None
+        if parsed is None:
+            continue
+        qid, doc_id, rank = parsed
+        if doc_id not in data.corpus:
+            raise DataError(f"{path}:{line_no}: field 'docid': unknown document {doc_id!r}")
+        ranked.setdefault(qid, []).append((rank, doc_id))
     out = {}
     for qid, rows in ranked.items():
         seen: dict[str, None] = {}
