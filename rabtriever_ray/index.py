@@ -110,7 +110,7 @@ class DocumentEncoder:
 
 
 def encode_corpus_dataset(
-    corpus: Mapping[str, Any],
+    corpus: Mapping[str, Any] | Any,
     checkpoint: str | Any,
     teacher: TeacherConfig | None,
     batch_size: int,
@@ -118,19 +118,23 @@ def encode_corpus_dataset(
     cpus_per_actor: float,
     gpus_per_actor: float,
 ):
-    """``corpus`` (``doc_id -> document`` with ``title`` and ``text``) encoded by a checkpoint's student on a Ray
-    Data pool of `DocumentEncoder` actors (``actors``: MIN, MAX): a lazy Dataset of `embedding_schema` rows, one
-    block per ``batch_size`` documents."""
+    """``corpus`` encoded by a checkpoint's student on a Ray Data pool of `DocumentEncoder` actors (``actors``:
+    MIN, MAX): a lazy Dataset of `embedding_schema` rows in batches of ``batch_size`` documents.
+
+    ``corpus`` is a Ray Dataset with ``doc_id`` and ``doc_text`` (`data.stream.read_corpus_dataset`), or a mapping
+    ``doc_id -> document`` with ``title`` and ``text`` (an in-process corpus).
+    """
     import ray.data
     from ray.data import ActorPoolStrategy
 
     from .prompts import document_text
 
-    docs = pa.table(
-        {"doc_id": list(corpus), "doc_text": [document_text(d.title, d.text) for d in corpus.values()]}
-    )
-    blocks = [docs.slice(i, batch_size) for i in range(0, len(docs), batch_size)]
-    return ray.data.from_arrow(blocks).map_batches(
+    if isinstance(corpus, Mapping):
+        docs = pa.table(
+            {"doc_id": list(corpus), "doc_text": [document_text(d.title, d.text) for d in corpus.values()]}
+        )
+        corpus = ray.data.from_arrow([docs.slice(i, batch_size) for i in range(0, len(docs), batch_size)])
+    return corpus.map_batches(
         DocumentEncoder,
         fn_constructor_kwargs={"checkpoint": checkpoint, "teacher": teacher},
         batch_size=batch_size,
@@ -169,7 +173,9 @@ def faiss_index(
     """A FAISS inner-product index over ``[n, k]`` float32 ``vectors`` (a CPU index, ready to save or search);
     `faiss_index_from_chunks` over one chunk."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    return faiss_index_from_chunks(lambda: iter([vectors]), *vectors.shape, index_type, hnsw_m, nlist, use_gpu)
+    return faiss_index_from_chunks(
+        lambda: iter([vectors]), *vectors.shape, index_type, hnsw_m, nlist, use_gpu
+    )
 
 
 IVF_TRAIN_POINTS_PER_LIST = 256  # FAISS's advice: 39 to 256 training points per inverted list
@@ -233,13 +239,33 @@ def ivf_training_sample(
     return np.ascontiguousarray(np.concatenate(sample), dtype=np.float32)
 
 
+def _write_faiss_index(
+    folder: str, files: list[str], count: int, dim: int, index_type: IndexType, hnsw_m: int, nlist: int | None
+) -> int | None:
+    """Build the FAISS index over ``folder/embeddings/<files>`` (``doc_vec``, file by file, in FAISS id order) and
+    write ``folder/index.faiss``; returns the IVF list count (None for other types)."""
+    import faiss
+    import pyarrow.parquet as pq
+
+    embeddings = Path(folder) / "embeddings"
+
+    def vectors() -> Iterator[np.ndarray]:
+        for name in files:
+            yield _matrix(pq.read_table(embeddings / name, columns=["doc_vec"])["doc_vec"], dim)
+
+    index = faiss_index_from_chunks(vectors, count, dim, index_type, hnsw_m, nlist)
+    faiss.write_index(index, str(Path(folder) / "index.faiss"))
+    return int(index.nlist) if index_type == "ivf" else None
+
+
 def build_index(config: IndexConfig) -> dict[str, Any]:
     """Encode a BEIR corpus with a checkpoint's student on Ray Data and write an index folder (every option:
     `IndexConfig`); returns the manifest."""
     import pyarrow.parquet as pq
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from .data.beir import find_file, read_corpus
+    from .data.stream import read_corpus_dataset
     from .io import atomic_dir, init_ray, write_json_atomic
     from .student import checkpoint_digest, load_student_info
 
@@ -247,10 +273,11 @@ def build_index(config: IndexConfig) -> dict[str, Any]:
     checkpoint = Path(config.checkpoint).resolve()
     info = load_student_info(checkpoint, config.teacher)  # a bad checkpoint fails before any work
     with atomic_dir(config.out, config.overwrite) as staging:
-        corpus, rejects = read_corpus(find_file(Path(config.data), "corpus"), on_bad_row=config.on_bad_row)  # type: ignore[arg-type]
-        if not corpus:
-            raise ValueError(f"{config.data}: the corpus has no documents")
         init_ray()
+        # Read and validated in Ray tasks: the driver holds counts, not the corpus.
+        corpus, n_docs, rejects = read_corpus_dataset(config.data, on_bad_row=config.on_bad_row)  # type: ignore[arg-type]
+        if not n_docs:
+            raise ValueError(f"{config.data}: the corpus has no documents")
         gpus_per_actor = config.gpus_per_actor
         if gpus_per_actor is None:
             gpus_per_actor = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -266,21 +293,19 @@ def build_index(config: IndexConfig) -> dict[str, Any]:
         encoded.write_parquet(str(staging / "embeddings"))
         files = sorted(p.name for p in (staging / "embeddings").glob("*.parquet"))
         count = sum(pq.ParquetFile(staging / "embeddings" / f).metadata.num_rows for f in files)
-        if count != len(corpus):
-            raise RuntimeError(f"encoded {count} documents of {len(corpus)}")
+        if count != n_docs:
+            raise RuntimeError(f"encoded {count} documents of {n_docs}")
         proj_dim = pq.read_schema(staging / "embeddings" / files[0]).field("doc_vec").type.list_size
         encode_s = time.perf_counter() - start
-
-        def vectors() -> Iterator[np.ndarray]:  # one file at a time, in FAISS id order
-            for name in files:
-                yield _matrix(pq.read_table(staging / "embeddings" / name, columns=["doc_vec"])["doc_vec"], proj_dim)
-
-        index = faiss_index_from_chunks(
-            vectors, count, proj_dim, config.index_type, config.hnsw_m, config.nlist
+        # Built in a task on this node (where the folder is), file by file: its peak memory is the index plus
+        # one file, and the driver's does not grow with the corpus.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        write_index = ray.remote(_write_faiss_index).options(num_cpus=0.5, scheduling_strategy=here)
+        nlist = ray.get(
+            write_index.remote(
+                str(staging), files, count, proj_dim, config.index_type, config.hnsw_m, config.nlist
+            )
         )
-        import faiss
-
-        faiss.write_index(index, str(staging / "index.faiss"))
         if rejects:
             from .data.beir import write_rejects
 
@@ -297,7 +322,7 @@ def build_index(config: IndexConfig) -> dict[str, Any]:
             "index_type": config.index_type,
             "index_params": {"hnsw_m": config.hnsw_m}
             if config.index_type == "hnsw"
-            else {"nlist": int(index.nlist)}
+            else {"nlist": nlist}
             if config.index_type == "ivf"
             else {},
             "files": files,

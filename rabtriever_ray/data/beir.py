@@ -46,6 +46,15 @@ class BadRow:
         return f"{self.file}:{self.line}: field {self.field!r}: {self.reason}"
 
 
+def reject_counts(rejects: list[BadRow]) -> dict[str, int]:
+    """Rejected rows per file name."""
+    counts: dict[str, int] = {}
+    for bad in rejects:
+        name = Path(bad.file).name
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
 @dataclass
 class Document:
     title: str
@@ -75,11 +84,7 @@ class BeirData:
     rejects: list[BadRow] = field(default_factory=list)
 
     def reject_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for bad in self.rejects:
-            name = Path(bad.file).name
-            counts[name] = counts.get(name, 0) + 1
-        return counts
+        return reject_counts(self.rejects)
 
 
 class _Validator:

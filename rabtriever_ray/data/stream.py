@@ -52,6 +52,7 @@ from .beir import (
     parse_qrel,
     parse_record,
     raw_text,
+    reject_counts,
 )
 from .candidates import PAIR_SCHEMA, parse_run_line
 
@@ -329,11 +330,7 @@ class BeirDatasets:
     rejects: list[BadRow] = field(default_factory=list)
 
     def reject_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for bad in self.rejects:
-            name = Path(bad.file).name
-            counts[name] = counts.get(name, 0) + 1
-        return counts
+        return reject_counts(self.rejects)
 
 
 class _Rejects:
