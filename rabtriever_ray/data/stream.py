@@ -1,10 +1,10 @@
-"""BEIR folders and TREC runs read by Ray Data, and candidate pairs joined in Ray Data: the path for corpora of
-any size, where the driver holds counts, never the corpus.
+"""BEIR folders and TREC runs read and validated in Ray tasks, and candidate pairs joined in Ray Data: the path
+for corpora of any size, where the driver holds counts, never the corpus.
 
 `beir.read_beir` and `candidates.build_pairs` hold a corpus in one process: right for evaluation, the demo and
 ``bm25:K`` candidates (one BM25 index over the whole corpus, which fits one node up to a few million documents).
-Here every file is read and validated in Ray Data read tasks, and candidate pairs come from a TREC run joined with
-the queries, the qrels and the corpus by hash joins, as distillation toolkits do at scale.
+Here every file is read and validated in Ray tasks, and candidate pairs come from a TREC run joined with the
+qrels, the queries and the corpus by Ray Data's hash joins, as distillation toolkits do at scale.
 
 Inputs, in a BEIR folder ``root``:
 
@@ -14,16 +14,19 @@ Inputs, in a BEIR folder ``root``:
 - ``qrels/<split>.tsv``, as in `beir`.
 - a TREC run (``qid Q0 docid rank score tag``): a file or a folder of shards.
 
-Every rule of `beir` holds, with the same file, line, field and reason. An uncompressed JSONL file is read in byte
-ranges of `RANGE_BYTES`, one task each; line numbers stay exact because each range's newlines are counted first. A
-duplicate id is found by a group-by over the ids (the first in file and line order is kept), and a qrel naming an
-unknown query or document by joins. Rejected rows travel with the data (a ``reject`` column) and reach the driver
-at the end of a read: with ``on_bad_row="fail"`` the first in file order is raised as `DataError`; with ``"skip"``
-they are returned for ``rejects.jsonl``. A bad run line, or one naming an unknown document, is always an error.
+Every rule of `beir` holds, with the same file, line, field and reason (`beir`'s row parsers are shared). An
+uncompressed file is read in byte ranges of `RANGE_BYTES`, one task each; line numbers stay exact because each
+range's newlines are counted first. Each read task also hashes its ids into buckets (one per GiB of input); one
+task per bucket then finds duplicate ids (the first in file and line order is kept; a later one is rejected,
+naming where the first is) and qrels naming an unknown query or document. The driver receives row counts and the
+rejected rows: with ``on_bad_row="fail"`` the first in file order is raised as `DataError`; with ``"skip"`` they
+are returned for ``rejects.jsonl``, and filter tasks drop them. A bad run line, or one naming an unknown document,
+is always an error.
 
-`read_beir_dataset` returns a `BeirDatasets`: materialized Ray Datasets of the corpus (``doc_id``, ``doc_text``),
-the split's queries (``query_id``, ``query_text``) and the qrels (``query_id``, ``doc_id``, ``grade``). `run_pairs`
-turns a run into candidate pairs in `PAIR_SCHEMA`, the columns `build_pairs` returns.
+`read_beir_dataset` returns a `BeirDatasets`: Ray Datasets (over the read tasks' blocks in the object store) of the
+corpus (``doc_id``, ``doc_text``: title, newline, text), the split's queries (``query_id``, ``query_text``) and the
+qrels (``query_id``, ``doc_id``, ``grade``). `run_pairs` turns a run into candidate pairs in `PAIR_SCHEMA`, the
+columns `build_pairs` returns.
 """
 
 from __future__ import annotations
