@@ -10,6 +10,8 @@ process runs the stages on a fresh local Ray:
   read        `read_beir_dataset`: every file read and validated in Ray tasks, ids checked across them
   candidates  `run_pairs` in training mode: the run joined with qrels, queries and corpus in Ray Data
   teacher     `teacher_stage` over those pairs (whole lists per block) with the tiny teacher, written as Parquet
+  distill     `run_distill`, one epoch, one worker, the teacher live: training pairs from the run (streamed),
+              validation on 100 queries' run candidates (`run_subset`)
   index       `build_index` (the index job): the corpus read again, encoded by a student on an actor pool into
               Parquet, FAISS (flat) built file by file in a task
   search      `Searcher`: 100 queries, top 10, two-stage above 10,000 documents (a per-query cost: left out of
@@ -17,8 +19,7 @@ process runs the stages on a fresh local Ray:
 
 Per stage it records wall seconds, seconds per 1,000 documents, the driver's peak RSS and the largest Ray worker's
 peak RSS (both sampled every 0.2 s with psutil; workers are the processes of this run's own local Ray). ``--job-sizes`` runs ``jobs/score_teacher.py`` with run-file
-candidates as a subprocess per size and records its peak RSS (the driver of the real job, ``ru_maxrss``). The
-distillation job is not a stage here: it still reads its data in the driver.
+candidates as a subprocess per size and records its peak RSS (the driver of the real job, ``ru_maxrss``).
 
 Run it on a quiet machine: the times are wall-clock.
 """
@@ -120,8 +121,17 @@ def one_size(n_docs: int, workdir: Path, cpus: int) -> dict:
     import ray
     import torch
 
-    from rabtriever_ray.config import IndexConfig, PromptConfig, StudentConfig, TeacherConfig, to_dict
+    from rabtriever_ray.config import (
+        DistillConfig,
+        IndexConfig,
+        PromptConfig,
+        StudentConfig,
+        TeacherConfig,
+        load_config,
+        to_dict,
+    )
     from rabtriever_ray.data.stream import read_beir_dataset, run_pairs
+    from rabtriever_ray.distill import run_distill
     from rabtriever_ray.index import build_index
     from rabtriever_ray.pipeline import teacher_stage
     from rabtriever_ray.search import Searcher
@@ -169,6 +179,35 @@ def one_size(n_docs: int, workdir: Path, cpus: int) -> dict:
         return sum(1 for _ in (workdir / "scores").glob("*.parquet"))
 
     stage("teacher", score)
+
+    def distill() -> dict:
+        config = load_config(
+            DistillConfig,
+            None,
+            [
+                f"data_dir={data}",
+                "train_split=train",
+                "val_split=train",
+                f"candidates={run}",
+                f"val_candidates={run}",
+                "max_val_queries=100",
+                f"teacher={TINY_TEACHER['model']}",
+                f"teacher.prompt.max_doc_tokens={TINY_TEACHER['prompt']['max_doc_tokens']}",
+                f"teacher.prompt.max_query_tokens={TINY_TEACHER['prompt']['max_query_tokens']}",
+                "finetune_teacher=false",
+                "cost_queries=0",
+                "epochs=1",
+                "num_workers=1",
+                f"cpus_per_worker={cpus / 2}",
+                f"teacher_cpus={cpus / 2}",
+                "teacher_actors=1",
+                "batch_size=32",
+                f"out_dir={workdir / 'distill'}",
+            ],
+        )
+        return run_distill(config)["counts"]
+
+    stage("distill", distill)
     index = workdir / "index"
     stage(
         "index",
@@ -176,6 +215,7 @@ def one_size(n_docs: int, workdir: Path, cpus: int) -> dict:
     )
     queries = [json.loads(line)["text"] for line in open(data / "queries.jsonl")][:100]
     stage("search", lambda: len(Searcher(checkpoint, index).search(queries, top_k=10)))
+
     ray.shutdown()
     return {
         "docs": n_docs,

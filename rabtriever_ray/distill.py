@@ -2,7 +2,10 @@
 
 `run_distill(config)`:
 
-1. reads the train and validation BEIR data and builds candidate pairs (training mode adds the positives); with
+1. reads the train and validation BEIR data and builds candidate pairs (training mode adds the positives); run-file
+   candidates are read and joined in Ray instead (`data.stream`: the training pairs stream, the validation pairs
+   and the documents they name are gathered, the corpus never is), except for on-policy rounds and the in-job
+   teacher fine-tuning, which read their data in the driver; with
    ``finetune_teacher`` and a base-model teacher, first fine-tunes it on the training split
    (`finetune.finetune_before_distillation`: scores the validation pairs before and after, writes
    ``out_dir/teacher/``), and distils from the fine-tuned model, reusing its validation scores;
@@ -33,7 +36,8 @@ from typing import Any
 from . import console
 from .config import DistillConfig, TeacherConfig, prompt_differences, to_dict
 from .data import DEMO_DATA, build_pairs, read_beir
-from .data.candidates import BM25Index
+from .data.candidates import BM25Index, parse_candidates
+from .data.stream import read_beir_dataset, run_pairs, run_subset
 from .io import atomic_dir, init_ray, write_json_atomic
 from .metrics import HEADLINE_MEASURES, metrics_table, retrieval_metrics, run_from_rows
 from .models import model_hidden_size, prompt_mismatch, resolve_spec, trained_prompt
@@ -48,10 +52,15 @@ def _data_root(cfg: DistillConfig, sub: str) -> Path:
     return root / sub if sub else root
 
 
+def _is_run(candidates: str) -> bool:
+    return parse_candidates(candidates)[0] == "run"
+
+
 def _validation(
-    cfg: DistillConfig, val_data, teacher: TeacherConfig, stage_args: dict
+    cfg: DistillConfig, val_data, teacher: TeacherConfig, stage_args: dict, val_pairs=None
 ) -> tuple[dict, float, int]:
-    """Validation pairs with teacher scores and qrels: read from ``val_teacher_data`` or scored once, up front.
+    """Validation pairs with teacher scores and qrels: read from ``val_teacher_data`` or scored once, up front
+    (``val_pairs`` when given, else built from ``val_data``).
 
     Returns ``(val, seconds, pairs the teacher scored)``.
     """
@@ -69,7 +78,8 @@ def _validation(
                 f"in {cfg.val_data or 'the validation data'} split {cfg.val_split!r}"
             )
     else:
-        val_pairs = build_pairs(val_data, cfg.val_candidates, cfg.max_val_queries, cfg.seed)
+        if val_pairs is None:
+            val_pairs = build_pairs(val_data, cfg.val_candidates, cfg.max_val_queries, cfg.seed)
         # Scored before training starts, alone: it may use the training workers' CPUs too (up to one node's),
         # and document-major order lets each teacher batch run a shared document prefix for many queries.
         val_cpus = max(
@@ -102,7 +112,9 @@ def _read_scored(cfg: DistillConfig, path: str):
     dataset, manifest = read_teacher_scores(path, hidden_size=model_hidden_size(cfg.teacher.model))
     scored_by = manifest["teacher"]
     if not _same_model(scored_by["model"], cfg.teacher.model):
-        raise SchemaError(f"{path}: scored by teacher {scored_by['model']!r}, but teacher={cfg.teacher.model!r}")
+        raise SchemaError(
+            f"{path}: scored by teacher {scored_by['model']!r}, but teacher={cfg.teacher.model!r}"
+        )
     differ = prompt_differences(scored_by["prompt"], to_dict(cfg.teacher.prompt))
     if differ:
         key, scored, current = differ[0]
@@ -124,15 +136,30 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
     cfg = dataclasses.replace(cfg, teacher=teacher)  # workers run elsewhere
     out_dir = Path(cfg.out_dir or f"runs/{cfg.name}").resolve()
     storage = Path(cfg.storage_path).resolve() if cfg.storage_path else out_dir / "ray"
-    val_data = read_beir(_data_root(cfg, cfg.val_data), cfg.val_split)
+    will_finetune = (
+        cfg.finetune_teacher
+        and not (cfg.teacher_data or cfg.val_teacher_data)
+        and not trained_prompt(cfg.teacher.model)
+    )
+    # Run-file candidates are read and joined in Ray (`data.stream`): the driver holds the validation subset and
+    # counts, never the corpus. The in-job teacher fine-tuning and on-policy rounds still read their data here.
+    stream_val = _is_run(cfg.val_candidates) and not cfg.val_teacher_data and not will_finetune
+    stream_train = _is_run(cfg.candidates) and not cfg.teacher_data and cfg.rounds == 1
+    val_pairs = None
+    if stream_val or stream_train:
+        init_ray()
+    if stream_val:
+        val_data, val_pairs = run_subset(
+            _data_root(cfg, cfg.val_data), cfg.val_split, cfg.val_candidates, cfg.max_val_queries, cfg.seed
+        )
+    else:
+        val_data = read_beir(_data_root(cfg, cfg.val_data), cfg.val_split)
     train_data = None
-    if not cfg.teacher_data or cfg.rounds > 1:
+    if (not cfg.teacher_data and not stream_train) or cfg.rounds > 1:
         train_data = read_beir(_data_root(cfg, cfg.train_data), cfg.train_split)
     init_ray()
     tuned = None
-    if cfg.finetune_teacher and not (cfg.teacher_data or cfg.val_teacher_data) and not trained_prompt(
-        cfg.teacher.model
-    ):
+    if will_finetune:
         from .finetune import finetune_before_distillation
 
         tuned = finetune_before_distillation(
@@ -155,6 +182,18 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
     if cfg.teacher_data:
         round0_stage, manifest = _read_scored(cfg, cfg.teacher_data)
         n_train, n_train_queries = manifest["rows"], manifest["queries"]
+    elif stream_train:
+        train_stream = read_beir_dataset(_data_root(cfg, cfg.train_data), cfg.train_split)
+        # Grouped by query: each block holds whole candidate lists, a few blocks per worker.
+        train_blocks, counts = run_pairs(
+            train_stream,
+            cfg.candidates,
+            training=True,
+            max_queries=cfg.max_train_queries,
+            seed=cfg.seed,
+            min_partitions=4 * cfg.num_workers,
+        )
+        n_train, n_train_queries = counts["pairs"], counts["queries"]
     else:
         train_pairs = build_pairs(train_data, cfg.candidates, cfg.max_train_queries, cfg.seed, training=True)
         n_train, n_train_queries = len(train_pairs), len(set(train_pairs.column("query_id").to_pylist()))
@@ -163,8 +202,10 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
     if warning:
         logger.warning(warning)
     _warn_if_no_cpu_left_for_data(cfg)
-    val, val_teacher_s, val_scored = _validation(cfg, val_data, teacher, stage_args)
-    if not cfg.teacher_data:
+    val, val_teacher_s, val_scored = _validation(cfg, val_data, teacher, stage_args, val_pairs)
+    if stream_train:
+        round0_stage = teacher_stage(train_blocks, teacher, **{**stage_args, "batch_size": None})
+    elif not cfg.teacher_data:
         round0_stage = _training_stage(cfg, train_pairs, teacher, stage_args)
 
     checkpoint, first_epoch, rounds, train_s, steps_done = None, 0, [], 0.0, 0
@@ -181,7 +222,9 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
         sample_s = time.perf_counter() - t0
         epochs = cfg.epochs if round_index == 0 else (cfg.round_epochs or cfg.epochs)
         steps_per_epoch = _steps_per_epoch(n_train, cfg)
-        title = "distilling Rabtriever" + (f" (round {round_index + 1} of {cfg.rounds})" if cfg.rounds > 1 else "")
+        title = "distilling Rabtriever" + (
+            f" (round {round_index + 1} of {cfg.rounds})" if cfg.rounds > 1 else ""
+        )
         # Workers report the step counted over every round so far.
         with console.stage(title, steps_done + epochs * steps_per_epoch, "steps") as bar:
             bar.update(steps_done)
@@ -346,7 +389,8 @@ def _final_metrics(last: dict, val: dict, val_data) -> dict[str, Any]:
 
     BM25 ranks each query's candidates by its scores from a top-k search, k the longest candidate list (not the
     corpus): exact when the candidates are BM25's own top K or the whole corpus; a candidate below BM25's top k
-    scores 0, below every candidate that BM25 ranks.
+    scores 0, below every candidate that BM25 ranks. With run-file validation candidates ``val_data`` holds only the
+    candidates' documents, so BM25's statistics (IDF, lengths) are theirs, not the corpus's.
     """
     teacher_run = run_from_rows(val["query_id"], val["doc_id"], val["teacher_score"])
     bm25 = BM25Index.from_corpus(val_data)

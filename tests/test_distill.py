@@ -86,7 +86,12 @@ def test_training_on_pre_scored_parquet(ray_local, tmp_path):
     val_scores = tmp_path / "val_scores"
     val_manifest = write_teacher_scores(
         dataclasses.replace(
-            manifest_config, split="dev", out=str(val_scores), candidates="bm25:6", max_queries=8, training=False
+            manifest_config,
+            split="dev",
+            out=str(val_scores),
+            candidates="bm25:6",
+            max_queries=8,
+            training=False,
         )
     )
     config = _config(
@@ -116,6 +121,46 @@ def test_training_on_pre_scored_parquet(ray_local, tmp_path):
         run_distill(wrong)
 
 
+def _write_run(pairs, path):
+    """A TREC run with the pairs' candidates in their order."""
+    ranks: dict[str, int] = {}
+    with open(path, "w") as handle:
+        for qid, did in zip(pairs.column("query_id").to_pylist(), pairs.column("doc_id").to_pylist()):
+            ranks[qid] = ranks.get(qid, 0) + 1
+            handle.write(f"{qid} Q0 {did} {ranks[qid]} {1.0 / ranks[qid]:.4f} bm25\n")
+    return path
+
+
+def test_run_file_candidates_never_read_the_folder_in_the_driver(ray_local, tmp_path, monkeypatch):
+    """Run files as candidates and validation candidates: pairs read and joined in Ray, the driver holding only the
+    validation subset (the in-process reader is never called)."""
+    import rabtriever_ray.distill as distill
+    from rabtriever_ray.data import DEMO_DATA, build_pairs, read_beir
+
+    train_run = _write_run(build_pairs(read_beir(DEMO_DATA, "train"), "bm25:4"), tmp_path / "train.trec")
+    val_run = _write_run(build_pairs(read_beir(DEMO_DATA, "dev"), "bm25:6"), tmp_path / "dev.trec")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("read_beir called: the driver read a whole BEIR folder")
+
+    monkeypatch.setattr(distill, "read_beir", refuse)
+    config = _config(
+        tmp_path,
+        "name=runs",
+        "epochs=1",
+        "num_workers=1",
+        f"candidates={train_run}",
+        f"val_candidates={val_run}",
+    )
+    report = run_distill(config)
+    counts = report["counts"]
+    assert counts["train_queries"] == 20 and counts["val_queries"] == 8 and counts["val_pairs"] == 8 * 6
+    # Each training query: its 4 run candidates, plus its positive when BM25 missed it.
+    assert 20 * 4 <= counts["train_pairs"] <= 20 * 5
+    assert counts["train_pairs_scored_by_teacher"] == counts["train_pairs"]
+    assert set(report["final"]) == {"student", "teacher", "bm25", "agreement"}
+
+
 def test_deepspeed_two_workers_resume_after_a_failure(ray_local, tmp_path):
     pytest.importorskip("deepspeed")
     marker = tmp_path / "failed"
@@ -128,7 +173,9 @@ def test_deepspeed_two_workers_resume_after_a_failure(ray_local, tmp_path):
     steps_per_epoch = len(pairs) // (16 * 2)  # batch_size x workers
     report = run_distill(config, fail_once_after_step=(str(marker), steps_per_epoch))
     assert report["counts"]["steps_per_epoch"] == steps_per_epoch
-    assert report["rounds"][0]["pairs_scored_by_teacher"] == len(pairs)  # whole blocks: every row reaches a worker
+    assert report["rounds"][0]["pairs_scored_by_teacher"] == len(
+        pairs
+    )  # whole blocks: every row reaches a worker
     assert marker.exists()  # rank 0 failed in epoch 1; both ranks reloaded their ZeRO partitions
     history = report["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2]
@@ -196,14 +243,22 @@ def test_the_job_fine_tunes_a_base_teacher_first_and_ends_with_one_screen(tmp_pa
         "finetune.cpus_per_worker=0.5",
         "finetune.teacher_cpus=0.5",
     ]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, as a user starts it
+    env = {
+        k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"
+    }  # its own local Ray, as a user starts it
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     screen = done.stdout + done.stderr
     for line in ("| teacher (fine-tuned) |", "| Rabtriever |", "| BM25 |", "| teacher (zero-shot) |"):
         assert line in screen
     assert "Most frequent top-1 document:" in screen and "x cheaper" in screen and f"Wrote {out}/" in screen
-    ray_lines = ("INFO streaming_executor", "(RayTrainWorker", "(TrainController", "logging_progress", "real_accel")
+    ray_lines = (
+        "INFO streaming_executor",
+        "(RayTrainWorker",
+        "(TrainController",
+        "logging_progress",
+        "real_accel",
+    )
     for ray_line in (*ray_lines, "core_worker.cc"):  # the last: Ray's C++ core worker, on file descriptor 2
         assert ray_line not in screen
     assert "streaming_executor" in (out / "job.log").read_text()
@@ -213,11 +268,15 @@ def test_the_job_fine_tunes_a_base_teacher_first_and_ends_with_one_screen(tmp_pa
     assert tuned["model"] == str(out / "teacher") and (out / "teacher" / "rabtriever_teacher.json").is_file()
     final = report["final"]
     assert final["teacher_zero_shot"] == tuned["before"] and final["teacher"] == tuned["after"]
-    assert report["config"]["teacher"]["model"] == str(out / "teacher")  # the student's backbone is the tuned one
+    assert report["config"]["teacher"]["model"] == str(
+        out / "teacher"
+    )  # the student's backbone is the tuned one
     cost = report["cost"]
     assert cost["queries"] == 2 and cost["teacher_ms"] > 0 and cost["student_ms"] > 0
     assert cost["speedup"] == pytest.approx(cost["teacher_ms"] / cost["student_ms"], abs=0.06)  # to 0.1
-    assert report["top1"]["teacher"]["of"] == report["counts"]["val_queries"] == report["top1"]["student"]["of"]
+    assert (
+        report["top1"]["teacher"]["of"] == report["counts"]["val_queries"] == report["top1"]["student"]["of"]
+    )
 
     stamp = (out / "teacher" / "report.json").stat().st_mtime_ns
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)

@@ -46,8 +46,11 @@ import pyarrow.compute as pc
 from ..prompts import document_text
 from .beir import (
     BadRow,
+    BeirData,
     DataError,
+    Document,
     OnBadRow,
+    Query,
     RowError,
     decode_line,
     duplicate_reason,
@@ -630,3 +633,41 @@ def _rank_order(group: pa.Table) -> pa.Table:
 
 def _pair_columns(batch: pa.Table) -> pa.Table:
     return batch.select(PAIR_SCHEMA.names).cast(PAIR_SCHEMA)
+
+
+def run_subset(
+    root: str | Path,
+    split: str,
+    run: str | Path,
+    max_queries: int | None = None,
+    seed: int = 0,
+    on_bad_row: OnBadRow = "fail",
+) -> tuple[BeirData, pa.Table]:
+    """A run's candidate pairs (`run_pairs`, not training mode) gathered in the driver, with a `BeirData` that holds
+    only what they name: the selected queries, their qrels and the documents among their candidates.
+
+    For validation sets: a few thousand queries' candidates are small even when their corpus is not, so the
+    in-process code that scores, times and ranks them (BM25 included, over these documents) runs unchanged. Each
+    document's text is `Document.text` with an empty title: `prompts.document_text` reads it as the pair does.
+    """
+    import ray
+
+    data = read_beir_dataset(root, split, on_bad_row=on_bad_row)
+    pairs, _ = run_pairs(data, run, max_queries=max_queries, seed=seed)
+    table = pa.concat_tables([ray.get(ref) for ref in pairs.to_arrow_refs()]).cast(PAIR_SCHEMA)
+    table = table.sort_by([("query_id", "ascending"), ("doc_id", "ascending")])
+    wanted = pc.unique(table.column("query_id"))
+    judged = data.qrels.map_batches(
+        lambda b: b.filter(pc.is_in(b.column("query_id"), wanted)), batch_format="pyarrow"
+    ).take_all()
+    qrels: dict[str, dict[str, int]] = {}
+    for row in judged:
+        qrels.setdefault(row["query_id"], {})[row["doc_id"]] = row["grade"]
+    queries: dict[str, Query] = {}
+    corpus: dict[str, Document] = {}
+    for qid, qtext, did, dtext in zip(
+        *(table.column(c).to_pylist() for c in ("query_id", "query_text", "doc_id", "doc_text"))
+    ):
+        queries.setdefault(qid, Query(qtext))
+        corpus.setdefault(did, Document("", dtext))
+    return BeirData(Path(root), split, corpus, queries, qrels, data.rejects), table
