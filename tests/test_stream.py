@@ -16,6 +16,7 @@ from rabtriever_ray.data.stream import (
     read_corpus_dataset,
     read_shard,
     run_pairs,
+    run_subset,
     sample_queries,
 )
 from rabtriever_ray.prompts import document_text
@@ -177,3 +178,19 @@ def test_max_queries_is_a_seeded_sample(ray_local, tmp_path):
     assert all(len(c) == 3 for c in chosen) and chosen[0] == chosen[1]
     assert len({tuple(c) for c in chosen}) > 1  # another seed, another sample
     assert sample_queries(data.queries, 5) is data.queries
+
+
+def test_run_subset_holds_only_what_the_pairs_name(ray_local, tmp_path):
+    root = write_beir(tmp_path / "d")
+    run = write_run(
+        tmp_path / "run.trec", [("q1", "pick_cup", 1), ("q1", "wipe_table", 2), ("q2", "close_door", 1)]
+    )
+    data, pairs = run_subset(root, "test", run)
+    assert sorted(data.corpus) == ["close_door", "pick_cup", "wipe_table"]
+    assert sorted(data.queries) == ["q1", "q2"] and data.qrels == {
+        "q1": {"wipe_table": 1},
+        "q2": {"pour_water": 1},
+    }
+    assert pairs.column("label").to_pylist() == [0, 1, 0]  # sorted by query, then document
+    doc = data.corpus["pick_cup"]
+    assert document_text(doc.title, doc.text) == document_text(*SKILLS["pick_cup"])
