@@ -128,10 +128,12 @@ def _read_scored(cfg: DistillConfig, path: str):
 def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None = None) -> dict[str, Any]:
     """Run one distillation (see the module docstring); returns the report that is also written to disk."""
     from .raytrain import WholeBlockSplit, fit_torch_trainer, read_history
-    from .rounds import sample_round_pairs
+    from .rounds import sample_round_pairs, student_pool_size
     from .train import train_loop_per_worker
 
     started = time.perf_counter()
+    if cfg.rounds > 1 and student_pool_size(cfg.round_pool) is None:
+        parse_candidates(cfg.round_pool)  # a bad pool fails now, not after round 0 has trained
     teacher = dataclasses.replace(cfg.teacher, model=resolve_spec(cfg.teacher.model))
     cfg = dataclasses.replace(cfg, teacher=teacher)  # workers run elsewhere
     out_dir = Path(cfg.out_dir or f"runs/{cfg.name}").resolve()

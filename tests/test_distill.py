@@ -62,6 +62,13 @@ def test_too_few_pairs_is_a_clear_error(tmp_path):
         run_distill(_config(tmp_path, "batch_size=4096"))
 
 
+def test_a_bad_round_pool_fails_before_round_zero(tmp_path):
+    with pytest.raises(ValueError, match=r"candidates 'bm25:x': expected bm25:K"):
+        run_distill(_config(tmp_path, "rounds=2", "round_pool=bm25:x"))
+    with pytest.raises(ValueError, match=r"no run file at .*missing.trec"):
+        run_distill(_config(tmp_path, "rounds=2", f"round_pool={tmp_path / 'missing.trec'}"))
+
+
 def test_training_on_pre_scored_parquet(ray_local, tmp_path):
     from rabtriever_ray.config import PromptConfig, ScoreTeacherConfig, TeacherConfig
     from rabtriever_ray.data import DEMO_DATA
