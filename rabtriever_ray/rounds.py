@@ -24,7 +24,7 @@ import pyarrow as pa
 import torch
 
 from .config import ConfigError, DistillConfig
-from .data.candidates import PAIR_SCHEMA, build_pairs, select_queries
+from .data.candidates import PAIR_SCHEMA, build_pairs, select_queries, spec_count
 
 
 def gumbel_top_k(scores: torch.Tensor, k: int, tau: float, generator: torch.Generator) -> list[int]:
@@ -51,13 +51,7 @@ def student_pool_size(spec: str) -> int | None:
     """K of a ``student:K`` round pool; None for the `build_pairs` policies (all | bm25:K | a run file)."""
     if not spec.startswith("student:"):
         return None
-    try:
-        k = int(spec.split(":", 1)[1])
-    except ValueError as err:
-        raise ConfigError(f"round_pool {spec!r}: expected student:K with an integer K") from err
-    if k < 1:
-        raise ConfigError(f"round_pool {spec!r}: K must be >= 1")
-    return k
+    return spec_count(spec, "round_pool", ConfigError)
 
 
 def student_pools(

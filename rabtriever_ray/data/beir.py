@@ -98,9 +98,13 @@ class _Validator:
     def bad(self, path: Path, line: int, field_name: str, reason: str, raw: str) -> None:
         row = BadRow(str(path), line, field_name, reason, raw.rstrip("\n")[:2000])
         if self.on_bad_row == "fail":
-            hint = " (use on_bad_row='skip' to write it to rejects.jsonl and go on)" if self.hint else ""
-            raise DataError(row.message() + hint)
+            self.fail(row)
         self.rejects.append(row)
+
+    def fail(self, row: BadRow) -> None:
+        """Raise ``row`` as the `DataError` that stops a ``fail`` read."""
+        hint = " (use on_bad_row='skip' to write it to rejects.jsonl and go on)" if self.hint else ""
+        raise DataError(row.message() + hint)
 
 
 def find_file(root: Path, stem: str) -> Path:
@@ -264,6 +268,17 @@ def _read_qrels(path: Path, queries: dict, corpus: dict, check: _Validator) -> d
     return qrels
 
 
+def qrels_file(root: Path, split: str) -> Path:
+    """``root/qrels/<split>.tsv``; a `DataError` naming the splits there are when it is missing."""
+    path = root / "qrels" / f"{split}.tsv"
+    if not path.is_file():
+        available = (
+            sorted(p.stem for p in (root / "qrels").glob("*.tsv")) if (root / "qrels").is_dir() else []
+        )
+        raise DataError(f"{root}: no qrels for split {split!r} at {path} (available: {available or 'none'})")
+    return path
+
+
 def read_beir(root: str | Path, split: str | None = None, on_bad_row: OnBadRow = "fail") -> BeirData:
     """Read and validate a BEIR folder; with ``split``, keep the queries that ``qrels/<split>.tsv`` names."""
     root = Path(root)
@@ -274,15 +289,7 @@ def read_beir(root: str | Path, split: str | None = None, on_bad_row: OnBadRow =
     queries = _read_jsonl(find_file(root, "queries"), "queries", check)
     qrels: dict[str, dict[str, int]] = {}
     if split is not None:
-        path = root / "qrels" / f"{split}.tsv"
-        if not path.is_file():
-            available = (
-                sorted(p.stem for p in (root / "qrels").glob("*.tsv")) if (root / "qrels").is_dir() else []
-            )
-            raise DataError(
-                f"{root}: no qrels for split {split!r} at {path} (available: {available or 'none'})"
-            )
-        qrels = _read_qrels(path, queries, corpus, check)
+        qrels = _read_qrels(qrels_file(root, split), queries, corpus, check)
         queries = {qid: queries[qid] for qid in queries if qid in qrels}
     return BeirData(root, split, corpus, queries, qrels, check.rejects)  # type: ignore[arg-type]
 

@@ -52,18 +52,24 @@ PAIR_SCHEMA = pa.schema(
 )
 
 
+def spec_count(spec: str, option: str, error: type[ValueError] = DataError) -> int:
+    """K of a ``name:K`` spec given as ``option``; ``error`` (naming both) when K is not an integer >= 1."""
+    name, _, count = spec.partition(":")
+    try:
+        k = int(count)
+    except ValueError as err:
+        raise error(f"{option} {spec!r}: expected {name}:K with an integer K") from err
+    if k < 1:
+        raise error(f"{option} {spec!r}: K must be >= 1")
+    return k
+
+
 def parse_candidates(spec: str) -> tuple[str, int | Path | None]:
     """``"all"`` -> ("all", None); ``"bm25:K"`` -> ("bm25", K); anything else is a run file path."""
     if spec == "all":
         return "all", None
     if spec.startswith("bm25:"):
-        try:
-            k = int(spec.split(":", 1)[1])
-        except ValueError as err:
-            raise DataError(f"candidates {spec!r}: expected bm25:K with an integer K") from err
-        if k < 1:
-            raise DataError(f"candidates {spec!r}: K must be >= 1")
-        return "bm25", k
+        return "bm25", spec_count(spec, "candidates")
     path = Path(spec)
     if not path.is_file():
         raise DataError(f"candidates {spec!r}: not 'all', not 'bm25:K', and no run file at {path}")

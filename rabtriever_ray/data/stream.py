@@ -31,6 +31,7 @@ columns `build_pairs` returns.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -52,11 +53,13 @@ from .beir import (
     OnBadRow,
     Query,
     RowError,
+    _Validator,
     decode_line,
     duplicate_reason,
     parse_json_line,
     parse_qrel,
     parse_record,
+    qrels_file,
     raw_text,
     reject_counts,
 )
@@ -166,7 +169,7 @@ def plan_shards(kind: Kind, files: list[Path], range_bytes: int = RANGE_BYTES) -
         for offset, newlines in enumerate([0, *ray.get(refs)]):
             line += newlines
             shard = shards[first + offset]
-            shards[first + offset] = Shard(**{**shard.__dict__, "first_line": line})
+            shards[first + offset] = dataclasses.replace(shard, first_line=line)
     return shards
 
 
@@ -343,9 +346,8 @@ class _Rejects:
     """Rejected rows of several kinds of file, raised or returned in file order."""
 
     def __init__(self, on_bad_row: OnBadRow, files: dict[str, list[Path]], hint: bool = True):
-        if on_bad_row not in ("fail", "skip"):
-            raise ValueError(f"on_bad_row must be 'fail' or 'skip', got {on_bad_row!r}")
-        self.on_bad_row, self.files, self.hint = on_bad_row, files, hint
+        self.policy = _Validator(on_bad_row, hint)  # the policy check and the error of the in-process reader
+        self.files = files
         self.rows: list[tuple[int, int, int, BadRow]] = []
 
     def add(self, kind: str, file_index: int, line: int, field_name: str, reason: str, raw: str) -> None:
@@ -356,9 +358,8 @@ class _Rejects:
     def check(self) -> list[BadRow]:
         """Raise the first rejected row in file order (``fail``), or return them all in that order (``skip``)."""
         self.rows.sort(key=lambda row: row[:3])
-        if self.rows and self.on_bad_row == "fail":
-            hint = " (use on_bad_row='skip' to write it to rejects.jsonl and go on)" if self.hint else ""
-            raise DataError(self.rows[0][3].message() + hint)
+        if self.rows and self.policy.on_bad_row == "fail":
+            self.policy.fail(self.rows[0][3])
         return [row[3] for row in self.rows]
 
 
@@ -480,15 +481,7 @@ def read_beir_dataset(
         raise DataError(f"data folder not found: {root}")
     files = {"corpus": input_files(root, "corpus"), "queries": input_files(root, "queries")}
     if split is not None:
-        path = root / "qrels" / f"{split}.tsv"
-        if not path.is_file():
-            available = (
-                sorted(p.stem for p in (root / "qrels").glob("*.tsv")) if (root / "qrels").is_dir() else []
-            )
-            raise DataError(
-                f"{root}: no qrels for split {split!r} at {path} (available: {available or 'none'})"
-            )
-        files["qrels"] = [path]
+        files["qrels"] = [qrels_file(root, split)]
     tables, counts, bad = _read_checked(files, on_bad_row, cpus, split=split is not None)
     corpus = ray.data.from_arrow_refs(tables["corpus"]).select_columns(["doc_id", "doc_text"])
     queries = ray.data.from_arrow_refs(tables["queries"]).select_columns(["query_id", "query_text"])
