@@ -15,7 +15,10 @@ Methods (``--methods``):
 - ``rabtriever-search``: two-stage search (`Searcher`) over the whole corpus.
 
 ``llm-embed``, ``teacher`` and ``rabtriever`` rank each query's candidates (``all`` | ``bm25:K`` | a run file);
-the others rank the whole corpus. No method holds a queries x corpus array: the teacher scores the pairs in
+the others rank the whole corpus. With a run file, and no method that ranks the whole corpus (``rabtriever-search``
+reads its ``index``), the corpus is never read into this process: Ray tasks read and validate the folder, join the
+run and hand over only the selected queries, their qrels and their candidates (`data.stream.run_subset`; its
+``max_queries`` sample is a seeded hash sample, not the in-process one). No method holds a queries x corpus array: the teacher scores the pairs in
 document-major chunks (`GenerativeReranker.rerank`), and MiniLM takes each query's top documents from an exact FAISS
 index. Metrics are ir-measures' nDCG@10, RR@10, R@1, R@5 and R@100 over the judged queries (a candidate reranker's
 R@100 is bounded by its candidates); tied scores rank by document id, smallest first, for every measure and for the
@@ -44,6 +47,8 @@ from .metrics import DEFAULT_MEASURES, agreement, metrics_table, ranking, retrie
 
 METHODS = ("frequency", "bm25", "minilm", "llm-embed", "teacher", "rabtriever", "rabtriever-search")
 CANDIDATE_METHODS = ("llm-embed", "teacher", "rabtriever")
+# Methods that rank every document (rabtriever-search too, without an index).
+CORPUS_METHODS = ("frequency", "bm25", "minilm")
 logger = logging.getLogger(__name__)
 RESULT_DEPTH = 100  # documents kept per query for the full-corpus methods (R@100)
 
@@ -357,6 +362,20 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _reads_run_subset(config: EvaluateConfig, methods: Sequence[str]) -> bool:
+    """Whether this evaluation reads only what a run file names (`data.stream.run_subset`, in Ray tasks) instead
+    of the whole corpus: with run-file candidates, when no method ranks the whole corpus (``rabtriever-search``
+    does not with an ``index``)."""
+    from .data.candidates import parse_candidates
+
+    if parse_candidates(config.candidates)[0] != "run":
+        return False
+    whole = [m for m in methods if m in CORPUS_METHODS or (m == "rabtriever-search" and config.index is None)]
+    if whole:
+        logger.info("%s rank the whole corpus: reading it in this process", ", ".join(whole))
+    return not whole
+
+
 def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     """Evaluate ``config.methods`` on a seeded subset of a split's queries (every option: `EvaluateConfig`);
     writes ``config.out`` (JSON) atomically if given."""
@@ -373,7 +392,17 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         raise ValueError("methods rabtriever and rabtriever-search need --checkpoint")
     if "minilm" in methods:
         minilm_path()  # fail before the expensive methods, not after
-    data = read_beir(config.data, config.split)
+    streamed = _reads_run_subset(config, methods)
+    if streamed:
+        from .data.stream import run_subset
+        from .io import init_ray
+
+        init_ray()
+        data, pairs = run_subset(
+            config.data, config.split, config.candidates, config.max_queries, config.seed
+        )
+    else:
+        data = read_beir(config.data, config.split)
     if not data.qrels:
         raise ValueError(f"{config.data}: split {config.split!r} judges no query")
     prior, frequency_data = None, config.frequency_data or config.data
@@ -381,10 +410,11 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         prior = read_beir(frequency_data, config.frequency_split)
         if not prior.qrels:
             raise ValueError(f"{frequency_data}: split {config.frequency_split!r} judges no query")
-    query_ids = select_queries(data, config.max_queries, config.seed)
+    query_ids = list(data.queries) if streamed else select_queries(data, config.max_queries, config.seed)
     per_query: dict[str, list[str]] = {q: [] for q in query_ids}
     if set(methods) & set(CANDIDATE_METHODS):
-        pairs = build_pairs(data, config.candidates, query_ids=query_ids)
+        if not streamed:
+            pairs = build_pairs(data, config.candidates, query_ids=query_ids)
         for qid, did in zip(pairs.column("query_id").to_pylist(), pairs.column("doc_id").to_pylist()):
             if not (config.exclude_self and did == qid):
                 per_query[qid].append(did)
@@ -409,6 +439,9 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
                 "frequency_prior": f"{frequency_data}:{config.frequency_split}" if prior else None,
                 "teacher": to_dict(config.teacher),
                 "candidate_pairs": sum(len(v) for v in per_query.values()),
+                # "run subset": only the run's documents for the selected queries were read (in Ray).
+                "read": "run subset" if streamed else "whole corpus",
+                "documents_read": len(data.corpus),
             }
         },
     )

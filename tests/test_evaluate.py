@@ -138,6 +138,22 @@ def test_every_method_on_the_skills_fixture(ray_local, tmp_path):
     if "minilm" in methods:
         assert results["methods"]["minilm"]["R@1"] >= 0.8  # a real bi-encoder finds these skills
 
+    # A run file and no whole-corpus method: only the run's documents are read (in Ray), and the scores are the
+    # in-process path's. q5 has no run line: it stays in the evaluation and scores 0 in both.
+    run_file = tmp_path / "run.trec"
+    lines = [f"{p['query_id']} Q0 {p['doc_id']} {i % 3 + 1} 0 bm25" for i, p in enumerate(pairs)]
+    run_file.write_text("\n".join(line for line in lines if not line.startswith("q5 ")) + "\n")
+    options = dict(checkpoint=checkpoint, index=index, candidates=str(run_file))
+    streamed = _evaluate(data, "test", ["teacher", "rabtriever", "rabtriever-search"], TEACHER, **options)
+    whole = _evaluate(data, "test", ["bm25", "teacher", "rabtriever"], TEACHER, **options)
+    assert streamed["config"]["read"] == "run subset" and whole["config"]["read"] == "whole corpus"
+    assert streamed["config"]["documents_read"] < whole["config"]["documents_read"] == 6
+    assert streamed["n_queries"] == whole["n_queries"] == 5
+    assert streamed["config"]["candidate_pairs"] == whole["config"]["candidate_pairs"] == 12
+    for method in ("teacher", "rabtriever"):
+        assert streamed["methods"][method] == pytest.approx(whole["methods"][method], abs=1e-9)
+    assert streamed["methods"]["rabtriever-search"] == pytest.approx(results["methods"]["rabtriever-search"])
+
 
 def test_bad_input_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="data folder not found"):

@@ -187,10 +187,13 @@ def test_run_subset_holds_only_what_the_pairs_name(ray_local, tmp_path):
     )
     data, pairs = run_subset(root, "test", run)
     assert sorted(data.corpus) == ["close_door", "pick_cup", "wipe_table"]
-    assert sorted(data.queries) == ["q1", "q2"] and data.qrels == {
-        "q1": {"wipe_table": 1},
-        "q2": {"pour_water": 1},
-    }
+    # Every query of the split stays (one the run lists nothing for scores 0), with its qrels.
+    assert list(data.queries) == sorted(INSTRUCTIONS)
+    assert data.qrels == {q: {doc: 1} for q, (_, doc) in INSTRUCTIONS.items()}
+    assert data.queries["q3"].text == INSTRUCTIONS["q3"][0]
     assert pairs.column("label").to_pylist() == [0, 1, 0]  # sorted by query, then document
     doc = data.corpus["pick_cup"]
     assert document_text(doc.title, doc.text) == document_text(*SKILLS["pick_cup"])
+    sampled, sampled_pairs = run_subset(root, "test", run, max_queries=2, seed=1)
+    assert len(sampled.queries) == 2 and set(sampled.qrels) == set(sampled.queries)
+    assert set(sampled_pairs.column("query_id").to_pylist()) <= set(sampled.queries)

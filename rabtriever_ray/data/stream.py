@@ -31,12 +31,11 @@ columns `build_pairs` returns.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -169,7 +168,7 @@ def plan_shards(kind: Kind, files: list[Path], range_bytes: int = RANGE_BYTES) -
         for offset, newlines in enumerate([0, *ray.get(refs)]):
             line += newlines
             shard = shards[first + offset]
-            shards[first + offset] = dataclasses.replace(shard, first_line=line)
+            shards[first + offset] = replace(shard, first_line=line)
     return shards
 
 
@@ -637,30 +636,32 @@ def run_subset(
     on_bad_row: OnBadRow = "fail",
 ) -> tuple[BeirData, pa.Table]:
     """A run's candidate pairs (`run_pairs`, not training mode) gathered in the driver, with a `BeirData` that holds
-    only what they name: the selected queries, their qrels and the documents among their candidates.
+    only what they name: the selected queries (those the run lists no document for included: they score 0),
+    their qrels and the documents among their candidates.
 
-    For validation sets: a few thousand queries' candidates are small even when their corpus is not, so the
-    in-process code that scores, times and ranks them (BM25 included, over these documents) runs unchanged. Each
-    document's text is `Document.text` with an empty title: `prompts.document_text` reads it as the pair does.
+    For validation and evaluation sets: a few thousand queries' candidates are small even when their corpus is
+    not, so the in-process code that scores, times and ranks them (BM25 included, over these documents) runs
+    unchanged. Each document's text is `Document.text` with an empty title: `prompts.document_text` reads it as
+    the pair does.
     """
     import ray
 
     data = read_beir_dataset(root, split, on_bad_row=on_bad_row)
-    pairs, _ = run_pairs(data, run, max_queries=max_queries, seed=seed)
+    chosen = sample_queries(data.queries, max_queries, seed)
+    pairs, _ = run_pairs(replace(data, queries=chosen), run)
     table = pa.concat_tables([ray.get(ref) for ref in pairs.to_arrow_refs()]).cast(PAIR_SCHEMA)
     table = table.sort_by([("query_id", "ascending"), ("doc_id", "ascending")])
-    wanted = pc.unique(table.column("query_id"))
+    selected = chosen.take_all()
+    wanted = pa.array([row["query_id"] for row in selected], pa.string())
     judged = data.qrels.map_batches(
         lambda b: b.filter(pc.is_in(b.column("query_id"), wanted)), batch_format="pyarrow"
     ).take_all()
     qrels: dict[str, dict[str, int]] = {}
     for row in judged:
         qrels.setdefault(row["query_id"], {})[row["doc_id"]] = row["grade"]
-    queries: dict[str, Query] = {}
+    selected.sort(key=lambda row: row["query_id"])
+    queries = {row["query_id"]: Query(row["query_text"]) for row in selected}
     corpus: dict[str, Document] = {}
-    for qid, qtext, did, dtext in zip(
-        *(table.column(c).to_pylist() for c in ("query_id", "query_text", "doc_id", "doc_text"))
-    ):
-        queries.setdefault(qid, Query(qtext))
+    for did, dtext in zip(table.column("doc_id").to_pylist(), table.column("doc_text").to_pylist()):
         corpus.setdefault(did, Document("", dtext))
     return BeirData(Path(root), split, corpus, queries, qrels, data.rejects), table
