@@ -171,6 +171,26 @@ def _query_tokens_run(teacher, query: str) -> int:
     return teacher.stats["tokens"] - before
 
 
+def _bare_forward_ms(teacher, tokens: Sequence[int], rounds: int, device) -> dict[int, float]:
+    """Median ms of the backbone's bare forward (no cache, no hooks, one row) over each token count in
+    ``tokens``, timed alternately: what any encoding of that many tokens costs on this machine, the lower bound of
+    a query's encoding."""
+    from rabtriever_ray.families import backbone
+
+    decoder = backbone(teacher.model)
+    generator = torch.Generator().manual_seed(0)
+    vocab = decoder.get_input_embeddings().num_embeddings
+    inputs = {n: torch.randint(0, vocab, (1, n), generator=generator).to(device) for n in tokens}
+    runs: dict[int, list[float]] = {n: [] for n in tokens}
+    with torch.inference_mode():
+        for n in tokens:  # warm-up
+            decoder(input_ids=inputs[n], use_cache=False)
+        for _ in range(rounds):
+            for n in tokens:
+                runs[n].append(_time(lambda n=n: decoder(input_ids=inputs[n], use_cache=False), device))
+    return {n: 1e3 * statistics.median(times) for n, times in runs.items()}
+
+
 def _prefix_cache_comparison(
     student,
     plain_student,
@@ -211,6 +231,7 @@ def _prefix_cache_comparison(
             seconds = _time(lambda model=model: model.encode_queries(list(batch)), device)
             runs.setdefault(f"{name}_batch_encode", []).append(seconds / len(batch))
     ms = {name: 1e3 * statistics.median(times) for name, times in runs.items()}
+    bare = _bare_forward_ms(teacher, (run_cached, run_uncached), rounds, device)
     ideal = prompt / run_cached
     encode_ratio = ms["uncached_encode"] / ms["cached_encode"]
     return {
@@ -234,6 +255,13 @@ def _prefix_cache_comparison(
         "encode_ratio": round(encode_ratio, 3),
         # 1.0: encoding is as much cheaper as the tokens run are fewer; below: a fixed cost per query remains.
         "encode_ratio_over_ideal": round(encode_ratio / ideal, 3),
+        # The backbone's bare forward over exactly the tokens each path runs (no cache, no hooks): the ratio and
+        # the ms that this machine's matrix products allow, whatever the encoding does around them.
+        "bare_forward": {
+            "ms_cached_tokens": round(bare[run_cached], 3),
+            "ms_uncached_tokens": round(bare[run_uncached], 3),
+            "ratio": round(bare[run_uncached] / bare[run_cached], 3),
+        },
         "batch": {
             "queries": len(batch),
             "rounds": batch_rounds,
@@ -357,10 +385,16 @@ def _print_prefix_cache(result: dict) -> None:
         f"{'tokens run':>24} {tokens['run_cached']:>9} {tokens['run_uncached']:>9} "
         f"{result['ideal_token_ratio']:>6.2f}x ideal; encode ratio / ideal = {result['encode_ratio_over_ideal']:.2f}"
     )
+    bare = result["bare_forward"]
+    print(
+        f"{'bare forward, same tokens':>24} {bare['ms_cached_tokens']:>9.2f} {bare['ms_uncached_tokens']:>9.2f} "
+        f"{bare['ratio']:>6.2f}x (backbone alone, no cache: the bound on this machine)"
+    )
     print(
         f"  prompt {tokens['prompt']} tokens = {tokens['before_query']} before the query (cached) + "
         f"{tokens['query']} query + {tokens['after_query']} after; speedup over the teacher at L=512, N=100: "
-        f"cached {result['speedup_L512_N100_cached']}x, uncached {result['speedup_L512_N100_uncached']}x"
+        f"cached {result['speedup_L512_N100_cached']}x, uncached {result['speedup_L512_N100_uncached']}x, "
+        f"bare forward of the cached tokens {bare.get('speedup_L512_N100_bound')}x"
     )
     print(
         f"  cached vs uncached: max |diff| hidden {agreement['max_abs_diff_hidden']:.2e} (max |hidden| "
@@ -648,6 +682,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     prefix_cache["speedup_L512_N100_uncached"] = (
         round(reference["teacher_s"] / (prefix_cache["ms_per_query_uncached"] / 1e3), 1)
         if reference and cost_cell == REFERENCE
+        else None
+    )
+    prefix_cache["bare_forward"]["speedup_L512_N100_bound"] = (
+        round(reference["teacher_s"] / (prefix_cache["bare_forward"]["ms_cached_tokens"] / 1e3), 1)
+        if reference
         else None
     )
     targets = {

@@ -113,6 +113,9 @@ def test_report_compares_the_query_prefix_cache_with_the_full_prompt(complexity_
     batch = cache["batch"]
     assert batch["queries"] == 16 and batch["ms_encode_per_query_cached"] > 0
     assert batch["encode_ratio"] > 0
+    bare = cache["bare_forward"]  # the backbone alone over the same token counts
+    assert bare["ms_cached_tokens"] > 0 and bare["ms_uncached_tokens"] > 0
+    assert bare["ratio"] == pytest.approx(bare["ms_uncached_tokens"] / bare["ms_cached_tokens"], rel=1e-2)
     assert cache["speedup_L512_N100_cached"] == complexity_report["speedup_L512_N100"]
     assert cache["speedup_L512_N100_uncached"] > 0
 
