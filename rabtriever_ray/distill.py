@@ -16,7 +16,8 @@
    ``RunConfig(name, storage_path)``, so a rerun with the same name resumes from the latest checkpoint;
    ``FailureConfig`` recovers failed workers);
 4. with ``rounds > 1``, each later round lets the current student draw the pairs the teacher scores next
-   (`rounds.sample_round_pairs`) and trains on from the previous round's checkpoint, as its own Ray Train run
+   (`rounds.sample_round_pairs`; `rounds.sample_round_stream` for a run-file or ``student:K`` pool, read and
+   drawn in Ray) and trains on from the previous round's checkpoint, as its own Ray Train run
    (``<name>-round<r>``);
 5. writes ``out_dir/report.json`` (config, per-round and per-epoch history, final validation metrics of student,
    teacher, BM25 and the zero-shot teacher, agreement, top-1 concentration, per-query cost, timings, counts),
@@ -128,11 +129,12 @@ def _read_scored(cfg: DistillConfig, path: str):
 def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None = None) -> dict[str, Any]:
     """Run one distillation (see the module docstring); returns the report that is also written to disk."""
     from .raytrain import WholeBlockSplit, fit_torch_trainer, read_history
-    from .rounds import sample_round_pairs, student_pool_size
+    from .rounds import sample_round_pairs, sample_round_stream, student_pool_size
     from .train import train_loop_per_worker
 
     started = time.perf_counter()
-    if cfg.rounds > 1 and student_pool_size(cfg.round_pool) is None:
+    student_pool = student_pool_size(cfg.round_pool) is not None
+    if cfg.rounds > 1 and not student_pool:
         parse_candidates(cfg.round_pool)  # a bad pool fails now, not after round 0 has trained
     teacher = dataclasses.replace(cfg.teacher, model=resolve_spec(cfg.teacher.model))
     cfg = dataclasses.replace(cfg, teacher=teacher)  # workers run elsewhere
@@ -143,12 +145,14 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
         and not (cfg.teacher_data or cfg.val_teacher_data)
         and not trained_prompt(cfg.teacher.model)
     )
-    # Run-file candidates are read and joined in Ray (`data.stream`): the driver holds the validation subset and
-    # counts, never the corpus. The in-job teacher fine-tuning and on-policy rounds still read their data here.
+    # Run-file candidates, and on-policy rounds that pool from a run file or the student's first stage, are read
+    # and joined in Ray (`data.stream`): the driver holds the validation subset and counts, never the corpus. The
+    # in-job teacher fine-tuning and the in-process pools (all, bm25:K) still read their data here.
     stream_val = _is_run(cfg.val_candidates) and not cfg.val_teacher_data and not will_finetune
-    stream_train = _is_run(cfg.candidates) and not cfg.teacher_data and cfg.rounds == 1
+    stream_rounds = cfg.rounds > 1 and (student_pool or _is_run(cfg.round_pool))
+    stream_train = _is_run(cfg.candidates) and not cfg.teacher_data and (cfg.rounds == 1 or stream_rounds)
     val_pairs = None
-    if stream_val or stream_train:
+    if stream_val or stream_train or stream_rounds:
         init_ray()
     if stream_val:
         val_data, val_pairs = run_subset(
@@ -157,8 +161,11 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
     else:
         val_data = read_beir(_data_root(cfg, cfg.val_data), cfg.val_split)
     train_data = None
-    if (not cfg.teacher_data and not stream_train) or cfg.rounds > 1:
+    if (not cfg.teacher_data and not stream_train) or (cfg.rounds > 1 and not stream_rounds):
         train_data = read_beir(_data_root(cfg, cfg.train_data), cfg.train_split)
+    train_stream = None
+    if stream_train or stream_rounds:
+        train_stream = read_beir_dataset(_data_root(cfg, cfg.train_data), cfg.train_split)
     init_ray()
     tuned = None
     if will_finetune:
@@ -185,7 +192,6 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
         round0_stage, manifest = _read_scored(cfg, cfg.teacher_data)
         n_train, n_train_queries = manifest["rows"], manifest["queries"]
     elif stream_train:
-        train_stream = read_beir_dataset(_data_root(cfg, cfg.train_data), cfg.train_split)
         # Grouped by query: each block holds whole candidate lists, a few blocks per worker.
         train_blocks, counts = run_pairs(
             train_stream,
@@ -215,6 +221,19 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
         t0 = time.perf_counter()
         if round_index == 0:
             stage = round0_stage
+        elif stream_rounds:
+            # As below, with pools joined in Ray and drawn block by block: whole lists per block.
+            # One CPU stays free for Ray Data's own tasks (column projections, joins) that feed the actors.
+            drawn, counts = sample_round_stream(
+                cfg,
+                train_stream,
+                checkpoint,
+                round_index,
+                max(_node_cpus() - 1.0, 0.5),
+                min_partitions=4 * cfg.num_workers,
+            )
+            n_train, n_train_queries = counts["pairs"], counts["queries"]
+            stage = teacher_stage(drawn, teacher, **{**stage_args, "batch_size": None})
         else:
             # The current student draws the pairs; the teacher scores exactly those, streaming into training.
             pairs = sample_round_pairs(cfg, train_data, checkpoint, round_index, cpus=_node_cpus())

@@ -7,8 +7,13 @@ the teacher stage and on to training. Round 0 trains on ``candidates`` (or ``tea
 
 The pool of a query is its qrel positives plus either the candidates of a `build_pairs` policy (all | bm25:K | a
 run file) or, with ``student:K``, the top K documents of the whole corpus by the first stage of the student of
-round ``r - 1`` (`student_pools`: the corpus encoded on a Ray Data actor pool, an exact FAISS inner-product
-index built block by block, the queries' first-stage vectors searched against it).
+round ``r - 1`` (`student_pool_references`: the corpus encoded on a Ray Data actor pool, an exact FAISS
+inner-product index built block by block in a Ray task, the queries' first-stage vectors searched against it).
+
+`sample_round_pairs` builds the pools in the driver from a `BeirData` (`StudentSampler`); `sample_round_stream`,
+for a run-file or ``student:K`` pool, joins them in Ray Data from a folder read in Ray (`data.stream`) and draws
+from each block of whole lists (`ListSampler`): the same pools give the same draws. The job streams whenever the
+pool allows it.
 
 The draw for a query depends only on ``(seed, round, query_id)``, not on how Ray Data batches the queries, so a
 rerun of an interrupted job picks the same pairs and Ray Train resumes the round from its own checkpoint.
@@ -16,11 +21,13 @@ rerun of an interrupted job picks the same pairs and Ray Train resumes the round
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from .config import ConfigError, DistillConfig
@@ -54,35 +61,55 @@ def student_pool_size(spec: str) -> int | None:
     return spec_count(spec, "round_pool", ConfigError)
 
 
-def student_pools(
-    cfg: DistillConfig, data, query_ids: Sequence[str], checkpoint: Any, k: int, cpus: float, gpus: float
-) -> dict[str, list[str]]:
-    """Each query's top ``k`` documents of the whole corpus (best first) by the first stage of the student in
-    ``checkpoint``: inner products of ``embed_queries`` and ``embed_documents`` vectors, exact.
+def _top_k_references(doc_blocks: list, query_blocks: list, k: int) -> pa.Table:
+    """Ray task: each query's top ``k`` documents by inner product, exact, as `data.stream.REF_SCHEMA` rows (rank
+    1 = best). ``doc_blocks`` / ``query_blocks``: object refs of ``doc_id, doc_vec`` / ``query_id, q_vec`` tables
+    (a list keeps Ray from resolving them all at once): the flat index is built one block at a time, so the task
+    holds the index, the document ids and one block."""
+    import ray
 
-    Documents and queries are encoded on Ray Data actor pools (`encode_corpus_dataset`, `QueryEncoder`; up to
-    ``teacher_actors`` actors of ``cpus`` / ``gpus`` each); the driver builds a flat FAISS index from the encoded
-    blocks one at a time (`faiss_index_from_chunks`) and searches it one block of queries at a time.
+    from .data.stream import references
+    from .index import _matrix, faiss_index_from_chunks
+
+    doc_ids = [d for ref in doc_blocks for d in ray.get(ref).column("doc_id").to_pylist()]
+    dim = ray.get(doc_blocks[0]).schema.field("doc_vec").type.list_size
+    index = faiss_index_from_chunks(
+        lambda: (_matrix(ray.get(ref).column("doc_vec"), dim) for ref in doc_blocks), len(doc_ids), dim
+    )
+    depth = min(k, len(doc_ids))
+    out = []
+    for ref in query_blocks:
+        block = ray.get(ref)
+        _, ids = index.search(_matrix(block.column("q_vec"), dim), depth)
+        query_ids = [q for q in block.column("query_id").to_pylist() for _ in range(depth)]
+        ranks = pa.array([float(r) for _ in range(len(block)) for r in range(1, depth + 1)], pa.float64())
+        out.append(references(query_ids, [doc_ids[j] for j in ids.reshape(-1)], ranks))
+    return pa.concat_tables(out) if out else references([], [], pa.array([], pa.float64()))
+
+
+def student_pool_references(
+    cfg: DistillConfig, corpus, queries, checkpoint: Any, k: int, cpus: float, gpus: float
+):
+    """Each query's top ``k`` documents of the whole corpus by the first stage of the student in ``checkpoint``:
+    inner products of ``embed_queries`` and ``embed_documents`` vectors, exact; a Dataset of references
+    (`data.stream.REF_SCHEMA`, rank 1 = best), for `data.stream.join_pairs`.
+
+    ``corpus``: a Dataset of ``doc_id, doc_text`` or a mapping of documents (`encode_corpus_dataset`); ``queries``:
+    a Dataset of ``query_id, query_text``. Documents and queries are encoded on Ray Data actor pools
+    (`encode_corpus_dataset`, `QueryEncoder`; up to ``teacher_actors`` actors of ``cpus`` / ``gpus`` each); one Ray
+    task builds a flat FAISS index from the encoded blocks, one at a time, and searches it (`_top_k_references`):
+    the corpus vectors must fit one node (4 bytes x the projection width per document), the driver holds none.
     """
     import ray
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    from .index import QueryEncoder, _matrix, encode_corpus_dataset, faiss_index_from_chunks
+    from .index import QueryEncoder, encode_corpus_dataset
 
-    actors = (1, cfg.teacher_actors)
     encoded = encode_corpus_dataset(
-        data.corpus, checkpoint, cfg.teacher, cfg.teacher_batch_size, actors, cpus, gpus
+        corpus, checkpoint, cfg.teacher, cfg.teacher_batch_size, (1, cfg.teacher_actors), cpus, gpus
     )
-    doc_blocks = encoded.select_columns(["doc_id", "doc_vec"]).to_arrow_refs()
-    doc_ids = [d for block in doc_blocks for d in ray.get(block).column("doc_id").to_pylist()]
-    dim = ray.get(doc_blocks[0]).schema.field("doc_vec").type.list_size
-    index = faiss_index_from_chunks(
-        lambda: (_matrix(ray.get(block).column("doc_vec"), dim) for block in doc_blocks), len(doc_ids), dim
-    )
-    doc_blocks.clear()  # the index holds its own copy of the vectors: release the blocks
-    texts = [data.queries[qid].text for qid in query_ids]
-    vectors = ray.data.from_arrow(pa.table({"query_id": list(query_ids), "query_text": texts})).map_batches(
+    vectors = queries.map_batches(
         QueryEncoder,
         fn_constructor_kwargs={"checkpoint": checkpoint, "teacher": cfg.teacher},
         batch_size=64,
@@ -91,12 +118,28 @@ def student_pools(
         num_cpus=cpus,
         num_gpus=gpus,
     )
-    pools: dict[str, list[str]] = {}
-    for ref in vectors.to_arrow_refs():
-        block = ray.get(ref)
-        _, ids = index.search(_matrix(block.column("q_vec"), dim), min(k, len(doc_ids)))
-        for qid, row in zip(block.column("query_id").to_pylist(), ids):
-            pools[qid] = [doc_ids[j] for j in row]
+    doc_blocks = encoded.select_columns(["doc_id", "doc_vec"]).to_arrow_refs()
+    query_blocks = vectors.to_arrow_refs()
+    search = ray.remote(_top_k_references).options(num_cpus=min(cpus, 1.0))
+    return ray.data.from_arrow_refs([search.remote(doc_blocks, query_blocks, k)])
+
+
+def student_pools(
+    cfg: DistillConfig, data, query_ids: Sequence[str], checkpoint: Any, k: int, cpus: float, gpus: float
+) -> dict[str, list[str]]:
+    """`student_pool_references` of an in-process `BeirData`, gathered: ``query_id -> top k doc ids``, best
+    first."""
+    import ray
+    import ray.data
+
+    texts = [data.queries[qid].text for qid in query_ids]
+    queries = ray.data.from_arrow(pa.table({"query_id": list(query_ids), "query_text": texts}))
+    refs = student_pool_references(cfg, data.corpus, queries, checkpoint, k, cpus, gpus)
+    table = pa.concat_tables([ray.get(ref) for ref in refs.to_arrow_refs()])
+    table = table.sort_by([("query_id", "ascending"), ("rank", "ascending")])
+    pools: dict[str, list[str]] = {qid: [] for qid in query_ids}
+    for qid, did in zip(table.column("query_id").to_pylist(), table.column("doc_id").to_pylist()):
+        pools[qid].append(did)
     return pools
 
 
@@ -175,15 +218,31 @@ class StudentSampler:
         self.doc_cache = EmbeddingCache(self.student.encode_documents)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        query_ids = batch.column("query_id").to_pylist()
-        pools: list[Sequence[str]] = batch.column("pool").to_pylist()
-        positives = batch.column("positives").to_pylist()
-        texts = batch.column("query_text").to_pylist()
+        return self._draw(
+            batch.column("query_id").to_pylist(),
+            batch.column("query_text").to_pylist(),
+            batch.column("pool").to_pylist(),
+            batch.column("positives").to_pylist(),
+            self.documents,
+            lambda qid, did: self.qrels.get(qid, {}).get(did, 0),
+        )
+
+    def _draw(
+        self,
+        query_ids: Sequence[str],
+        texts: Sequence[str],
+        pools: Sequence[Sequence[str]],
+        positives: Sequence[Sequence[str]],
+        documents: Mapping[str, str],
+        label: Callable[[str, str], int],
+    ) -> pa.Table:
+        """Score each query's pool, draw ``round_k`` of it (`gumbel_top_k`, seeded by query), add the positives
+        not drawn: `PAIR_SCHEMA` rows, query by query in the order given."""
         docs = list(dict.fromkeys(d for pool in pools for d in pool))
         column = {d: j for j, d in enumerate(docs)}
         with torch.no_grad():
             h_query = self.student.encode_queries(texts)
-            h_doc = self.doc_cache([self.documents[d] for d in docs])
+            h_doc = self.doc_cache([documents[d] for d in docs])
             scores = self.student.rerank(h_query, h_doc, [[column[d] for d in pool] for pool in pools])
         rows: dict[str, list] = {name: [] for name in PAIR_SCHEMA.names}
         for qid, qtext, pool, pos, pool_scores in zip(query_ids, texts, pools, positives, scores):
@@ -192,14 +251,43 @@ class StudentSampler:
                 pool[j] for j in gumbel_top_k(pool_scores, self.cfg.round_k, self.cfg.round_tau, generator)
             ]
             drawn += [d for d in pos if d not in drawn]
-            judged = self.qrels.get(qid, {})
             for did in drawn:
                 rows["query_id"].append(qid)
                 rows["doc_id"].append(did)
-                rows["label"].append(judged.get(did, 0))
+                rows["label"].append(label(qid, did))
                 rows["query_text"].append(qtext)
-                rows["doc_text"].append(self.documents[did])
+                rows["doc_text"].append(documents[did])
         return pa.table(rows, schema=PAIR_SCHEMA)
+
+
+class ListSampler(StudentSampler):
+    """Ray Data actor: `StudentSampler` over blocks of candidate pairs that carry their texts and labels
+    (`PAIR_SCHEMA`; `data.stream.join_pairs` in training mode: each block holds whole lists in rank order, the
+    qrel positives included). A query's pool is its list, its positives the rows with label > 0; the draw is the
+    one `StudentSampler` makes from the same pool. The output keeps each query's drawn pairs in its block."""
+
+    def __init__(self, cfg: DistillConfig, checkpoint: Any, round_index: int):
+        super().__init__(cfg, checkpoint, {}, {}, round_index)
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        lists: dict[str, tuple[str, list[str], list[str]]] = {}
+        documents: dict[str, str] = {}
+        labels: dict[tuple[str, str], int] = {}
+        for qid, did, grade, qtext, dtext in zip(*(block.column(c).to_pylist() for c in PAIR_SCHEMA.names)):
+            text, pool, positives = lists.setdefault(qid, (qtext, [], []))
+            pool.append(did)
+            if grade > 0:
+                positives.append(did)
+            documents[did] = dtext
+            labels[qid, did] = grade
+        return self._draw(
+            list(lists),
+            [entry[0] for entry in lists.values()],
+            [entry[1] for entry in lists.values()],
+            [entry[2] for entry in lists.values()],
+            documents,
+            lambda qid, did: labels[qid, did],
+        )
 
 
 def sample_round_pairs(cfg: DistillConfig, data, checkpoint: Any, round_index: int, cpus: float) -> pa.Table:
@@ -237,3 +325,53 @@ def sample_round_pairs(cfg: DistillConfig, data, checkpoint: Any, round_index: i
     )
     table = pa.concat_tables(ray.get(drawn.to_arrow_refs())).cast(PAIR_SCHEMA)
     return table.sort_by([("query_id", "ascending"), ("doc_id", "ascending")])
+
+
+def sample_round_stream(
+    cfg: DistillConfig, beir, checkpoint: Any, round_index: int, cpus: float, min_partitions: int = 1
+) -> tuple[Any, dict[str, int]]:
+    """`sample_round_pairs` for data read in Ray (`data.stream.read_beir_dataset`): the driver holds counts.
+
+    The pools are joined in Ray Data (`join_pairs`, training mode: whole lists per block, positives added) from
+    the ``round_pool`` run file or from the student's first stage (``student:K``, `student_pool_references`), and a
+    pool of `ListSampler` actors draws from each block. Returns the drawn pairs, materialized, each query's pairs
+    in one block (the teacher stage and `raytrain.WholeBlockSplit` keep them together), and
+    ``{"pairs", "queries"}``. The actors take ``cpus`` each: leave the cluster a CPU for Ray Data's own tasks
+    (projections, joins), which feed them.
+    """
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from .data.stream import join_pairs, run_pairs, sample_queries
+
+    gpus = cfg.teacher_gpus if cfg.use_gpu and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    k = student_pool_size(cfg.round_pool)
+    if k is None:
+        pools, _ = run_pairs(
+            beir, cfg.round_pool, True, cfg.max_train_queries, cfg.seed, min_partitions=min_partitions
+        )
+    else:
+        queries = sample_queries(beir.queries, cfg.max_train_queries, cfg.seed)
+        refs = student_pool_references(cfg, beir.corpus, queries, checkpoint, k, cpus, gpus)
+        pools, _ = join_pairs(
+            dataclasses.replace(beir, queries=queries),
+            refs,
+            refs.count(),
+            True,
+            min_partitions=min_partitions,
+        )
+    drawn = pools.map_batches(
+        ListSampler,
+        fn_constructor_kwargs={"cfg": cfg, "checkpoint": checkpoint, "round_index": round_index},
+        batch_size=None,  # a block: whole lists
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(min_size=1, max_size=cfg.teacher_actors),
+        num_cpus=cpus,
+        num_gpus=gpus,
+    ).materialize()
+    queries = drawn.map_batches(
+        lambda block: pa.table({"n": [len(pc.unique(block.column("query_id")))]}),
+        batch_size=None,
+        batch_format="pyarrow",
+    ).sum("n")
+    return drawn, {"pairs": drawn.count(), "queries": int(queries or 0)}

@@ -139,8 +139,9 @@ def _write_run(pairs, path):
 
 
 def test_run_file_candidates_never_read_the_folder_in_the_driver(ray_local, tmp_path, monkeypatch):
-    """Run files as candidates and validation candidates: pairs read and joined in Ray, the driver holding only the
-    validation subset (the in-process reader is never called)."""
+    """Run files as candidates and validation candidates, and a round pooled from the student's first stage: pairs
+    read, joined and drawn in Ray, the driver holding only the validation subset (the in-process reader is never
+    called)."""
     import rabtriever_ray.distill as distill
     from rabtriever_ray.data import DEMO_DATA, build_pairs, read_beir
 
@@ -158,13 +159,21 @@ def test_run_file_candidates_never_read_the_folder_in_the_driver(ray_local, tmp_
         "num_workers=1",
         f"candidates={train_run}",
         f"val_candidates={val_run}",
+        "rounds=2",
+        "round_epochs=1",
+        "round_pool=student:4",
+        "round_k=2",
     )
     report = run_distill(config)
     counts = report["counts"]
     assert counts["train_queries"] == 20 and counts["val_queries"] == 8 and counts["val_pairs"] == 8 * 6
+    first, second = report["rounds"]
     # Each training query: its 4 run candidates, plus its positive when BM25 missed it.
-    assert 20 * 4 <= counts["train_pairs"] <= 20 * 5
-    assert counts["train_pairs_scored_by_teacher"] == counts["train_pairs"]
+    assert 20 * 4 <= first["train_pairs"] <= 20 * 5
+    # Round 1: 2 of the student's top 4 per query, plus the positive when it was not drawn.
+    assert second["train_queries"] == 20 and 2 * 20 <= second["train_pairs"] <= 3 * 20
+    assert second["pairs_scored_by_teacher"] == second["train_pairs"]
+    assert counts["train_pairs_scored_by_teacher"] == first["train_pairs"] + second["train_pairs"]
     assert set(report["final"]) == {"student", "teacher", "bm25", "agreement"}
 
 

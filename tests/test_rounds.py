@@ -6,13 +6,16 @@ import torch
 
 from rabtriever_ray.config import ConfigError, DistillConfig, load_config
 from rabtriever_ray.data import DEMO_DATA, read_beir
+from rabtriever_ray.data.candidates import PAIR_SCHEMA
 from rabtriever_ray.prompts import document_text
 from rabtriever_ray.rounds import (
+    ListSampler,
     StudentSampler,
     gumbel_top_k,
     pools_table,
     query_generator,
     sample_round_pairs,
+    sample_round_stream,
     student_pool_size,
 )
 from rabtriever_ray.student import Rabtriever
@@ -116,6 +119,81 @@ def test_sampler_at_low_temperature_takes_the_students_own_top_k(checkpoint):
             )[0]
         top = {pool[i] for i in scores.topk(3).indices.tolist()}
         assert {r["doc_id"] for r in rows if r["query_id"] == qid} == top | set(positives)
+
+
+def _pair_block(queries: pa.Table, documents: dict, qrels: dict) -> pa.Table:
+    """The pools as `join_pairs` hands them to the streamed rounds: each query's pool as pairs, in pool order."""
+    rows = [
+        {
+            "query_id": qid,
+            "doc_id": did,
+            "label": qrels.get(qid, {}).get(did, 0),
+            "query_text": text,
+            "doc_text": documents[did],
+        }
+        for qid, text, pool in zip(
+            *(queries.column(c).to_pylist() for c in ("query_id", "query_text", "pool"))
+        )
+        for did in pool
+    ]
+    return pa.Table.from_pylist(rows, schema=PAIR_SCHEMA)
+
+
+def test_list_sampler_draws_what_the_pool_sampler_draws(checkpoint):
+    _, directory = checkpoint
+    cfg = _config("round_k=2", "round_tau=1.0")
+    data = read_beir(DEMO_DATA, "train")
+    queries = pools_table(cfg, data)
+    documents = {d: document_text(doc.title, doc.text) for d, doc in data.corpus.items()}
+    qrels = {q: dict(data.qrels[q]) for q in queries.column("query_id").to_pylist()}
+    expected = StudentSampler(cfg, directory, documents, qrels, round_index=1)(queries).to_pylist()
+    block = _pair_block(queries, documents, qrels)
+    sampler = ListSampler(cfg, directory, round_index=1)
+    assert sampler(block).to_pylist() == expected
+    # Blocks that split between queries draw what one block does.
+    cut = sum(len(pool) for pool in queries.column("pool").to_pylist()[:3])
+    assert [*sampler(block.slice(0, cut)).to_pylist(), *sampler(block.slice(cut)).to_pylist()] == expected
+
+
+def _by_query(rows) -> dict[str, list[tuple]]:
+    out: dict[str, list[tuple]] = {}
+    for row in rows:
+        out.setdefault(row["query_id"], []).append(tuple(row[c] for c in PAIR_SCHEMA.names))
+    return {qid: sorted(pairs) for qid, pairs in out.items()}
+
+
+@pytest.mark.parametrize("pool", ["student:5", "run"])
+def test_streamed_rounds_draw_the_in_process_pairs_whole_lists_per_block(
+    ray_local, checkpoint, tmp_path, pool
+):
+    """`sample_round_stream` (pools joined in Ray, drawn block by block) draws the pairs `sample_round_pairs` draws
+    from the same pools, and never splits a query's pairs between blocks."""
+    from ray.train import Checkpoint
+
+    from rabtriever_ray.data import build_pairs
+    from rabtriever_ray.data.stream import read_beir_dataset
+
+    _, directory = checkpoint
+    data = read_beir(DEMO_DATA, "train")
+    if pool == "run":  # each query's BM25 top 6, as a TREC run
+        run = tmp_path / "pool.trec"
+        lines, ranks = [], {}
+        for row in build_pairs(data, "bm25:6").to_pylist():
+            ranks[row["query_id"]] = ranks.get(row["query_id"], 0) + 1
+            lines.append(f"{row['query_id']} Q0 {row['doc_id']} {ranks[row['query_id']]} 0 bm25")
+        run.write_text("\n".join(lines) + "\n")
+        pool = str(run)
+    # Every query (the two paths sample max_train_queries differently), small teacher batches: several blocks.
+    cfg = _config(f"round_pool={pool}", "round_k=2", "teacher_batch_size=8", "max_train_queries=1000")
+    student = Checkpoint.from_directory(directory)
+    expected = sample_round_pairs(cfg, data, student, round_index=1, cpus=0.5)
+    beir = read_beir_dataset(DEMO_DATA, "train", cpus=0.25)
+    drawn, counts = sample_round_stream(cfg, beir, student, round_index=1, cpus=0.5, min_partitions=4)
+    rows = drawn.take_all()
+    assert counts == {"pairs": len(rows), "queries": len(data.queries)}
+    assert _by_query(rows) == _by_query(expected.to_pylist())
+    blocks = [set(ray_local.get(ref).column("query_id").to_pylist()) for ref in drawn.to_arrow_refs()]
+    assert len(blocks) > 1 and sum(len(b) for b in blocks) == len(set().union(*blocks))
 
 
 # -- student:K pools: the previous round's student's own first stage over the whole corpus -------------------

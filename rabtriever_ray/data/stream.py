@@ -35,6 +35,7 @@ import hashlib
 import json
 import math
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -86,6 +87,7 @@ READ_SCHEMAS: dict[str, pa.Schema] = {
     ),
     "run": pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("rank", pa.float64()), *_WHERE]),
 }
+REF_SCHEMA = READ_SCHEMAS["run"]  # candidate references, before they are joined to pairs (`join_pairs`)
 
 
 def input_files(root: Path, stem: str) -> list[Path]:
@@ -548,7 +550,21 @@ def run_pairs(
         raise DataError(f"{run}: an empty run folder")
     tables, counts, _ = _read_checked(files, "fail", cpus, split=False)
     refs = ray.data.from_arrow_refs(tables["run"])
-    n = counts["run"]
+    return join_pairs(beir, refs, counts["run"], training, max_queries, seed, min_partitions, files["run"])
+
+
+def join_pairs(
+    beir: BeirDatasets,
+    refs,
+    n: int,
+    training: bool = False,
+    max_queries: int | None = None,
+    seed: int = 0,
+    min_partitions: int = 1,
+    files: Sequence[Path] = (),
+):
+    """`run_pairs` of ``n`` references already in a Dataset (``refs``: `REF_SCHEMA` rows; ``_file`` indexes
+    ``files`` and ``_line`` is the line there, for errors; a retrieval's own references carry -1 and 0)."""
     queries = sample_queries(beir.queries, max_queries, seed)
     if training and beir.qrels is not None:
         refs = refs.union(beir.qrels.map_batches(_positive_refs, batch_format="pyarrow"))
@@ -567,9 +583,8 @@ def run_pairs(
     ).take(1)
     if missing:
         row = missing[0]
-        raise DataError(
-            f"{files['run'][row['_file']]}:{row['_line']}: field 'docid': unknown document {row['doc_id']!r}"
-        )
+        where = f"{files[row['_file']]}:{row['_line']}" if 0 <= row["_file"] < len(files) else "a reference"
+        raise DataError(f"{where}: field 'docid': unknown document {row['doc_id']!r}")
     if training:
         pairs = joined.groupby("query_id", num_partitions=parts).map_groups(
             _rank_order, batch_format="pyarrow"
@@ -580,19 +595,25 @@ def run_pairs(
     return pairs, {"pairs": pairs.count(), "queries": queries.count()}
 
 
+def references(query_ids, doc_ids, ranks) -> pa.Table:
+    """`REF_SCHEMA` rows that name no file (a retrieval's own candidates, or qrel positives)."""
+    n = len(query_ids)
+    return pa.table(
+        {
+            "query_id": query_ids,
+            "doc_id": doc_ids,
+            "rank": ranks,
+            "_file": pa.array([-1] * n, pa.int32()),
+            "_line": pa.array([0] * n, pa.int64()),
+        },
+        schema=REF_SCHEMA,
+    )
+
+
 def _positive_refs(batch: pa.Table) -> pa.Table:
     """Qrel positives (grade > 0) as run references ranked after every run document."""
     batch = batch.filter(pc.greater(batch.column("grade"), 0))
-    n = len(batch)
-    return pa.table(
-        {
-            "query_id": batch.column("query_id"),
-            "doc_id": batch.column("doc_id"),
-            "rank": pa.array([math.inf] * n, pa.float64()),
-            "_file": pa.array([-1] * n, pa.int32()),
-            "_line": pa.array([0] * n, pa.int64()),
-        }
-    )
+    return references(batch.column("query_id"), batch.column("doc_id"), pa.array([math.inf] * len(batch)))
 
 
 def _finish_pairs(batch: pa.Table, judged: bool) -> pa.Table:
