@@ -44,7 +44,10 @@ Router retries on the other replica); with one, calls in flight are retried on i
 ``model_restarted``:
 
     python benchmarks/serve_load.py --model tiny-random-llama --kill-replica --app encoder.min_replicas=2 \
-        --app encoder.max_replicas=2 --clients 8 --requests 400 --max-seconds 30 --out /tmp/kill_two.json
+        --app encoder.max_replicas=2 --clients 8 --requests 2000 --max-seconds 25 --out /tmp/kill_two.json
+
+Send enough requests that some are in flight at the kill: the cell stops sending after ``--max-seconds``, and on a
+fast machine 400 requests end before a kill 5 s in.
 """
 
 from __future__ import annotations
