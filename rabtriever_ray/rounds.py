@@ -26,6 +26,7 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -71,20 +72,26 @@ def _top_k_references(doc_blocks: list, query_blocks: list, k: int) -> pa.Table:
     from .data.stream import references
     from .index import _matrix, faiss_index_from_chunks
 
-    doc_ids = [d for ref in doc_blocks for d in ray.get(ref).column("doc_id").to_pylist()]
+    # Arrow string arrays, not Python lists: a million ids stay a few tens of MB.
+    doc_ids = pa.chunked_array([ray.get(ref).column("doc_id") for ref in doc_blocks]).combine_chunks()
     dim = ray.get(doc_blocks[0]).schema.field("doc_vec").type.list_size
     index = faiss_index_from_chunks(
         lambda: (_matrix(ray.get(ref).column("doc_vec"), dim) for ref in doc_blocks), len(doc_ids), dim
     )
     depth = min(k, len(doc_ids))
-    out = []
+    out = [references(pa.array([], pa.string()), pa.array([], pa.string()), pa.array([], pa.float64()))]
     for ref in query_blocks:
         block = ray.get(ref)
         _, ids = index.search(_matrix(block.column("q_vec"), dim), depth)
-        query_ids = [q for q in block.column("query_id").to_pylist() for _ in range(depth)]
-        ranks = pa.array([float(r) for _ in range(len(block)) for r in range(1, depth + 1)], pa.float64())
-        out.append(references(query_ids, [doc_ids[j] for j in ids.reshape(-1)], ranks))
-    return pa.concat_tables(out) if out else references([], [], pa.array([], pa.float64()))
+        rows = len(block)
+        out.append(
+            references(
+                block.column("query_id").take(pa.array(np.repeat(np.arange(rows), depth))),
+                doc_ids.take(pa.array(ids.reshape(-1))),
+                pa.array(np.tile(np.arange(1, depth + 1, dtype=np.float64), rows)),
+            )
+        )
+    return pa.concat_tables(out)
 
 
 def student_pool_references(
