@@ -4,8 +4,8 @@
 
 1. reads the train and validation BEIR data and builds candidate pairs (training mode adds the positives); run-file
    candidates are read and joined in Ray instead (`data.stream`: the training pairs stream, the validation pairs
-   and the documents they name are gathered, the corpus never is), except for on-policy rounds and the in-job
-   teacher fine-tuning, which read their data in the driver; with
+   and the documents they name are gathered, the corpus never is), except with the in-job teacher fine-tuning
+   and ``all`` / ``bm25:K`` round pools, which read their data in the driver; with
    ``finetune_teacher`` and a base-model teacher, first fine-tunes it on the training split
    (`finetune.finetune_before_distillation`: scores the validation pairs before and after, writes
    ``out_dir/teacher/``), and distils from the fine-tuned model, reusing its validation scores;
@@ -37,7 +37,7 @@ from typing import Any
 from . import console
 from .config import DistillConfig, TeacherConfig, prompt_differences, to_dict
 from .data import DEMO_DATA, build_pairs, read_beir
-from .data.candidates import BM25Index, parse_candidates
+from .data.candidates import BM25Index, is_run_file, parse_candidates
 from .data.stream import read_beir_dataset, run_pairs, run_subset
 from .io import atomic_dir, init_ray, write_json_atomic
 from .metrics import HEADLINE_MEASURES, metrics_table, retrieval_metrics, run_from_rows
@@ -51,10 +51,6 @@ LOG_FILE = "job.log"  # in out_dir: what Ray and this package log, unless the jo
 def _data_root(cfg: DistillConfig, sub: str) -> Path:
     root = Path(cfg.data_dir) if cfg.data_dir else DEMO_DATA
     return root / sub if sub else root
-
-
-def _is_run(candidates: str) -> bool:
-    return parse_candidates(candidates)[0] == "run"
 
 
 def _validation(
@@ -148,9 +144,9 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
     # Run-file candidates, and on-policy rounds that pool from a run file or the student's first stage, are read
     # and joined in Ray (`data.stream`): the driver holds the validation subset and counts, never the corpus. The
     # in-job teacher fine-tuning and the in-process pools (all, bm25:K) still read their data here.
-    stream_val = _is_run(cfg.val_candidates) and not cfg.val_teacher_data and not will_finetune
-    stream_rounds = cfg.rounds > 1 and (student_pool or _is_run(cfg.round_pool))
-    stream_train = _is_run(cfg.candidates) and not cfg.teacher_data and (cfg.rounds == 1 or stream_rounds)
+    stream_val = is_run_file(cfg.val_candidates) and not cfg.val_teacher_data and not will_finetune
+    stream_rounds = cfg.rounds > 1 and (student_pool or is_run_file(cfg.round_pool))
+    stream_train = is_run_file(cfg.candidates) and not cfg.teacher_data and (cfg.rounds == 1 or stream_rounds)
     val_pairs = None
     if stream_val or stream_train or stream_rounds:
         init_ray()

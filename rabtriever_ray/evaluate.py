@@ -18,7 +18,9 @@ Methods (``--methods``):
 the others rank the whole corpus. With a run file, and no method that ranks the whole corpus (``rabtriever-search``
 reads its ``index``), the corpus is never read into this process: Ray tasks read and validate the folder, join the
 run and hand over only the selected queries, their qrels and their candidates (`data.stream.run_subset`; its
-``max_queries`` sample is a seeded hash sample, not the in-process one). No method holds a queries x corpus array: the teacher scores the pairs in
+``max_queries`` sample is a seeded hash sample, not the in-process one).
+
+No method holds a queries x corpus array: the teacher scores the pairs in
 document-major chunks (`GenerativeReranker.rerank`), and MiniLM takes each query's top documents from an exact FAISS
 index. Metrics are ir-measures' nDCG@10, RR@10, R@1, R@5 and R@100 over the judged queries (a candidate reranker's
 R@100 is bounded by its candidates); tied scores rank by document id, smallest first, for every measure and for the
@@ -366,9 +368,9 @@ def _reads_run_subset(config: EvaluateConfig, methods: Sequence[str]) -> bool:
     """Whether this evaluation reads only what a run file names (`data.stream.run_subset`, in Ray tasks) instead
     of the whole corpus: with run-file candidates, when no method ranks the whole corpus (``rabtriever-search``
     does not with an ``index``)."""
-    from .data.candidates import parse_candidates
+    from .data.candidates import is_run_file
 
-    if parse_candidates(config.candidates)[0] != "run":
+    if not is_run_file(config.candidates):
         return False
     whole = [m for m in methods if m in CORPUS_METHODS or (m == "rabtriever-search" and config.index is None)]
     if whole:

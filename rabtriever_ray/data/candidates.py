@@ -64,6 +64,11 @@ def spec_count(spec: str, option: str, error: type[ValueError] = DataError) -> i
     return k
 
 
+def is_run_file(spec: str) -> bool:
+    """Whether a candidates spec names a run file (`parse_candidates`, which checks it)."""
+    return parse_candidates(spec)[0] == "run"
+
+
 def parse_candidates(spec: str) -> tuple[str, int | Path | None]:
     """``"all"`` -> ("all", None); ``"bm25:K"`` -> ("bm25", K); anything else is a run file path."""
     if spec == "all":
