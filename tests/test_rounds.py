@@ -72,14 +72,20 @@ def checkpoint(tiny_teacher, tmp_path_factory):
     return student, str(directory)
 
 
+def _demo_pools(cfg: DistillConfig) -> tuple[pa.Table, dict[str, str], dict[str, dict[str, int]]]:
+    """The demo's training pools under ``cfg`` (`pools_table`), every document's text and the pools' qrels."""
+    data = read_beir(DEMO_DATA, "train")
+    queries = pools_table(cfg, data)
+    documents = {d: document_text(doc.title, doc.text) for d, doc in data.corpus.items()}
+    qrels = {q: dict(data.qrels[q]) for q in queries.column("query_id").to_pylist()}
+    return queries, documents, qrels
+
+
 def test_sampler_draws_k_from_the_pool_plus_positives_and_is_batch_independent(checkpoint):
     student, directory = checkpoint
     cfg = _config("round_k=2", "round_tau=1.0")
-    data = read_beir(DEMO_DATA, "train")
-    queries = pools_table(cfg, data)
+    queries, documents, qrels = _demo_pools(cfg)
     assert queries.num_rows == 6
-    documents = {d: document_text(doc.title, doc.text) for d, doc in data.corpus.items()}
-    qrels = {q: dict(data.qrels[q]) for q in queries.column("query_id").to_pylist()}
     sampler = StudentSampler(cfg, directory, documents, qrels, round_index=1)
     whole = sampler(queries)
     halves = pa.concat_tables([sampler(queries.slice(0, 3)), sampler(queries.slice(3))])
@@ -102,9 +108,7 @@ def test_sampler_draws_k_from_the_pool_plus_positives_and_is_batch_independent(c
 def test_sampler_at_low_temperature_takes_the_students_own_top_k(checkpoint):
     student, directory = checkpoint
     cfg = _config("round_k=3", "round_tau=0.0001")
-    data = read_beir(DEMO_DATA, "train")
-    queries = pools_table(cfg, data)
-    documents = {d: document_text(doc.title, doc.text) for d, doc in data.corpus.items()}
+    queries, documents, _ = _demo_pools(cfg)
     out = StudentSampler(cfg, directory, documents, {}, round_index=1)(queries)
     rows = out.to_pylist()
     for qid, text, pool, positives in zip(
@@ -142,10 +146,7 @@ def _pair_block(queries: pa.Table, documents: dict, qrels: dict) -> pa.Table:
 def test_list_sampler_draws_what_the_pool_sampler_draws(checkpoint):
     _, directory = checkpoint
     cfg = _config("round_k=2", "round_tau=1.0")
-    data = read_beir(DEMO_DATA, "train")
-    queries = pools_table(cfg, data)
-    documents = {d: document_text(doc.title, doc.text) for d, doc in data.corpus.items()}
-    qrels = {q: dict(data.qrels[q]) for q in queries.column("query_id").to_pylist()}
+    queries, documents, qrels = _demo_pools(cfg)
     expected = StudentSampler(cfg, directory, documents, qrels, round_index=1)(queries).to_pylist()
     block = _pair_block(queries, documents, qrels)
     sampler = ListSampler(cfg, directory, round_index=1)
