@@ -31,6 +31,7 @@ from rabtriever_ray.config import (
 from rabtriever_ray.config import main as config_main
 from rabtriever_ray.models import load_causal_lm
 from rabtriever_ray.prompts import PromptBuilder
+from rabtriever_ray.specs import CANDIDATES, NEGATIVE_POOLS, ROUND_POOLS, CandidateSpec, parse_spec
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
 # Which dataclass each folder under configs/ holds.
@@ -187,7 +188,9 @@ def test_a_section_given_as_a_yaml_path_is_loaded_from_that_file(tmp_path):
     with pytest.raises(ConfigError, match=f"{re.escape(str(bad))}: unknown config key 'modell'"):
         load_config(DistillConfig, None, [f"teacher={bad}"])
     # A teacher YAML where the job's own config is expected says where it belongs.
-    with pytest.raises(ConfigError, match="looks like a teacher config \\(TeacherConfig\\): pass it as --teacher"):
+    with pytest.raises(
+        ConfigError, match="looks like a teacher config \\(TeacherConfig\\): pass it as --teacher"
+    ):
         load_config(DistillConfig, root / "scifact.yaml")
 
 
@@ -235,12 +238,17 @@ def _every_field(cls: type, prefix: str = ""):
 
 def test_the_distillation_recipe_for_its_teacher_keeps_its_own_defaults_and_refuses_keys_it_sets():
     config = load_config(DistillConfig, None, ["finetune.lr=0.001"])
-    assert (config.finetune.lr, config.finetune.train_layers) == (0.001, DistillConfig().finetune.train_layers)
+    assert (config.finetune.lr, config.finetune.train_layers) == (
+        0.001,
+        DistillConfig().finetune.train_layers,
+    )
     assert DistillConfig().finetune.train_layers == 8 != TeacherTrainConfig().train_layers
     reference = config_reference_markdown()
     assert "| `finetune.train_layers` | `int` | 8 |" in reference and "`finetune.data`" not in reference
     for key in ("data=x", "teacher.model=x", "val_split=test", "seed=3"):
-        with pytest.raises(ConfigError, match=f"finetune.{key.split('.')[0].split('=')[0]} is set by the distil"):
+        with pytest.raises(
+            ConfigError, match=f"finetune.{key.split('.')[0].split('=')[0]} is set by the distil"
+        ):
             load_config(DistillConfig, None, [f"finetune.{key}"])
 
 
@@ -299,7 +307,9 @@ def test_check_fails_on_a_stale_copy_and_write_replaces_only_the_block(tmp_path)
     assert text.endswith(f" |\n\n{REFERENCE_END}\n\n## After\n")
     assert documented_config_reference(page) == config_reference_markdown()
     # Renamed over the old file: its mode is kept and no temporary file is left behind.
-    assert page.stat().st_mode & 0o777 == 0o640 and [p.name for p in tmp_path.iterdir()] == ["configuration.md"]
+    assert page.stat().st_mode & 0o777 == 0o640 and [p.name for p in tmp_path.iterdir()] == [
+        "configuration.md"
+    ]
     assert write_config_reference(page) is False  # already current: the file is left alone
     config_main(["--check", "--file", str(page)])  # current: returns, no exit status 1
 
@@ -334,18 +344,35 @@ def test_prompt_differences_read_missing_fields_as_their_defaults():
 def test_job_flags_set_the_keys_of_the_same_name_then_overrides_apply(tmp_path):
     root = Path(__file__).resolve().parents[1] / "configs"
     argv = ["--data", "D", "--split", "dev", "--out", "O", "--candidates", "all", "--max-queries", "20"]
-    argv += ["--model", "tiny-random-llama", "--training", "--actors", "1:4", "teacher.prompt.max_doc_tokens=7"]
+    argv += [
+        "--model",
+        "tiny-random-llama",
+        "--training",
+        "--actors",
+        "1:4",
+        "teacher.prompt.max_doc_tokens=7",
+    ]
     config = parse_job_args(ScoreTeacherConfig, argv, aliases={"--model": "teacher"})
-    assert (config.data, config.split, config.out, config.max_queries, config.actors) == ("D", "dev", "O", 20, "1:4")
+    assert (config.data, config.split, config.out, config.max_queries, config.actors) == (
+        "D",
+        "dev",
+        "O",
+        20,
+        "1:4",
+    )
     assert config.training is True and config.overwrite is False
     assert config.teacher.model == "tiny-random-llama" and config.teacher.prompt.max_doc_tokens == 7
     # A teacher YAML as --teacher; a job YAML as --config, the flags and overrides on top of it.
     teacher = load_config(TeacherConfig, root / "teacher" / "scifact.yaml")
     argv = ["--teacher", str(root / "teacher" / "scifact.yaml"), "--methods", "bm25,teacher", "seed=3"]
-    config = parse_job_args(EvaluateConfig, ["--config", str(root / "evaluate" / "esconv_strategy.yaml"), *argv])
+    config = parse_job_args(
+        EvaluateConfig, ["--config", str(root / "evaluate" / "esconv_strategy.yaml"), *argv]
+    )
     assert config.teacher == teacher and config.methods == ["bm25", "teacher"] and config.seed == 3
     assert config.max_queries == 300  # from the YAML
-    index = parse_job_args(IndexConfig, ["--checkpoint", "C", "--data", "D", "--out", "O", "--index-type", "hnsw"])
+    index = parse_job_args(
+        IndexConfig, ["--checkpoint", "C", "--data", "D", "--out", "O", "--index-type", "hnsw"]
+    )
     assert index.index_type == "hnsw" and index.teacher is None and index.actors == "1:1"
 
 
@@ -359,3 +386,119 @@ def test_a_job_config_names_what_is_missing_or_misplaced():
         parse_job_args(EvaluateConfig, ["--config", str(teacher_yaml), "--data", "D", "--split", "dev"])
     with pytest.raises(SystemExit):
         parse_job_args(ScoreTeacherConfig, ["--no-such-flag", "x"])
+
+
+# -- candidate specs: parsed once, when a config is built ------------------------------------------------------------
+
+# Every key that takes a spec, with the forms it accepts as its errors list them.
+SPEC_KEYS = [
+    (DistillConfig, "candidates", "all, bm25:K (K an integer >= 1) or a path to a TREC run file"),
+    (DistillConfig, "val_candidates", "all, bm25:K (K an integer >= 1) or a path to a TREC run file"),
+    (
+        DistillConfig,
+        "round_pool",
+        "all, bm25:K, student:K (K an integer >= 1) or a path to a TREC run file",
+    ),
+    (TeacherTrainConfig, "negatives_from", "all or bm25:K (K an integer >= 1)"),
+    (TeacherTrainConfig, "val_candidates", "all, bm25:K (K an integer >= 1) or a path to a TREC run file"),
+    (ScoreTeacherConfig, "candidates", "all, bm25:K (K an integer >= 1) or a path to a TREC run file"),
+    (EvaluateConfig, "candidates", "all, bm25:K (K an integer >= 1) or a path to a TREC run file"),
+]
+MISSING_RUN = "no/such/run.trec"
+
+
+def _spec_problem(key: str, value: str) -> str:
+    """What the error says is wrong with ``value`` for ``key`` (before the accepted forms)."""
+    if value == "":
+        return "empty"
+    if value.startswith("student:") and key != "round_pool":
+        return "student:K is not accepted here"
+    if value in ("bm25:x", "student:y"):
+        return f"{value.split(':')[0]}:K needs an integer K"
+    if value == "bm25:0":
+        return "K must be >= 1"
+    if key == "negatives_from":  # negatives never come from a run file: the value is just not a form it takes
+        return ""
+    return f"no run file at {MISSING_RUN}"
+
+
+BAD_SPECS = [
+    (cls, key, accepted, value)
+    for cls, key, accepted in SPEC_KEYS
+    for value in ("bm25:x", "bm25:0", "student:3", "student:y", MISSING_RUN, "")
+    if (key, value) != ("round_pool", "student:3")
+]
+
+
+@pytest.mark.parametrize(
+    "cls, key, accepted, value", BAD_SPECS, ids=[f"{c.__name__}.{k}={v!r}" for c, k, _, v in BAD_SPECS]
+)
+def test_a_bad_spec_fails_at_construction_and_at_load_naming_the_key(tmp_path, cls, key, accepted, value):
+    problem = _spec_problem(key, value)
+    message = f"{key} {value!r}: {problem + '; ' if problem else ''}expected {accepted}"
+    with pytest.raises(ConfigError) as built:
+        cls(**{key: value})
+    assert str(built.value) == message
+    with pytest.raises(ConfigError) as overridden:
+        load_config(cls, None, [f"{key}={value}"])
+    assert str(overridden.value) == f"defaults: {message}"
+    path = tmp_path / "job.yaml"
+    path.write_text(f"{key}: {value!r}\n")
+    with pytest.raises(ConfigError) as loaded:
+        load_config(cls, path)
+    assert str(loaded.value) == f"{path}: {message}"
+
+
+def test_a_bad_spec_in_a_section_names_its_dotted_key():
+    message = "defaults: finetune.negatives_from 'bm25:x': bm25:K needs an integer K"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(DistillConfig, None, ["finetune.negatives_from=bm25:x"])
+
+
+def test_good_specs_parse_once_beside_their_keys(tmp_path):
+    run = tmp_path / "run.trec"
+    run.write_text("q1 Q0 d1 1 1.0 bm25\n")
+    config = load_config(
+        DistillConfig, None, [f"candidates={run}", "val_candidates=bm25:6", "round_pool=student:4"]
+    )
+    assert config.candidates_spec == CandidateSpec("run", path=run) and config.candidates_spec.is_run
+    assert config.val_candidates_spec == CandidateSpec("bm25", k=6) and not config.val_candidates_spec.is_run
+    assert config.round_pool_spec == CandidateSpec("student", k=4)
+    assert config.finetune.negatives_from_spec == config.finetune.val_candidates_spec == CandidateSpec("all")
+    trained = TeacherTrainConfig(negatives_from="bm25:5", val_candidates=str(run))
+    assert trained.negatives_from_spec.k == 5 and trained.val_candidates_spec.path == run
+    assert ScoreTeacherConfig(candidates="bm25:3").candidates_spec.k == 3
+    assert EvaluateConfig(candidates=str(run)).candidates_spec.is_run
+    # The keys stay strings: the YAML, the overrides, to_dict and the reference are as before.
+    assert config.candidates == str(run) and to_dict(config)["round_pool"] == "student:4"
+    assert not any(key.endswith("_spec") for key in to_dict(config))
+    assert dataclasses.replace(config, round_pool="bm25:9").round_pool_spec == CandidateSpec("bm25", k=9)
+
+
+def test_a_spec_reads_back_from_its_text(tmp_path):
+    run = tmp_path / "run.trec"
+    run.write_text("")
+    for text, allowed in [("all", CANDIDATES), ("bm25:20", NEGATIVE_POOLS), ("student:5", ROUND_POOLS)]:
+        spec = parse_spec(text, "key", allowed)
+        assert str(spec) == spec.text == text and parse_spec(spec.text, "key", allowed) == spec
+    assert str(parse_spec(str(run), "candidates")) == str(run)
+    # Another error class, for a reader that parses a spec at run time; ValueError by default.
+    with pytest.raises(KeyError, match="negatives_from 'student:2': student:K is not accepted here"):
+        parse_spec("student:2", "negatives_from", NEGATIVE_POOLS, KeyError)
+    with pytest.raises(ValueError, match="candidates 'bm25:-1': K must be >= 1"):
+        parse_spec("bm25:-1", "candidates")
+
+
+def test_specs_and_the_configs_import_no_torch_ray_or_pyarrow():
+    """The configs parse their specs themselves: building one imports neither the training code nor its stack."""
+    code = (
+        "import sys, rabtriever_ray.specs\n"
+        "heavy = {'torch', 'ray', 'pyarrow', 'rabtriever_ray.rounds', 'rabtriever_ray.data'}\n"
+        "print(sorted(heavy & set(sys.modules)))\n"
+        "from rabtriever_ray.config import DistillConfig\n"
+        "DistillConfig(round_pool='student:4')\n"
+        "print(sorted(heavy & set(sys.modules)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["[]", "[]"]

@@ -1,6 +1,7 @@
 """Typed configuration: dataclasses with defaults and help, YAML files, and ``key=value`` overrides.
 
-- `schema`: the config dataclasses of every job and of the Serve app.
+- `schema`: the config dataclasses of every job; `sections`: the sections they nest (prompt, teacher, student,
+  losses); `serving`: the Serve app's.
 - `loading`: defaults, then YAML, then overrides (`load_config`), the jobs' command line (`parse_job_args`), and
   the helpers built on the schema walk (`from_dict`, `to_dict`, `config_help`, `prompt_differences`).
 - `reference`: docs/configuration.md's configuration reference, generated from the dataclasses (``python -m
@@ -22,17 +23,8 @@ from .loading import (
     prompt_differences,
     to_dict,
 )
-from .schema import (
-    DistillConfig,
-    EvaluateConfig,
-    IndexConfig,
-    LossConfig,
-    PromptConfig,
-    ScoreTeacherConfig,
-    StudentConfig,
-    TeacherConfig,
-    TeacherTrainConfig,
-)
+from .schema import DistillConfig, EvaluateConfig, IndexConfig, ScoreTeacherConfig, TeacherTrainConfig
+from .sections import LossConfig, PromptConfig, StudentConfig, TeacherConfig
 from .serving import RouterResources, ServeConfig, ServeResources
 
 __all__ = [

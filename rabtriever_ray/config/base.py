@@ -20,14 +20,14 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirro
     return field(default=default, metadata={"help": help}, **kwargs)
 
 
-def _gpu_shares(config: Any, *names: str) -> None:
+def check_gpu_shares(config: Any, *names: str) -> None:
     """Raise `ConfigError` naming the first field of ``names`` outside (0, 8]: a GPU share or count per actor."""
     for name in names:
         if not 0 < getattr(config, name) <= 8:
             raise ConfigError(f"{name} must be in (0, 8], got {getattr(config, name)}")
 
 
-def _at_least(config: Any, minimum: float, *names: str) -> None:
+def check_at_least(config: Any, minimum: float, *names: str) -> None:
     """Raise `ConfigError` naming the first field of ``names`` below ``minimum``."""
     for name in names:
         if getattr(config, name) < minimum:

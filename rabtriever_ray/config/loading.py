@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 
 from .base import ConfigError
-from .schema import PromptConfig
+from .sections import PromptConfig
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: Iterable[str] = ()) -> Any:
@@ -63,7 +63,10 @@ def load_config(cls: type, path: str | Path | None = None, overrides: Iterable[s
 
 
 def parse_job_args(
-    cls: type, argv: Sequence[str] | None = None, description: str | None = None, aliases: Mapping[str, str] = {}
+    cls: type,
+    argv: Sequence[str] | None = None,
+    description: str | None = None,
+    aliases: Mapping[str, str] = {},
 ) -> Any:
     """A job's command line: ``--config YAML``, one ``--kebab-case`` flag per top-level field of ``cls``, then
     trailing ``key=value`` overrides; returns the config built by `load_config` (flags apply before overrides).
@@ -186,8 +189,8 @@ def prompt_differences(recorded: Mapping[str, Any], prompt: Mapping[str, Any]) -
 def config_help(cls: type, prefix: str = "") -> str:
     """One line per key: ``key (type, default): help``; nested dataclasses are flattened with dots."""
     return "\n".join(
-        f"  {key} ({_type_name(field_type)}, default {default!r}): {f.metadata.get('help', '')}"
-        for key, f, field_type, default in _flat_fields(cls, prefix)
+        f"  {key} ({type_name(field_type)}, default {default!r}): {f.metadata.get('help', '')}"
+        for key, f, field_type, default in flat_fields(cls, prefix)
         if not dataclasses.is_dataclass(field_type)
     )
 
@@ -197,7 +200,7 @@ def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
     return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
 
 
-def _flat_fields(
+def flat_fields(
     cls: type, prefix: str = "", base: Any = None
 ) -> Iterator[tuple[str, dataclasses.Field, Any, Any]]:
     """(dotted key, field, type, default) of every field in order; a nested dataclass comes just before its own
@@ -208,7 +211,7 @@ def _flat_fields(
         default = getattr(base, name) if base is not None else _default(f)
         yield f"{prefix}{name}", f, field_type, default
         if dataclasses.is_dataclass(field_type):
-            for key, *rest in _flat_fields(field_type, f"{prefix}{name}.", default):
+            for key, *rest in flat_fields(field_type, f"{prefix}{name}.", default):
                 if key.removeprefix(f"{prefix}{name}.").split(".")[0] not in derived.get(name, ()):
                     yield (key, *rest)
 
@@ -303,14 +306,14 @@ def _default_instance(f: dataclasses.Field) -> Any:
     return f.default if dataclasses.is_dataclass(f.default) else None
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     optional, inner = _is_optional(tp)
     if optional:
-        return f"{_type_name(inner)} | None"
+        return f"{type_name(inner)} | None"
     if typing.get_origin(tp) is Literal:
         return "|".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
-        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+        return f"list[{type_name(typing.get_args(tp)[0])}]"
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
@@ -327,11 +330,11 @@ def _check_value(value: Any, tp: Any, key: str, source: str) -> Any:
     if value is None:
         if optional:
             return None
-        raise ConfigError(f"{source}: {key!r} must not be null (expected {_type_name(tp)})")
+        raise ConfigError(f"{source}: {key!r} must not be null (expected {type_name(tp)})")
     origin = typing.get_origin(inner)
     if origin is Literal:
         if value not in typing.get_args(inner):
-            raise ConfigError(f"{source}: {key!r} must be one of {_type_name(inner)}, got {value!r}")
+            raise ConfigError(f"{source}: {key!r} must be one of {type_name(inner)}, got {value!r}")
         return value
     if origin is list:
         if not isinstance(value, list):
@@ -375,5 +378,5 @@ def _parse_string(raw: str, tp: Any, key: str) -> Any:
                 parsed = [_parse_string(str(v), item_type, key) for v in parsed]
             return _check_value(parsed, inner, key, "command line")
     except (ValueError, yaml.YAMLError) as err:
-        raise ConfigError(f"command line: {key}={raw!r} is not a valid {_type_name(inner)}") from err
+        raise ConfigError(f"command line: {key}={raw!r} is not a valid {type_name(inner)}") from err
     return _check_value(raw if inner is str else text, inner, key, "command line")

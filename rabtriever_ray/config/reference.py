@@ -16,15 +16,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .base import ConfigError
-from .loading import _flat_fields, _type_name
-from .schema import (
-    DistillConfig,
-    EvaluateConfig,
-    IndexConfig,
-    ScoreTeacherConfig,
-    TeacherConfig,
-    TeacherTrainConfig,
-)
+from .loading import flat_fields, type_name
+from .schema import DistillConfig, EvaluateConfig, IndexConfig, ScoreTeacherConfig, TeacherTrainConfig
+from .sections import TeacherConfig
 from .serving import ServeConfig
 
 REFERENCE_PAGE = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
@@ -83,7 +77,7 @@ def config_reference_markdown() -> str:
     sections = []
     for cls, usage in REFERENCE_CONFIGS:
         rows = []
-        for key, f, field_type, default in _flat_fields(cls):
+        for key, f, field_type, default in flat_fields(cls):
             if dataclasses.is_dataclass(field_type):
                 type_cell, default_cell = f"`{field_type.__name__}`", f"`{key}.*` below"
             else:
@@ -105,7 +99,7 @@ def config_reference_markdown() -> str:
 def _markdown_type(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return r" \| ".join(f"`{a}`" for a in typing.get_args(tp))
-    return f"`{_type_name(tp)}`".replace("|", r"\|")
+    return f"`{type_name(tp)}`".replace("|", r"\|")
 
 
 def _markdown_default(value: Any) -> str:
@@ -170,7 +164,9 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="replace the page's block between the config-reference markers",
     )
-    action.add_argument("--check", action="store_true", help="exit with status 1 when the page's block is stale")
+    action.add_argument(
+        "--check", action="store_true", help="exit with status 1 when the page's block is stale"
+    )
     parser.add_argument(
         "--file", type=Path, default=REFERENCE_PAGE, help="the page to write or check (default: %(default)s)"
     )
@@ -187,6 +183,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from ..io import run_job
+    from ..runtime import run_job
 
     run_job(main)

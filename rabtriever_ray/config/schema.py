@@ -1,7 +1,14 @@
-"""The config dataclasses of every job: a default and a help string per field (the Serve app's are in `serving`).
+"""The config dataclasses of every job: a default and a help string per field (the sections they nest, prompt,
+teacher, student and losses, are in `sections`; the Serve app's in `serving`).
 
 Nested dataclasses are sections (dotted keys on the command line). How they are loaded from YAML and ``key=value``
 overrides is `rabtriever_ray.config.loading`.
+
+Keys that say where candidates come from (``candidates``, ``val_candidates``, ``round_pool``, ``negatives_from``)
+are strings, as YAML and overrides give them; a config parses each one when it is built (`specs.parse_spec`: a
+bad value, or a run file that does not exist, is a `ConfigError` naming the key) and keeps the result beside it as
+``<key>_spec``, a `specs.CandidateSpec` (``cfg.round_pool_spec.k``). Those attributes are not fields: not keys,
+not in `to_dict`; `dataclasses.replace` parses again.
 """
 
 from __future__ import annotations
@@ -9,105 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from .base import ConfigError, _at_least, _gpu_shares, actor_range, option
+from ..specs import CANDIDATES, NEGATIVE_POOLS, ROUND_POOLS, parse_spec
+from .base import ConfigError, actor_range, check_at_least, check_gpu_shares, option
+from .sections import LossConfig, StudentConfig, TeacherConfig
 
 # --------------------------------------------------------------------------------------------------------------
 # The configs.
-
-
-@dataclass
-class PromptConfig:
-    """How (query, document) pairs are rendered for the teacher and the student."""
-
-    instruction: str = option(
-        "Is this document relevant to the query?", "question asked after the document and the query"
-    )
-    answer_hint: str = option("Answer yes or no.", "appended to the instruction")
-    system: str | None = option(None, "system message; None keeps the chat template's default")
-    doc_label: str = option("Document", "label written before the document")
-    query_label: str = option("Query", "label written before the query")
-    answer_yes: str = option(
-        "yes", "answer word for relevant; must be a single token after the answer prompt"
-    )
-    answer_no: str = option(
-        "no", "answer word for not relevant; must be a single token after the answer prompt"
-    )
-    enable_thinking: bool = option(
-        False, "passed to chat templates with a thinking mode (Qwen3); false: the answer follows the header"
-    )
-    answer_prefix: str = option(
-        "", "text after the chat template's generation prompt, before the answer (e.g. 'Answer:')"
-    )
-    max_doc_tokens: int = option(512, "documents are cut at the end to this many tokens")
-    max_query_tokens: int = option(
-        256, "queries are cut from the start (latest turns survive) to this many tokens"
-    )
-
-    def __post_init__(self) -> None:
-        _at_least(self, 1, "max_doc_tokens", "max_query_tokens")
-        if not self.answer_yes.strip() or not self.answer_no.strip() or self.answer_yes == self.answer_no:
-            raise ConfigError(
-                f"answer_yes/answer_no must be distinct and non-empty, got {self.answer_yes!r}/{self.answer_no!r}"
-            )
-
-
-@dataclass
-class TeacherConfig:
-    """The generative reranker: which model, how it is prompted and batched.
-
-    Where a config nests one (``teacher``), a plain string stands for the section: a model spec sets ``model``
-    (``teacher=runs/my_teacher``), a path ending in ``.yaml`` loads the section from that file.
-    """
-
-    SHORTHAND: ClassVar[str] = "model"
-
-    model: str = option("smollm2-135m", "model spec: smollm2-135m, tiny-random-llama, a HF id or a directory")
-    prompt: PromptConfig = option(PromptConfig(), "prompt template and truncation")
-    max_batch_tokens: int = option(8192, "padded tokens per forward batch (rows x longest sequence)")
-    share_prefix: bool = option(True, "run a prompt prefix shared by several pairs (same document) once")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
-        "auto", "auto: bf16 on GPU, fp32 on CPU"
-    )
-
-    def __post_init__(self) -> None:
-        _at_least(self, 1, "max_batch_tokens")
-
-
-@dataclass
-class StudentConfig:
-    """Rabtriever's trainable parts on top of the frozen backbone."""
-
-    predictor_hidden: int = option(1024, "hidden width of the predictor MLP")
-    input_norm: bool = option(True, "LayerNorm the query and document embeddings before the predictor MLP")
-    query_mean: bool = option(
-        True,
-        "query embedding = answer-position state + mean state of the query's tokens (standardised per dimension "
-        "for the predictor); false: the answer-position state alone",
-    )
-    proj_dim: int = option(256, "dimension of the first-stage projections q_proj / d_proj")
-    seed: int = option(0, "seed for the trainable parts' initialisation")
-
-    def __post_init__(self) -> None:
-        _at_least(self, 1, "predictor_hidden", "proj_dim")
-
-
-@dataclass
-class LossConfig:
-    """The distillation loss mix; each term is logged on its own."""
-
-    w_jepa: float = option(0.1, "weight of the JEPA loss: predicted vs teacher hidden state")
-    w_rkl: float = option(1.0, "weight of the reverse KL between student and teacher LM-head distributions")
-    w_list: float = option(1.0, "weight of the listwise KL of first-stage scores against teacher scores")
-    w_rank: float = option(
-        1.0, "weight of the listwise KL of the predictor's own scores against teacher scores"
-    )
-    temperature: float = option(1.0, "temperature of the KL terms")
-    jepa_kind: Literal["mse", "smooth_l1", "cosine"] = option("mse", "distance used by the JEPA loss")
-
-    def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
-        _at_least(self, 0, "w_jepa", "w_rkl", "w_list", "w_rank")
 
 
 @dataclass
@@ -191,10 +105,19 @@ class TeacherTrainConfig:
     teacher_gpus: float = option(1.0, "GPUs per validation scoring actor with use_gpu")
 
     def __post_init__(self) -> None:
-        _at_least(self, 1, "negatives", "epochs", "batch_size", "grad_accum", "num_workers", "teacher_actors")
-        _at_least(self, 1, "lora_r", "lora_alpha")
-        _at_least(
-            self, 0, "warmup_steps", "report_every", "w_listwise", "w_pointwise", "max_failures", "train_layers"
+        check_at_least(
+            self, 1, "negatives", "epochs", "batch_size", "grad_accum", "num_workers", "teacher_actors"
+        )
+        check_at_least(self, 1, "lora_r", "lora_alpha")
+        check_at_least(
+            self,
+            0,
+            "warmup_steps",
+            "report_every",
+            "w_listwise",
+            "w_pointwise",
+            "max_failures",
+            "train_layers",
         )
         if self.w_listwise == self.w_pointwise == 0:
             raise ConfigError("w_listwise and w_pointwise are both 0: nothing to train")
@@ -202,12 +125,13 @@ class TeacherTrainConfig:
             raise ConfigError(f"lr and temperature must be > 0, got {self.lr} and {self.temperature}")
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"zero_stage must be 0, 1 or 2, got {self.zero_stage}")
-        _gpu_shares(self, "gpus_per_worker", "teacher_gpus")
+        check_gpu_shares(self, "gpus_per_worker", "teacher_gpus")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.negatives_from != "all" and not self.negatives_from.startswith("bm25:"):
-            raise ConfigError(f"negatives_from must be all or bm25:K, got {self.negatives_from!r}")
-
+        self.negatives_from_spec = parse_spec(
+            self.negatives_from, "negatives_from", NEGATIVE_POOLS, ConfigError
+        )
+        self.val_candidates_spec = parse_spec(self.val_candidates, "val_candidates", CANDIDATES, ConfigError)
 
 
 @dataclass
@@ -315,7 +239,8 @@ class DistillConfig:
     max_failures: int = option(1, "worker failures to recover from (from the last checkpoint)")
     num_to_keep: int = option(2, "checkpoints kept")
     cost_queries: int = option(
-        4, "validation queries on which the teacher's and Rabtriever's per-query cost is timed at the end (0: none)"
+        4,
+        "validation queries on which the teacher's and Rabtriever's per-query cost is timed at the end (0: none)",
     )
     verbose: bool = option(
         False, "show Ray's own log lines and progress on the console (otherwise they go to <out_dir>/job.log)"
@@ -349,7 +274,7 @@ class DistillConfig:
                     f"finetune.{key} is set by the distillation from its own keys (train_data, teacher, val_*, "
                     "seed, use_gpu, out_dir); set those instead"
                 )
-        _at_least(
+        check_at_least(
             self,
             1,
             "epochs",
@@ -361,18 +286,17 @@ class DistillConfig:
             "rounds",
             "round_k",
         )
-        _at_least(self, 0, "cost_queries", "teacher_cache_mb")
+        check_at_least(self, 0, "cost_queries", "teacher_cache_mb")
         if self.round_epochs is not None and self.round_epochs < 1:
             raise ConfigError(f"round_epochs must be >= 1, got {self.round_epochs}")
         if self.zero_stage not in (0, 1, 2):
             raise ConfigError(f"zero_stage must be 0, 1 or 2, got {self.zero_stage}")
-        _gpu_shares(self, "gpus_per_worker", "teacher_gpus")
+        check_gpu_shares(self, "gpus_per_worker", "teacher_gpus")
         if self.round_tau <= 0:
             raise ConfigError(f"round_tau must be > 0, got {self.round_tau}")
-        if self.round_pool.startswith("student:"):
-            from ..rounds import student_pool_size  # with the policy it parses; imports torch, so only here
-
-            student_pool_size(self.round_pool)
+        self.candidates_spec = parse_spec(self.candidates, "candidates", CANDIDATES, ConfigError)
+        self.val_candidates_spec = parse_spec(self.val_candidates, "val_candidates", CANDIDATES, ConfigError)
+        self.round_pool_spec = parse_spec(self.round_pool, "round_pool", ROUND_POOLS, ConfigError)
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
 
@@ -385,7 +309,7 @@ _TEACHER_HELP = "the teacher: a section, a teacher YAML (configs/teacher/*.yaml)
 
 @dataclass
 class ScoreTeacherConfig:
-    """Scoring candidate pairs with the teacher on Ray Data (jobs/score_teacher.py; `pipeline.write_teacher_scores`)."""
+    """Scoring candidate pairs with the teacher on Ray Data (jobs/score_teacher.py; `teacher_scores.write_teacher_scores`)."""
 
     REQUIRED: ClassVar[tuple[str, ...]] = ("data", "out")
 
@@ -410,6 +334,7 @@ class ScoreTeacherConfig:
 
     def __post_init__(self) -> None:
         actor_range(self.actors)
+        self.candidates_spec = parse_spec(self.candidates, "candidates", CANDIDATES, ConfigError)
 
 
 @dataclass
@@ -459,8 +384,9 @@ class EvaluateConfig:
     max_queries: int | None = option(None, "seeded subset of this many queries")
     seed: int = option(0, "seed of the query subset")
     candidates: str = option("all", "candidates of the rerankers: all | bm25:K | TREC run file")
-    frequency_data: str | None = option(
-        None, "BEIR folder whose qrels give the frequency prior (None: data)"
-    )
+    frequency_data: str | None = option(None, "BEIR folder whose qrels give the frequency prior (None: data)")
     frequency_split: str = option("train", "qrels split of the frequency prior")
     exclude_self: bool = option(False, "drop a query's own id from its results")
+
+    def __post_init__(self) -> None:
+        self.candidates_spec = parse_spec(self.candidates, "candidates", CANDIDATES, ConfigError)

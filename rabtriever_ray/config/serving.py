@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from .base import ConfigError, _at_least, option
+from .base import ConfigError, check_at_least, option
 
 
 @dataclass
@@ -32,8 +32,8 @@ class ServeResources:
     )
 
     def __post_init__(self) -> None:
-        _at_least(self, 0, "num_cpus", "num_gpus")
-        _at_least(self, 1, "min_replicas", "max_ongoing_requests")
+        check_at_least(self, 0, "num_cpus", "num_gpus")
+        check_at_least(self, 1, "min_replicas", "max_ongoing_requests")
         if self.max_replicas < self.min_replicas:
             raise ConfigError(
                 f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})"
@@ -97,6 +97,6 @@ class ServeConfig:
     router: RouterResources = option(RouterResources(), "the Router deployment (HTTP ingress)")
 
     def __post_init__(self) -> None:
-        _at_least(self, 1, "max_batch_size", "max_documents", "max_text_bytes", "max_request_bytes")
-        _at_least(self, 1, "max_top_k", "first_stage_k")
-        _at_least(self, 0, "batch_wait_timeout_s", "replica_retry_wait_s")
+        check_at_least(self, 1, "max_batch_size", "max_documents", "max_text_bytes", "max_request_bytes")
+        check_at_least(self, 1, "max_top_k", "first_stage_k")
+        check_at_least(self, 0, "batch_wait_timeout_s", "replica_retry_wait_s")

@@ -1,0 +1,107 @@
+"""The model sections every job nests: the prompt, the teacher, the student and the losses.
+
+A default and a help string per field; how they are loaded from YAML and ``key=value`` overrides is
+`rabtriever_ray.config.loading`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from .base import ConfigError, check_at_least, option
+
+
+@dataclass
+class PromptConfig:
+    """How (query, document) pairs are rendered for the teacher and the student."""
+
+    instruction: str = option(
+        "Is this document relevant to the query?", "question asked after the document and the query"
+    )
+    answer_hint: str = option("Answer yes or no.", "appended to the instruction")
+    system: str | None = option(None, "system message; None keeps the chat template's default")
+    doc_label: str = option("Document", "label written before the document")
+    query_label: str = option("Query", "label written before the query")
+    answer_yes: str = option(
+        "yes", "answer word for relevant; must be a single token after the answer prompt"
+    )
+    answer_no: str = option(
+        "no", "answer word for not relevant; must be a single token after the answer prompt"
+    )
+    enable_thinking: bool = option(
+        False, "passed to chat templates with a thinking mode (Qwen3); false: the answer follows the header"
+    )
+    answer_prefix: str = option(
+        "", "text after the chat template's generation prompt, before the answer (e.g. 'Answer:')"
+    )
+    max_doc_tokens: int = option(512, "documents are cut at the end to this many tokens")
+    max_query_tokens: int = option(
+        256, "queries are cut from the start (latest turns survive) to this many tokens"
+    )
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 1, "max_doc_tokens", "max_query_tokens")
+        if not self.answer_yes.strip() or not self.answer_no.strip() or self.answer_yes == self.answer_no:
+            raise ConfigError(
+                f"answer_yes/answer_no must be distinct and non-empty, got {self.answer_yes!r}/{self.answer_no!r}"
+            )
+
+
+@dataclass
+class TeacherConfig:
+    """The generative reranker: which model, how it is prompted and batched.
+
+    Where a config nests one (``teacher``), a plain string stands for the section: a model spec sets ``model``
+    (``teacher=runs/my_teacher``), a path ending in ``.yaml`` loads the section from that file.
+    """
+
+    SHORTHAND: ClassVar[str] = "model"
+
+    model: str = option("smollm2-135m", "model spec: smollm2-135m, tiny-random-llama, a HF id or a directory")
+    prompt: PromptConfig = option(PromptConfig(), "prompt template and truncation")
+    max_batch_tokens: int = option(8192, "padded tokens per forward batch (rows x longest sequence)")
+    share_prefix: bool = option(True, "run a prompt prefix shared by several pairs (same document) once")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", "auto: bf16 on GPU, fp32 on CPU"
+    )
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 1, "max_batch_tokens")
+
+
+@dataclass
+class StudentConfig:
+    """Rabtriever's trainable parts on top of the frozen backbone."""
+
+    predictor_hidden: int = option(1024, "hidden width of the predictor MLP")
+    input_norm: bool = option(True, "LayerNorm the query and document embeddings before the predictor MLP")
+    query_mean: bool = option(
+        True,
+        "query embedding = answer-position state + mean state of the query's tokens (standardised per dimension "
+        "for the predictor); false: the answer-position state alone",
+    )
+    proj_dim: int = option(256, "dimension of the first-stage projections q_proj / d_proj")
+    seed: int = option(0, "seed for the trainable parts' initialisation")
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 1, "predictor_hidden", "proj_dim")
+
+
+@dataclass
+class LossConfig:
+    """The distillation loss mix; each term is logged on its own."""
+
+    w_jepa: float = option(0.1, "weight of the JEPA loss: predicted vs teacher hidden state")
+    w_rkl: float = option(1.0, "weight of the reverse KL between student and teacher LM-head distributions")
+    w_list: float = option(1.0, "weight of the listwise KL of first-stage scores against teacher scores")
+    w_rank: float = option(
+        1.0, "weight of the listwise KL of the predictor's own scores against teacher scores"
+    )
+    temperature: float = option(1.0, "temperature of the KL terms")
+    jepa_kind: Literal["mse", "smooth_l1", "cosine"] = option("mse", "distance used by the JEPA loss")
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        check_at_least(self, 0, "w_jepa", "w_rkl", "w_list", "w_rank")
