@@ -57,7 +57,7 @@ def main() -> None:
     from rabtriever_ray.config import DistillConfig, ScoreTeacherConfig, TeacherConfig, load_config
     from rabtriever_ray.data import DEMO_DATA
     from rabtriever_ray.distill import run_distill
-    from rabtriever_ray.pipeline import write_teacher_scores
+    from rabtriever_ray.teacher_scores import write_teacher_scores
 
     cpus = float(os.cpu_count() or 2)
     ray.init(num_cpus=int(cpus), include_dashboard=False, log_to_driver=False)

@@ -130,7 +130,7 @@ def one_size(n_docs: int, workdir: Path, cpus: int) -> dict:
         load_config,
         to_dict,
     )
-    from rabtriever_ray.data.stream import read_beir_dataset, run_pairs
+    from rabtriever_ray.data import read_beir_dataset, run_pairs
     from rabtriever_ray.distill import run_distill
     from rabtriever_ray.index import build_index
     from rabtriever_ray.pipeline import teacher_stage

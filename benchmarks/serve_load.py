@@ -227,12 +227,10 @@ def _kill_a_replica(deployment: str, after_s: float, killed: dict) -> None:
     pid, and when (``time.monotonic``), go into ``killed``."""
     import signal
 
-    from ray.serve.context import _get_global_client
+    from rabtriever_ray.raycompat import serve_details
 
     time.sleep(after_s)
-    replicas = _get_global_client().get_serve_details()["applications"]["rabtriever"]["deployments"][
-        deployment
-    ]
+    replicas = serve_details()["applications"]["rabtriever"]["deployments"][deployment]
     running = [r for r in replicas["replicas"] if r["state"] == "RUNNING"]
     killed.update(pid=running[0]["pid"], replicas_running=len(running), at=time.monotonic())
     os.kill(running[0]["pid"], signal.SIGKILL)

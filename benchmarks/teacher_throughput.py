@@ -93,7 +93,7 @@ def main() -> None:
     if not args.skip_ray:
         import ray
 
-        from rabtriever_ray.data.candidates import PAIR_SCHEMA
+        from rabtriever_ray.data import PAIR_SCHEMA
         from rabtriever_ray.pipeline import pairs_dataset, teacher_stage
 
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from rabtriever_ray.config import DistillConfig, parse_job_args
 from rabtriever_ray.console import quiet_ray
-from rabtriever_ray.distill import LOG_FILE, format_summary, run_distill
-from rabtriever_ray.io import run_job
+from rabtriever_ray.distill import run_distill
+from rabtriever_ray.report import LOG_FILE, format_summary
+from rabtriever_ray.runtime import run_job
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 import logging
 
+from rabtriever_ray.baselines import MissingBaseline
 from rabtriever_ray.config import EvaluateConfig, parse_job_args
-from rabtriever_ray.evaluate import MissingBaseline, markdown_table, run_evaluation
-from rabtriever_ray.io import BAD_INPUT, run_job
+from rabtriever_ray.evaluate import markdown_table, run_evaluation
+from rabtriever_ray.runtime import BAD_INPUT, run_job
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -17,7 +17,7 @@ import json
 
 from rabtriever_ray.config import IndexConfig, parse_job_args
 from rabtriever_ray.index import build_index
-from rabtriever_ray.io import run_job
+from rabtriever_ray.runtime import run_job
 
 
 def main(argv: list[str] | None = None) -> dict:

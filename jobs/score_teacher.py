@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 
 from rabtriever_ray.config import ScoreTeacherConfig, parse_job_args
-from rabtriever_ray.io import run_job
-from rabtriever_ray.pipeline import write_teacher_scores
+from rabtriever_ray.runtime import run_job
+from rabtriever_ray.teacher_scores import write_teacher_scores
 
 
 def main(argv: list[str] | None = None) -> dict:

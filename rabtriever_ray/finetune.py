@@ -1,17 +1,19 @@
-"""The teacher fine-tuning job (``jobs/train_teacher.py``): train the generative reranker itself with Ray Train.
+"""The teacher fine-tuning recipe (``jobs/train_teacher.py``): train the generative reranker itself with Ray Train.
 
 `run_train_teacher(config)`:
 
-1. builds training groups from a BEIR folder (`train_teacher.build_groups`);
-2. scores the validation pairs with the model as it is ("before") on teacher actors (`pipeline.teacher_stage`);
-3. trains under ``TorchTrainer`` (`train_teacher.train_teacher_loop`), with ``FailureConfig`` and resume of a
+1. builds training groups from a BEIR folder (`finetune_loop.build_groups`) and the validation pairs
+   (`data.read_pairs`: a run file read and joined in Ray, other specs built here);
+2. scores the validation pairs with the model as it is ("before", `pipeline.score_pairs`);
+3. trains under ``TorchTrainer`` (`finetune_loop.train_teacher_loop`), with ``FailureConfig`` and resume of a
    rerun with the same name;
 4. writes ``out/``: a Hugging Face model directory (safetensors, config, tokenizer; LoRA merged in) with
    ``rabtriever_teacher.json`` (the prompt it was trained with, the base model, the data), which
    `models.load_causal_lm` and every job accept as ``--model`` / ``teacher=``;
-5. scores the validation pairs with the saved model ("after") into ``out/val_scores/`` (the
-   ``jobs/score_teacher.py`` format, so ``jobs/distill.py val_teacher_data=out/val_scores`` reuses them) and
-   writes ``out/report.json``: config, counts, R@1 / RR@10 / nDCG@10 before and after, history, timings.
+5. scores the same validation pairs with the saved model ("after") into ``out/val_scores/`` (the
+   ``jobs/score_teacher.py`` format, `teacher_scores.write_scored_pairs`, so ``jobs/distill.py
+   val_teacher_data=out/val_scores`` reuses them) and writes ``out/report.json``: config, counts, R@1 / RR@10 /
+   nDCG@10 before and after, history, timings.
 """
 
 from __future__ import annotations
@@ -24,15 +26,12 @@ from typing import Any
 
 from . import console
 from .config import DistillConfig, ScoreTeacherConfig, TeacherTrainConfig, to_dict
-from .data import DEMO_DATA, build_pairs, read_beir
+from .data import data_root, read_beir, read_pairs
+from .finetune_loop import TRAINABLE_FILE, build_groups, build_trained_model, save_teacher, train_teacher_loop
 from .metrics import HEADLINE_MEASURES, metrics_table
 from .models import resolve_spec
-from .train_teacher import TRAINABLE_FILE, build_groups, build_trained_model, save_teacher, train_teacher_loop
 
 logger = logging.getLogger(__name__)
-
-def _root(path: str) -> Path:
-    return Path(path) if path else DEMO_DATA
 
 
 def _score_metrics(table, qrels: dict) -> dict[str, float]:
@@ -47,13 +46,21 @@ def _score_metrics(table, qrels: dict) -> dict[str, float]:
     return retrieval_metrics(run, {q: qrels[q] for q in run if q in qrels}, HEADLINE_MEASURES)
 
 
-def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, int] | None = None) -> dict:
-    """Run one teacher fine-tuning (see the module docstring); returns the report also written to ``out``."""
-    import pyarrow.parquet as pq
+def run_train_teacher(
+    cfg: TeacherTrainConfig,
+    fail_once_after_step: tuple[str, int] | None = None,
+    validation: tuple[Any, Any] | None = None,
+) -> dict:
+    """Run one teacher fine-tuning (see the module docstring); returns the report also written to ``out``.
 
-    from .io import atomic_dir, init_ray, write_json_atomic
-    from .pipeline import document_major, pairs_dataset, teacher_stage, write_teacher_scores
+    ``validation``: the validation data and pairs when the caller has them (`data.read_pairs` of the config's
+    validation keys), so that it and this run score the same pairs.
+    """
+    from .io import atomic_dir, write_json_atomic
+    from .pipeline import score_pairs
     from .raytrain import fit_torch_trainer, read_history
+    from .runtime import init_ray
+    from .teacher_scores import write_scored_pairs
 
     started = time.perf_counter()
     teacher = dataclasses.replace(cfg.teacher, model=resolve_spec(cfg.teacher.model))
@@ -62,7 +69,7 @@ def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, 
     storage = Path(cfg.storage_path).resolve() if cfg.storage_path else out.parent / f"{out.name}-ray"
     # Refuses before any expensive work; the model is committed at the block's end, before the validation below.
     with atomic_dir(out, cfg.overwrite) as staging:
-        train_data = read_beir(_root(cfg.data), cfg.split)
+        train_data = read_beir(data_root(cfg.data), cfg.split)
         groups, skipped = build_groups(
             train_data, cfg.negatives, cfg.negatives_from, cfg.max_queries, cfg.seed
         )
@@ -74,25 +81,24 @@ def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, 
             )
         validate = cfg.val_data is not None
         if validate:
-            val_root = _root(cfg.val_data) if cfg.val_data else _root(cfg.data)
-            val_data = read_beir(val_root, cfg.val_split)
-            val_pairs = build_pairs(val_data, cfg.val_candidates, cfg.max_val_queries, cfg.seed)
+            val_root = data_root(cfg.val_data or cfg.data)
+            val_data, val_pairs = validation or read_pairs(
+                val_root, cfg.val_split, cfg.val_candidates, cfg.max_val_queries, cfg.seed
+            )
         init_ray()
         gpus = cfg.teacher_gpus if cfg.use_gpu else 0.0
+        scoring = {
+            "actors": (1, cfg.teacher_actors),
+            "cpus_per_actor": cfg.teacher_cpus,
+            "gpus_per_actor": gpus,
+        }
         report: dict[str, Any] = {"config": to_dict(cfg)}
         timings: dict[str, float] = {}
         if validate and cfg.validate_before:
             t0 = time.perf_counter()
-            stage = teacher_stage(
-                pairs_dataset(document_major(val_pairs), 256),
-                cfg.teacher,
-                actors=(1, cfg.teacher_actors),
-                cpus_per_actor=cfg.teacher_cpus,
-                gpus_per_actor=gpus,
-                batch_size=256,
+            before = score_pairs(
+                val_pairs, cfg.teacher, **scoring, title="teacher before fine-tuning: validation pairs"
             )
-            with console.stage("teacher before fine-tuning: validation pairs", len(val_pairs), "pairs") as bar:
-                before = console.collect_rows(stage, bar)
             report["before"] = _score_metrics(before, val_data.qrels)
             timings["validate_before"] = round(time.perf_counter() - t0, 1)
             logger.info("before: %s", report["before"])
@@ -121,7 +127,7 @@ def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, 
             "base_model": cfg.teacher.model,
             "prompt": to_dict(cfg.teacher.prompt),
             "lora": cfg.lora,
-            "data": str(_root(cfg.data)),
+            "data": str(data_root(cfg.data)),
             "split": cfg.split,
             "train_queries": len(groups),
             "steps": history[-1]["step"] if history else 0,
@@ -137,25 +143,21 @@ def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, 
     }
     if validate:
         t0 = time.perf_counter()
-        with console.stage("fine-tuned teacher: validation pairs"):
-            write_teacher_scores(
-                ScoreTeacherConfig(
-                    data=str(val_root),
-                    split=cfg.val_split,
-                    out=str(out / "val_scores"),
-                    teacher=dataclasses.replace(cfg.teacher, model=str(out)),
-                    candidates=cfg.val_candidates,
-                    max_queries=cfg.max_val_queries,
-                    seed=cfg.seed,
-                    actors=f"1:{cfg.teacher_actors}",
-                    gpus_per_actor=gpus,
-                    cpus_per_actor=cfg.teacher_cpus,
-                    batch_size=256,
-                    overwrite=True,
-                )
-            )
-        after = pq.ParquetDataset(str(out / "val_scores" / "data")).read(
-            columns=["query_id", "doc_id", "teacher_score"]
+        tuned = dataclasses.replace(cfg.teacher, model=str(out))
+        after = score_pairs(val_pairs, tuned, **scoring, title="fine-tuned teacher: validation pairs")
+        write_scored_pairs(
+            after,
+            ScoreTeacherConfig(
+                data=str(val_root),
+                split=cfg.val_split,
+                out=str(out / "val_scores"),
+                teacher=tuned,
+                candidates=cfg.val_candidates,
+                max_queries=cfg.max_val_queries,
+                seed=cfg.seed,
+                overwrite=True,
+            ),
+            time.perf_counter() - t0,
         )
         report["after"] = _score_metrics(after, val_data.qrels)
         report["counts"].update(
@@ -169,10 +171,11 @@ def run_train_teacher(cfg: TeacherTrainConfig, fail_once_after_step: tuple[str, 
 
 
 def finetune_before_distillation(
-    cfg: DistillConfig, train_root: Path, val_root: Path, storage: Path, free_cpus: float
+    cfg: DistillConfig, train_root: Path, val_data, val_pairs, storage: Path, free_cpus: float
 ) -> dict:
     """Fine-tune ``cfg.teacher`` with the recipe ``cfg.finetune`` on the distillation's own training split, and
-    score the distillation's validation pairs with it before and after (`run_train_teacher`).
+    score the distillation's validation pairs (``val_pairs`` of ``val_data``) with it before and after
+    (`run_train_teacher`).
 
     The teacher is written to ``<out_dir>/teacher`` (a model directory with ``val_scores/``, the distillation's
     validation scores, and ``report.json``); a finished one there is reused, so a rerun resumes. Training and
@@ -195,7 +198,7 @@ def finetune_before_distillation(
         data=str(train_root),
         split=cfg.train_split,
         teacher=cfg.teacher,
-        val_data=str(val_root),
+        val_data=str(val_data.root),
         val_split=cfg.val_split,
         max_val_queries=cfg.max_val_queries,
         val_candidates=cfg.val_candidates,
@@ -205,7 +208,7 @@ def finetune_before_distillation(
         cpus_per_worker=max(recipe.cpus_per_worker, free_cpus / recipe.num_workers),
         teacher_cpus=max(recipe.teacher_cpus, free_cpus / recipe.teacher_actors),
     )
-    return run_train_teacher(tune)
+    return run_train_teacher(tune, validation=(val_data, val_pairs))
 
 
 def format_report(report: dict) -> str:

@@ -33,13 +33,13 @@ from torch import nn
 
 from .backbone import last_positions, pad_batch, pre_norm_hidden_at
 from .config import TeacherTrainConfig
-from .data import BeirData, parse_candidates, select_queries
-from .data.candidates import BM25Index
+from .data import BeirData, BM25Index, sample_query_ids
 from .families import decoder_layers
 from .losses import answer_ce, listwise_ce
 from .models import TEACHER_INFO, load_causal_lm
 from .prompts import PromptBuilder, document_text
 from .scoring import YesNoHead
+from .specs import NEGATIVE_POOLS, parse_spec
 
 TRAINABLE_FILE = "trainable.safetensors"
 
@@ -71,20 +71,18 @@ def build_groups(
     without replacement from the pool: every unjudged-or-zero document (``all``) or the BM25 top K (``bm25:K``),
     positives excluded.
     """
-    policy, depth = parse_candidates(negatives_from)
-    if policy not in ("all", "bm25"):
-        raise ValueError(f"negatives_from must be all or bm25:K, got {negatives_from!r}")
+    pool_spec = parse_spec(negatives_from, "negatives_from", NEGATIVE_POOLS)
     rng = random.Random(seed)
-    query_ids = select_queries(data, max_queries, seed)
+    query_ids = sample_query_ids(list(data.queries), max_queries, seed)
     doc_ids = list(data.corpus)
-    if policy == "bm25":
-        hits, _ = BM25Index.from_corpus(data).search([data.queries[q].text for q in query_ids], int(depth))
+    if pool_spec.kind == "bm25":
+        hits, _ = BM25Index.from_corpus(data).search([data.queries[q].text for q in query_ids], pool_spec.k)
         pools = dict(zip(query_ids, hits))
     texts = {d: document_text(doc.title, doc.text) for d, doc in data.corpus.items()}
     groups, skipped = [], 0
     for qid in query_ids:
         positives = sorted(d for d, grade in data.qrels.get(qid, {}).items() if grade > 0)
-        pool = [d for d in (pools[qid] if policy == "bm25" else doc_ids) if d not in set(positives)]
+        pool = [d for d in (pools[qid] if pool_spec.kind == "bm25" else doc_ids) if d not in set(positives)]
         if not positives or not pool:
             skipped += 1
             continue
@@ -180,10 +178,13 @@ def add_lora(model: nn.Module, cfg: TeacherTrainConfig) -> nn.Module:
             f"{block_name}.{name}"
             for block_name, block in trained_layers(model, cfg)
             for name, module in block.named_modules()
-            if isinstance(module, (nn.Linear, Conv1D)) and (wanted is None or name.rpartition(".")[2] in wanted)
+            if isinstance(module, (nn.Linear, Conv1D))
+            and (wanted is None or name.rpartition(".")[2] in wanted)
         ]
         if not targets:
-            raise ValueError(f"lora_targets={cfg.lora_targets!r} matches no linear layer of the trained blocks")
+            raise ValueError(
+                f"lora_targets={cfg.lora_targets!r} matches no linear layer of the trained blocks"
+            )
     else:
         targets = "all-linear" if wanted is None else wanted
     lora = LoraConfig(

@@ -2,9 +2,8 @@
 
 `build_index` streams the corpus through a Ray Data actor pool (`DocumentEncoder`, GPUs when the cluster has
 them), writes the encodings as Parquet and builds a FAISS inner-product index over ``doc_vec`` from those files,
-one at a time (`faiss_index_from_chunks`: peak memory is the index plus one file's vectors; IVF trains on a
-seeded sample from every file). The output folder
-(written atomically, manifest last):
+one at a time (`faiss_build.faiss_index_from_chunks`: peak memory is the index plus one file's vectors; IVF trains
+on a seeded sample from every file). The output folder (written atomically, manifest last):
 
 - ``embeddings/*.parquet``, in FAISS id order (file order in the manifest, then row order):
 
@@ -31,9 +30,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -43,12 +41,12 @@ import pyarrow as pa
 import torch
 
 from .config import IndexConfig, TeacherConfig, actor_range, prompt_differences, to_dict
+from .faiss_build import IndexType, faiss_index, faiss_index_from_chunks, matrix_of
 from .io import MANIFEST
 
 logger = logging.getLogger(__name__)
 
 INDEX_FORMAT = "rabtriever-index/1"
-IndexType = Literal["flat", "hnsw", "ivf"]
 
 
 class IndexFolderError(ValueError):
@@ -69,13 +67,6 @@ def embedding_schema(hidden_size: int, proj_dim: int) -> pa.Schema:
 def _fixed_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
     matrix = np.ascontiguousarray(matrix, dtype=np.float32)
     return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
-
-
-def _matrix(column: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
-    """A fixed-size-list column as a ``[rows, width]`` float32 array."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width).astype(np.float32, copy=False)
 
 
 def encode_corpus(student, doc_ids: Sequence[str], doc_texts: Sequence[str]) -> pa.Table:
@@ -110,7 +101,7 @@ class DocumentEncoder:
 
 
 def encode_corpus_dataset(
-    corpus: Mapping[str, Any] | Any,
+    corpus: Any,
     checkpoint: str | Any,
     teacher: TeacherConfig | None,
     batch_size: int,
@@ -121,19 +112,11 @@ def encode_corpus_dataset(
     """``corpus`` encoded by a checkpoint's student on a Ray Data pool of `DocumentEncoder` actors (``actors``:
     MIN, MAX): a lazy Dataset of `embedding_schema` rows in batches of ``batch_size`` documents.
 
-    ``corpus`` is a Ray Dataset with ``doc_id`` and ``doc_text`` (`data.stream.read_corpus_dataset`), or a mapping
-    ``doc_id -> document`` with ``title`` and ``text`` (an in-process corpus).
+    ``corpus`` is a Ray Dataset with ``doc_id`` and ``doc_text`` (`data.read_corpus_dataset`; an in-process
+    corpus through `data.as_datasets`).
     """
-    import ray.data
     from ray.data import ActorPoolStrategy
 
-    from .prompts import document_text
-
-    if isinstance(corpus, Mapping):
-        docs = pa.table(
-            {"doc_id": list(corpus), "doc_text": [document_text(d.title, d.text) for d in corpus.values()]}
-        )
-        corpus = ray.data.from_arrow([docs.slice(i, batch_size) for i in range(0, len(docs), batch_size)])
     return corpus.map_batches(
         DocumentEncoder,
         fn_constructor_kwargs={"checkpoint": checkpoint, "teacher": teacher},
@@ -163,82 +146,6 @@ class QueryEncoder:
         return pa.table({"query_id": batch.column("query_id"), "q_vec": _fixed_list(vectors.numpy())})
 
 
-def faiss_index(
-    vectors: np.ndarray,
-    index_type: IndexType = "flat",
-    hnsw_m: int = 32,
-    nlist: int | None = None,
-    use_gpu: bool | None = None,
-):
-    """A FAISS inner-product index over ``[n, k]`` float32 ``vectors`` (a CPU index, ready to save or search);
-    `faiss_index_from_chunks` over one chunk."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    return faiss_index_from_chunks(
-        lambda: iter([vectors]), *vectors.shape, index_type, hnsw_m, nlist, use_gpu
-    )
-
-
-IVF_TRAIN_POINTS_PER_LIST = 256  # FAISS's advice: 39 to 256 training points per inverted list
-
-
-def faiss_index_from_chunks(
-    chunks: Callable[[], Iterator[np.ndarray]],
-    count: int,
-    dim: int,
-    index_type: IndexType = "flat",
-    hnsw_m: int = 32,
-    nlist: int | None = None,
-    use_gpu: bool | None = None,
-    seed: int = 0,
-):
-    """A FAISS inner-product index over ``count`` vectors of width ``dim`` that ``chunks()`` yields as float32
-    ``[rows, dim]`` arrays, added chunk by chunk: peak memory is the index plus one chunk.
-
-    ``ivf`` clusters into ``nlist`` lists (default ``4 sqrt(n)``, at most ``n / 39`` so each list has the 39
-    training points FAISS asks for), trained on a seeded sample of at most `IVF_TRAIN_POINTS_PER_LIST` x
-    ``nlist`` vectors drawn from every chunk (all of them up to about a million vectors at the default
-    ``nlist``); ``chunks`` is then called twice. Flat and IVF indexes are built on the GPUs when there are any.
-    """
-    import faiss
-
-    if count == 0:
-        raise ValueError("cannot index an empty corpus")
-    if index_type == "flat":
-        index = faiss.IndexFlatIP(dim)
-    elif index_type == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-    elif index_type == "ivf":
-        nlist = nlist or max(1, min(int(4 * math.sqrt(count)), count // 39))
-        if nlist > count:
-            raise ValueError(f"nlist={nlist} is more than the {count} documents")
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-    else:
-        raise ValueError(f"index_type must be flat, hnsw or ivf, got {index_type!r}")
-    on_gpu = (faiss.get_num_gpus() > 0 if use_gpu is None else use_gpu) and index_type != "hnsw"
-    if on_gpu:
-        index = faiss.index_cpu_to_all_gpus(index)
-    if not index.is_trained:
-        index.train(ivf_training_sample(chunks, count, nlist, seed))
-    added = 0
-    for chunk in chunks():
-        index.add(np.ascontiguousarray(chunk, dtype=np.float32))
-        added += len(chunk)
-    if added != count:
-        raise RuntimeError(f"indexed {added} vectors, expected {count}")
-    return faiss.index_gpu_to_cpu(index) if on_gpu else index
-
-
-def ivf_training_sample(
-    chunks: Callable[[], Iterator[np.ndarray]], count: int, nlist: int, seed: int = 0
-) -> np.ndarray:
-    """IVF training vectors: every vector when ``count`` is at most `IVF_TRAIN_POINTS_PER_LIST` x ``nlist``, else
-    each vector kept with that share (seeded), so the sample comes from every chunk."""
-    share = min(1.0, IVF_TRAIN_POINTS_PER_LIST * nlist / count)
-    generator = np.random.default_rng(seed)
-    sample = [chunk if share == 1.0 else chunk[generator.random(len(chunk)) < share] for chunk in chunks()]
-    return np.ascontiguousarray(np.concatenate(sample), dtype=np.float32)
-
-
 def _write_faiss_index(
     folder: str, files: list[str], count: int, dim: int, index_type: IndexType, hnsw_m: int, nlist: int | None
 ) -> int | None:
@@ -251,7 +158,7 @@ def _write_faiss_index(
 
     def vectors() -> Iterator[np.ndarray]:
         for name in files:
-            yield _matrix(pq.read_table(embeddings / name, columns=["doc_vec"])["doc_vec"], dim)
+            yield matrix_of(pq.read_table(embeddings / name, columns=["doc_vec"])["doc_vec"], dim)
 
     index = faiss_index_from_chunks(vectors, count, dim, index_type, hnsw_m, nlist)
     faiss.write_index(index, str(Path(folder) / "index.faiss"))
@@ -265,8 +172,10 @@ def build_index(config: IndexConfig) -> dict[str, Any]:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from .data.stream import read_corpus_dataset
-    from .io import atomic_dir, init_ray, write_json_atomic
+    from .data import read_corpus_dataset
+    from .io import atomic_dir, write_json_atomic
+    from .pipeline import default_gpus
+    from .runtime import init_ray
     from .student import checkpoint_digest, load_student_info
 
     start = time.perf_counter()
@@ -280,7 +189,7 @@ def build_index(config: IndexConfig) -> dict[str, Any]:
             raise ValueError(f"{config.data}: the corpus has no documents")
         gpus_per_actor = config.gpus_per_actor
         if gpus_per_actor is None:
-            gpus_per_actor = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+            gpus_per_actor = default_gpus(None)
         encoded = encode_corpus_dataset(
             corpus,
             str(checkpoint),
@@ -307,7 +216,7 @@ def build_index(config: IndexConfig) -> dict[str, Any]:
             )
         )
         if rejects:
-            from .data.beir import write_rejects
+            from .data import write_rejects
 
             write_rejects(rejects, staging / "rejects.jsonl")
         manifest = {
@@ -382,7 +291,7 @@ class DocumentIndex:
             raise IndexFolderError(
                 f"{path}: index.faiss has dimension {index.d}, manifest says {manifest['proj_dim']}"
             )
-        hidden = _matrix(table.column("doc_hidden"), manifest["hidden_size"])
+        hidden = matrix_of(table.column("doc_hidden"), manifest["hidden_size"])
         if hidden_dtype == "float16":
             half = hidden.astype(np.float16)
             if np.isfinite(half).all():
@@ -405,8 +314,8 @@ class DocumentIndex:
         return cls(
             doc_ids=table.column("doc_id").to_pylist(),
             doc_text=table.column("doc_text").to_pylist(),
-            doc_hidden=torch.from_numpy(_matrix(table.column("doc_hidden"), hidden_size).copy()),
-            faiss=faiss_index(_matrix(table.column("doc_vec"), proj_dim), index_type),
+            doc_hidden=torch.from_numpy(matrix_of(table.column("doc_hidden"), hidden_size).copy()),
+            faiss=faiss_index(matrix_of(table.column("doc_vec"), proj_dim), index_type),
             manifest={"hidden_size": hidden_size, "proj_dim": proj_dim, "count": table.num_rows, **manifest},
         )
 

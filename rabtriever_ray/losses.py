@@ -7,7 +7,7 @@
 - `listwise_kl`: KL(softmax(teacher/T) || softmax(student/T)) over each query's candidate list, with a padding
   mask.
 
-Teacher fine-tuning (`train_teacher.py`) trains the reranker itself on labelled groups:
+Teacher fine-tuning (`finetune_loop.py`) trains the reranker itself on labelled groups:
 
 - `listwise_ce`: softmax cross-entropy of each group's scores with the positive in column 0.
 - `answer_ce`: cross-entropy of the yes/no answer token (the positive should say "yes", negatives "no").

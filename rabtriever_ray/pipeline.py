@@ -3,7 +3,8 @@
 `teacher_stage(pairs, teacher)` is lazy: a ``map_batches`` over an actor pool (``ActorPoolStrategy``), each actor
 loading the teacher once and tokenising inside. It runs on GPUs when the cluster has them (``num_gpus`` per
 actor) and on CPUs otherwise. Actors that die are restarted and their batches retried, so every pair comes out
-exactly once. The distillation job consumes this Dataset directly; ``jobs/score_teacher.py`` writes it.
+exactly once. The distillation job consumes this Dataset directly; ``jobs/score_teacher.py`` writes it
+(`teacher_scores`).
 
 Output schema (one row per (query, document) pair; `check_schema` enforces it when reading):
 
@@ -31,18 +32,14 @@ without a join against the corpus.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from .config import ScoreTeacherConfig, TeacherConfig, actor_range
-from .data.candidates import PAIR_SCHEMA
-from .io import MANIFEST
-from .prompts import PromptBuilder
+from .config import TeacherConfig
+from .data import PAIR_SCHEMA
 
 SCORE_COLUMNS = [
     "teacher_score",
@@ -190,12 +187,11 @@ def teacher_stage(
             call per block, which keeps blocks as they are (whole candidate lists, see `pairs_dataset`).
         max_restarts, max_task_retries: actor restarts and per-batch retries after a crash (-1: unlimited).
     """
-    import ray
     from ray.data import ActorPoolStrategy
 
     config = teacher if isinstance(teacher, TeacherConfig) else TeacherConfig(model=teacher)
     if gpus_per_actor is None:
-        gpus_per_actor = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        gpus_per_actor = default_gpus(None)
     min_size, max_size = actors
     if not 1 <= min_size <= max_size:
         raise ValueError(f"actors must satisfy 1 <= min <= max, got {actors}")
@@ -218,145 +214,37 @@ def teacher_stage(
     )
 
 
-def read_teacher_scores(path: str | Path, hidden_size: int | None = None):
-    """Read a finished ``jobs/score_teacher.py`` output as a Ray Dataset, checking manifest and schema."""
-    import pyarrow.parquet as pq
+def default_gpus(requested: float | None, use_gpu: bool = True) -> float:
+    """GPUs per actor: ``requested`` when the cluster has GPUs (None: 1), 0 when it has none or ``use_gpu`` is
+    off. The one place the Ray stages decide whether to ask for GPUs."""
     import ray
-    import ray.data
 
-    path = Path(path)
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise SchemaError(f"{path}: no {MANIFEST}; not a finished jobs/score_teacher.py output")
-    manifest = json.loads(manifest_path.read_text())
-    files = sorted((path / "data").glob("*.parquet"))
-    if not files:
-        raise SchemaError(f"{path}/data: no Parquet files")
-    check_schema(pq.read_schema(files[0]), hidden_size, source=str(files[0]))
-    # One light read task per file (a quarter CPU): beside training workers that hold most CPUs, Ray Data's own
-    # Parquet reader would wait for a whole free CPU for its file listing.
-    read = ray.remote(num_cpus=0.25)(pq.read_table)
-    # Absolute paths: Ray workers need not share this process's working directory.
-    return ray.data.from_arrow_refs([read.remote(str(f.resolve())) for f in files]), manifest
+    if not use_gpu or ray.cluster_resources().get("GPU", 0) <= 0:
+        return 0.0
+    return 1.0 if requested is None else requested
 
 
-def summarize(path: str | Path) -> dict[str, Any]:
-    """Row, query, document and truncation counts of written Parquet files (read from a few columns only)."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+def score_pairs(
+    pairs: pa.Table,
+    teacher: TeacherConfig,
+    actors: tuple[int, int] = (1, 1),
+    cpus_per_actor: float = 1.0,
+    gpus_per_actor: float | None = None,
+    batch_size: int = 256,
+    title: str = "teacher: validation pairs",
+) -> pa.Table:
+    """Score an in-process table of pairs (validation, evaluation) with teacher actors, in document-major order
+    (each batch runs a document's prefix once for its queries), and gather the scored rows here under a progress
+    bar; the rows come back in that order."""
+    from . import console
 
-    table = pq.ParquetDataset(str(path)).read(
-        columns=["query_id", "doc_id", "truncated", "query_tokens", "doc_tokens"]
+    stage = teacher_stage(
+        pairs_dataset(document_major(pairs), batch_size),
+        teacher,
+        actors=actors,
+        cpus_per_actor=cpus_per_actor,
+        gpus_per_actor=gpus_per_actor,
+        batch_size=batch_size,
     )
-    return {
-        "rows": table.num_rows,
-        "queries": pc.count_distinct(table.column("query_id")).as_py(),
-        "documents": pc.count_distinct(table.column("doc_id")).as_py(),
-        "truncated": int(np.sum(table.column("truncated").to_numpy(zero_copy_only=False))),
-        "query_tokens": int(np.sum(table.column("query_tokens").to_numpy())),
-        "doc_tokens": int(np.sum(table.column("doc_tokens").to_numpy())),
-    }
-
-
-def write_teacher_scores(
-    config: ScoreTeacherConfig, crash_once: tuple[str, int] | None = None
-) -> dict[str, Any]:
-    """Read a BEIR folder, build candidate pairs, score them with teacher actors and write ``config.out``
-    atomically (every option: `ScoreTeacherConfig`; ``crash_once`` is `teacher_stage`'s test hook).
-
-    ``out`` receives ``data/*.parquet`` (schema above), ``manifest.json`` and, when rows were skipped,
-    ``rejects.jsonl``. Returns the manifest.
-    """
-    import time
-
-    from .config import to_dict
-    from .data.beir import read_beir, write_rejects
-    from .data.candidates import build_pairs, parse_candidates
-    from .data.stream import read_beir_dataset, run_pairs
-    from .io import atomic_dir, init_ray, write_json_atomic
-
-    start = time.perf_counter()
-    policy, _ = parse_candidates(config.candidates)
-    min_actors, max_actors = actor_range(config.actors)
-    with atomic_dir(config.out, config.overwrite) as staging:  # refuses before any expensive work
-        if policy == "run":
-            # A run file: read, validate and join in Ray Data; the driver holds counts, not the corpus.
-            init_ray()
-            data = read_beir_dataset(config.data, config.split, on_bad_row=config.on_bad_row)  # type: ignore[arg-type]
-            blocks, pair_counts = run_pairs(
-                data,
-                config.candidates,
-                training=config.training,
-                max_queries=config.max_queries,
-                seed=config.seed,
-                min_partitions=2 * max_actors,
-            )
-            n_pairs = pair_counts["pairs"]
-        else:
-            data = read_beir(config.data, config.split, on_bad_row=config.on_bad_row)  # type: ignore[arg-type]
-            pairs = build_pairs(
-                data,
-                config.candidates,
-                max_queries=config.max_queries,
-                seed=config.seed,
-                training=config.training,
-            )
-            n_pairs = len(pairs)
-        if n_pairs == 0:
-            raise ValueError(
-                f"{config.data}: no candidate pairs (split {config.split!r}, candidates {config.candidates!r})"
-            )
-        if policy != "run":
-            init_ray()  # after the input is known to be good: bad input fails fast, without starting Ray
-            # Training pairs in blocks of whole candidate lists, one actor call per block, so that each written
-            # file holds whole lists (what distillation batches need); other pairs grouped by document for prefix
-            # sharing.
-            blocks = (
-                pairs_dataset(pairs, config.batch_size, whole_queries=True)
-                if config.training
-                else pairs_dataset(document_major(pairs))
-            )
-        stage = teacher_stage(
-            blocks,
-            config.teacher,
-            actors=(min_actors, max_actors),
-            gpus_per_actor=config.gpus_per_actor,
-            cpus_per_actor=config.cpus_per_actor,
-            batch_size=None if config.training else config.batch_size,
-            crash_once=crash_once,
-        )
-        stage.write_parquet(str(staging / "data"))
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        # Counted in a task on this node (where the folder is): the driver never reads the written rows.
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        count_task = ray.remote(summarize).options(num_cpus=0.25, scheduling_strategy=here)
-        counts = ray.get(count_task.remote(str(staging / "data")))
-        if counts["rows"] != n_pairs:
-            raise RuntimeError(f"wrote {counts['rows']} rows for {n_pairs} candidate pairs")
-        if data.rejects:
-            write_rejects(data.rejects, staging / "rejects.jsonl")
-        import pyarrow.parquet as pq
-
-        hidden_size = check_schema(pq.read_schema(next((staging / "data").glob("*.parquet"))))
-        elapsed = time.perf_counter() - start
-        manifest = {
-            "format": "rabtriever-teacher-scores/1",
-            "data": str(config.data),
-            "split": config.split,
-            "candidates": config.candidates,
-            "training": config.training,
-            "max_queries": config.max_queries,
-            "seed": config.seed,
-            "teacher": to_dict(config.teacher),
-            "prompt_template": PromptBuilder.template_text(config.teacher.prompt),
-            "hidden_size": hidden_size,
-            **counts,
-            "rejected_rows": data.reject_counts(),
-            "elapsed_s": round(elapsed, 2),
-            "pairs_per_s": round(counts["rows"] / elapsed, 2),
-            "schema": {f.name: str(f.type) for f in output_schema(hidden_size)},
-        }
-        write_json_atomic(staging / MANIFEST, manifest)  # last: marks the folder complete
-    return manifest
+    with console.stage(title, len(pairs), "pairs") as bar:
+        return console.collect_rows(stage, bar)

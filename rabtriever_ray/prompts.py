@@ -68,10 +68,6 @@ class EncodedPrompts:
     def truncated(self) -> list[bool]:
         return [q or d for q, d in zip(self.query_truncated, self.doc_truncated, strict=True)]
 
-    @property
-    def n_truncated(self) -> int:
-        return sum(self.truncated)
-
     def __len__(self) -> int:
         return len(self.input_ids)
 

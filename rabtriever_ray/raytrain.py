@@ -1,5 +1,5 @@
-"""Ray Train plumbing shared by the two training loops (`train.train_loop_per_worker`, distillation, and
-`train_teacher.train_teacher_loop`, teacher fine-tuning).
+"""Ray Train plumbing shared by the two training loops (`distill_loop.train_loop_per_worker`, distillation, and
+`finetune_loop.train_teacher_loop`, teacher fine-tuning).
 
 Each loop keeps what is its own (the data, the loss step, the metrics) and calls this module for the rest: the
 learning-rate schedule (`warmup_cosine_scheduler`), DDP or DeepSpeed around the model with the optimizer state
@@ -26,6 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from ray.train import DataConfig
+
+from . import raycompat
 
 HISTORY_FILE = "history.json"
 TRAINING_STATE_FILE = "training_state.pt"
@@ -264,23 +267,17 @@ def peak_memory_metrics(device: torch.device, world: int) -> dict[str, list[floa
     return metrics
 
 
-def _data_config_base():
-    from ray.train import DataConfig
-
-    return DataConfig
-
-
-class WholeBlockSplit(_data_config_base()):
+class WholeBlockSplit(DataConfig):
     """`ray.train.DataConfig` whose split of the datasets in ``datasets_to_split`` hands each worker whole blocks.
 
     Ray Train splits with ``streaming_split(equal=True)``, which cuts blocks to give every worker the same number
     of rows; that would cut a candidate list built whole by `pipeline.pairs_dataset`. Here the split is
     ``equal=False``: shards differ by up to a block, and the training loop evens out the step counts
-    (`train.train_loop_per_worker`). Otherwise as `DataConfig.configure` (execution options, locality).
+    (`distill_loop.train_loop_per_worker`). Otherwise as `DataConfig.configure` (execution options, locality).
     """
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        split = set(datasets) if self._datasets_to_split == "all" else set(self._datasets_to_split)
+        split = raycompat.datasets_to_split(self, set(datasets))
         output = super().configure(
             {n: d for n, d in datasets.items() if n not in split},
             world_size,
@@ -288,12 +285,12 @@ class WholeBlockSplit(_data_config_base()):
             worker_node_ids,
             **kwargs,
         )
-        locality = worker_node_ids if self._enable_shard_locality else None
-        for name in sorted(split & set(datasets)):
+        locality = worker_node_ids if raycompat.shard_locality(self) else None
+        for name in sorted(split):
             dataset = datasets[name].copy(datasets[name])
             if dataset.name is None:
                 dataset.set_name(name)
-            dataset.context.execution_options = self._resolve_execution_options(name)
+            dataset.context.execution_options = raycompat.execution_options(self, name)
             for rank, shard in enumerate(
                 dataset.streaming_split(world_size, equal=False, locality_hints=locality)
             ):

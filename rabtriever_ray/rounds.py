@@ -5,25 +5,23 @@ In round ``r >= 1`` every training query's candidate pool (``round_pool``) is sc
 scores at temperature ``round_tau`` (Gumbel top-k), the query's positives are added, and exactly those pairs go to
 the teacher stage and on to training. Round 0 trains on ``candidates`` (or ``teacher_data``) whatever the pool.
 
-The pool of a query is its qrel positives plus either the candidates of a `build_pairs` policy (all | bm25:K | a
-run file) or, with ``student:K``, the top K documents of the whole corpus by the first stage of the student of
-round ``r - 1`` (`student_pool_references`: the corpus encoded on a Ray Data actor pool, an exact FAISS
-inner-product index built block by block in a Ray task, the queries' first-stage vectors searched against it).
+A query's pool is a candidate list in training mode (`data.pairs`: its qrel positives added) from a candidate spec
+(all | bm25:K | a run file) or, with ``student:K``, from the top K documents of the whole corpus by the first stage
+of the student of round ``r - 1`` (`student_pool_references`: the corpus encoded on a Ray Data actor pool, an exact
+FAISS inner-product index built block by block in a Ray task, the queries' first-stage vectors searched against
+it). The pools are built by the pair builder's in-process driver (`round_pools`, for data read into this process)
+or its Ray driver (`sample_round_stream`, for data read in Ray), and one sampler draws from both: `draw_round` maps
+a pool of `RoundSampler` actors over blocks of whole lists.
 
-`sample_round_pairs` builds the pools in the driver from a `BeirData` (`StudentSampler`); `sample_round_stream`,
-for a run-file or ``student:K`` pool, joins them in Ray Data from a folder read in Ray (`data.stream`) and draws
-from each block of whole lists (`ListSampler`): the same pools give the same draws. The job streams whenever the
-pool allows it.
-
-The draw for a query depends only on ``(seed, round, query_id)``, not on how Ray Data batches the queries, so a
-rerun of an interrupted job picks the same pairs and Ray Train resumes the round from its own checkpoint.
+The draw for a query depends only on ``(seed, round, query_id)`` and its pool, not on how Ray Data batches the
+queries, so a rerun of an interrupted job picks the same pairs and Ray Train resumes the round from its own
+checkpoint.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,8 +29,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from .config import ConfigError, DistillConfig
-from .data.candidates import PAIR_SCHEMA, build_pairs, select_queries, spec_count
+from .config import DistillConfig
+from .data import PAIR_SCHEMA
 
 
 def gumbel_top_k(scores: torch.Tensor, k: int, tau: float, generator: torch.Generator) -> list[int]:
@@ -55,34 +53,27 @@ def query_generator(seed: int, round_index: int, query_id: str) -> torch.Generat
     return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{round_index}:{query_id}".encode()))
 
 
-def student_pool_size(spec: str) -> int | None:
-    """K of a ``student:K`` round pool; None for the `build_pairs` policies (all | bm25:K | a run file)."""
-    if not spec.startswith("student:"):
-        return None
-    return spec_count(spec, "round_pool", ConfigError)
-
-
 def _top_k_references(doc_blocks: list, query_blocks: list, k: int) -> pa.Table:
-    """Ray task: each query's top ``k`` documents by inner product, exact, as `data.stream.REF_SCHEMA` rows (rank
+    """Ray task: each query's top ``k`` documents by inner product, exact, as `data.REF_SCHEMA` rows (rank
     1 = best). ``doc_blocks`` / ``query_blocks``: object refs of ``doc_id, doc_vec`` / ``query_id, q_vec`` tables
     (a list keeps Ray from resolving them all at once): the flat index is built one block at a time, so the task
     holds the index, the document ids and one block."""
     import ray
 
-    from .data.stream import references
-    from .index import _matrix, faiss_index_from_chunks
+    from .data import references
+    from .faiss_build import faiss_index_from_chunks, matrix_of
 
     # Arrow string arrays, not Python lists: a million ids stay a few tens of MB.
     doc_ids = pa.chunked_array([ray.get(ref).column("doc_id") for ref in doc_blocks]).combine_chunks()
     dim = ray.get(doc_blocks[0]).schema.field("doc_vec").type.list_size
     index = faiss_index_from_chunks(
-        lambda: (_matrix(ray.get(ref).column("doc_vec"), dim) for ref in doc_blocks), len(doc_ids), dim
+        lambda: (matrix_of(ray.get(ref).column("doc_vec"), dim) for ref in doc_blocks), len(doc_ids), dim
     )
     depth = min(k, len(doc_ids))
     out = [references(pa.array([], pa.string()), pa.array([], pa.string()), pa.array([], pa.float64()))]
     for ref in query_blocks:
         block = ray.get(ref)
-        _, ids = index.search(_matrix(block.column("q_vec"), dim), depth)
+        _, ids = index.search(matrix_of(block.column("q_vec"), dim), depth)
         rows = len(block)
         out.append(
             references(
@@ -99,7 +90,7 @@ def student_pool_references(
 ):
     """Each query's top ``k`` documents of the whole corpus by the first stage of the student in ``checkpoint``:
     inner products of ``embed_queries`` and ``embed_documents`` vectors, exact; a Dataset of references
-    (`data.stream.REF_SCHEMA`, rank 1 = best), for `data.stream.join_pairs`.
+    (`data.REF_SCHEMA`, rank 1 = best), for `data.join_pairs`.
 
     ``corpus``: a Dataset of ``doc_id, doc_text`` or a mapping of documents (`encode_corpus_dataset`); ``queries``:
     a Dataset of ``query_id, query_text``. Documents and queries are encoded on Ray Data actor pools
@@ -131,116 +122,83 @@ def student_pool_references(
     return ray.data.from_arrow_refs([search.remote(doc_blocks, query_blocks, k)])
 
 
-def student_pools(
-    cfg: DistillConfig, data, query_ids: Sequence[str], checkpoint: Any, k: int, cpus: float, gpus: float
-) -> dict[str, list[str]]:
-    """`student_pool_references` of an in-process `BeirData`, gathered: ``query_id -> top k doc ids``, best
-    first."""
-    import ray
-    import ray.data
-
-    texts = [data.queries[qid].text for qid in query_ids]
-    queries = ray.data.from_arrow(pa.table({"query_id": list(query_ids), "query_text": texts}))
-    refs = student_pool_references(cfg, data.corpus, queries, checkpoint, k, cpus, gpus)
-    table = pa.concat_tables([ray.get(ref) for ref in refs.to_arrow_refs()])
-    table = table.sort_by([("query_id", "ascending"), ("rank", "ascending")])
-    pools: dict[str, list[str]] = {qid: [] for qid in query_ids}
-    for qid, did in zip(table.column("query_id").to_pylist(), table.column("doc_id").to_pylist()):
-        pools[qid].append(did)
-    return pools
-
-
-def pools_table(
+def round_pools(
     cfg: DistillConfig, data, checkpoint: Any = None, cpus: float = 1.0, gpus: float = 0.0
 ) -> pa.Table:
-    """One row per training query: its text, its candidate pool and its positives (the sampler's input).
+    """The pools of an in-process `BeirData`: each sampled training query's candidate list in training mode
+    (`PAIR_SCHEMA`, query by query), from ``round_pool``.
 
-    A ``student:K`` pool needs ``checkpoint``, the student whose first stage retrieves it (`student_pools`, on
-    actors of ``cpus`` / ``gpus`` each).
+    A ``student:K`` pool needs ``checkpoint``, the student whose first stage retrieves it (`student_pool_references`,
+    on actors of ``cpus`` / ``gpus`` each).
     """
-    pools: dict[str, dict[str, Any]] = {}
-    k = student_pool_size(cfg.round_pool)
-    if k is not None:
-        if checkpoint is None:
-            raise ValueError(
-                f"round_pool {cfg.round_pool!r} draws from a student's first stage: it needs the checkpoint of "
-                "the round before (round 0 trains on candidates)"
-            )
-        query_ids = select_queries(data, cfg.max_train_queries, cfg.seed)
-        retrieved = student_pools(cfg, data, query_ids, checkpoint, k, cpus, gpus)
-        for qid in query_ids:
-            positives = [d for d, grade in data.qrels.get(qid, {}).items() if grade > 0]
-            pool = retrieved[qid] + [d for d in positives if d not in retrieved[qid]]
-            pools[qid] = {"query_text": data.queries[qid].text, "pool": pool, "positives": positives}
-    else:
-        pairs = build_pairs(data, cfg.round_pool, cfg.max_train_queries, cfg.seed, training=True)
-        for qid, did, label, qtext in zip(
-            pairs.column("query_id").to_pylist(),
-            pairs.column("doc_id").to_pylist(),
-            pairs.column("label").to_pylist(),
-            pairs.column("query_text").to_pylist(),
-        ):
-            entry = pools.setdefault(qid, {"query_text": qtext, "pool": [], "positives": []})
-            entry["pool"].append(did)
-            if label > 0:
-                entry["positives"].append(did)
-    return pa.table(
-        {
-            "query_id": list(pools),
-            "query_text": [p["query_text"] for p in pools.values()],
-            "pool": [p["pool"] for p in pools.values()],
-            "positives": [p["positives"] for p in pools.values()],
-        }
-    )
+    import ray
+
+    from .data import as_datasets, build_pairs, pairs_from_references, sample_query_ids
+
+    spec = cfg.round_pool_spec
+    if spec.kind != "student":
+        return build_pairs(data, cfg.round_pool, cfg.max_train_queries, cfg.seed, training=True)
+    if checkpoint is None:
+        raise ValueError(
+            f"round_pool {cfg.round_pool!r} draws from a student's first stage: it needs the checkpoint of "
+            "the round before (round 0 trains on candidates)"
+        )
+    query_ids = sample_query_ids(list(data.queries), cfg.max_train_queries, cfg.seed)
+    beir = as_datasets(data, query_ids)
+    refs = student_pool_references(cfg, beir.corpus, beir.queries, checkpoint, spec.k, cpus, gpus)
+    table = pa.concat_tables([ray.get(ref) for ref in refs.to_arrow_refs()])
+    return pairs_from_references(data, table, query_ids, training=True)
 
 
-class StudentSampler:
+class RoundSampler:
     """Ray Data actor: the round's student scores each query's pool and draws the pairs the teacher scores next.
+
+    Each block holds whole pools: candidate pairs in `PAIR_SCHEMA` (a query's pool is its rows, its positives the
+    rows with label > 0). The output keeps each query's drawn pairs in its block, query by query.
 
     Args:
         cfg: the run's `DistillConfig` (teacher spec and prompt, ``round_k``, ``round_tau``, seed; the student's
             shape is the checkpoint's).
         checkpoint: the previous round's `ray.train.Checkpoint` (or a directory with ``student.safetensors``).
-        documents: ``doc_id -> text`` for every pooled document; each is encoded once per actor.
-        qrels: ``query_id -> {doc_id: grade}`` for the labels of the drawn pairs.
         round_index: the round being prepared (seeds the draws).
     """
 
-    def __init__(
-        self,
-        cfg: DistillConfig,
-        checkpoint: Any,
-        documents: Mapping[str, str],
-        qrels: Mapping[str, Mapping[str, int]],
-        round_index: int,
-    ):
+    def __init__(self, cfg: DistillConfig, checkpoint: Any, round_index: int):
+        from .distill_loop import EmbeddingCache
         from .student import load_student
-        from .train import EmbeddingCache
 
         self.student = load_student(checkpoint, cfg.teacher)
-        self.documents = dict(documents)
-        self.qrels = qrels
         self.cfg = cfg
         self.round_index = round_index
         self.doc_cache = EmbeddingCache(self.student.encode_documents)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return self._draw(
-            batch.column("query_id").to_pylist(),
-            batch.column("query_text").to_pylist(),
-            batch.column("pool").to_pylist(),
-            batch.column("positives").to_pylist(),
-            self.documents,
-            lambda qid, did: self.qrels.get(qid, {}).get(did, 0),
+    def __call__(self, block: pa.Table) -> pa.Table:
+        lists: dict[str, tuple[str, list[str], list[str]]] = {}
+        documents: dict[str, str] = {}
+        labels: dict[tuple[str, str], int] = {}
+        for qid, did, grade, qtext, dtext in zip(*(block.column(c).to_pylist() for c in PAIR_SCHEMA.names)):
+            _, pool, positives = lists.setdefault(qid, (qtext, [], []))
+            pool.append(did)
+            if grade > 0:
+                positives.append(did)
+            documents[did] = dtext
+            labels[qid, did] = grade
+        return self.draw(
+            list(lists),
+            [entry[0] for entry in lists.values()],
+            [entry[1] for entry in lists.values()],
+            [entry[2] for entry in lists.values()],
+            documents,
+            lambda qid, did: labels[qid, did],
         )
 
-    def _draw(
+    def draw(
         self,
         query_ids: Sequence[str],
         texts: Sequence[str],
         pools: Sequence[Sequence[str]],
         positives: Sequence[Sequence[str]],
-        documents: Mapping[str, str],
+        documents: dict[str, str],
         label: Callable[[str, str], int],
     ) -> pa.Table:
         """Score each query's pool, draw ``round_k`` of it (`gumbel_top_k`, seeded by query), add the positives
@@ -267,108 +225,14 @@ class StudentSampler:
         return pa.table(rows, schema=PAIR_SCHEMA)
 
 
-class ListSampler(StudentSampler):
-    """Ray Data actor: `StudentSampler` over blocks of candidate pairs that carry their texts and labels
-    (`PAIR_SCHEMA`; `data.stream.join_pairs` in training mode: each block holds whole lists in rank order, the
-    qrel positives included). A query's pool is its list, its positives the rows with label > 0; the draw is the
-    one `StudentSampler` makes from the same pool. The output keeps each query's drawn pairs in its block."""
-
-    def __init__(self, cfg: DistillConfig, checkpoint: Any, round_index: int):
-        super().__init__(cfg, checkpoint, {}, {}, round_index)
-
-    def __call__(self, block: pa.Table) -> pa.Table:
-        lists: dict[str, tuple[str, list[str], list[str]]] = {}
-        documents: dict[str, str] = {}
-        labels: dict[tuple[str, str], int] = {}
-        for qid, did, grade, qtext, dtext in zip(*(block.column(c).to_pylist() for c in PAIR_SCHEMA.names)):
-            text, pool, positives = lists.setdefault(qid, (qtext, [], []))
-            pool.append(did)
-            if grade > 0:
-                positives.append(did)
-            documents[did] = dtext
-            labels[qid, did] = grade
-        return self._draw(
-            list(lists),
-            [entry[0] for entry in lists.values()],
-            [entry[1] for entry in lists.values()],
-            [entry[2] for entry in lists.values()],
-            documents,
-            lambda qid, did: labels[qid, did],
-        )
-
-
-def sample_round_pairs(cfg: DistillConfig, data, checkpoint: Any, round_index: int, cpus: float) -> pa.Table:
-    """The pairs of round ``round_index``, drawn by the previous round's student on a Ray Data actor pool.
-
-    Sorted by query: the training stage cuts its blocks at query boundaries (`pipeline.pairs_dataset`), so each
-    training batch holds whole candidate lists for the listwise terms.
-    """
-    import ray
-    import ray.data
+def draw_round(cfg: DistillConfig, pools, checkpoint: Any, round_index: int, cpus: float, gpus: float):
+    """The pairs of round ``round_index`` drawn from ``pools`` (a Dataset of whole lists per block) by a pool of
+    `RoundSampler` actors of ``cpus`` / ``gpus`` each; materialized, each query's pairs in one block (the teacher
+    stage and `raytrain.WholeBlockSplit` keep them together)."""
     from ray.data import ActorPoolStrategy
 
-    from .prompts import document_text
-
-    gpus = cfg.teacher_gpus if cfg.use_gpu and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    queries = pools_table(cfg, data, checkpoint, cpus, gpus)
-    # The sampler actors get the texts of pooled documents only, not the corpus.
-    pooled = {did for pool in queries.column("pool").to_pylist() for did in pool}
-    documents = {did: document_text(data.corpus[did].title, data.corpus[did].text) for did in sorted(pooled)}
-    qrels = {qid: dict(data.qrels.get(qid, {})) for qid in queries.column("query_id").to_pylist()}
-    drawn = ray.data.from_arrow(queries).map_batches(
-        StudentSampler,
-        fn_constructor_kwargs={
-            "cfg": cfg,
-            "checkpoint": checkpoint,
-            "documents": documents,
-            "qrels": qrels,
-            "round_index": round_index,
-        },
-        batch_size=64,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(min_size=1, max_size=cfg.teacher_actors),
-        num_cpus=cpus,
-        num_gpus=gpus,
-    )
-    table = pa.concat_tables(ray.get(drawn.to_arrow_refs())).cast(PAIR_SCHEMA)
-    return table.sort_by([("query_id", "ascending"), ("doc_id", "ascending")])
-
-
-def sample_round_stream(
-    cfg: DistillConfig, beir, checkpoint: Any, round_index: int, cpus: float, min_partitions: int = 1
-) -> tuple[Any, dict[str, int]]:
-    """`sample_round_pairs` for data read in Ray (`data.stream.read_beir_dataset`): the driver holds counts.
-
-    The pools are joined in Ray Data (`join_pairs`, training mode: whole lists per block, positives added) from
-    the ``round_pool`` run file or from the student's first stage (``student:K``, `student_pool_references`), and a
-    pool of `ListSampler` actors draws from each block. Returns the drawn pairs, materialized, each query's pairs
-    in one block (the teacher stage and `raytrain.WholeBlockSplit` keep them together), and
-    ``{"pairs", "queries"}``. The actors take ``cpus`` each: leave the cluster a CPU for Ray Data's own tasks
-    (projections, joins), which feed them.
-    """
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    from .data.stream import join_pairs, run_pairs, sample_queries
-
-    gpus = cfg.teacher_gpus if cfg.use_gpu and ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    k = student_pool_size(cfg.round_pool)
-    if k is None:
-        pools, _ = run_pairs(
-            beir, cfg.round_pool, True, cfg.max_train_queries, cfg.seed, min_partitions=min_partitions
-        )
-    else:
-        queries = sample_queries(beir.queries, cfg.max_train_queries, cfg.seed)
-        refs = student_pool_references(cfg, beir.corpus, queries, checkpoint, k, cpus, gpus)
-        pools, _ = join_pairs(
-            dataclasses.replace(beir, queries=queries),
-            refs,
-            refs.count(),
-            True,
-            min_partitions=min_partitions,
-        )
-    drawn = pools.map_batches(
-        ListSampler,
+    return pools.map_batches(
+        RoundSampler,
         fn_constructor_kwargs={"cfg": cfg, "checkpoint": checkpoint, "round_index": round_index},
         batch_size=None,  # a block: whole lists
         batch_format="pyarrow",
@@ -376,6 +240,55 @@ def sample_round_stream(
         num_cpus=cpus,
         num_gpus=gpus,
     ).materialize()
+
+
+def sample_round_pairs(cfg: DistillConfig, data, checkpoint: Any, round_index: int, cpus: float) -> pa.Table:
+    """The pairs of round ``round_index`` for an in-process `BeirData` (`round_pools`, `draw_round`), gathered and
+    sorted by query: the training stage cuts its blocks at query boundaries (`pipeline.pairs_dataset`), so each
+    training batch holds whole candidate lists for the listwise terms."""
+    import ray
+
+    from .pipeline import default_gpus, pairs_dataset
+
+    gpus = default_gpus(cfg.teacher_gpus, cfg.use_gpu)
+    pools = round_pools(cfg, data, checkpoint, cpus, gpus)
+    per_list = len(pools) / max(1, len(pc.unique(pools.column("query_id"))))
+    blocks = pairs_dataset(
+        pools, max(1, round(64 * per_list)), whole_queries=True
+    )  # about 64 queries a block
+    drawn = draw_round(cfg, blocks, checkpoint, round_index, cpus, gpus)
+    table = pa.concat_tables(ray.get(drawn.to_arrow_refs())).cast(PAIR_SCHEMA)
+    return table.sort_by([("query_id", "ascending"), ("doc_id", "ascending")])
+
+
+def sample_round_stream(
+    cfg: DistillConfig, beir, checkpoint: Any, round_index: int, cpus: float, min_partitions: int = 1
+) -> tuple[Any, dict[str, int]]:
+    """`sample_round_pairs` for data read in Ray (`data.read_beir_dataset`): the driver holds counts.
+
+    The pools are joined in Ray Data (`data.join_pairs`, training mode: whole lists per block, positives added)
+    from the ``round_pool`` run file or from the student's first stage (``student:K``, `student_pool_references`),
+    and drawn by `draw_round`. Returns the drawn pairs and ``{"pairs", "queries"}``. The actors take ``cpus``
+    each: leave the cluster a CPU for Ray Data's own tasks (projections, joins), which feed them.
+    """
+    from dataclasses import replace
+
+    from .data import join_pairs, run_pairs, sample_queries
+    from .pipeline import default_gpus
+
+    gpus = default_gpus(cfg.teacher_gpus, cfg.use_gpu)
+    spec = cfg.round_pool_spec
+    if spec.kind != "student":
+        pools, _ = run_pairs(
+            beir, cfg.round_pool, True, cfg.max_train_queries, cfg.seed, min_partitions=min_partitions
+        )
+    else:
+        queries = sample_queries(beir.queries, cfg.max_train_queries, cfg.seed)
+        refs = student_pool_references(cfg, beir.corpus, queries, checkpoint, spec.k, cpus, gpus)
+        pools, _ = join_pairs(
+            replace(beir, queries=queries), refs, refs.count(), True, min_partitions=min_partitions
+        )
+    drawn = draw_round(cfg, pools, checkpoint, round_index, cpus, gpus)
     queries = drawn.map_batches(
         lambda block: pa.table({"n": [len(pc.unique(block.column("query_id")))]}),
         batch_size=None,

@@ -48,7 +48,9 @@ class Rabtriever(nn.Module):
         generator = torch.Generator().manual_seed(config.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            self.predictor = Predictor(hidden_size, config.predictor_hidden, config.input_norm, config.query_mean)
+            self.predictor = Predictor(
+                hidden_size, config.predictor_hidden, config.input_norm, config.query_mean
+            )
             self.q_proj = nn.Linear(self.query_width, config.proj_dim, bias=False)
             self.d_proj = nn.Linear(hidden_size, config.proj_dim, bias=False)
         # Log of the factor that turns first-stage cosines into logits for the listwise loss (ranking by
@@ -109,7 +111,9 @@ class Rabtriever(nn.Module):
 
     def _pair_bytes(self) -> int:
         """Bytes of the predictor's input and activations for one (query, document) pair (float32)."""
-        return (self.query_width + 3 * self.hidden_size + self.config.predictor_hidden + 2 * self.hidden_size) * 4
+        return (
+            self.query_width + 3 * self.hidden_size + self.config.predictor_hidden + 2 * self.hidden_size
+        ) * 4
 
     def score_matrix(
         self, h_query: torch.Tensor, h_doc: torch.Tensor, max_chunk_bytes: int = 256 * 2**20
@@ -172,10 +176,6 @@ class Rabtriever(nn.Module):
     def embed_documents(self, h_doc: torch.Tensor) -> torch.Tensor:
         """First-stage document vectors ``[m, k]``, L2-normalised (what a FAISS inner-product index holds)."""
         return F.normalize(self.d_proj(h_doc.to(self._device())), dim=-1)
-
-    def first_stage_scores(self, h_query: torch.Tensor, h_doc: torch.Tensor) -> torch.Tensor:
-        """``[n, m]`` inner products of the first-stage vectors."""
-        return self.embed_queries(h_query) @ self.embed_documents(h_doc).T
 
     # -- checkpoints --------------------------------------------------------------------------------------------
 

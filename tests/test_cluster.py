@@ -8,7 +8,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,7 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_DISTILL
+from helpers import TINY_DISTILL, free_port
+
+# Slow: a `ray start --head` cluster and a two-node cluster, each running a distillation.
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,18 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = [*TINY_DISTILL, "max_train_queries=16", "max_val_queries=6", "epochs=2"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def ray_head(tmp_path):
     """`ray start --head --block` in its own process group; yields the dashboard (job server) address."""
     if shutil.which("ray") is None:
         pytest.skip("the `ray` CLI is not on PATH")
-    dashboard, gcs_port = _free_port(), _free_port()
+    dashboard, gcs_port = free_port(), free_port()
     # The cluster and its CLI clients share one token (Ray enables token authentication by default).
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     log = open(tmp_path / "ray_head.log", "w")  # noqa: SIM115 - closed below
@@ -53,11 +49,11 @@ def ray_head(tmp_path):
             f"--dashboard-port={dashboard}",
             "--disable-usage-stats",
             # Every listening port chosen free, so the head runs beside any other Ray on this machine.
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--dashboard-agent-grpc-port={_free_port()}",
-            f"--metrics-export-port={_free_port()}",
-            f"--runtime-env-agent-port={_free_port()}",
-            f"--ray-client-server-port={_free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,

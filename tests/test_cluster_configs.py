@@ -7,7 +7,6 @@ import contextlib
 import copy
 import functools
 import importlib
-import importlib.util
 import io
 import re
 import shlex
@@ -20,9 +19,7 @@ import pytest
 import ray
 import requests
 import yaml
-from conftest import SKILLS
-from test_index import save_checkpoint_and_index
-from test_serve import _free_port
+from helpers import SKILLS, free_port, load_script, save_checkpoint_and_index
 
 from rabtriever_ray.config import ConfigError, DistillConfig, load_config
 
@@ -114,9 +111,7 @@ def _job_help(script: str) -> str:
     """The ``--help`` text of a jobs/*.py script (its flags are generated from its config), else ""."""
     if not script.startswith("jobs/"):
         return ""
-    spec = importlib.util.spec_from_file_location(f"help_{Path(script).stem}", ROOT / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(script)
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
         module.main(["--help"])
@@ -448,6 +443,7 @@ def tiny_checkpoint_and_index(ray_local, tmp_path_factory):
     return save_checkpoint_and_index(tmp_path_factory.mktemp("rayservice"))
 
 
+@pytest.mark.slow  # starts Ray Serve
 def test_rayservice_serve_config_deploys_locally(ray_local, tiny_checkpoint_and_index):
     """serveConfigV2 deployed as KubeRay deploys it (the controller imports the app and applies the deployment
     options), with only what exists on the cluster alone replaced: the claim's paths and the GPUs."""
@@ -460,7 +456,7 @@ def test_rayservice_serve_config_deploys_locally(ray_local, tiny_checkpoint_and_
     args = copy.deepcopy(app.args) | {"checkpoint": str(checkpoint), "index": str(index)}
     for deployment in ("encoder", "reranker"):
         args[deployment]["num_gpus"] = 0
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         client = _get_global_client()

@@ -3,23 +3,18 @@
 import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
+from helpers import load_script
 
 from rabtriever_ray.models import load_causal_lm
 from rabtriever_ray.student import Rabtriever
 from rabtriever_ray.teacher import GenerativeReranker
 
-_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "complexity.py"
-
 
 @pytest.fixture(scope="module")
 def complexity():
-    spec = importlib.util.spec_from_file_location("complexity_benchmark", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/complexity.py")
 
 
 @pytest.fixture(scope="module")

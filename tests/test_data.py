@@ -2,36 +2,25 @@ import gzip
 import json
 
 import pytest
-from conftest import INSTRUCTIONS, SKILLS, write_beir
+from helpers import (
+    BROKEN_CORPUS,
+    BROKEN_QRELS,
+    BROKEN_QUERIES,
+    INSTRUCTIONS,
+    SKILLS,
+    write_beir,
+    write_broken_beir,
+)
 
 from rabtriever_ray.data import (
+    PAIR_SCHEMA,
+    BM25Index,
     DataError,
     build_pairs,
-    parse_candidates,
     read_beir,
-    select_queries,
+    sample_query_ids,
     write_rejects,
 )
-from rabtriever_ray.data.candidates import PAIR_SCHEMA, BM25Index
-
-BROKEN_CORPUS = [
-    '{"_id": "broken json", "text": ',  # line 7: malformed JSON
-    '{"title": "No id", "text": "a document without an id"}',  # line 8: missing _id
-    '{"_id": "empty_doc", "title": "", "text": "   "}',  # line 9: empty document
-    '{"_id": "pick_cup", "title": "Again", "text": "a duplicate id"}',  # line 10: duplicate
-    '["not", "an", "object"]',  # line 11
-]
-BROKEN_QUERIES = [
-    '{"_id": "q6", "text": ""}',  # line 6: empty query text
-    '{"_id": "q7"}',  # line 7: missing text
-    '{"_id": "q8", "text": "fine", "metadata": "nope"}',  # line 8: metadata not an object
-]
-BROKEN_QRELS = [
-    "q1\tno_such_doc\t1",  # line 7: unknown document
-    "q99\tpick_cup\t1",  # line 8: unknown query
-    "q2\tpick_cup\tmaybe",  # line 9: bad score
-    "q2\tpick_cup",  # line 10: two fields
-]
 
 
 @pytest.fixture
@@ -41,12 +30,7 @@ def clean(tmp_path):
 
 @pytest.fixture
 def broken(tmp_path):
-    return write_beir(
-        tmp_path / "broken",
-        extra_corpus_lines=BROKEN_CORPUS,
-        extra_query_lines=BROKEN_QUERIES,
-        extra_qrel_lines=BROKEN_QRELS,
-    )
+    return write_broken_beir(tmp_path / "broken")
 
 
 @pytest.mark.parametrize("gz", [False, True])
@@ -128,7 +112,7 @@ def test_bad_header_and_missing_folder(tmp_path):
     with pytest.raises(DataError, match="data folder not found"):
         read_beir(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="no corpus.jsonl or corpus.jsonl.gz"):
+    with pytest.raises(DataError, match="no corpus.jsonl, corpus.jsonl.gz, corpus.parquet or corpus/ folder"):
         read_beir(tmp_path / "empty")
 
 
@@ -240,13 +224,16 @@ def test_all_candidates_and_labels(clean):
 
 def test_max_queries_is_a_seeded_subset(clean):
     data = read_beir(clean, "test")
+    ids = list(data.queries)
     a, b, c = (
-        select_queries(data, 3, seed=0),
-        select_queries(data, 3, seed=0),
-        select_queries(data, 3, seed=5),
+        sample_query_ids(ids, 3, seed=0),
+        sample_query_ids(ids, 3, seed=0),
+        sample_query_ids(ids, 3, seed=5),
     )
     assert a == b and len(a) == 3 and set(a) <= set(INSTRUCTIONS)
-    assert a != c or select_queries(data, 3, seed=7) != a
+    assert a == [q for q in ids if q in a]  # kept in the order given
+    assert sample_query_ids(list(reversed(ids)), 3, seed=0) == list(reversed(a))  # the order does not choose
+    assert a != c or sample_query_ids(ids, 3, seed=7) != a
     assert len(build_pairs(data, "all", max_queries=2)) == 2 * len(SKILLS)
 
 
@@ -285,12 +272,36 @@ def test_run_file_candidates(clean, tmp_path):
         build_pairs(data, str(run))
 
 
-def test_parse_candidates_errors():
-    assert parse_candidates("bm25:20") == ("bm25", 20)
-    with pytest.raises(DataError, match="integer K"):
-        parse_candidates("bm25:many")
-    with pytest.raises(DataError, match="no run file"):
-        parse_candidates("dense:10")
+def test_bad_candidate_specs_are_data_errors_naming_the_spec(clean):
+    data = read_beir(clean, "test")
+    with pytest.raises(DataError, match="candidates 'bm25:many': bm25:K needs an integer K"):
+        build_pairs(data, "bm25:many")
+    with pytest.raises(DataError, match="candidates 'dense:10': no run file"):
+        build_pairs(data, "dense:10")
+    with pytest.raises(DataError, match="student:K is not accepted"):
+        build_pairs(data, "student:3")
+
+
+def test_parquet_corpus_and_shard_folders_read_like_jsonl(clean, tmp_path):
+    """One file discovery for every reader: a Parquet corpus and a folder of query shards read as the JSONL files
+    do, and the in-process candidate policies (all, bm25:K) build the same pairs from them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "qrels").mkdir()
+    (other / "qrels" / "test.tsv").write_bytes((clean / "qrels" / "test.tsv").read_bytes())
+    rows = [json.loads(line) for line in (clean / "corpus.jsonl").read_text().splitlines() if line.strip()]
+    pq.write_table(pa.Table.from_pylist(rows), other / "corpus.parquet")
+    lines = (clean / "queries.jsonl").read_text().splitlines(keepends=True)
+    (other / "queries").mkdir()
+    (other / "queries" / "part-0.jsonl").write_text("".join(lines[:2]))
+    (other / "queries" / "part-1.jsonl").write_text("".join(lines[2:]))
+    expected, got = read_beir(clean, "test"), read_beir(other, "test")
+    assert got.corpus == expected.corpus and got.queries == expected.queries and got.qrels == expected.qrels
+    for spec in ("all", "bm25:2"):
+        assert build_pairs(got, spec, training=True).equals(build_pairs(expected, spec, training=True))
 
 
 def test_bundled_demo_data_is_clean_and_split():
@@ -311,7 +322,9 @@ def test_all_candidates_are_refused_beyond_the_pair_bound(tmp_path, monkeypatch)
     monkeypatch.setattr(candidates, "MAX_ALL_PAIRS", 40)
     assert len(build_pairs(data, "all")) == 40  # 4 queries x 10 documents: at the bound
     monkeypatch.setattr(candidates, "MAX_ALL_PAIRS", 39)
-    with pytest.raises(DataError, match=r"'all': 4 queries x 10 documents = 40 pairs, more than 39; use bm25:K"):
+    with pytest.raises(
+        DataError, match=r"'all': 4 queries x 10 documents = 40 pairs, more than 39; use bm25:K"
+    ):
         build_pairs(data, "all", training=True)
     assert len(build_pairs(data, "all", max_queries=3)) == 30  # fewer queries fit
     assert len(build_pairs(data, "bm25:2")) == 8  # and so does bm25:K
@@ -321,7 +334,7 @@ def test_the_all_bound_is_in_the_help_of_the_options_that_default_to_all():
     from dataclasses import fields
 
     from rabtriever_ray.config import DistillConfig, TeacherTrainConfig
-    from rabtriever_ray.data.candidates import MAX_ALL_PAIRS
+    from rabtriever_ray.data import MAX_ALL_PAIRS
 
     helps = {
         (config.__name__, f.name): f.metadata["help"]

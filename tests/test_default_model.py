@@ -8,7 +8,8 @@ from rabtriever_ray.models import cache_dir
 from rabtriever_ray.student import Rabtriever
 from rabtriever_ray.teacher import GenerativeReranker
 
-pytestmark = pytest.mark.default_model
+# Slow: the real 135M model, converted to safetensors on first use.
+pytestmark = [pytest.mark.default_model, pytest.mark.slow]
 
 CONVERSATION = (
     "Seeker: I have been feeling so lonely since I moved to a new city.\n"

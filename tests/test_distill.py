@@ -8,19 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY_DISTILL as TINY
+from helpers import TINY_DISTILL, TINY_TEACHER, distill_config
 
-from rabtriever_ray.config import DistillConfig, load_config
 from rabtriever_ray.distill import run_distill
 
 
-def _config(tmp_path, *extra):
-    return load_config(DistillConfig, None, TINY + [f"out_dir={tmp_path / 'run'}", *extra])
-
-
+@pytest.mark.slow  # a full Ray Train distillation (and its resume)
 def test_two_workers_train_report_and_resume_after_a_failure(ray_local, tmp_path):
     marker = tmp_path / "failed"
-    config = _config(tmp_path, "name=two_workers", "epochs=3", "max_failures=1")
+    config = distill_config(tmp_path, "name=two_workers", "epochs=3", "max_failures=1")
     report = run_distill(config, fail_once_after_step=(str(marker), 3))
     assert marker.exists()  # a worker really failed at step 3 and the run recovered from its checkpoint
     history = report["history"]
@@ -50,7 +46,7 @@ def test_two_workers_train_report_and_resume_after_a_failure(ray_local, tmp_path
     assert not list((out / "checkpoint").glob("*.bin"))  # never the frozen backbone
 
     # A second run with the same name resumes from the checkpoint instead of starting over.
-    resumed = run_distill(_config(tmp_path, "name=two_workers", "epochs=4"))
+    resumed = run_distill(distill_config(tmp_path, "name=two_workers", "epochs=4"))
     assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2, 3]
     assert resumed["history"][3]["step"] == 4 * report["counts"]["steps_per_epoch"]
     assert resumed["history"][3]["teacher_rows"] == delivered  # a new start reads the stream again
@@ -59,30 +55,29 @@ def test_two_workers_train_report_and_resume_after_a_failure(ray_local, tmp_path
 
 def test_too_few_pairs_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="fewer than batch_size x num_workers"):
-        run_distill(_config(tmp_path, "batch_size=4096"))
+        run_distill(distill_config(tmp_path, "batch_size=4096"))
 
 
-def test_a_bad_round_pool_fails_before_round_zero(tmp_path):
-    with pytest.raises(ValueError, match=r"candidates 'bm25:x': expected bm25:K"):
-        run_distill(_config(tmp_path, "rounds=2", "round_pool=bm25:x"))
-    with pytest.raises(ValueError, match=r"no run file at .*missing.trec"):
-        run_distill(_config(tmp_path, "rounds=2", f"round_pool={tmp_path / 'missing.trec'}"))
+def test_a_bad_round_pool_fails_at_load_naming_the_key(tmp_path):
+    with pytest.raises(ValueError, match=r"round_pool 'bm25:x': bm25:K needs an integer K"):
+        distill_config(tmp_path, "rounds=2", "round_pool=bm25:x")
+    with pytest.raises(ValueError, match=r"round_pool '.*missing.trec': no run file at .*missing.trec"):
+        distill_config(tmp_path, "rounds=2", f"round_pool={tmp_path / 'missing.trec'}")
 
 
+@pytest.mark.slow  # a full Ray Train distillation
 def test_training_on_pre_scored_parquet(ray_local, tmp_path):
-    from rabtriever_ray.config import PromptConfig, ScoreTeacherConfig, TeacherConfig
+    from rabtriever_ray.config import ScoreTeacherConfig
     from rabtriever_ray.data import DEMO_DATA
-    from rabtriever_ray.pipeline import SchemaError, write_teacher_scores
+    from rabtriever_ray.pipeline import SchemaError
+    from rabtriever_ray.teacher_scores import write_teacher_scores
 
     scores = tmp_path / "scores"
-    teacher = TeacherConfig(
-        model="tiny-random-llama", prompt=PromptConfig(max_query_tokens=32, max_doc_tokens=48)
-    )
     manifest_config = ScoreTeacherConfig(
         data=str(DEMO_DATA),
         split="train",
         out=str(scores),
-        teacher=teacher,
+        teacher=TINY_TEACHER,
         candidates="bm25:4",
         max_queries=16,
         training=True,
@@ -101,7 +96,7 @@ def test_training_on_pre_scored_parquet(ray_local, tmp_path):
             training=False,
         )
     )
-    config = _config(
+    config = distill_config(
         tmp_path,
         "name=pre_scored",
         "epochs=2",
@@ -117,13 +112,15 @@ def test_training_on_pre_scored_parquet(ray_local, tmp_path):
     assert [h["epoch"] for h in report["history"]] == [0, 1]
 
     # Scores from another prompt are refused before training, naming the differing key.
-    other_prompt = _config(
+    other_prompt = distill_config(
         tmp_path, "name=other", "num_workers=1", f"teacher_data={scores}", "teacher.prompt.doc_label=Skill"
     )
     with pytest.raises(SchemaError, match="prompt.doc_label='Document'"):
         run_distill(other_prompt)
 
-    wrong = _config(tmp_path, "name=wrong", "num_workers=1", f"teacher_data={scores}", "teacher=smollm2-135m")
+    wrong = distill_config(
+        tmp_path, "name=wrong", "num_workers=1", f"teacher_data={scores}", "teacher=smollm2-135m"
+    )
     with pytest.raises(SchemaError, match="hidden size is 576"):
         run_distill(wrong)
 
@@ -138,10 +135,12 @@ def _write_run(pairs, path):
     return path
 
 
+@pytest.mark.slow  # a full Ray Train distillation
 def test_run_file_candidates_never_read_the_folder_in_the_driver(ray_local, tmp_path, monkeypatch):
     """Run files as candidates and validation candidates, and a round pooled from the student's first stage: pairs
     read, joined and drawn in Ray, the driver holding only the validation subset (the in-process reader is never
     called)."""
+    import rabtriever_ray.data.beir
     import rabtriever_ray.distill as distill
     from rabtriever_ray.data import DEMO_DATA, build_pairs, read_beir
 
@@ -152,7 +151,8 @@ def test_run_file_candidates_never_read_the_folder_in_the_driver(ray_local, tmp_
         raise AssertionError("read_beir called: the driver read a whole BEIR folder")
 
     monkeypatch.setattr(distill, "read_beir", refuse)
-    config = _config(
+    monkeypatch.setattr(rabtriever_ray.data.beir, "read_beir", refuse)
+    config = distill_config(
         tmp_path,
         "name=runs",
         "epochs=1",
@@ -177,10 +177,11 @@ def test_run_file_candidates_never_read_the_folder_in_the_driver(ray_local, tmp_
     assert set(report["final"]) == {"student", "teacher", "bm25", "agreement"}
 
 
+@pytest.mark.slow  # a full Ray Train distillation
 def test_deepspeed_two_workers_resume_after_a_failure(ray_local, tmp_path):
     pytest.importorskip("deepspeed")
     marker = tmp_path / "failed"
-    config = _config(
+    config = distill_config(
         tmp_path, "name=deepspeed", "epochs=3", "strategy=deepspeed", "zero_stage=2", "max_failures=1"
     )
     from rabtriever_ray.data import DEMO_DATA, build_pairs, read_beir
@@ -204,8 +205,9 @@ def test_deepspeed_two_workers_resume_after_a_failure(ray_local, tmp_path):
     }
 
 
+@pytest.mark.slow  # a full Ray Train distillation
 def test_on_policy_rounds_score_student_drawn_pairs(ray_local, tmp_path):
-    config = _config(
+    config = distill_config(
         tmp_path,
         "name=rounds",
         "num_workers=1",
@@ -240,12 +242,13 @@ def test_on_policy_rounds_score_student_drawn_pairs(ray_local, tmp_path):
     assert [h["teacher_rows"] for h in again["history"]] == [first["train_pairs"], 0, second["train_pairs"]]
 
 
+@pytest.mark.slow  # jobs/distill.py run twice as a subprocess
 def test_the_job_fine_tunes_a_base_teacher_first_and_ends_with_one_screen(tmp_path):
     """`python jobs/distill.py` as a user runs it (its own local Ray): the base teacher is fine-tuned on the
     training split, the screen holds the table, the diagnosis, the cost and the outputs but none of Ray's log
     lines (those are in job.log), and a rerun reuses the fine-tuned teacher and the finished distillation."""
     out = tmp_path / "run"
-    args = [a for a in TINY if a not in ("finetune_teacher=false", "cost_queries=0", "num_workers=2")]
+    args = [a for a in TINY_DISTILL if a not in ("finetune_teacher=false", "cost_queries=0", "num_workers=2")]
     command = [
         sys.executable,
         str(Path(__file__).resolve().parents[1] / "jobs" / "distill.py"),
@@ -306,8 +309,8 @@ def test_the_bm25_row_ranks_the_candidates_as_a_search_of_the_whole_corpus_does(
     """BM25 searches only as deep as the longest candidate list; on BM25's own top-K candidates, and on the whole
     corpus, that ranks every candidate as a search of the whole corpus does."""
     from rabtriever_ray.data import DEMO_DATA, BM25Index, build_pairs, read_beir
-    from rabtriever_ray.distill import _final_metrics
     from rabtriever_ray.metrics import HEADLINE_MEASURES, retrieval_metrics, run_from_rows
+    from rabtriever_ray.report import final_metrics
 
     data = read_beir(DEMO_DATA, "dev")
     for candidates in ("bm25:5", "all"):
@@ -320,4 +323,4 @@ def test_the_bm25_row_ranks_the_candidates_as_a_search_of_the_whole_corpus_does(
         bm25_scores = [whole[q][d] for q, d in zip(pairs["query_id"], pairs["doc_id"])]
         reference = run_from_rows(pairs["query_id"], pairs["doc_id"], bm25_scores)
         expected = retrieval_metrics(reference, data.qrels, HEADLINE_MEASURES)
-        assert _final_metrics(last, val, data)["bm25"] == expected
+        assert final_metrics(last, val, data)["bm25"] == expected

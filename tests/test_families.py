@@ -188,9 +188,9 @@ def test_untrained_student_equals_the_teacher_on_an_empty_document(family):
 
 
 def test_one_distillation_step_and_an_index_search_round_trip(family):
+    from rabtriever_ray.distill_loop import distill_losses
     from rabtriever_ray.index import DocumentIndex, encode_corpus
     from rabtriever_ray.search import Searcher
-    from rabtriever_ray.train import distill_losses
 
     name, _, _, teacher = family
     student = Rabtriever(teacher, StudentConfig(predictor_hidden=16, proj_dim=8))
@@ -325,7 +325,7 @@ def test_a_template_that_opens_a_thinking_block_needs_an_answer_prefix():
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_score_teacher_job_with_a_saved_model_of_each_family(name, ray_local, tmp_path):
     import pyarrow.parquet as pq
-    from conftest import SKILLS, write_beir
+    from helpers import SKILLS, write_beir
     from score_teacher import main
 
     model, tokenizer = build_family(name)

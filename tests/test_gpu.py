@@ -2,9 +2,18 @@
 
 import pytest
 import torch
-from conftest import DOCUMENTS, QUERIES
+from helpers import (
+    DEEPSPEED_LORA,
+    DOCUMENTS,
+    QUERIES,
+    TINY_PROMPT,
+    assert_reproduces_val_scores,
+    distill_config,
+    finetune_config,
+    save_checkpoint,
+    write_beir,
+)
 
-from rabtriever_ray.config import PromptConfig
 from rabtriever_ray.models import load_causal_lm
 from rabtriever_ray.student import Rabtriever
 from rabtriever_ray.teacher import GenerativeReranker
@@ -18,7 +27,7 @@ pytestmark = [
 def test_cuda_defaults_to_bf16_and_matches_fp32():
     model, tokenizer = load_causal_lm("tiny-random-llama")
     assert next(model.parameters()).device.type == "cuda" and next(model.parameters()).dtype == torch.bfloat16
-    teacher = GenerativeReranker(model, tokenizer, PromptConfig(max_doc_tokens=48, max_query_tokens=32))
+    teacher = GenerativeReranker(model, tokenizer, TINY_PROMPT)
     bf16 = teacher.score(QUERIES, DOCUMENTS)
     ref_model, _ = load_causal_lm("tiny-random-llama", device="cpu")
     ref = GenerativeReranker(ref_model, tokenizer, teacher.prompts.config).score(QUERIES, DOCUMENTS)
@@ -44,7 +53,7 @@ def test_cuda_defaults_to_bf16_and_matches_fp32():
 
 def test_cuda_shared_prefix_matches_plain_batching():
     model, tokenizer = load_causal_lm("tiny-random-llama", dtype=torch.float32)
-    teacher = GenerativeReranker(model, tokenizer, PromptConfig(max_doc_tokens=48, max_query_tokens=32))
+    teacher = GenerativeReranker(model, tokenizer, TINY_PROMPT)
     queries, documents = QUERIES * 2, [DOCUMENTS[0]] * 4 + DOCUMENTS
     shared = teacher.score(queries, documents)
     teacher.share_prefix = False
@@ -53,39 +62,32 @@ def test_cuda_shared_prefix_matches_plain_batching():
     torch.testing.assert_close(shared.score, plain.score, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow  # a full Ray Train distillation
 @pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
 def test_distillation_shares_one_gpu_between_teacher_actors_and_training(ray_local, tmp_path, strategy):
     """use_gpu on one GPU: teacher actors and the training worker each hold half of it (NCCL, bf16 backbone).
 
     Two rounds, so the round sampler runs on the GPU too; DeepSpeed also recovers from a failure.
     """
-    from conftest import TINY_DISTILL
-
-    from rabtriever_ray.config import DistillConfig, load_config
     from rabtriever_ray.distill import run_distill
 
     if strategy == "deepspeed":
         pytest.importorskip("deepspeed")
     marker = tmp_path / "failed"
-    config = load_config(
-        DistillConfig,
-        None,
-        TINY_DISTILL
-        + [
-            f"out_dir={tmp_path / 'run'}",
-            f"name=gpu_{strategy}",
-            f"strategy={strategy}",
-            "use_gpu=true",
-            "num_workers=1",
-            "gpus_per_worker=0.5",
-            "teacher_gpus=0.5",
-            "epochs=3",
-            "rounds=2",
-            "round_epochs=1",
-            "round_k=2",
-            "round_pool=bm25:8",
-            "max_failures=1",
-        ],
+    config = distill_config(
+        tmp_path,
+        f"name=gpu_{strategy}",
+        f"strategy={strategy}",
+        "use_gpu=true",
+        "num_workers=1",
+        "gpus_per_worker=0.5",
+        "teacher_gpus=0.5",
+        "epochs=3",
+        "rounds=2",
+        "round_epochs=1",
+        "round_k=2",
+        "round_pool=bm25:8",
+        "max_failures=1",
     )
     report = run_distill(config, fail_once_after_step=(str(marker), 8) if strategy == "deepspeed" else None)
     history = report["history"]
@@ -100,8 +102,6 @@ def test_index_encoder_actors_run_on_the_gpu(ray_local, tmp_path):
     """jobs/index.py's encoder actors take a GPU (bf16 backbone); the vectors match the fp32 CPU student."""
     import numpy as np
     import pyarrow.parquet as pq
-    from conftest import write_beir
-    from test_index import _save_checkpoint
 
     from rabtriever_ray.config import IndexConfig
     from rabtriever_ray.index import build_index
@@ -109,7 +109,7 @@ def test_index_encoder_actors_run_on_the_gpu(ray_local, tmp_path):
     from rabtriever_ray.student import load_student
 
     data = write_beir(tmp_path / "skills")
-    checkpoint = _save_checkpoint(tmp_path / "checkpoint")
+    checkpoint = save_checkpoint(tmp_path / "checkpoint")
     manifest = build_index(
         IndexConfig(checkpoint, data, tmp_path / "index", cpus_per_actor=0.5)
     )  # 1 GPU per actor: default
@@ -127,13 +127,12 @@ def test_index_encoder_actors_run_on_the_gpu(ray_local, tmp_path):
     assert len(searcher.search(["please wipe the table"], top_k=3, rerank="teacher")[0]) == 3
 
 
+@pytest.mark.slow  # a full Ray Train fine-tuning
 @pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
 def test_teacher_fine_tuning_on_one_gpu(ray_local, tmp_path, strategy):
     """jobs/train_teacher.py with use_gpu: NCCL, bf16 autocast, validation actors on the GPU; DeepSpeed ZeRO-2
     LoRA also recovers from a failure. The saved model, loaded on CPU in fp32, reproduces the GPU's bf16 scores."""
     import json
-
-    from test_train_teacher import DEEPSPEED_LORA, _config, assert_reproduces_val_scores
 
     from rabtriever_ray.finetune import run_train_teacher
 
@@ -144,7 +143,7 @@ def test_teacher_fine_tuning_on_one_gpu(ray_local, tmp_path, strategy):
     if strategy == "deepspeed":
         extra += [*DEEPSPEED_LORA, "max_failures=1"]
     report = run_train_teacher(
-        _config(tmp_path, f"name=gpu_{strategy}", *extra),
+        finetune_config(tmp_path, f"name=gpu_{strategy}", *extra),
         fail_once_after_step=(str(marker), 5) if strategy == "deepspeed" else None,
     )
     history = report["history"]

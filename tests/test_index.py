@@ -7,53 +7,27 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import write_beir
+from helpers import TINY_TEACHER as TEACHER
+from helpers import load_script, save_checkpoint, write_beir
 
 from rabtriever_ray.config import (
     ConfigError,
     IndexConfig,
     PromptConfig,
-    StudentConfig,
     TeacherConfig,
-    to_dict,
 )
-from rabtriever_ray.index import DocumentIndex, IndexFolderError, build_index, faiss_index
+from rabtriever_ray.faiss_build import faiss_index
+from rabtriever_ray.index import DocumentIndex, IndexFolderError, build_index
 from rabtriever_ray.io import OutputExistsError
 from rabtriever_ray.search import Searcher
-from rabtriever_ray.student import Rabtriever, load_student, load_student_info
-from rabtriever_ray.teacher import GenerativeReranker
+from rabtriever_ray.student import load_student, load_student_info
 
-TEACHER = TeacherConfig(
-    model="tiny-random-llama", prompt=PromptConfig(max_doc_tokens=48, max_query_tokens=32)
-)
 QUERIES = ["I spilled juice everywhere, can you clean the table?", "please fill my glass", "shut the door"]
-
-
-def _save_checkpoint(path, seed=0, teacher=TEACHER):
-    """A tiny student with a seeded, non-zero predictor (an untrained one scores every document the same)."""
-    student = Rabtriever(
-        GenerativeReranker.from_config(teacher, device="cpu"),
-        StudentConfig(predictor_hidden=32, proj_dim=16, seed=seed),
-    )
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in student.predictor.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * 0.5)
-    student.save_trainable(path, teacher=teacher.model, prompt=to_dict(teacher.prompt), max_batch_tokens=4096)
-    return path
-
-
-def save_checkpoint_and_index(root):
-    """A tiny checkpoint and a flat index over the skills corpus, under ``root`` (needs Ray)."""
-    checkpoint = _save_checkpoint(root / "checkpoint")
-    index = root / "index"
-    build_index(IndexConfig(checkpoint, write_beir(root / "skills"), index, "flat", cpus_per_actor=0.5, batch_size=4))
-    return checkpoint, index
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return _save_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint")
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint")
 
 
 @pytest.fixture(scope="module")
@@ -183,8 +157,8 @@ def test_index_types_agree_with_exact_search():
 
 
 def test_an_index_built_chunk_by_chunk_equals_one_built_at_once_and_ivf_trains_on_a_sample(monkeypatch):
-    import rabtriever_ray.index as index_module
-    from rabtriever_ray.index import faiss_index_from_chunks
+    import rabtriever_ray.faiss_build as faiss_build
+    from rabtriever_ray.faiss_build import faiss_index_from_chunks
 
     rng = np.random.default_rng(1)
     vectors = rng.standard_normal((400, 16)).astype(np.float32)
@@ -200,11 +174,11 @@ def test_an_index_built_chunk_by_chunk_equals_one_built_at_once_and_ivf_trains_o
     assert chunked.ntotal == 400 and len(calls) == 1
     np.testing.assert_array_equal(chunked.search(queries, 5)[1], faiss_index(vectors, "flat").search(queries, 5)[1])
 
-    monkeypatch.setattr(index_module, "IVF_TRAIN_POINTS_PER_LIST", 20)  # 10 lists x 20 = a 200-vector sample
-    sample = index_module.ivf_training_sample(chunks, 400, 10)
+    monkeypatch.setattr(faiss_build, "IVF_TRAIN_POINTS_PER_LIST", 20)  # 10 lists x 20 = a 200-vector sample
+    sample = faiss_build.ivf_training_sample(chunks, 400, 10)
     assert 140 < len(sample) < 260 and np.isin(sample[:, 0], vectors[:, 0]).all()  # about half, of the vectors
     assert np.isin(vectors[350:, 0], sample[:, 0]).any()  # the last chunk too
-    np.testing.assert_array_equal(sample, index_module.ivf_training_sample(chunks, 400, 10))  # seeded
+    np.testing.assert_array_equal(sample, faiss_build.ivf_training_sample(chunks, 400, 10))  # seeded
     calls.clear()
     ivf = faiss_index_from_chunks(chunks, 400, 16, "ivf", use_gpu=False)
     assert len(calls) == 2  # once for the sample, once to add
@@ -217,11 +191,7 @@ def test_an_index_built_chunk_by_chunk_equals_one_built_at_once_and_ivf_trains_o
 
 
 def test_hnsw_index_job_and_reload(ray_local, checkpoint, data, tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("index_job", "jobs/index.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    job = load_script("jobs/index.py")
     out = tmp_path / "hnsw"
     args = ["--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out), "--index-type", "hnsw"]
     manifest = job.main(args + ["--cpus-per-actor", "0.5", "--batch-size", "2"])
@@ -232,14 +202,14 @@ def test_hnsw_index_job_and_reload(ray_local, checkpoint, data, tmp_path):
 
 
 def test_mismatched_or_broken_index_is_a_clear_error(index, checkpoint, tmp_path):
-    other = _save_checkpoint(tmp_path / "other", seed=1)
+    other = save_checkpoint(tmp_path / "other", seed=1)
     with pytest.raises(IndexFolderError, match="another d_proj"):
         Searcher(other, index)
     reprompted = TeacherConfig(
         model="tiny-random-llama", prompt=PromptConfig(max_doc_tokens=40, max_query_tokens=32)
     )
     with pytest.raises(IndexFolderError, match="another prompt"):
-        Searcher(_save_checkpoint(tmp_path / "prompt", teacher=reprompted), index)
+        Searcher(save_checkpoint(tmp_path / "prompt", teacher=reprompted), index)
 
     broken = tmp_path / "broken"
     shutil.copytree(index, broken)

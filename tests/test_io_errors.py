@@ -6,7 +6,9 @@ import sys
 import pytest
 from ray import cloudpickle
 
-from rabtriever_ray.io import MANIFEST, OutputExistsError, atomic_dir, root_cause, run_job
+from rabtriever_ray.causes import root_cause
+from rabtriever_ray.io import MANIFEST, OutputExistsError, atomic_dir
+from rabtriever_ray.runtime import run_job
 
 # Ray workers cannot import this test module: send its UDF classes by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import INSTRUCTIONS, SKILLS, write_beir
+from helpers import INSTRUCTIONS, SKILLS, write_beir
 
 from rabtriever_ray.config import PromptConfig, ScoreTeacherConfig, TeacherConfig
 from rabtriever_ray.data import build_pairs, read_beir
@@ -18,12 +18,11 @@ from rabtriever_ray.pipeline import (
     check_schema,
     output_schema,
     pairs_dataset,
-    read_teacher_scores,
     teacher_stage,
-    write_teacher_scores,
 )
 from rabtriever_ray.prompts import PromptBuilder
 from rabtriever_ray.teacher import GenerativeReranker
+from rabtriever_ray.teacher_scores import read_teacher_scores, write_teacher_scores
 
 TEACHER = TeacherConfig(
     model="tiny-random-llama", prompt=PromptConfig(max_doc_tokens=24, max_query_tokens=16)
@@ -210,15 +209,26 @@ def test_job_cli_reports_bad_input_without_traceback(tmp_path):
     )
 
 
-def test_corpus_and_queries_as_ray_datasets(ray_local, beir):
-    from rabtriever_ray.data.beir import corpus_dataset, queries_dataset
+def test_an_in_process_folder_as_ray_datasets_reads_as_the_ray_reader_does(ray_local, beir):
+    """`as_datasets` (a `BeirData` for the Ray stages) holds the rows `read_beir_dataset` reads from the same
+    folder."""
+    from rabtriever_ray.data import as_datasets, read_beir_dataset
 
     data = read_beir(beir, "test")
-    corpus = corpus_dataset(data).take_all()
-    assert [row["doc_id"] for row in corpus] == list(SKILLS)
-    assert corpus[0]["title"] == "Pick up the cup"
-    queries = queries_dataset(data).take_all()
-    assert {row["query_id"]: row["text"] for row in queries} == {k: t for k, (t, _) in INSTRUCTIONS.items()}
+    converted, read = as_datasets(data, rows_per_block=2), read_beir_dataset(beir, "test", cpus=0.25)
+    for name in ("corpus", "queries", "qrels"):
+        assert sorted(map(tuple, (r.values() for r in getattr(converted, name).take_all()))) == sorted(
+            map(tuple, (r.values() for r in getattr(read, name).take_all()))
+        )
+    assert converted.counts == read.counts
+    corpus = converted.corpus.take_all()
+    assert [row["doc_id"] for row in corpus] == list(SKILLS) and corpus[0]["doc_text"].startswith(
+        "Pick up the cup\n"
+    )
+    assert converted.corpus.num_blocks() > 1
+    subset = as_datasets(data, ["q2", "q1"]).queries.take_all()
+    assert [row["query_id"] for row in subset] == ["q2", "q1"]
+    assert subset[0]["query_text"] == INSTRUCTIONS["q2"][0]
 
 
 def test_training_blocks_hold_whole_candidate_lists_and_the_split_hands_out_whole_blocks(ray_local):
@@ -228,7 +238,7 @@ def test_training_blocks_hold_whole_candidate_lists_and_the_split_hands_out_whol
     import random
     import threading
 
-    from rabtriever_ray.data.candidates import PAIR_SCHEMA
+    from rabtriever_ray.data import PAIR_SCHEMA
     from rabtriever_ray.raytrain import WholeBlockSplit
 
     sizes = [3, 8, 1, 5, 8, 2, 8, 4, 6, 7]

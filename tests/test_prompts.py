@@ -75,8 +75,8 @@ def test_truncation_cuts_documents_at_the_end_and_queries_at_the_start(tokenizer
     query = "Seeker: an old turn that will be cut\nSupporter: the latest turn"
     short = builder.pair_prompts(["hi"], ["short"])
     cut = builder.pair_prompts([query], [doc])
-    assert cut.doc_truncated == [True] and cut.query_truncated == [True] and cut.n_truncated == 1
-    assert short.truncated == [False] and short.n_truncated == 0
+    assert cut.doc_truncated == [True] and cut.query_truncated == [True] and cut.truncated == [True]
+    assert short.doc_truncated == short.query_truncated == short.truncated == [False]
     assert cut.doc_tokens == [6] and cut.query_tokens == [5]
     text = tokenizer.decode(cut.input_ids[0])
     full_doc = tokenizer(doc, add_special_tokens=False).input_ids

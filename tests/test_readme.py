@@ -35,6 +35,12 @@ def test_the_readme_gives_the_main_job_command():
     assert "python jobs/distill.py" in _commands(README.read_text())
 
 
+def test_the_readme_submits_the_main_job_to_a_cluster_and_serves_the_demo():
+    readme = README.read_text()
+    assert "ray job submit -- python jobs/distill.py" in readme
+    assert "serve run rabtriever_ray.serve:app" in readme
+
+
 def test_the_readme_is_short_and_names_no_issue_numbers():
     assert _page_problems(README.read_text()) == []
 

@@ -5,18 +5,15 @@ import pytest
 import torch
 
 from rabtriever_ray.config import ConfigError, DistillConfig, load_config
-from rabtriever_ray.data import DEMO_DATA, read_beir
-from rabtriever_ray.data.candidates import PAIR_SCHEMA
+from rabtriever_ray.data import DEMO_DATA, PAIR_SCHEMA, read_beir
 from rabtriever_ray.prompts import document_text
 from rabtriever_ray.rounds import (
-    ListSampler,
-    StudentSampler,
+    RoundSampler,
     gumbel_top_k,
-    pools_table,
     query_generator,
+    round_pools,
     sample_round_pairs,
     sample_round_stream,
-    student_pool_size,
 )
 from rabtriever_ray.student import Rabtriever
 
@@ -72,88 +69,67 @@ def checkpoint(tiny_teacher, tmp_path_factory):
     return student, str(directory)
 
 
+def _lists(pools: pa.Table) -> dict[str, tuple[str, list[str], list[str]]]:
+    """Each query's text, pool (its candidate list, in order) and positives, from pools as pairs."""
+    lists: dict[str, tuple[str, list[str], list[str]]] = {}
+    for row in pools.to_pylist():
+        _, pool, positives = lists.setdefault(row["query_id"], (row["query_text"], [], []))
+        pool.append(row["doc_id"])
+        if row["label"] > 0:
+            positives.append(row["doc_id"])
+    return lists
+
+
 def _demo_pools(cfg: DistillConfig) -> tuple[pa.Table, dict[str, str], dict[str, dict[str, int]]]:
-    """The demo's training pools under ``cfg`` (`pools_table`), every document's text and the pools' qrels."""
+    """The demo's training pools under ``cfg`` (`round_pools`), every document's text and the pools' qrels."""
     data = read_beir(DEMO_DATA, "train")
-    queries = pools_table(cfg, data)
+    pools = round_pools(cfg, data)
     documents = {d: document_text(doc.title, doc.text) for d, doc in data.corpus.items()}
-    qrels = {q: dict(data.qrels[q]) for q in queries.column("query_id").to_pylist()}
-    return queries, documents, qrels
+    qrels = {q: dict(data.qrels[q]) for q in _lists(pools)}
+    return pools, documents, qrels
 
 
 def test_sampler_draws_k_from_the_pool_plus_positives_and_is_batch_independent(checkpoint):
     student, directory = checkpoint
     cfg = _config("round_k=2", "round_tau=1.0")
-    queries, documents, qrels = _demo_pools(cfg)
-    assert queries.num_rows == 6
-    sampler = StudentSampler(cfg, directory, documents, qrels, round_index=1)
-    whole = sampler(queries)
-    halves = pa.concat_tables([sampler(queries.slice(0, 3)), sampler(queries.slice(3))])
-    assert whole.to_pylist() == halves.to_pylist()  # the draw does not depend on the batching
-    pools = dict(zip(queries.column("query_id").to_pylist(), queries.column("pool").to_pylist()))
+    pools, documents, qrels = _demo_pools(cfg)
+    lists = _lists(pools)
+    assert len(lists) == 6
+    sampler = RoundSampler(cfg, directory, round_index=1)
+    whole = sampler(pools)
+    # Blocks cut between queries draw what one block does: the draw does not depend on the batching.
+    cut = sum(len(pool) for _, pool, _ in list(lists.values())[:3])
+    assert [
+        *sampler(pools.slice(0, cut)).to_pylist(),
+        *sampler(pools.slice(cut)).to_pylist(),
+    ] == whole.to_pylist()
     drawn: dict[str, list[str]] = {}
     for row in whole.to_pylist():
         drawn.setdefault(row["query_id"], []).append(row["doc_id"])
-        assert row["doc_id"] in pools[row["query_id"]] and row["doc_text"] == documents[row["doc_id"]]
+        assert row["doc_id"] in lists[row["query_id"]][1] and row["doc_text"] == documents[row["doc_id"]]
         assert row["label"] == qrels[row["query_id"]].get(row["doc_id"], 0)
+    assert list(drawn) == list(lists)  # query by query, in the order given
     for qid, docs in drawn.items():
         positives = [d for d, g in qrels[qid].items() if g > 0]
         assert len(set(docs)) == len(docs) and set(positives) <= set(docs)
         assert 2 <= len(docs) <= 2 + len(positives)
     # Another round draws again (a different seed stream), from the same student.
-    other = StudentSampler(cfg, directory, documents, qrels, round_index=2)(queries)
+    other = RoundSampler(cfg, directory, round_index=2)(pools)
     assert other.to_pylist() != whole.to_pylist()
 
 
 def test_sampler_at_low_temperature_takes_the_students_own_top_k(checkpoint):
     student, directory = checkpoint
     cfg = _config("round_k=3", "round_tau=0.0001")
-    queries, documents, _ = _demo_pools(cfg)
-    out = StudentSampler(cfg, directory, documents, {}, round_index=1)(queries)
-    rows = out.to_pylist()
-    for qid, text, pool, positives in zip(
-        queries.column("query_id").to_pylist(),
-        queries.column("query_text").to_pylist(),
-        queries.column("pool").to_pylist(),
-        queries.column("positives").to_pylist(),
-    ):
+    pools, documents, _ = _demo_pools(cfg)
+    rows = RoundSampler(cfg, directory, round_index=1)(pools).to_pylist()
+    for qid, (text, pool, positives) in _lists(pools).items():
         with torch.no_grad():
             scores = student.score_matrix(
                 student.encode_queries([text]), student.encode_documents([documents[d] for d in pool])
             )[0]
         top = {pool[i] for i in scores.topk(3).indices.tolist()}
         assert {r["doc_id"] for r in rows if r["query_id"] == qid} == top | set(positives)
-
-
-def _pair_block(queries: pa.Table, documents: dict, qrels: dict) -> pa.Table:
-    """The pools as `join_pairs` hands them to the streamed rounds: each query's pool as pairs, in pool order."""
-    rows = [
-        {
-            "query_id": qid,
-            "doc_id": did,
-            "label": qrels.get(qid, {}).get(did, 0),
-            "query_text": text,
-            "doc_text": documents[did],
-        }
-        for qid, text, pool in zip(
-            *(queries.column(c).to_pylist() for c in ("query_id", "query_text", "pool"))
-        )
-        for did in pool
-    ]
-    return pa.Table.from_pylist(rows, schema=PAIR_SCHEMA)
-
-
-def test_list_sampler_draws_what_the_pool_sampler_draws(checkpoint):
-    _, directory = checkpoint
-    cfg = _config("round_k=2", "round_tau=1.0")
-    queries, documents, qrels = _demo_pools(cfg)
-    expected = StudentSampler(cfg, directory, documents, qrels, round_index=1)(queries).to_pylist()
-    block = _pair_block(queries, documents, qrels)
-    sampler = ListSampler(cfg, directory, round_index=1)
-    assert sampler(block).to_pylist() == expected
-    # Blocks that split between queries draw what one block does.
-    cut = sum(len(pool) for pool in queries.column("pool").to_pylist()[:3])
-    assert [*sampler(block.slice(0, cut)).to_pylist(), *sampler(block.slice(cut)).to_pylist()] == expected
 
 
 def _by_query(rows) -> dict[str, list[tuple]]:
@@ -171,8 +147,7 @@ def test_streamed_rounds_draw_the_in_process_pairs_whole_lists_per_block(
     from the same pools, and never splits a query's pairs between blocks."""
     from ray.train import Checkpoint
 
-    from rabtriever_ray.data import build_pairs
-    from rabtriever_ray.data.stream import read_beir_dataset
+    from rabtriever_ray.data import build_pairs, read_beir_dataset
 
     _, directory = checkpoint
     data = read_beir(DEMO_DATA, "train")
@@ -184,14 +159,14 @@ def test_streamed_rounds_draw_the_in_process_pairs_whole_lists_per_block(
             lines.append(f"{row['query_id']} Q0 {row['doc_id']} {ranks[row['query_id']]} 0 bm25")
         run.write_text("\n".join(lines) + "\n")
         pool = str(run)
-    # Every query (the two paths sample max_train_queries differently), small teacher batches: several blocks.
-    cfg = _config(f"round_pool={pool}", "round_k=2", "teacher_batch_size=8", "max_train_queries=1000")
+    # Both paths sample the same 6 queries (max_train_queries=6); small teacher batches: several blocks.
+    cfg = _config(f"round_pool={pool}", "round_k=2", "teacher_batch_size=8")
     student = Checkpoint.from_directory(directory)
     expected = sample_round_pairs(cfg, data, student, round_index=1, cpus=0.5)
     beir = read_beir_dataset(DEMO_DATA, "train", cpus=0.25)
     drawn, counts = sample_round_stream(cfg, beir, student, round_index=1, cpus=0.5, min_partitions=4)
     rows = drawn.take_all()
-    assert counts == {"pairs": len(rows), "queries": len(data.queries)}
+    assert counts == {"pairs": len(rows), "queries": 6}
     assert _by_query(rows) == _by_query(expected.to_pylist())
     blocks = [set(ray_local.get(ref).column("query_id").to_pylist()) for ref in drawn.to_arrow_refs()]
     assert len(blocks) > 1 and sum(len(b) for b in blocks) == len(set().union(*blocks))
@@ -213,32 +188,35 @@ def student_round(ray_local, checkpoint):
     data = read_beir(DEMO_DATA, "train")
     pools = []
 
-    def kept_pools_table(*args, **kwargs):
-        pools.append(pools_table(*args, **kwargs))
+    def kept_pools(*args, **kwargs):
+        pools.append(round_pools(*args, **kwargs))
         return pools[-1]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(rounds, "pools_table", kept_pools_table)
+        patch.setattr(rounds, "round_pools", kept_pools)
         pairs = sample_round_pairs(cfg, data, Checkpoint.from_directory(directory), round_index=1, cpus=0.5)
     return cfg, data, pools[0], pairs
 
 
 def test_student_pools_are_the_first_stage_top_k_plus_positives(student_round, checkpoint):
     student, _ = checkpoint
-    _, data, queries, _ = student_round
-    assert queries.num_rows == 6
+    _, data, pools, _ = student_round
+    lists = _lists(pools)
+    assert len(lists) == 6
     # The plain reference: every query against every document in this process, best first.
     doc_ids = list(data.corpus)
     with torch.no_grad():
-        reference = student.first_stage_scores(
-            student.encode_queries(queries.column("query_text").to_pylist()),
-            student.encode_documents([document_text(d.title, d.text) for d in data.corpus.values()]),
+        query_texts = [text for text, _, _ in lists.values()]
+        query_vectors = student.embed_queries(student.encode_queries(query_texts))
+        doc_vectors = student.embed_documents(
+            student.encode_documents([document_text(d.title, d.text) for d in data.corpus.values()])
         )
-    for row, scores in zip(queries.to_pylist(), reference):
-        positives = [d for d, grade in data.qrels[row["query_id"]].items() if grade > 0]
-        retrieved = row["pool"][:5]
-        assert row["positives"] == positives and positives
-        assert row["pool"] == retrieved + [d for d in positives if d not in retrieved]
+        reference = query_vectors @ doc_vectors.T
+    for (qid, (_, pool, pool_positives)), scores in zip(lists.items(), reference):
+        positives = [d for d, grade in data.qrels[qid].items() if grade > 0]
+        retrieved = pool[:5]
+        assert pool_positives == positives and positives
+        assert pool == retrieved + [d for d in positives if d not in retrieved]
         assert len(set(retrieved)) == 5
         # The student's top 5 in its order (a near-tie at the 5th place may swap within float32 rounding).
         got = scores[[doc_ids.index(d) for d in retrieved]]
@@ -248,11 +226,9 @@ def test_student_pools_are_the_first_stage_top_k_plus_positives(student_round, c
 def test_student_pools_draw_the_same_pairs_for_the_same_seed(student_round, checkpoint):
     _, directory = checkpoint
     cfg, data, pools, pairs = student_round
-    documents = {d: document_text(doc.title, doc.text) for d, doc in data.corpus.items()}
-    qrels = {q: dict(data.qrels[q]) for q in pools.column("query_id").to_pylist()}
     # The pairs drawn on Ray are the ones this process draws from the same pools with the same seed and round
     # (sorted by query, as sample_round_pairs returns them).
-    in_process = StudentSampler(cfg, directory, documents, qrels, round_index=1)(pools)
+    in_process = RoundSampler(cfg, directory, round_index=1)(pools)
     assert (
         pairs.to_pylist()
         == in_process.sort_by([("query_id", "ascending"), ("doc_id", "ascending")]).to_pylist()
@@ -260,9 +236,7 @@ def test_student_pools_draw_the_same_pairs_for_the_same_seed(student_round, chec
     drawn: dict[str, set[str]] = {}
     for row in pairs.to_pylist():
         drawn.setdefault(row["query_id"], set()).add(row["doc_id"])
-    for qid, pool, positives in zip(
-        *(pools.column(c).to_pylist() for c in ("query_id", "pool", "positives"))
-    ):
+    for qid, (_, pool, positives) in _lists(pools).items():
         assert set(positives) <= drawn[qid] <= set(pool) and 2 <= len(drawn[qid]) <= 2 + len(positives)
 
 
@@ -273,13 +247,11 @@ def test_student_pools_draw_the_same_pairs_for_the_same_seed(student_round, chec
 def test_a_bad_student_pool_is_refused_naming_the_option(spec, message):
     with pytest.raises(ConfigError, match=rf"round_pool '{spec}': .*{message}"):
         _config(f"round_pool={spec}")
-    with pytest.raises(ConfigError, match=message):
-        student_pool_size(spec)
 
 
 def test_student_pools_need_a_student():
-    assert student_pool_size("student:7") == 7 and student_pool_size("bm25:7") is None
+    assert _config("round_pool=student:7").round_pool_spec.k == 7
     with pytest.raises(
         ValueError, match="round_pool 'student:5' .* needs the checkpoint of the round before"
     ):
-        pools_table(_config("round_pool=student:5"), read_beir(DEMO_DATA, "train"))
+        round_pools(_config("round_pool=student:5"), read_beir(DEMO_DATA, "train"))

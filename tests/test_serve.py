@@ -6,6 +6,7 @@ import base64
 import contextlib
 import http.client
 import json
+import logging
 import select
 import shutil
 import socket
@@ -19,7 +20,7 @@ import pytest
 import requests
 import torch
 import yaml
-from test_index import save_checkpoint_and_index
+from helpers import free_port, save_checkpoint_and_index
 
 from rabtriever_ray.config import ConfigError
 from rabtriever_ray.search import Searcher
@@ -27,6 +28,8 @@ from rabtriever_ray.student import load_student, load_student_info
 from rabtriever_ray.teacher import GenerativeReranker
 
 serve_module = pytest.importorskip("rabtriever_ray.serve")
+pytestmark = pytest.mark.slow  # starts Ray Serve (the `served` app)
+serve_logger = logging.getLogger("ray.serve")  # Serve's logger, where build_app logs
 ROOT = Path(__file__).resolve().parent.parent
 QUERY = "I spilled juice everywhere, can you clean the table?"
 DOCUMENTS = [
@@ -50,12 +53,6 @@ JSON_TYPE = {"content-type": "application/json"}
 SCHEMAS = ROOT / "docs" / "schemas"  # the Cohere v2 and Jina rerank responses, as docs/serving.md reads them
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(ray_local, tmp_path_factory):
     """The app on a tiny checkpoint and index, at http://127.0.0.1:<free port>/; Serve shut down afterwards."""
@@ -63,7 +60,7 @@ def served(ray_local, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("serve")
     checkpoint, index = save_checkpoint_and_index(root)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = serve_module.build_app({"checkpoint": str(checkpoint), "index": str(index), **SETTINGS})
     serve.run(app, name="rabtriever", route_prefix="/")
@@ -99,7 +96,7 @@ def test_serving_imports_no_training():
         "rabtriever_ray.serve.deployments, rabtriever_ray.serve.http, rabtriever_ray.serve.router, "
         "rabtriever_ray.demo\n"
         "print(sorted(m for m in sys.modules if m in {"
-        "'rabtriever_ray.train', 'rabtriever_ray.distill', 'rabtriever_ray.rounds', 'rabtriever_ray.train_teacher', "
+        "'rabtriever_ray.distill_loop', 'rabtriever_ray.distill', 'rabtriever_ray.rounds', 'rabtriever_ray.finetune_loop', "
         "'rabtriever_ray.pipeline', 'ray.train'}))"
     )
     result = subprocess.run(
@@ -495,13 +492,15 @@ def test_concurrent_requests_are_batched(served, deployment, model):
 
 
 def test_requests_arriving_during_a_batch_run_together_in_the_next(served):
-    """Serve forms a batch while the previous one runs; `_BatchedModel._admit` holds requests until the model
+    """Serve forms a batch while the previous one runs; `BatchedModel._admit` holds requests until the model
     thread frees, so the ones that trickle in during a long batch (further apart than batch_wait_timeout_s) run as
     one batch after it, not one batch each."""
     from ray import serve
 
+    from rabtriever_ray.serve.batching import BatchedModel
+
     @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=32)
-    class Slow(serve_module._BatchedModel):
+    class Slow(BatchedModel):
         BATCHED = ("_double_batch",)
 
         def __init__(self):
@@ -591,7 +590,7 @@ def test_api_key_and_no_index(served, monkeypatch):
 
 def test_without_a_key_build_app_warns_and_auth_key_refuses_to_start(served, monkeypatch, caplog):
     monkeypatch.delenv(serve_module.API_KEY_ENV, raising=False)
-    monkeypatch.setattr(serve_module.logger, "handlers", [*serve_module.logger.handlers, caplog.handler])
+    monkeypatch.setattr(serve_logger, "handlers", [*serve_logger.handlers, caplog.handler])
     args = {"checkpoint": str(served["checkpoint"])}
     serve_module.build_app(args)
     assert "RABTRIEVER_API_KEY is not set: every route is open" in caplog.text and "auth=none" in caplog.text
@@ -742,7 +741,9 @@ def test_builder_args_from_the_command_line_and_from_yaml_agree():
         serve_module.load_serve_config({"max_batch_sise": "4"})
     with pytest.raises(ConfigError, match="index= needs checkpoint="):
         serve_module.build_app({"index": "runs/some_index"})
-    scaled = serve_module._options(serve_module.load_serve_config({"encoder.max_replicas": "3"}).encoder, 128)
+    from rabtriever_ray.serve.application import deployment_options
+
+    scaled = deployment_options(serve_module.load_serve_config({"encoder.max_replicas": "3"}).encoder, 128)
     assert scaled["autoscaling_config"] == {
         "min_replicas": 1,
         "max_replicas": 3,
@@ -760,7 +761,7 @@ def test_no_arguments_serve_the_demo_from_the_cache(served, tmp_path, monkeypatc
     assert (checkpoint, index) == (tmp_path / "serve-demo/distill/checkpoint", tmp_path / "serve-demo/index")
     assert serve_module.demo_paths(["epochs=1"])[0] != checkpoint  # other overrides, another demo
     # Serve's logger does not propagate to the root logger, where caplog listens.
-    monkeypatch.setattr(serve_module.logger, "handlers", [*serve_module.logger.handlers, caplog.handler])
+    monkeypatch.setattr(serve_logger, "handlers", [*serve_logger.handlers, caplog.handler])
     serve_module.build_app({})
     assert f"demo checkpoint {checkpoint} and index {index} will be built on first start" in caplog.text
     # Once both exist, starts reuse them: nothing is built (run_distill and build_index would fail here).

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 _SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "serve_load.py"
 WORKLOADS = {
     "rerank_student",
@@ -16,6 +18,7 @@ WORKLOADS = {
 }
 
 
+@pytest.mark.slow  # benchmarks/serve_load.py as a subprocess: Ray Serve, twice
 def test_smoke_run_measures_every_cell_and_the_batches(tmp_path):
     out = tmp_path / "serve_load.json"
     argv = ["--model", "tiny-random-llama", "--clients", "1,4", "--requests", "8", "--queries", "4"]

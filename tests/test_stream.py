@@ -1,4 +1,5 @@
-"""Ray Data readers and run-file candidates (data/stream.py) against the in-process readers on the same files."""
+"""The readers and pair builders run in Ray (`data.read_beir_dataset`, `data.run_pairs`) against the same code run
+in this process (`data.read_beir`, `data.build_pairs`) on the same files."""
 
 import gzip
 import json
@@ -6,19 +7,21 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import INSTRUCTIONS, SKILLS, write_beir
-from test_data import BROKEN_CORPUS, BROKEN_QRELS, BROKEN_QUERIES
+from helpers import BROKEN_CORPUS, BROKEN_QRELS, INSTRUCTIONS, SKILLS, write_beir, write_broken_beir
 
-from rabtriever_ray.data import DataError, build_pairs, read_beir
-from rabtriever_ray.data.stream import (
-    plan_shards,
+from rabtriever_ray.data import (
+    DataError,
+    build_pairs,
+    read_beir,
     read_beir_dataset,
     read_corpus_dataset,
-    read_shard,
     run_pairs,
     run_subset,
     sample_queries,
+    sample_query_ids,
 )
+from rabtriever_ray.data.files import plan_shards, read_shard
+from rabtriever_ray.data.tasks import RayTasks
 from rabtriever_ray.prompts import document_text
 
 
@@ -48,12 +51,7 @@ def test_reads_what_the_in_process_reader_reads(ray_local, tmp_path):
 
 
 def test_skip_policy_rejects_what_the_in_process_reader_rejects(ray_local, tmp_path):
-    root = write_beir(
-        tmp_path / "broken",
-        extra_corpus_lines=BROKEN_CORPUS,
-        extra_query_lines=BROKEN_QUERIES,
-        extra_qrel_lines=BROKEN_QRELS,
-    )
+    root = write_broken_beir(tmp_path / "broken")
     expected = read_beir(root, "test", on_bad_row="skip")
     got = read_beir_dataset(root, "test", on_bad_row="skip", cpus=0.25)
     assert rejects_of(got.rejects) == rejects_of(expected.rejects)
@@ -95,7 +93,7 @@ def test_byte_ranges_keep_exact_line_numbers(ray_local, tmp_path):
     lines[123] = '{"_id": "bad", "text": '
     path = tmp_path / "corpus.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")  # a BOM and CRLF endings
-    shards = plan_shards("corpus", [path], range_bytes=257)
+    shards = plan_shards("corpus", [path], RayTasks(), range_bytes=257)
     assert len(shards) > 20
     read = [read_shard(s) for s in shards]
     table = pa.concat_tables([good for good, _ in read])
@@ -178,6 +176,10 @@ def test_max_queries_is_a_seeded_sample(ray_local, tmp_path):
     assert all(len(c) == 3 for c in chosen) and chosen[0] == chosen[1]
     assert len({tuple(c) for c in chosen}) > 1  # another seed, another sample
     assert sample_queries(data.queries, 5) is data.queries
+    # The same sample as the in-process one over the same ids, whatever their order.
+    ids = [row["query_id"] for row in data.queries.take_all()]
+    for seed in (0, 1, 2):
+        assert chosen[seed + 1 if seed else 0] == sorted(sample_query_ids(ids[::-1], 3, seed))
 
 
 def test_run_subset_holds_only_what_the_pairs_name(ray_local, tmp_path):

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import DOCUMENTS, QUERIES
+from helpers import DOCUMENTS, QUERIES
 
 from rabtriever_ray.config import TeacherConfig, load_config
 from rabtriever_ray.teacher import GenerativeReranker

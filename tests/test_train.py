@@ -1,17 +1,12 @@
 import pytest
 import torch
-from conftest import DOCUMENTS, QUERIES
+from helpers import DOCUMENTS, QUERIES
 
 from rabtriever_ray.config import LossConfig, StudentConfig
+from rabtriever_ray.distill_loop import EmbeddingCache, distill_losses, group_by_query
 from rabtriever_ray.losses import jepa_loss, listwise_kl, reverse_kl
 from rabtriever_ray.student import Rabtriever
-from rabtriever_ray.train import (
-    EmbeddingCache,
-    TeacherStream,
-    distill_losses,
-    group_by_query,
-    teacher_batch_tensors,
-)
+from rabtriever_ray.teacher_batches import TeacherStream, teacher_batch_tensors
 
 
 @pytest.fixture
@@ -99,7 +94,7 @@ class _Shard:
 
 
 def test_candidate_lists_group_a_blocks_rows_and_join_a_list_across_blocks():
-    from rabtriever_ray.train import candidate_lists
+    from rabtriever_ray.teacher_batches import candidate_lists
 
     blocks = [_teacher_rows(["a", "b", "a", "c"], 0), _teacher_rows(["c", "d"], 4), _teacher_rows([], 6)]
     blocks.append(_teacher_rows(["e", "d"], 6))
@@ -129,7 +124,7 @@ def test_teacher_stream_batches_whole_candidate_lists_and_trains_on_every_row():
 
 
 def test_batch_store_keeps_batches_in_memory_to_its_budget_and_spills_the_rest(tmp_path):
-    from rabtriever_ray.train import BatchStore
+    from rabtriever_ray.teacher_batches import BatchStore
 
     tables = [_teacher_rows([f"q{i}"] * 5, 5 * i) for i in range(4)]
     store = BatchStore(max_bytes=2 * tables[0].nbytes, directory=tmp_path / "spill")
@@ -143,7 +138,7 @@ def test_batch_store_keeps_batches_in_memory_to_its_budget_and_spills_the_rest(t
 
 
 def test_every_worker_takes_the_same_steps_replaying_or_keeping_what_its_shard_holds():
-    from rabtriever_ray.train import epoch_batches
+    from rabtriever_ray.teacher_batches import epoch_batches
 
     generator = torch.Generator().manual_seed(0)
     stored: list = []
@@ -173,7 +168,8 @@ def test_loss_terms_equal_the_pure_functions(student, batch):
     assert terms["rkl"].item() == pytest.approx(rkl.item(), rel=1e-5)
     n_docs = len(DOCUMENTS)
     teacher_lists = out.score.view(len(QUERIES), n_docs)
-    first = (student.first_stage_scores(h_q[::n_docs], h_d[:n_docs])) * student.first_stage_scale.exp()
+    first_stage = student.embed_queries(h_q[::n_docs]) @ student.embed_documents(h_d[:n_docs]).T
+    first = first_stage * student.first_stage_scale.exp()
     assert terms["list"].item() == pytest.approx(listwise_kl(first, teacher_lists, 2.0).item(), rel=1e-5)
     rank = listwise_kl(student.head.score(predicted).view(len(QUERIES), n_docs), teacher_lists, 2.0)
     assert terms["rank"].item() == pytest.approx(rank.item(), rel=1e-5)

@@ -7,19 +7,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DOCUMENTS, QUERIES
+from helpers import (
+    DEEPSPEED_LORA,
+    DOCUMENTS,
+    QUERIES,
+    TINY_PROMPT,
+    assert_reproduces_val_scores,
+    distill_config,
+    finetune_config,
+)
 from tiny_families import FAMILIES, build_family
 
-from rabtriever_ray.config import PromptConfig, TeacherTrainConfig, load_config
-from rabtriever_ray.data import DEMO_DATA, read_beir
-from rabtriever_ray.data.candidates import BM25Index
+from rabtriever_ray.config import TeacherTrainConfig
+from rabtriever_ray.data import DEMO_DATA, BM25Index, read_beir
 from rabtriever_ray.families import decoder_layers
 from rabtriever_ray.finetune import run_train_teacher
-from rabtriever_ray.losses import answer_ce, listwise_ce
-from rabtriever_ray.models import build_tiny_random_llama, load_causal_lm, prompt_mismatch
-from rabtriever_ray.prompts import PromptBuilder
-from rabtriever_ray.teacher import GenerativeReranker
-from rabtriever_ray.train_teacher import (
+from rabtriever_ray.finetune_loop import (
     AnswerScorer,
     TrainingGroup,
     add_lora,
@@ -30,45 +33,12 @@ from rabtriever_ray.train_teacher import (
     save_teacher,
     teacher_losses,
 )
+from rabtriever_ray.losses import answer_ce, listwise_ce
+from rabtriever_ray.models import build_tiny_random_llama, load_causal_lm, prompt_mismatch
+from rabtriever_ray.prompts import PromptBuilder
+from rabtriever_ray.teacher import GenerativeReranker
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPT = PromptConfig(max_doc_tokens=48, max_query_tokens=32)
-# A teacher fine-tuning small enough for a unit test: the tiny model, a slice of the demo data, two workers.
-TINY = [
-    "teacher=tiny-random-llama",
-    "max_queries=16",
-    "max_val_queries=6",
-    "negatives=3",
-    "batch_size=2",
-    "num_workers=2",
-    "cpus_per_worker=0.5",
-    "teacher_cpus=0.5",
-    "lr=0.001",
-    "warmup_steps=1",
-    "teacher.prompt.max_query_tokens=32",
-    "teacher.prompt.max_doc_tokens=48",
-]
-
-
-def _config(tmp_path, *extra) -> TeacherTrainConfig:
-    return load_config(TeacherTrainConfig, None, TINY + [f"out={tmp_path / 'teacher'}", *extra])
-
-
-def assert_reproduces_val_scores(out: Path, tolerance: float) -> None:
-    """The teacher saved in ``out``, loaded on CPU in fp32, scores its first ``val_scores`` pairs as written."""
-    import pyarrow.parquet as pq
-
-    scored = pq.ParquetDataset(str(out / "val_scores" / "data")).read().slice(0, 12)
-    model, tokenizer = load_causal_lm(str(out), device="cpu")
-    again = GenerativeReranker(model, tokenizer, PROMPT).score(
-        scored.column("query_text").to_pylist(), scored.column("doc_text").to_pylist()
-    )
-    torch.testing.assert_close(
-        again.score,
-        torch.tensor(scored.column("teacher_score").to_pylist()),
-        atol=tolerance,
-        rtol=tolerance,
-    )
 
 
 # -- losses -----------------------------------------------------------------------------------------------------
@@ -133,7 +103,7 @@ def _groups() -> list[TrainingGroup]:
 
 
 def _reranker_scores(model, tokenizer, groups) -> torch.Tensor:
-    teacher = GenerativeReranker(model.eval(), tokenizer, PROMPT)
+    teacher = GenerativeReranker(model.eval(), tokenizer, TINY_PROMPT)
     pairs = [(g.query_text, text) for g in groups for text in g.doc_texts]
     return teacher.score([q for q, _ in pairs], [d for _, d in pairs]).score
 
@@ -141,13 +111,13 @@ def _reranker_scores(model, tokenizer, groups) -> torch.Tensor:
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_answer_scorer_is_the_rerankers_scoring_function(padding_side):
     model, tokenizer = build_tiny_random_llama(padding_side=padding_side)
-    prompts = PromptBuilder(tokenizer, PROMPT)
+    prompts = PromptBuilder(tokenizer, TINY_PROMPT)
     scorer = AnswerScorer(model, prompts.yes_id, prompts.no_id)
     groups = _groups()
     score, logp_yes, logp_no = scorer(
         **{k: v for k, v in group_batch(prompts, groups, "cpu").items() if k != "sizes"}
     )
-    reference = GenerativeReranker(model.eval(), tokenizer, PROMPT).score(
+    reference = GenerativeReranker(model.eval(), tokenizer, TINY_PROMPT).score(
         [g.query_text for g in groups for _ in g.doc_texts], [t for g in groups for t in g.doc_texts]
     )
     torch.testing.assert_close(score.detach(), reference.score, atol=1e-5, rtol=1e-5)
@@ -156,7 +126,7 @@ def test_answer_scorer_is_the_rerankers_scoring_function(padding_side):
 
 
 def _train_steps(model, tokenizer, steps=3, lr=1e-2):
-    prompts = PromptBuilder(tokenizer, PROMPT)
+    prompts = PromptBuilder(tokenizer, TINY_PROMPT)
     scorer = AnswerScorer(model, prompts.yes_id, prompts.no_id)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -247,10 +217,41 @@ def test_a_teacher_used_with_another_prompt_than_it_was_trained_with_is_flagged(
 # -- the Ray Train job ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a full Ray Train fine-tuning, then a distillation
 def test_two_workers_fine_tune_validate_and_the_output_is_a_teacher_for_distillation(
     ray_local, tmp_path, monkeypatch
 ):
-    report = run_train_teacher(_config(tmp_path, "name=two", "epochs=4", "grad_accum=2", "batch_size=1"))
+    import pyarrow.parquet as pq
+
+    from rabtriever_ray import pipeline
+
+    # Validation candidates from a run file (every dev query x every skill): read and joined in Ray, sampled
+    # (max_val_queries=6) once, and the teacher is scored on exactly those pairs before and after.
+    dev = read_beir(DEMO_DATA, "dev")
+    run = tmp_path / "dev.trec"
+    run.write_text(
+        "".join(f"{q} Q0 {d} {r} 0 all\n" for q in dev.queries for r, d in enumerate(dev.corpus, 1))
+    )
+    scored_queries = []
+
+    score_pairs = pipeline.score_pairs
+
+    def recorded(pairs, *args, **kwargs):
+        scored_queries.append(sorted(set(pairs.column("query_id").to_pylist())))
+        return score_pairs(pairs, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "score_pairs", recorded)
+    report = run_train_teacher(
+        finetune_config(
+            tmp_path, "name=two", "epochs=4", "grad_accum=2", "batch_size=1", f"val_candidates={run}"
+        )
+    )
+    written = pq.ParquetDataset(str(tmp_path / "teacher" / "val_scores" / "data")).read(columns=["query_id"])
+    assert len(scored_queries) == 2 and scored_queries[0] == scored_queries[1]
+    assert (
+        sorted(set(written.column("query_id").to_pylist())) == scored_queries[0]
+        and len(scored_queries[0]) == 6
+    )
     history = report["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2, 3]
     assert report["counts"] == {
@@ -274,35 +275,20 @@ def test_two_workers_fine_tune_validate_and_the_output_is_a_teacher_for_distilla
     assert_reproduces_val_scores(out, tolerance=1e-4)
 
     # Distillation accepts it as teacher= and reuses its validation scores.
-    from conftest import TINY_DISTILL
-
-    from rabtriever_ray.config import DistillConfig
     from rabtriever_ray.distill import run_distill
 
     # Relative paths, as users type them: Ray Train workers do not run in this directory.
     monkeypatch.chdir(tmp_path)
-    distill = load_config(
-        DistillConfig,
-        None,
-        [
-            *TINY_DISTILL,
-            "teacher=teacher",
-            "val_teacher_data=teacher/val_scores",
-            "epochs=1",
-            f"out_dir={tmp_path / 'student'}",
-        ],
-    )
+    distill = distill_config(tmp_path, "teacher=teacher", "val_teacher_data=teacher/val_scores", "epochs=1")
     result = run_distill(distill)
     assert result["counts"]["val_pairs_scored_by_teacher"] == 0 and result["counts"]["val_queries"] == 6
 
 
-DEEPSPEED_LORA = ["name=ds", "strategy=deepspeed", "zero_stage=2", "lora=true", "lora_r=4", "report_every=2"]
-
-
+@pytest.mark.slow  # a full Ray Train fine-tuning (and its resume)
 def test_deepspeed_lora_two_workers_resume_after_a_failure(ray_local, tmp_path):
     pytest.importorskip("deepspeed")
     marker = tmp_path / "failed"
-    config = _config(tmp_path, *DEEPSPEED_LORA, "epochs=2", "validate_before=false", "max_failures=1")
+    config = finetune_config(tmp_path, *DEEPSPEED_LORA, "epochs=2", "validate_before=false", "max_failures=1")
     report = run_train_teacher(config, fail_once_after_step=(str(marker), 3))
     assert marker.exists()  # rank 0 failed at step 3 and both ranks resumed from the step-2 checkpoint
     assert [h["step"] for h in report["history"]] == [2, 4, 6, 8]
@@ -314,7 +300,7 @@ def test_deepspeed_lora_two_workers_resume_after_a_failure(ray_local, tmp_path):
 
     # A rerun with the same name and more epochs resumes instead of starting over.
     resumed = run_train_teacher(
-        _config(tmp_path, *DEEPSPEED_LORA, "epochs=3", "val_data=none", "overwrite=true")
+        finetune_config(tmp_path, *DEEPSPEED_LORA, "epochs=3", "val_data=none", "overwrite=true")
     )
     assert [h["step"] for h in resumed["history"]] == [2, 4, 6, 8, 10, 12]
 

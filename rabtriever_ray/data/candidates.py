@@ -1,39 +1,30 @@
-"""Candidate (query, document) pairs for the teacher to score.
+"""Where a query's candidate documents come from: candidate references per spec.
 
-Policies (``candidates=``):
+A reference names a (query, document) pair and the document's rank for the query (`REF_SCHEMA`; rank 1 = best).
+`pairs` joins references with the queries, the corpus and the qrels into candidate pairs. The specs
+(`specs.parse_spec`):
 
-- ``all``: every document for every query (small corpora, e.g. the 8 ESConv strategies); refused when queries x
-  documents exceeds `MAX_ALL_PAIRS`.
-- ``bm25:K``: the top K documents per query by BM25 (bm25s over title + text).
-- a path to a TREC run file (``qid Q0 docid rank score tag``): the documents it lists per query, by rank.
-
-In training mode the qrel positives (score > 0) are added to a query's candidates when missing. ``max_queries``
-takes a seeded subset of the queries.
-
-`build_pairs` returns a pyarrow Table, one row per pair, in query order then candidate order:
-
-=============  ========  ============================================================================
-column         dtype     meaning
-=============  ========  ============================================================================
-query_id       string    query ``_id``
-doc_id         string    document ``_id``
-label          int8      qrel grade; 0 when the query is judged but this document is not; -1 when the
-                         query has no judgements (unknown)
-query_text     string    the query text
-doc_text       string    the document as the model reads it: title, newline, text
-=============  ========  ============================================================================
+- ``all``: every document for every query, ranked in corpus order (small corpora, e.g. the 8 ESConv strategies);
+  refused when queries x documents exceeds `MAX_ALL_PAIRS`.
+- ``bm25:K``: the top K documents per query by BM25 (bm25s over title + text), ranked by score.
+- a TREC run (``qid Q0 docid rank score tag``, a file or a folder of shards): the documents it lists, by rank.
+- ``student:K`` (round pools only): the previous round's student's first stage (`rounds.student_pool_references`).
 """
 
 from __future__ import annotations
 
-import random
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from ..prompts import document_text
-from .beir import BeirData, DataError, RowError, _lines, _Validator
+from .beir import BeirData, corpus_table
+from .checks import read_checked
+from .files import READ_SCHEMAS, run_files
+from .rows import DataError
+from .tasks import LocalTasks
+
+REF_SCHEMA = READ_SCHEMAS["run"]  # query_id, doc_id, rank, and where each came from (_file, _line)
 
 # The most pairs the ``all`` policy builds. Every pair carries its full document text in the driver and costs the
 # teacher one forward, so queries x documents bounds both; a million pairs (about 1 GB of text at 1 kB a pair, hours
@@ -41,53 +32,37 @@ from .beir import BeirData, DataError, RowError, _lines, _Validator
 # 97,880 pairs; the demo: 150 x 30) and refuses a full-corpus retrieval set (SciFact test: 300 x 5,183).
 MAX_ALL_PAIRS = 1_000_000
 
-PAIR_SCHEMA = pa.schema(
-    [
-        ("query_id", pa.string()),
-        ("doc_id", pa.string()),
-        ("label", pa.int8()),
-        ("query_text", pa.string()),
-        ("doc_text", pa.string()),
-    ]
-)
+
+def references(query_ids, doc_ids, ranks) -> pa.Table:
+    """`REF_SCHEMA` rows that name no file (a retrieval's own candidates, or qrel positives)."""
+    n = len(query_ids)
+    return pa.table(
+        {
+            "query_id": query_ids,
+            "doc_id": doc_ids,
+            "rank": ranks,
+            "_file": pa.array([-1] * n, pa.int32()),
+            "_line": pa.array([0] * n, pa.int64()),
+        },
+        schema=REF_SCHEMA,
+    )
 
 
-def spec_count(spec: str, option: str, error: type[ValueError] = DataError) -> int:
-    """K of a ``name:K`` spec given as ``option``; ``error`` (naming both) when K is not an integer >= 1."""
-    name, _, count = spec.partition(":")
-    try:
-        k = int(count)
-    except ValueError as err:
-        raise error(f"{option} {spec!r}: expected {name}:K with an integer K") from err
-    if k < 1:
-        raise error(f"{option} {spec!r}: K must be >= 1")
-    return k
+def ranked_references(query_ids: Sequence[str], hits: Sequence[Sequence[str]]) -> pa.Table:
+    """References of each query's ranked documents (``hits[i]`` best first, for ``query_ids[i]``)."""
+    return references(
+        pa.array([q for q, row in zip(query_ids, hits) for _ in row], pa.string()),
+        pa.array([d for row in hits for d in row], pa.string()),
+        pa.array([float(r) for row in hits for r in range(1, len(row) + 1)], pa.float64()),
+    )
 
 
-def is_run_file(spec: str) -> bool:
-    """Whether a candidates spec names a run file (`parse_candidates`, which checks it)."""
-    return parse_candidates(spec)[0] == "run"
-
-
-def parse_candidates(spec: str) -> tuple[str, int | Path | None]:
-    """``"all"`` -> ("all", None); ``"bm25:K"`` -> ("bm25", K); anything else is a run file path."""
-    if spec == "all":
-        return "all", None
-    if spec.startswith("bm25:"):
-        return "bm25", spec_count(spec, "candidates")
-    path = Path(spec)
-    if not path.is_file():
-        raise DataError(f"candidates {spec!r}: not 'all', not 'bm25:K', and no run file at {path}")
-    return "run", path
-
-
-def select_queries(data: BeirData, max_queries: int | None = None, seed: int = 0) -> list[str]:
-    """All query ids in file order, or a seeded sample of ``max_queries`` of them (kept in file order)."""
-    ids = list(data.queries)
-    if max_queries is None or max_queries >= len(ids):
-        return ids
-    chosen = set(random.Random(seed).sample(ids, max_queries))
-    return [qid for qid in ids if qid in chosen]
+def read_run(run, tasks=None) -> tuple[object, int, list]:
+    """A TREC run read and validated (a bad line is a `DataError` naming file, line and field): its `REF_SCHEMA`
+    table references as ``tasks`` (default: in this process), the reference count and the run's files."""
+    files = {"run": run_files(run)}
+    tables, counts, _ = read_checked(files, "fail", tasks or LocalTasks(), hint=False)
+    return tables["run"], counts["run"], files["run"]
 
 
 class BM25Index:
@@ -106,7 +81,8 @@ class BM25Index:
     @classmethod
     def from_corpus(cls, data: BeirData) -> BM25Index:
         """An index over a BEIR corpus, each document read as title + text."""
-        return cls(list(data.corpus), [document_text(d.title, d.text) for d in data.corpus.values()])
+        table = corpus_table(data)
+        return cls(table.column("doc_id").to_pylist(), table.column("doc_text").to_pylist())
 
     def search(self, queries: list[str], k: int) -> tuple[list[list[str]], np.ndarray]:
         """Top-``k`` doc ids per query (best first) and their scores ``[n, k]``."""
@@ -116,84 +92,22 @@ class BM25Index:
         return [[self.doc_ids[i] for i in row] for row in indices], scores
 
 
-RUN_FORMAT = "qid Q0 docid rank score tag"
-
-
-def parse_run_line(raw: str) -> tuple[str, str, float] | None:
-    """A TREC run line as ``(query_id, doc_id, rank)``, None when blank; `RowError` names the field at fault."""
-    parts = raw.split()
-    if not parts:
-        return None
-    if len(parts) != 6:
-        raise RowError("<row>", f"expected {RUN_FORMAT!r}, got {len(parts)} fields")
-    try:
-        return parts[0], parts[2], float(parts[3])
-    except ValueError:
-        raise RowError("rank", f"not a number: {parts[3]!r}") from None
-
-
-def read_run(path: Path, data: BeirData) -> dict[str, list[str]]:
-    """A TREC run file as ``{query_id: [doc_id, ...]}`` ordered by rank; a bad line or an unknown document id is
-    a `DataError` naming file, line and field."""
-    ranked: dict[str, list[tuple[float, str]]] = {}
-    for line_no, raw in _lines(path, _Validator("fail", hint=False)):
-        try:
-            parsed = parse_run_line(raw)
-        except RowError as err:
-            raise DataError(f"{path}:{line_no}: field {err.field!r}: {err.reason}") from None
-        if parsed is None:
-            continue
-        qid, doc_id, rank = parsed
-        if doc_id not in data.corpus:
-            raise DataError(f"{path}:{line_no}: field 'docid': unknown document {doc_id!r}")
-        ranked.setdefault(qid, []).append((rank, doc_id))
-    out = {}
-    for qid, rows in ranked.items():
-        seen: dict[str, None] = {}
-        for _, doc_id in sorted(rows):
-            seen.setdefault(doc_id)
-        out[qid] = list(seen)
-    return out
-
-
-def build_pairs(
-    data: BeirData,
-    candidates: str = "all",
-    max_queries: int | None = None,
-    seed: int = 0,
-    training: bool = False,
-    query_ids: list[str] | None = None,
-) -> pa.Table:
-    """Candidate pairs as a pyarrow Table (schema in the module docstring)."""
-    query_ids = query_ids if query_ids is not None else select_queries(data, max_queries, seed)
-    policy, arg = parse_candidates(candidates)
-    doc_ids = list(data.corpus)
-    if policy == "all":
+def candidate_references(data: BeirData, spec, query_ids: Sequence[str]) -> tuple[pa.Table, list]:
+    """The references of ``spec`` (a parsed `specs.CandidateSpec`: all, bm25:K or a run) for ``query_ids`` of an
+    in-process folder, and the files they name (a run's)."""
+    if spec.kind == "all":
+        doc_ids = list(data.corpus)
         if len(query_ids) * len(doc_ids) > MAX_ALL_PAIRS:
             raise DataError(
                 f"candidates 'all': {len(query_ids):,} queries x {len(doc_ids):,} documents = "
                 f"{len(query_ids) * len(doc_ids):,} pairs, more than {MAX_ALL_PAIRS:,}; use bm25:K (e.g. bm25:100) "
                 "or a TREC run file instead, or fewer queries"
             )
-        per_query = {qid: doc_ids for qid in query_ids}
-    elif policy == "bm25":
-        index = BM25Index.from_corpus(data)
-        hits, _ = index.search([data.queries[qid].text for qid in query_ids], int(arg))
-        per_query = dict(zip(query_ids, hits))
-    else:
-        run = read_run(Path(arg), data)
-        per_query = {qid: run.get(qid, []) for qid in query_ids}
-    rows: dict[str, list] = {name: [] for name in PAIR_SCHEMA.names}
-    doc_texts = {doc_id: document_text(doc.title, doc.text) for doc_id, doc in data.corpus.items()}
-    for qid in query_ids:
-        judged = data.qrels.get(qid)
-        chosen = list(per_query[qid])
-        if training and judged:
-            chosen += [d for d, grade in judged.items() if grade > 0 and d not in chosen]
-        for doc_id in chosen:
-            rows["query_id"].append(qid)
-            rows["doc_id"].append(doc_id)
-            rows["label"].append(judged.get(doc_id, 0) if judged else -1)
-            rows["query_text"].append(data.queries[qid].text)
-            rows["doc_text"].append(doc_texts[doc_id])
-    return pa.table(rows, schema=PAIR_SCHEMA)
+        return ranked_references(query_ids, [doc_ids] * len(query_ids)), []
+    if spec.kind == "bm25":
+        hits, _ = BM25Index.from_corpus(data).search([data.queries[q].text for q in query_ids], spec.k)
+        return ranked_references(query_ids, hits), []
+    if spec.kind == "run":
+        tables, _, files = read_run(spec.path)
+        return pa.concat_tables(tables), files
+    raise DataError(f"candidates {spec.text!r}: {spec.kind} candidates need a student (round_pool only)")

@@ -31,8 +31,7 @@ from ray.serve import Application
 
 from ..config import ServeConfig
 from ..demo import demo_paths, ensure_demo
-from .application import _options, build_app, load_serve_config, logger
-from .batching import _BatchedModel
+from .application import build_app, load_serve_config
 from .deployments import Encoder, Reranker
 from .http import API_KEY_ENV, ROUTES, EmbeddingRequest, RequestError, RerankRequest, SearchRequest
 from .router import Router
@@ -48,13 +47,10 @@ __all__ = [
     "Router",
     "SearchRequest",
     "ServeConfig",
-    "_BatchedModel",
-    "_options",
     "build_app",
     "demo_paths",
     "ensure_demo",
     "load_serve_config",
-    "logger",
 ]
 
 

@@ -40,7 +40,9 @@ def load_serve_config(args: dict[str, Any]) -> ServeConfig:
     return load_config(ServeConfig, None, overrides)
 
 
-def _options(resources: ServeResources, max_batch_size: int = 1) -> dict[str, Any]:
+def deployment_options(resources: ServeResources, max_batch_size: int = 1) -> dict[str, Any]:
+    """``Deployment.options`` for one deployment: its actor resources, and autoscaling between ``min_replicas``
+    and ``max_replicas`` (a fixed ``num_replicas`` when they are equal)."""
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus},
         # A replica that accepts fewer requests than a batch holds never fills one.
@@ -99,6 +101,6 @@ def build_app(args: dict[str, Any]) -> Application:
     elif config.index is None:
         logger.info("no index given: /search answers 409")
     key_sha256 = _api_key_sha256(config.auth)
-    encoder = Encoder.options(**_options(config.encoder, config.max_batch_size)).bind(config)
-    reranker = Reranker.options(**_options(config.reranker, config.max_batch_size)).bind(config)
-    return Router.options(**_options(config.router)).bind(encoder, reranker, config, key_sha256)
+    encoder = Encoder.options(**deployment_options(config.encoder, config.max_batch_size)).bind(config)
+    reranker = Reranker.options(**deployment_options(config.reranker, config.max_batch_size)).bind(config)
+    return Router.options(**deployment_options(config.router)).bind(encoder, reranker, config, key_sha256)

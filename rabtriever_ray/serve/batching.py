@@ -1,10 +1,10 @@
-"""Dynamic batching shared by the model deployments (`_BatchedModel`).
+"""Dynamic batching shared by the model deployments (`BatchedModel`).
 
 Every model method is dynamically batched (``@serve.batch``): concurrent requests are queued and run as one model
 call of up to ``max_batch_size`` requests, after waiting at most ``batch_wait_timeout_s`` for the batch to fill.
 The model runs in one worker thread per replica, so the event loop keeps accepting requests (and answering health
 checks) while a batch runs. Requests that arrive meanwhile wait until it ends and then form the next batch together
-(`_BatchedModel._admit`); Serve alone would already form it from the one or two requests that came within the
+(`BatchedModel._admit`); Serve alone would already form it from the one or two requests that came within the
 wait. ``reconfigure`` (Serve's ``user_config``) changes both settings live.
 """
 
@@ -21,7 +21,7 @@ from ray.serve.metrics import Histogram
 from ..config import ConfigError, ServeConfig
 
 
-class _BatchedModel:
+class BatchedModel:
     """What the two model deployments share: one model thread, batch settings, and batch-size bookkeeping.
 
     ``BATCHED`` names the ``@serve.batch`` methods; `stats` returns, per method, how many batches ran and their

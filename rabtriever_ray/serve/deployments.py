@@ -6,7 +6,7 @@
   searches the index.
 - ``Reranker``: the teacher (`GenerativeReranker`), by default the checkpoint's model and prompt.
 
-Both batch their methods dynamically (`_BatchedModel`). Without ``checkpoint``, each replica serves the demo
+Both batch their methods dynamically (`BatchedModel`). Without ``checkpoint``, each replica serves the demo
 (`demo.ensure_demo`, which builds it on the first start).
 """
 
@@ -21,7 +21,7 @@ import torch
 from ray import serve
 
 from ..config import ServeConfig, TeacherConfig, load_config
-from .batching import _BatchedModel
+from .batching import BatchedModel
 
 logger = logging.getLogger("ray.serve")
 
@@ -59,7 +59,7 @@ def _cut_documents(prompts, items: list[tuple]) -> tuple[list[tuple], list[list[
 
 
 @serve.deployment
-class Encoder(_BatchedModel):
+class Encoder(BatchedModel):
     """The student and, when configured, the index: first-stage vectors, predictor scores and search."""
 
     BATCHED = ("_embed_batch", "_rerank_batch", "_search_batch")
@@ -222,7 +222,7 @@ class Encoder(_BatchedModel):
 
 
 @serve.deployment
-class Reranker(_BatchedModel):
+class Reranker(BatchedModel):
     """The teacher: one LLM pass per (query, document) pair."""
 
     BATCHED = ("_rerank_batch",)

@@ -137,12 +137,15 @@ class RequestError(Exception):
         self.headers = headers
 
 
-def _error(status: int, param: str | None, message: str, kind: str = "invalid_request_error", **headers):
+def error_response(
+    status: int, param: str | None, message: str, kind: str = "invalid_request_error", **headers: str
+) -> JSONResponse:
+    """The error body ``{"error": {"message", "type", "param", "code"}}`` with HTTP ``status`` and ``headers``."""
     body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
     return JSONResponse(body, status_code=status, headers=headers or None)
 
 
-def _field(error: dict) -> str:
+def error_param(error: dict) -> str:
     """The field a validation error is about: ``("body", "documents", 3)`` -> ``"documents.3"``, else "body"."""
     if error["type"] == "json_invalid":
         return "body"  # its loc holds a character position
@@ -150,11 +153,13 @@ def _field(error: dict) -> str:
     return ".".join(loc[1:] if loc[:1] == ["body"] else loc) or "body"
 
 
-def _check_text(text: str, param: str, limit: int) -> None:
+def check_text_size(text: str, param: str, limit: int) -> None:
+    """Raise a 413 `RequestError` naming ``param`` when ``text`` is over ``limit`` bytes (UTF-8)."""
     size = len(text.encode())
     if size > limit:
         raise RequestError(413, param, f"{param}: {size} bytes, more than max_text_bytes={limit}")
 
 
-def _metric_route(path: str) -> str:
+def metric_route(path: str) -> str:
+    """The ``route`` label of a request's metrics: its path when it is one of `ROUTES`, else "other"."""
     return path if path in ROUTES else "other"

@@ -49,10 +49,10 @@ from .http import (
     RequestError,
     RerankRequest,
     SearchRequest,
-    _check_text,
-    _error,
-    _field,
-    _metric_route,
+    check_text_size,
+    error_param,
+    error_response,
+    metric_route,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -114,8 +114,10 @@ class Router:
             response = await self._checked(request, path, call_next)
         except Exception:
             logger.exception("unhandled error on %s", path)
-            response = _error(500, None, "internal error; the replica log has the traceback", "server_error")
-        route = _metric_route(path)
+            response = error_response(
+                500, None, "internal error; the replica log has the traceback", "server_error"
+            )
+        route = metric_route(path)
         self._requests.inc(tags={"route": route, "status": str(response.status_code)})
         self._latency.observe((time.perf_counter() - started) * 1000, tags={"route": route})
         return response
@@ -125,7 +127,7 @@ class Router:
             scheme, _, key = request.headers.get("authorization", "").partition(" ")
             digest = hashlib.sha256(key.strip().encode()).hexdigest()
             if scheme.lower() != "bearer" or not hmac.compare_digest(digest, self._api_key_sha256):
-                return _error(
+                return error_response(
                     401, "authorization", "missing or wrong API key: send 'Authorization: Bearer <key>'",
                     "authentication_error", **{"WWW-Authenticate": "Bearer"},
                 )  # fmt: skip
@@ -133,7 +135,7 @@ class Router:
             # Until both models have loaded once (the demo may take minutes to build), answer at once.
             self._loaded = all((await self._models_ready()).values())
             if not self._loaded:
-                return _error(
+                return error_response(
                     503,
                     None,
                     "the models are loading; /healthz says when",
@@ -143,13 +145,13 @@ class Router:
         limit = self.config.max_request_bytes
         length = request.headers.get("content-length")
         if length is not None and not length.isdigit():
-            return _error(400, "content-length", f"invalid Content-Length {length!r}")
+            return error_response(400, "content-length", f"invalid Content-Length {length!r}")
         if length is not None:  # the server reads no more than Content-Length announces
             within = int(length) <= limit
         else:  # chunked, or no body at all
             within = "transfer-encoding" not in request.headers or await _read_body(request, limit)
         if not within:
-            return _error(413, "body", f"request body over max_request_bytes={limit}")
+            return error_response(413, "body", f"request body over max_request_bytes={limit}")
         return await call_next(request)
 
     async def _call(self, handle: DeploymentHandle, method: str, *args: Any) -> Any:
@@ -188,7 +190,7 @@ class Router:
             raise RequestError(422, "model", f"model: only 'student' serves embeddings, got {body.model!r}")
         self._check_count(body.input, "input")
         for i, text in enumerate(body.input):
-            _check_text(text, f"input.{i}", self.config.max_text_bytes)
+            check_text_size(text, f"input.{i}", self.config.max_text_bytes)
         if body.dimensions is not None:
             dimensions = (await self._call(self.encoder, "info"))["dimensions"]
             if body.dimensions != dimensions:
@@ -223,9 +225,9 @@ class Router:
         is both a Cohere v2 and a Jina rerank response, plus ``model`` and ``truncated`` (docs/serving.md)."""
         texts = body.texts
         self._check_count(texts, "documents")
-        _check_text(body.query, "query", self.config.max_text_bytes)
+        check_text_size(body.query, "query", self.config.max_text_bytes)
         for i, text in enumerate(texts):
-            _check_text(text, body.document_param(i), self.config.max_text_bytes)
+            check_text_size(text, body.document_param(i), self.config.max_text_bytes)
         if body.top_n is not None and body.top_n > self.config.max_documents:
             raise RequestError(422, "top_n", f"top_n: at most max_documents={self.config.max_documents}")
         handle = self.encoder if body.model == "student" else self.reranker
@@ -261,7 +263,7 @@ class Router:
                 409, None, "no index is configured: start the app with index=PATH (a jobs/index.py folder)",
                 "no_index",
             )  # fmt: skip
-        _check_text(body.query, "query", self.config.max_text_bytes)
+        check_text_size(body.query, "query", self.config.max_text_bytes)
         top_k = min(DEFAULT_TOP_K, self.config.max_top_k) if body.top_k is None else body.top_k
         if top_k > self.config.max_top_k:
             raise RequestError(422, "top_k", f"top_k: at most max_top_k={self.config.max_top_k}")
@@ -339,18 +341,18 @@ def _http_api(router: Router) -> FastAPI:
         media = content_type.split(";")[0].strip().lower()
         if media != "application/json" and not media.endswith("+json"):
             # e.g. curl -d without -H: the body was never read as JSON, so every field would look missing.
-            return _error(
+            return error_response(
                 415,
                 "Content-Type",
                 f"Content-Type: expected application/json, got {content_type or 'none'!r} "
                 "(with curl: -H 'Content-Type: application/json')",
             )
-        problems = [(_field(e), e["msg"]) for e in error.errors()]
-        return _error(422, problems[0][0], "; ".join(f"{param}: {msg}" for param, msg in problems))
+        problems = [(error_param(e), e["msg"]) for e in error.errors()]
+        return error_response(422, problems[0][0], "; ".join(f"{param}: {msg}" for param, msg in problems))
 
     @api.exception_handler(RequestError)
     async def refused(_request: Request, error: RequestError) -> JSONResponse:
-        return _error(error.status, error.param, error.message, error.kind, **error.headers)
+        return error_response(error.status, error.param, error.message, error.kind, **error.headers)
 
     api.middleware("http")(router.guard)
     api.post("/v1/embeddings")(router.embeddings)

@@ -1,0 +1,57 @@
+"""How a job runs: Ray start-up (`init_ray`) and the job's end (`run_job`).
+
+A job that fails ends with one line, ``error: <ExceptionType>: <message> (<where>)``, naming the exception that
+user code raised, even when it was raised in a Ray actor, task or training worker (`causes.root_cause` takes Ray's
+wrappers off). Bad input exits with status 2 and that line alone; anything else is a bug, so its traceback (with
+the worker's, which Ray embeds) is printed above the line and the status is 1. ``RABTRIEVER_TRACEBACK=1`` prints
+the traceback for bad input too.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from .causes import root_cause
+
+# A job's bad input: a config, data or output-folder problem. ConfigError is a ValueError.
+BAD_INPUT = (FileExistsError, FileNotFoundError, ValueError)
+TRACEBACK_ENV = "RABTRIEVER_TRACEBACK"
+
+
+def init_ray(**kwargs: Any) -> None:
+    """Connect to the cluster named by ``RAY_ADDRESS`` (as under ``ray job submit``) or start local Ray.
+
+    Does nothing when Ray is already initialised in this process (tests, notebooks).
+    """
+    import ray
+
+    from .console import ray_init_options
+
+    if ray.is_initialized():
+        return
+    kwargs = {**ray_init_options(), **kwargs}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
+    else:
+        ray.init(**kwargs)
+
+
+def run_job(main: Callable[[], Any], bad_input: tuple[type[BaseException], ...] = BAD_INPUT) -> None:
+    """Run a job script's ``main``; a failure ends with one ``error:`` line naming its `root_cause`.
+
+    Bad input (``bad_input``, also when raised inside a Ray actor or worker) exits with status 2 and that line
+    alone; any other exception prints its traceback first and exits with status 1.
+    """
+    try:
+        main()
+    except Exception as err:
+        cause = root_cause(err)
+        bad = cause.type is not None and issubclass(cause.type, bad_input)
+        if not bad or os.environ.get(TRACEBACK_ENV) == "1":
+            traceback.print_exception(err, file=sys.stderr)
+        print(f"error: {cause}", file=sys.stderr)
+        sys.exit(2 if bad else 1)
