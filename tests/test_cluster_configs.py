@@ -463,7 +463,9 @@ def test_rayservice_serve_config_deploys_locally(ray_local, tiny_checkpoint_and_
         # The Secret's key, in the environment where Serve builds the app (auth: key refuses to start without it).
         runtime_env = {"env_vars": {"RABTRIEVER_API_KEY": "s3cret-key"}}
         client.deploy_apps(
-            ServeDeploySchema(applications=[app.model_copy(update={"args": args, "runtime_env": runtime_env})])
+            ServeDeploySchema(
+                applications=[app.model_copy(update={"args": args, "runtime_env": runtime_env})]
+            )
         )
         deadline = time.monotonic() + 300
         while (status := serve.status().applications.get(app.name)) is None or status.status != "RUNNING":

@@ -195,7 +195,9 @@ def test_faiss_top_k_equals_a_numpy_argsort_ties_included():
     rng = np.random.default_rng(0)
     normal = rng.normal(size=(325, 16)).astype(np.float32)
     unit = normal / np.linalg.norm(normal, axis=1, keepdims=True)  # cosine, as MiniLM's normalised vectors
-    integer = rng.integers(0, 3, size=(305, 6)).astype(np.float32)  # exact integer scores: many ties at the cut
+    integer = rng.integers(0, 3, size=(305, 6)).astype(
+        np.float32
+    )  # exact integer scores: many ties at the cut
     doc_ids = [f"d{j:03d}" for j in rng.permutation(300)]  # id order is not index order
     ties_at_cut = 0
     for docs, queries in ((unit[:300], unit[300:]), (integer[:300], integer[300:])):

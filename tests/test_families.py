@@ -322,6 +322,7 @@ def test_a_template_that_opens_a_thinking_block_needs_an_answer_prefix():
 # -- jobs/score_teacher.py with a saved model of each family ----------------------------------------------------
 
 
+@pytest.mark.slow  # jobs/score_teacher.py on Ray Data once per family
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_score_teacher_job_with_a_saved_model_of_each_family(name, ray_local, tmp_path):
     import pyarrow.parquet as pq

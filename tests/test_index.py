@@ -172,11 +172,15 @@ def test_an_index_built_chunk_by_chunk_equals_one_built_at_once_and_ivf_trains_o
 
     chunked = faiss_index_from_chunks(chunks, 400, 16, "flat", use_gpu=False)
     assert chunked.ntotal == 400 and len(calls) == 1
-    np.testing.assert_array_equal(chunked.search(queries, 5)[1], faiss_index(vectors, "flat").search(queries, 5)[1])
+    np.testing.assert_array_equal(
+        chunked.search(queries, 5)[1], faiss_index(vectors, "flat").search(queries, 5)[1]
+    )
 
     monkeypatch.setattr(faiss_build, "IVF_TRAIN_POINTS_PER_LIST", 20)  # 10 lists x 20 = a 200-vector sample
     sample = faiss_build.ivf_training_sample(chunks, 400, 10)
-    assert 140 < len(sample) < 260 and np.isin(sample[:, 0], vectors[:, 0]).all()  # about half, of the vectors
+    assert (
+        140 < len(sample) < 260 and np.isin(sample[:, 0], vectors[:, 0]).all()
+    )  # about half, of the vectors
     assert np.isin(vectors[350:, 0], sample[:, 0]).any()  # the last chunk too
     np.testing.assert_array_equal(sample, faiss_build.ivf_training_sample(chunks, 400, 10))  # seeded
     calls.clear()

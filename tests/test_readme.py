@@ -47,7 +47,9 @@ def test_the_readme_is_short_and_names_no_issue_numbers():
 
 def test_the_page_check_finds_a_long_page_and_an_issue_number():
     assert _page_problems("ok\n" * MAX_LINES) == []
-    assert _page_problems("ok\n" * (MAX_LINES + 1)) == [f"{MAX_LINES + 1} lines (at most 250: move detail into docs/)"]
+    assert _page_problems("ok\n" * (MAX_LINES + 1)) == [
+        f"{MAX_LINES + 1} lines (at most 250: move detail into docs/)"
+    ]
     assert _page_problems("fine-tuning the teacher is issue #7; see docs/results.md#replica-faults") == [
         "issue number #7"
     ]

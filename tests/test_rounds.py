@@ -139,6 +139,7 @@ def _by_query(rows) -> dict[str, list[tuple]]:
     return {qid: sorted(pairs) for qid, pairs in out.items()}
 
 
+@pytest.mark.slow  # a round drawn in Ray Data and in process, once per pool
 @pytest.mark.parametrize("pool", ["student:5", "run"])
 def test_streamed_rounds_draw_the_in_process_pairs_whole_lists_per_block(
     ray_local, checkpoint, tmp_path, pool

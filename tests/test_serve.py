@@ -28,7 +28,6 @@ from rabtriever_ray.student import load_student, load_student_info
 from rabtriever_ray.teacher import GenerativeReranker
 
 serve_module = pytest.importorskip("rabtriever_ray.serve")
-pytestmark = pytest.mark.slow  # starts Ray Serve (the `served` app)
 serve_logger = logging.getLogger("ray.serve")  # Serve's logger, where build_app logs
 ROOT = Path(__file__).resolve().parent.parent
 QUERY = "I spilled juice everywhere, can you clean the table?"
@@ -55,7 +54,9 @@ SCHEMAS = ROOT / "docs" / "schemas"  # the Cohere v2 and Jina rerank responses, 
 
 @pytest.fixture(scope="module")
 def served(ray_local, tmp_path_factory):
-    """The app on a tiny checkpoint and index, at http://127.0.0.1:<free port>/; Serve shut down afterwards."""
+    """The app on a tiny checkpoint and index, at http://127.0.0.1:<free port>/; Serve shut down afterwards.
+
+    Starting Serve is slow: every test that takes this fixture is marked ``slow``."""
     from ray import serve
 
     root = tmp_path_factory.mktemp("serve")
@@ -109,6 +110,7 @@ def test_serving_imports_no_training():
 # -- happy paths and schemas ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_healthz_and_models(served):
     health = requests.get(served["url"] + "/healthz", timeout=30)
     assert health.status_code == 200 and health.json() == {"status": "ok", "encoder": True, "reranker": True}
@@ -123,6 +125,7 @@ def test_healthz_and_models(served):
     assert student["index"]["count"] == 6 and teacher["backbone"] == "tiny-random-llama"
 
 
+@pytest.mark.slow
 def test_embeddings_are_the_first_stage_vectors(served, student):
     texts = ["clean the table", "fill my glass", LONG]
     body = _post(served, "/v1/embeddings", {"input": texts, "model": "student"}).json()
@@ -146,6 +149,7 @@ def test_embeddings_are_the_first_stage_vectors(served, student):
     np.testing.assert_allclose(vector, documents[0], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_rerank_student_equals_score_matrix(served, student):
     documents = [*DOCUMENTS, LONG]
     response = _post(served, "/rerank", {"query": QUERY, "documents": documents, "model": "student"})
@@ -174,6 +178,7 @@ def test_rerank_student_equals_score_matrix(served, student):
     ]
 
 
+@pytest.mark.slow
 def test_rerank_student_reads_indexed_documents_from_the_index(served, student):
     """Documents the index holds are not encoded again: /rerank scores them as /search does."""
     hits = _post(served, "/search", {"query": QUERY, "top_k": 5, "rerank": "student"}).json()["results"]
@@ -188,6 +193,7 @@ def test_rerank_student_reads_indexed_documents_from_the_index(served, student):
     np.testing.assert_allclose([r["relevance_score"] for r in body["results"]], fresh.numpy(), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_rerank_teacher_equals_generative_reranker(served):
     documents = [*DOCUMENTS, LONG]
     body = _post(served, "/rerank", {"query": LONG, "documents": documents, "model": "teacher"}).json()
@@ -235,6 +241,7 @@ def _student_tokens(student, query, documents):
     )
 
 
+@pytest.mark.slow
 def test_rerank_speaks_cohere_v2_and_jina(served, student):
     """Today's form, Cohere v2's (at /v2/rerank) and Jina's ({"text"} objects) score alike; every response is
     both a Cohere v2 and a Jina response, with the tokens the student encoded."""
@@ -261,6 +268,7 @@ def test_rerank_speaks_cohere_v2_and_jina(served, student):
     assert [body["usage"]["total_tokens"] for body in (today, cohere, jina)] == [tokens] * 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["student", "teacher"])
 def test_rerank_max_tokens_per_doc_cuts_before_scoring(served, student, model):
     """``max_tokens_per_doc`` cuts each document to its first tokens, then the model scores the cut texts."""
@@ -290,6 +298,7 @@ def test_rerank_max_tokens_per_doc_cuts_before_scoring(served, student, model):
     assert uncut["usage"]["total_tokens"] > tokens and uncut["truncated"]["documents"] == [0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rerank", ["none", "student", "teacher"])
 def test_search_equals_the_in_process_searcher(served, rerank):
     response = _post(served, "/search", {"query": QUERY, "top_k": 3, "rerank": rerank})
@@ -301,6 +310,7 @@ def test_search_equals_the_in_process_searcher(served, rerank):
     np.testing.assert_allclose([r["score"] for r in body["results"]], [h.score for h in expected], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_search_default_top_k_fits_max_top_k(served):
     body = _post(served, "/search", {"query": QUERY}).json()
     assert body["rerank"] == "student" and len(body["results"]) == SETTINGS["max_top_k"]
@@ -353,6 +363,7 @@ BAD = [
 @pytest.mark.parametrize(
     "path, body, status, param", BAD, ids=[f"{b[0]}-{b[3]}-{i}" for i, b in enumerate(BAD)]
 )
+@pytest.mark.slow
 def test_bad_input_is_a_4xx_naming_the_field(served, path, body, status, param):
     response = _post(served, path, body)
     assert response.status_code == status, response.text
@@ -360,6 +371,7 @@ def test_bad_input_is_a_4xx_naming_the_field(served, path, body, status, param):
     assert error["param"] == param and error["code"] == status and param in error["message"]
 
 
+@pytest.mark.slow
 def test_malformed_json_and_no_crashed_replica(served):
     response = requests.post(
         served["url"] + "/rerank", data="{not json", headers={"content-type": "application/json"}, timeout=30
@@ -381,6 +393,7 @@ def test_malformed_json_and_no_crashed_replica(served):
     assert _post(served, "/rerank", {"query": "q", "documents": ["a"]}).status_code == 200
 
 
+@pytest.mark.slow
 def test_a_chunked_upload_is_answered_413_while_it_is_still_being_sent(served):
     """A chunked body is counted as it arrives: the 413 comes back while the client is still sending (the final
     chunk is never sent), so no replica holds more than max_request_bytes of it; the app answers normally after."""
@@ -408,6 +421,7 @@ def test_a_chunked_upload_is_answered_413_while_it_is_still_being_sent(served):
     assert _post(served, "/rerank", {"query": "q", "documents": ["a"]}).status_code == 200
 
 
+@pytest.mark.slow
 def test_a_json_body_sent_as_a_form_is_a_415_naming_the_header(served):
     """curl -d without -H sends application/x-www-form-urlencoded: say so instead of "field required"."""
     body = json.dumps({"query": "q", "documents": ["a"]})
@@ -424,6 +438,7 @@ def test_a_json_body_sent_as_a_form_is_a_415_naming_the_header(served):
     assert response.status_code == 200 and response.json()["results"][0]["index"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs the curl program")
 def test_the_route_tour_and_readme_curl_examples_work(served):
     """Every `curl -s localhost:8000/...` line of docs/serving.md (its tour of every route) and every such command
@@ -433,7 +448,9 @@ def test_the_route_tour_and_readme_curl_examples_work(served):
     import subprocess
 
     doc = (ROOT / "docs" / "serving.md").read_text()
-    commands = [line.strip() for line in doc.splitlines() if line.strip().startswith("curl -s localhost:8000/")]
+    commands = [
+        line.strip() for line in doc.splitlines() if line.strip().startswith("curl -s localhost:8000/")
+    ]
     assert len(commands) >= 5, commands
     readme = re.findall(r"`(curl -s localhost:8000/[^`]+)`", (ROOT / "README.md").read_text())
     assert readme, "the README's walk-through queries the served model"
@@ -446,6 +463,7 @@ def test_the_route_tour_and_readme_curl_examples_work(served):
         assert "error" not in json.loads(body), (command, body)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs the curl program")
 def test_the_serving_doc_curl_examples_work(served):
     """Every ```bash block of docs/serving.md that starts with curl, run by bash as written (against the test
@@ -479,6 +497,7 @@ def test_the_serving_doc_curl_examples_work(served):
 # -- batching ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("deployment, model", [("Encoder", "student"), ("Reranker", "teacher")])
 def test_concurrent_requests_are_batched(served, deployment, model):
     before = _handle(deployment).stats.remote().result()["rerank"]
@@ -491,6 +510,7 @@ def test_concurrent_requests_are_batched(served, deployment, model):
     assert after["batches"] - before["batches"] < 8 and after["max_batch_size"] > 1
 
 
+@pytest.mark.slow
 def test_requests_arriving_during_a_batch_run_together_in_the_next(served):
     """Serve forms a batch while the previous one runs; `BatchedModel._admit` holds requests until the model
     thread frees, so the ones that trickle in during a long batch (further apart than batch_wait_timeout_s) run as
@@ -534,6 +554,7 @@ def test_requests_arriving_during_a_batch_run_together_in_the_next(served):
 # -- metrics ----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_prometheus_metrics(served, ray_local):
     port = ray_local._private.worker.global_worker.node.metrics_export_port
     wanted = ("ray_rabtriever_requests_total{", 'route="/rerank"', 'status="422"')
@@ -552,6 +573,7 @@ def test_prometheus_metrics(served, ray_local):
 # -- auth and an app without an index ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_api_key_and_no_index(served, monkeypatch):
     from ray import serve
 
@@ -588,6 +610,7 @@ def test_api_key_and_no_index(served, monkeypatch):
     assert _post(served, "/rerank", body).status_code == 200
 
 
+@pytest.mark.slow
 def test_without_a_key_build_app_warns_and_auth_key_refuses_to_start(served, monkeypatch, caplog):
     monkeypatch.delenv(serve_module.API_KEY_ENV, raising=False)
     monkeypatch.setattr(serve_logger, "handlers", [*serve_logger.handlers, caplog.handler])
@@ -597,7 +620,9 @@ def test_without_a_key_build_app_warns_and_auth_key_refuses_to_start(served, mon
     caplog.clear()
     serve_module.build_app({**args, "auth": "none"})  # open on purpose: said once, not warned
     assert "auth=none: every route is open" in caplog.text and "WARNING" not in caplog.text
-    with pytest.raises(ConfigError, match="auth=key but RABTRIEVER_API_KEY is not set where the app is built"):
+    with pytest.raises(
+        ConfigError, match="auth=key but RABTRIEVER_API_KEY is not set where the app is built"
+    ):
         serve_module.build_app({**args, "auth": "key"})
     monkeypatch.setenv(serve_module.API_KEY_ENV, "s3cret-key")
     caplog.clear()
@@ -605,6 +630,7 @@ def test_without_a_key_build_app_warns_and_auth_key_refuses_to_start(served, mon
     assert "open" not in caplog.text
 
 
+@pytest.mark.slow
 def test_routes_answer_503_while_the_models_load(served):
     from ray import serve
 
@@ -655,7 +681,12 @@ class _DyingEncoder:
     def __init__(self, deaths: int, replica_free: bool = True, error: Exception | None = None):
         from ray.exceptions import ActorDiedError
 
-        self.deaths, self.replica_free, self.error, self.calls = deaths, replica_free, error or ActorDiedError(), 0
+        self.deaths, self.replica_free, self.error, self.calls = (
+            deaths,
+            replica_free,
+            error or ActorDiedError(),
+            0,
+        )
 
     @property
     def rerank(self):  # handle.rerank, the method's handle
@@ -687,7 +718,9 @@ def _rerank_through_the_router(encoder, **settings) -> tuple[int, dict, dict]:
     from rabtriever_ray.serve.router import _http_api
 
     config = serve_module.load_serve_config({"checkpoint": "unused", **settings})
-    router = serve_module.Router.func_or_class.__mro__[1](encoder, None, config)  # the class under @serve.ingress
+    router = serve_module.Router.func_or_class.__mro__[1](
+        encoder, None, config
+    )  # the class under @serve.ingress
     router._loaded = True  # the models' readiness is Serve's status, which this test has no app for
     body = json.dumps({"query": "q", "documents": ["a"]}).encode()
     scope = {
@@ -719,7 +752,10 @@ def test_a_call_whose_replica_died_is_retried_once_then_503_model_restarted():
         started = time.monotonic()  # the retry's replica died too; no replica within replica_retry_wait_s
         status, headers, body = _rerank_through_the_router(encoder, replica_retry_wait_s=limit)
         assert status == 503 and headers["retry-after"] == "10", body
-        assert body["error"]["type"] == "model_restarted" and "Encoder model restarted" in body["error"]["message"]
+        assert (
+            body["error"]["type"] == "model_restarted"
+            and "Encoder model restarted" in body["error"]["message"]
+        )
         assert encoder.calls == 2 if encoder.replica_free else encoder.calls == 1
         assert time.monotonic() - started < limit + 2
     # A call that failed for another reason is not retried: it is the JSON 500 of any unhandled error.
@@ -752,6 +788,7 @@ def test_builder_args_from_the_command_line_and_from_yaml_agree():
     assert scaled["max_ongoing_requests"] == 128 and "num_replicas" not in scaled
 
 
+@pytest.mark.slow
 def test_no_arguments_serve_the_demo_from_the_cache(served, tmp_path, monkeypatch, caplog):
     from ray.serve import Application
 

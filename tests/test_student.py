@@ -75,7 +75,9 @@ def test_query_mean_is_the_mean_state_over_the_querys_own_tokens(student, tiny_t
         ids = prompts.query_prompts([query]).input_ids[0]
         text = prompts.tokenizer.decode(ids)
         start = text.index(query)
-        offsets = prompts.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True).offset_mapping
+        offsets = prompts.tokenizer(
+            text, add_special_tokens=False, return_offsets_mapping=True
+        ).offset_mapping
         tokens = [k for k, (a, b) in enumerate(offsets) if a < start + len(query) and b > start]
         with capture_pre_norm(tiny_teacher.model) as captured, torch.no_grad():
             tiny_teacher.model(torch.tensor([ids]))
@@ -176,7 +178,9 @@ def test_running_standardisation_merges_batches_into_the_statistics_of_all_rows(
     for chunk in data.split(70):  # uneven batches merge to the statistics of all rows
         norm.update(chunk)
     torch.testing.assert_close(norm.mean.float(), data.mean(0))
-    torch.testing.assert_close((norm.m2 / norm.count).float(), data.var(0, unbiased=False), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        (norm.m2 / norm.count).float(), data.var(0, unbiased=False), rtol=1e-4, atol=1e-6
+    )
     out = norm(data)
     torch.testing.assert_close(out.mean(0), torch.zeros(5), atol=1e-4, rtol=0)
     variance = data.var(0, unbiased=False)
@@ -201,7 +205,9 @@ def test_a_checkpoint_from_segment_tokenised_prompts_is_flagged(student, tmp_pat
     assert info["teacher_config"].prompt == PromptConfig()  # the missing fields read as their defaults
 
 
-def test_only_the_training_forward_updates_the_query_statistics_and_checkpoints_keep_them(tiny_teacher, tmp_path):
+def test_only_the_training_forward_updates_the_query_statistics_and_checkpoints_keep_them(
+    tiny_teacher, tmp_path
+):
     from rabtriever_ray.student import load_student
 
     student = Rabtriever(tiny_teacher, StudentConfig(predictor_hidden=32, proj_dim=16))  # training mode
@@ -225,7 +231,9 @@ def test_only_the_training_forward_updates_the_query_statistics_and_checkpoints_
         torch.testing.assert_close(loaded.score(h_q, h_d), student.score(h_q, h_d))
 
 
-def test_a_checkpoint_from_before_query_means_loads_with_the_answer_position_state_alone(tiny_teacher, tmp_path):
+def test_a_checkpoint_from_before_query_means_loads_with_the_answer_position_state_alone(
+    tiny_teacher, tmp_path
+):
     import json
 
     from rabtriever_ray.student import load_student

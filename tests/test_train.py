@@ -98,9 +98,18 @@ def test_candidate_lists_group_a_blocks_rows_and_join_a_list_across_blocks():
 
     blocks = [_teacher_rows(["a", "b", "a", "c"], 0), _teacher_rows(["c", "d"], 4), _teacher_rows([], 6)]
     blocks.append(_teacher_rows(["e", "d"], 6))
-    lists = [(t.column("query_id").to_pylist(), t["teacher_score"].to_pylist()) for t in candidate_lists(blocks)]
+    lists = [
+        (t.column("query_id").to_pylist(), t["teacher_score"].to_pylist()) for t in candidate_lists(blocks)
+    ]
     # "c" continues into the next block and is joined; "d" after "e" in a later block is a list of its own.
-    expected = [(["a", "a"], [0, 2]), (["b"], [1]), (["c", "c"], [3, 4]), (["d"], [5]), (["e"], [6]), (["d"], [7])]
+    expected = [
+        (["a", "a"], [0, 2]),
+        (["b"], [1]),
+        (["c", "c"], [3, 4]),
+        (["d"], [5]),
+        (["e"], [6]),
+        (["d"], [7]),
+    ]
     assert lists == expected
 
 
@@ -131,7 +140,10 @@ def test_batch_store_keeps_batches_in_memory_to_its_budget_and_spills_the_rest(t
     for table in tables:
         store.append(table)
     assert len(store) == 4 and store.spilled == 2 and store.bytes == 2 * tables[0].nbytes
-    assert sorted(p.name for p in (tmp_path / "spill").iterdir()) == ["batch-0000002.arrow", "batch-0000003.arrow"]
+    assert sorted(p.name for p in (tmp_path / "spill").iterdir()) == [
+        "batch-0000002.arrow",
+        "batch-0000003.arrow",
+    ]
     for index, table in enumerate(tables):
         assert store[index].equals(table)  # spilled ones read back from disk, the same rows
     torch.testing.assert_close(teacher_batch_tensors(store[3])["teacher_hidden"], torch.full((5, 3), 0.5))
@@ -143,13 +155,17 @@ def test_every_worker_takes_the_same_steps_replaying_or_keeping_what_its_shard_h
     generator = torch.Generator().manual_seed(0)
     stored: list = []
     short = list(epoch_batches(stored, iter(["a", "b"]), 5, generator))  # a shard of 2 batches, 5 steps
-    assert short[:2] == ["a", "b"] and len(short) == 5 and set(short[2:]) <= {"a", "b"} and stored == ["a", "b"]
+    assert (
+        short[:2] == ["a", "b"] and len(short) == 5 and set(short[2:]) <= {"a", "b"} and stored == ["a", "b"]
+    )
     stored = []
     long = list(epoch_batches(stored, iter("abcdefg"), 3, generator))  # 7 batches, 3 steps
     assert long == ["a", "b", "c"] and stored == list("abcdefg")  # the rest is kept for later epochs
     later = [list(epoch_batches(stored, None, 3, generator)) for _ in range(2)]
     assert all(len(epoch) == 3 and len(set(epoch)) == 3 for epoch in later)
-    assert len(list(epoch_batches(stored, None, 10, generator))) == 10  # more steps than batches: passes repeat
+    assert (
+        len(list(epoch_batches(stored, None, 10, generator))) == 10
+    )  # more steps than batches: passes repeat
     with pytest.raises(RuntimeError, match="fewer blocks of candidate lists than workers"):
         list(epoch_batches([], iter([]), 2, generator))
 
