@@ -344,3 +344,11 @@ def test_the_all_bound_is_in_the_help_of_the_options_that_default_to_all():
     }
     assert len(helps) == 3
     assert all(f"refused beyond {MAX_ALL_PAIRS:,} queries x" in text for text in helps.values())
+
+
+def test_truncated_gzip_names_the_file(tmp_path):
+    root = write_beir(tmp_path / "d", gz=True)
+    path = root / "corpus.jsonl.gz"
+    path.write_bytes(path.read_bytes()[:-12])  # the stream's end (CRC and size) cut off
+    with pytest.raises(DataError, match=r"corpus.jsonl.gz: not a complete gzip file"):
+        read_beir(root, "test")
