@@ -59,9 +59,9 @@ def top1_and_cost(cfg: DistillConfig, val: dict, val_data, checkpoint: Path) -> 
 
     ``top1``: for the teacher and the student, the document ranked first for the most validation queries
     (`metrics.top1_concentration`). ``cost``: milliseconds per query for the teacher and for Rabtriever to rank the
-    candidates of the same ``cost_queries`` sampled validation queries (`data.sampling`) (`evaluate.Evaluation`, which times per-query
-    work only: Rabtriever's documents are encoded beforehand, as an index holds them), and their ratio; None when
-    ``cost_queries`` is 0.
+    candidates of the same ``cost_queries`` validation queries, sampled as every job samples (`data.sampling`),
+    and their ratio (`evaluate.Evaluation`, which times per-query work only: Rabtriever's documents are encoded
+    beforehand, as an index holds them); None when ``cost_queries`` is 0.
     """
     from .data import sample_query_ids
     from .evaluate import Evaluation
