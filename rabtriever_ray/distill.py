@@ -11,7 +11,7 @@
    ``out_dir/teacher/``), which is the teacher from then on;
 3. round 0's teacher stage (`round_zero`): the *lazy* teacher stage over the training pairs, handed to Ray Train as
    ``datasets={"train": ...}`` so that teacher actors and training workers run at the same time; and the
-   validation pairs scored once, up front (`pipeline.score_pairs`);
+   validation pairs scored once, up front (`pipeline.score_pairs`), their sanity report printed (`sanity`);
 4. `train_rounds`: `distill_loop.train_loop_per_worker` under ``TorchTrainer`` (DDP, or DeepSpeed with
    ``strategy=deepspeed``; a rerun with the same name resumes from the latest checkpoint), then, with
    ``rounds > 1``, each later round lets the current student draw the pairs the teacher scores next
@@ -19,7 +19,7 @@
    its own Ray Train run (``<name>-round<r>``);
 5. the report (`report`): ``out_dir/report.json`` (config, per-round and per-epoch history, final validation
    metrics of student, teacher, BM25 and the zero-shot teacher, agreement, top-1 concentration, per-query cost,
-   timings, counts), ``out_dir/checkpoint/`` and ``out_dir/training_curves.png``.
+   the teacher's sanity figures, timings, counts), ``out_dir/checkpoint/`` and ``out_dir/training_curves.png``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from . import console
 from .config import DistillConfig, to_dict
 from .data import data_root, read_beir, read_beir_dataset, read_pairs, run_pairs
@@ -39,6 +41,7 @@ from .models import prompt_mismatch, resolve_spec, trained_prompt
 from .pipeline import SchemaError, pairs_dataset, score_pairs, teacher_stage
 from .report import final_metrics, plot_curves, top1_and_cost, val_metrics
 from .runtime import init_ray
+from .sanity import format_sanity, teacher_sanity
 from .teacher_scores import read_scores_for
 
 logger = logging.getLogger(__name__)
@@ -114,6 +117,8 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
         logger.warning(warning)
     _warn_if_no_cpu_left_for_data(cfg)
     val, val_teacher_s, val_scored = validation(cfg, val_data, val_pairs)
+    sanity = teacher_sanity(pa.table({k: val[k] for k in ("query_id", "doc_id", "teacher_score")}))
+    print("\n" + format_sanity(sanity), flush=True)  # a broken teacher shows now, not after training
     checkpoint, rounds = train_rounds(
         cfg, plan, stage, (n_train, n_train_queries), val, train_data, train_stream, fail_once_after_step
     )
@@ -135,6 +140,7 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
         "final": final,
         "top1": top1,
         "cost": cost,
+        "teacher_sanity": sanity,
         "rounds": rounds,
         "history": history,
         "counts": {

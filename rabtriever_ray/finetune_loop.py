@@ -98,14 +98,14 @@ def build_groups(
 class AnswerScorer(nn.Module):
     """The teacher's scoring as a trainable module: pair prompts -> ``(score, logp_yes, logp_no)``, each ``[n]``.
 
-    ``score = logp_yes - logp_no`` read by `YesNoHead` from the pre-norm hidden state at each prompt's last
-    token, exactly as `GenerativeReranker.score` reads it, but with gradients.
+    ``score`` (the preset's rule, ``logp_yes - logp_no`` by default) read by `YesNoHead` from the pre-norm hidden
+    state at each prompt's last token, exactly as `GenerativeReranker.score` reads it, but with gradients.
     """
 
-    def __init__(self, model: nn.Module, yes_id: int, no_id: int):
+    def __init__(self, model: nn.Module, prompts: PromptBuilder):
         super().__init__()
         self.model = model
-        self.head = YesNoHead(model, yes_id, no_id)
+        self.head = YesNoHead(model, prompts.yes_id, prompts.no_id, prompts.score_rule)
 
     def forward(self, input_ids, attention_mask, position_ids, last):
         hidden = pre_norm_hidden_at(self.model, input_ids, attention_mask, position_ids, last)
@@ -297,7 +297,7 @@ def train_teacher_loop(config: dict) -> None:
     make_trainable(model, cfg)
     model.train()
     prompts = PromptBuilder(tokenizer, cfg.teacher.prompt)
-    scorer = AnswerScorer(model, prompts.yes_id, prompts.no_id)
+    scorer = AnswerScorer(model, prompts)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
     )

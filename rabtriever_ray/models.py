@@ -7,11 +7,18 @@
   ``$RABTRIEVER_CACHE`` (default ``~/.cache/rabtriever_ray``); later loads read the cache.
 - ``"tiny-random-llama"``: a seeded 2-layer, hidden-64 Llama with a small byte-level BPE tokenizer that has a chat
   template. Built in memory for tests; nothing is downloaded.
+- a path to a ``.gguf`` file (what llama.cpp and Ollama users have): converted once like the default model, into a
+  cache folder keyed by the file's resolved path, size and modification time; quantised weights are dequantised to
+  float32. A missing file, a file that is not a GGUF, an architecture transformers cannot load from GGUF and a
+  failed conversion are each a `ModelLoadError` naming the file.
 - any Hugging Face model id or local directory, including directories written by this project.
+
+Every spec then goes through the same checks (`families.check_supported`, `scoring.check_output_head`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -67,8 +74,7 @@ def load_causal_lm(
     if spec == TINY_MODEL:
         model, tokenizer = build_tiny_random_llama()
     else:
-        path = smollm2_cached_dir() if spec == DEFAULT_MODEL else spec
-        model, tokenizer = _load_pretrained(path)
+        model, tokenizer = _load_pretrained(_pretrained_path(spec))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     check_supported(model)
@@ -79,14 +85,19 @@ def load_causal_lm(
 
 
 def resolve_spec(spec: str) -> str:
-    """``spec`` made absolute when it names a local directory, else unchanged (a built-in name or a hub id).
+    """``spec`` made absolute when it names a local directory or a ``.gguf`` file, else unchanged (a built-in
+    name or a hub id).
 
     Ray Train workers do not run in the driver's working directory, so a relative model path (``teacher=runs/x``)
     must be resolved in the driver before it is handed to them.
     """
-    return (
-        str(Path(spec).resolve()) if spec not in (DEFAULT_MODEL, TINY_MODEL) and Path(spec).is_dir() else spec
-    )
+    local = spec not in (DEFAULT_MODEL, TINY_MODEL) and (Path(spec).is_dir() or is_gguf_spec(spec))
+    return str(Path(spec).expanduser().resolve()) if local else spec
+
+
+def is_gguf_spec(spec: str) -> bool:
+    """Whether a model spec names a GGUF file (by its ``.gguf`` suffix, whether or not the file exists)."""
+    return Path(spec).suffix.lower() == ".gguf"
 
 
 def trained_prompt(spec: str) -> dict | None:
@@ -118,11 +129,19 @@ def model_hidden_size(spec: str) -> int:
         return 64
     from transformers import AutoConfig
 
-    path = smollm2_cached_dir() if spec == DEFAULT_MODEL else spec
+    path = _pretrained_path(spec)
     try:
         return int(text_config(AutoConfig.from_pretrained(str(path))).hidden_size)
     except OSError as err:
         raise ModelLoadError(f"cannot read the config of model {spec!r} ({err})") from err
+
+
+def _pretrained_path(spec: str) -> str | Path:
+    """What ``from_pretrained`` reads for a spec: the safetensors cache of a GGUF (the default model's or the
+    spec's own), else the spec itself (a hub id or a directory)."""
+    if spec == DEFAULT_MODEL:
+        return smollm2_cached_dir()
+    return gguf_cached_dir(spec) if is_gguf_spec(spec) else spec
 
 
 def _load_pretrained(path: str | Path):
@@ -162,27 +181,97 @@ def smollm2_gguf_path() -> Path:
 
 
 def smollm2_cached_dir() -> Path:
-    """Return the safetensors cache of the default model, converting the GGUF once when it is missing.
+    """Return the safetensors cache of the default model, converting the package's GGUF once when it is missing."""
+    target = cache_dir() / _SMOLLM2_CACHE_NAME
+    return target if _is_converted(target) else convert_into_cache(smollm2_gguf_path(), _SMOLLM2_CACHE_NAME)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Any GGUF file: converted once into a safetensors folder under cache_dir().
+
+
+def gguf_cached_dir(gguf_file: str | Path) -> Path:
+    """Return the safetensors cache of a GGUF file, converting it once when it is missing.
+
+    The cache folder (``gguf-<stem>-<16 hex>``) is keyed by the file's resolved path, size and modification time,
+    so a file replaced in place is converted again.
+    """
+    path = Path(gguf_file).expanduser().resolve()
+    if not path.is_file():
+        raise ModelLoadError(f"{gguf_file}: no such GGUF file")
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}\n{stat.st_size}\n{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return convert_into_cache(path, f"gguf-{path.stem}-{key}")
+
+
+def convert_into_cache(gguf_file: Path, name: str) -> Path:
+    """Convert a GGUF file into ``cache_dir() / name`` (unless it is there already) and return that folder.
 
     Conversion writes into a temporary directory beside the cache and renames it into place, so concurrent
-    processes (Ray actors) never see a half-written cache; the loser of a race discards its copy.
+    processes (Ray actors) never see a half-written cache; the loser of a race discards its copy. A file that is
+    not a GGUF, an architecture transformers cannot load from GGUF, or a failed conversion is a `ModelLoadError`
+    naming the file, with transformers' exception as its cause.
     """
-    target = cache_dir() / _SMOLLM2_CACHE_NAME
-    if (target / "config.json").is_file():
+    target = cache_dir() / name
+    if _is_converted(target):
         return target
-    gguf = smollm2_gguf_path()
+    check_gguf(gguf_file)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{_SMOLLM2_CACHE_NAME}-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        convert_gguf(gguf, staging)
+        try:
+            convert_gguf(gguf_file, staging)
+        except ModelLoadError:
+            raise
+        except Exception as err:  # transformers' GGUF loader fails in many ways: say which file, and why
+            raise ModelLoadError(f"{gguf_file}: GGUF conversion failed ({_one_line(err)})") from err
         try:
             os.rename(staging, target)
         except OSError:
-            if not (target / "config.json").is_file():
+            if not _is_converted(target):
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def check_gguf(gguf_file: Path) -> None:
+    """Refuse a file that is not a GGUF, or whose architecture transformers' GGUF loader does not know."""
+    import gguf
+    from transformers import __version__ as transformers_version
+    from transformers import modeling_gguf_pytorch_utils
+
+    with open(gguf_file, "rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        raise ModelLoadError(f"{gguf_file}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    try:
+        field = gguf.GGUFReader(gguf_file).get_field("general.architecture")
+        architecture = bytes(field.parts[field.data[0]]).decode() if field is not None else ""
+    except Exception as err:  # gguf-py raises whatever a truncated or corrupt header trips
+        raise ModelLoadError(f"{gguf_file}: not a readable GGUF file ({_one_line(err)})") from err
+    # transformers spells a few of llama.cpp's architectures with an underscore (qwen2moe, gpt-oss).
+    names = {architecture, architecture.replace("-", "_"), architecture.replace("moe", "_moe")}
+    known = modeling_gguf_pytorch_utils.GGUF_SUPPORTED_ARCHITECTURES
+    supported = [a for a in known if a not in _NOT_ARCHITECTURES]
+    if not names & set(supported):
+        raise ModelLoadError(
+            f"{gguf_file}: transformers {transformers_version} cannot load GGUF architecture {architecture!r}; "
+            f"it loads {', '.join(sorted(supported))}"
+        )
+
+
+# Metadata sections that transformers lists among its GGUF architectures.
+_NOT_ARCHITECTURES = ("general", "tokenizer")
+
+
+def _is_converted(folder: Path) -> bool:
+    return (folder / "config.json").is_file()
+
+
+def _one_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
@@ -207,7 +296,7 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise ModelLoadError(
-            f"GGUF conversion of {gguf_file} mismatched weights: missing={missing} unexpected={unexpected}"
+            f"{gguf_file}: GGUF conversion mismatched weights: missing={missing} unexpected={unexpected}"
         )
     plain.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

@@ -16,7 +16,8 @@ doc_id          string                      document ``_id``
 label           int8                        qrel grade; 0 judged query but unjudged document; -1 unknown
 query_text      string                      the query as given to the teacher (before truncation)
 doc_text        string                      the document as read (title, newline, text; before truncation)
-teacher_score   float32                     ``logp_yes - logp_no`` at the answer position (higher = relevant)
+teacher_score   float32                     the preset's score at the answer position (`scoring.YesNoHead`;
+                                            ``logp_yes - logp_no`` by default; higher = relevant)
 logp_yes        float32                     log-probability of the "yes" token (log-softmax, full vocabulary)
 logp_no         float32                     log-probability of the "no" token
 teacher_hidden  fixed_size_list<float32>[d] final-layer hidden state at the answer position *before* the
@@ -40,6 +41,7 @@ import pyarrow as pa
 
 from .config import TeacherConfig
 from .data import PAIR_SCHEMA
+from .presets import PRESETS
 
 SCORE_COLUMNS = [
     "teacher_score",
@@ -129,10 +131,12 @@ class TeacherScorer:
         return pa.table(columns, schema=output_schema(d))
 
 
-def document_major(pairs: pa.Table) -> pa.Table:
-    """``pairs`` sorted by document, then query: each teacher batch then runs a document's prefix (template and
-    document) once for all the queries it holds it with (`backbone.shared_prefix_last_hidden`)."""
-    return pairs.sort_by([("doc_id", "ascending"), ("query_id", "ascending")])
+def sharing_order(pairs: pa.Table, teacher: TeacherConfig) -> pa.Table:
+    """``pairs`` sorted by the slot the teacher's prompt puts first (document then query for a document-first
+    preset, query then document for a query-first one): each teacher batch then runs that slot's prefix once for
+    all the pairs it holds it with (`backbone.shared_prefix_last_hidden`)."""
+    keys = ["query_id", "doc_id"] if PRESETS[teacher.prompt.preset].query_first else ["doc_id", "query_id"]
+    return pairs.sort_by([(key, "ascending") for key in keys])
 
 
 def pairs_dataset(pairs: pa.Table, rows_per_block: int = 256, whole_queries: bool = False):
@@ -233,13 +237,13 @@ def score_pairs(
     batch_size: int = 256,
     title: str = "teacher: validation pairs",
 ) -> pa.Table:
-    """Score an in-process table of pairs (validation, evaluation) with teacher actors, in document-major order
-    (each batch runs a document's prefix once for its queries), and gather the scored rows here under a progress
+    """Score an in-process table of pairs (validation, evaluation) with teacher actors, in `sharing_order`
+    (each batch runs a shared prefix once for its pairs), and gather the scored rows here under a progress
     bar; the rows come back in that order."""
     from . import console
 
     stage = teacher_stage(
-        pairs_dataset(document_major(pairs), batch_size),
+        pairs_dataset(sharing_order(pairs, teacher), batch_size),
         teacher,
         actors=actors,
         cpus_per_actor=cpus_per_actor,

@@ -1,18 +1,22 @@
 """Prompt templates and token-level truncation, shared by the teacher and the student.
 
-Teacher prompt (one pass per pair)::
+``prompt.preset`` picks the format (`presets`): the default ``rabtriever`` template puts the document first::
 
     <chat template>{doc_label}:\\n{DOCUMENT}\\n\\n{query_label}:\\n{QUERY}\\n\\n{instruction} {answer_hint}<answer prompt>
 
 ``<answer prompt>`` is the chat template's generation prompt (rendered with ``enable_thinking`` for templates
-that have a thinking mode) followed by ``answer_prefix``. The score is read at its last token (the answer
-position), where the model would write "yes" or "no". The student's query prompt is the same template with the
-document slot left empty, so its hidden state sits at the same answer position; the student's document prompt is
-the document alone, read at its last token.
+that have a thinking mode) followed by ``answer_prefix``. The published rerankers' presets (Qwen3-Reranker,
+bge-reranker-v2-gemma, mxbai-rerank-v2) put the query first, in their own templates. In every format the score is
+read at the prompt's last token (the answer position). The student's query prompt is the same template with the
+document slot left empty, wherever the slot stands, so its hidden state sits at the same answer position; the
+student's document prompt is the document alone, read at its last token.
 
-Each prompt is tokenised in one piece, exactly as ``tokenizer.apply_chat_template(..., tokenize=True)`` would
-tokenise it: splicing separately tokenised segments gives token sequences a model never saw in training
-(SentencePiece-style tokenizers put a stray "▁" before every segment; byte-level BPE merges differently across a
+A prompt is tokenised in the units its format defines (`presets.Preset.units`), each unit in one piece, as the
+model's own reference code builds its inputs: the rabtriever template is one unit, exactly as
+``tokenizer.apply_chat_template(..., tokenize=True)`` would tokenise it; Qwen3-Reranker's reference tokenises its
+prefix, the formatted pair and its suffix separately, FlagEmbedding its ``A: {query}``, separator,
+``B: {passage}`` and prompt. Splicing differently gives token sequences a model never saw in training
+(SentencePiece-style tokenizers put a stray "▁" before every unit; byte-level BPE merges differently across a
 newline that ends a document or spaces that start a query). Truncation stays exact through the tokenizer's
 character offsets: documents lose tokens at the end, queries (often dialogue context) at the start so the latest
 turns survive, and the instruction and answer position are never cut. A fast (Rust) tokenizer is required for
@@ -25,9 +29,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .config import PromptConfig
-
-_DOC_SENTINEL = "\u2063RABTRIEVER_DOC\u2063"
-_QUERY_SENTINEL = "\u2063RABTRIEVER_QUERY\u2063"
+from .presets import DOCUMENT as _DOC_SENTINEL
+from .presets import PRESETS
+from .presets import QUERY as _QUERY_SENTINEL
 
 
 class PromptError(ValueError):
@@ -47,6 +51,24 @@ def _overlapping(offsets: Sequence[tuple[int, int]], start: int, end: int) -> li
     return [k for k, (a, b) in enumerate(offsets) if a < end and b > start] if end > start else []
 
 
+def _fill(unit: str, query: str, document: str) -> tuple[str, dict[str, tuple[int, int]]]:
+    """A unit's text with its slots filled, and each slot's character span ``[start, end)`` in it."""
+    text, spans, rest = "", {}, unit
+    while True:
+        found = [
+            (rest.find(marker), name, marker, value)
+            for name, marker, value in (("query", _QUERY_SENTINEL, query), ("doc", _DOC_SENTINEL, document))
+            if marker in rest
+        ]
+        if not found:
+            return text + rest, spans
+        at, name, marker, value = min(found)
+        text += rest[:at]
+        spans[name] = (len(text), len(text) + len(value))
+        text += value
+        rest = rest[at + len(marker) :]
+
+
 @dataclass
 class EncodedPrompts:
     """Token ids of a batch of prompts with their truncation bookkeeping (one entry per prompt)."""
@@ -56,12 +78,15 @@ class EncodedPrompts:
     doc_tokens: list[int] = field(default_factory=list)  # document tokens kept (0 for query prompts)
     query_truncated: list[bool] = field(default_factory=list)
     doc_truncated: list[bool] = field(default_factory=list)
-    # Leading tokens that depend only on the document (template + document + label), and on nothing (template):
-    # prompts that share them can share that part of the forward pass. 0 where nothing is shared.
+    # Leading tokens that depend only on the slot that comes first (template + that slot + what follows it up to
+    # the second slot), and on nothing (the template before the first slot): prompts that share them can share
+    # that part of the forward pass. 0 where nothing is shared.
     shared_tokens: list[int] = field(default_factory=list)
     template_tokens: list[int] = field(default_factory=list)
-    # Index of the first query token (its ``query_tokens`` tokens follow); 0 for document prompts. It is at or
-    # after ``shared_tokens``: a shared prefix never holds a query token.
+    # Tokens kept of the slot that comes first (the document, or the query in a query-first format): 0 means the
+    # shared prefix depends on no text at all (a student query prompt's empty document slot, document first).
+    first_slot_tokens: list[int] = field(default_factory=list)
+    # Index of the first query token (its ``query_tokens`` tokens follow); 0 for document prompts.
     query_start: list[int] = field(default_factory=list)
 
     @property
@@ -75,8 +100,10 @@ class EncodedPrompts:
 class PromptBuilder:
     """Renders teacher pair prompts, student query prompts and document prompts as token ids.
 
-    ``yes_id`` / ``no_id`` are the single tokens the model writes at the answer position for the configured
-    answer words, resolved from the tokenizer as a whole prompt tokenises them.
+    ``yes_id`` / ``no_id`` are the answer tokens the score reads: for the rabtriever preset, the single tokens
+    the configured answer words become right after the answer prompt; for a published reranker's preset, the
+    ids its reference code takes (the first token of the answer word tokenised alone). ``query_first`` and
+    ``score_rule`` come from the preset.
     """
 
     def __init__(self, tokenizer, config: PromptConfig | None = None):
@@ -88,22 +115,42 @@ class PromptBuilder:
             )
         self.tokenizer = tokenizer
         self.config = config or PromptConfig()
-        self._prefix, self._middle, self._suffix = self._render_segments()
+        self.preset = PRESETS[self.config.preset]
+        self.query_first = self.preset.query_first
+        self.score_rule = self.preset.score_rule
+        self._units = self._render_units()
+        self._constant: dict[int, list[int]] = {}  # token ids of the units without a slot
         # Document prompts start like any tokenizer-encoded text (a BOS token where the model uses one).
         bos = tokenizer.bos_token_id
         encoded = tokenizer("a", add_special_tokens=True).input_ids
         self._doc_prefix = [bos] if bos is not None and encoded[:1] == [bos] else []
-        self.yes_id = self._answer_token(self.config.answer_yes)
-        self.no_id = self._answer_token(self.config.answer_no)
+        self.yes_id = self._answer_token(self._answer_words[0])
+        self.no_id = self._answer_token(self._answer_words[1])
+        if self.yes_id == self.no_id:
+            raise PromptError(
+                f"the answer words {self._answer_words} start with the same token {self.yes_id}"
+            )
 
     # -- template ---------------------------------------------------------------------------------------------
 
     @staticmethod
     def template_text(config: PromptConfig, document: str = "{document}", query: str = "{query}") -> str:
         """The user message of the teacher prompt, before any chat template (by default with ``{document}`` /
-        ``{query}`` placeholders: what the teacher-scores manifest records). Needs no tokenizer."""
+        ``{query}`` placeholders: what the teacher-scores manifest records). Needs no tokenizer. For a published
+        reranker's preset, its units joined (a BOS token left out)."""
         c = config
-        return f"{c.doc_label}:\n{document}\n\n{c.query_label}:\n{query}\n\n{c.instruction} {c.answer_hint}".strip()
+        if c.preset != "rabtriever":
+            units = PRESETS[c.preset].units(c.task_instruction, None)
+            text = "".join(unit for unit in units if isinstance(unit, str))
+            return text.replace(_DOC_SENTINEL, document).replace(_QUERY_SENTINEL, query)
+        instruction = f"{c.task_instruction} {c.answer_hint}"
+        return f"{c.doc_label}:\n{document}\n\n{c.query_label}:\n{query}\n\n{instruction}".strip()
+
+    @property
+    def _answer_words(self) -> tuple[str, str]:
+        if self.config.preset == "rabtriever":
+            return self.config.answer_yes, self.config.answer_no
+        return self.preset.answer_yes, self.preset.answer_no
 
     def _render(self, document: str, query: str) -> str:
         c = self.config
@@ -121,13 +168,19 @@ class PromptBuilder:
             text = f"{bos}{system}{user}\nAnswer:"
         return text + c.answer_prefix
 
-    def _render_segments(self) -> tuple[str, str, str]:
-        """The rendered template's text before the document, between document and query, and after the query."""
+    def _render_units(self) -> list[str | int]:
+        """The prompt's tokenisation units (`presets.Preset.units`); for the rabtriever preset, the chat template
+        rendered around the two slots, as one unit."""
+        if self.config.preset != "rabtriever":
+            bos, pad = self.tokenizer.bos_token_id, self.tokenizer.pad_token_id
+            # FlagEmbedding adds BOS only where the tokenizer has one that is not its padding token.
+            return self.preset.units(
+                self.config.task_instruction, bos if bos is not None and bos != pad else None
+            )
         text = self._render(_DOC_SENTINEL, _QUERY_SENTINEL)
         if text.count(_DOC_SENTINEL) != 1 or text.count(_QUERY_SENTINEL) != 1:
             raise PromptError("the chat template must render the user message exactly once")
-        prefix, rest = text.split(_DOC_SENTINEL)
-        middle, suffix = rest.split(_QUERY_SENTINEL)
+        suffix = text.split(_QUERY_SENTINEL)[1]
         opened, closed = suffix.rfind("<think>"), suffix.rfind("</think>")
         if opened > closed:
             raise PromptError(
@@ -135,14 +188,19 @@ class PromptBuilder:
                 f"({suffix[opened:]!r}), so the next token is not the answer; set prompt.enable_thinking=false, "
                 "or close the block with prompt.answer_prefix"
             )
-        return prefix, middle, suffix
+        return [text]
 
     def _tokenize(self, texts: Sequence[str]):
         return self.tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
 
     def _answer_token(self, word: str) -> int:
-        """The one token that spells ``word`` right after the answer prompt, or a clear error."""
-        prompt = self._prefix + "a" + self._middle + "b" + self._suffix
+        """The token id the score reads for ``word`` (see the class docstring), or a clear error."""
+        if self.config.preset != "rabtriever":
+            ids = self.tokenizer(word, add_special_tokens=False).input_ids
+            if not ids:
+                raise PromptError(f"the tokenizer turns the answer word {word!r} into no token")
+            return ids[0]
+        prompt = self._units[0].replace(_DOC_SENTINEL, "a").replace(_QUERY_SENTINEL, "b")
         ids, with_answer = self._tokenize([prompt, prompt + word]).input_ids
         extra = with_answer[len(ids) :]
         if with_answer[: len(ids)] != ids or len(extra) != 1:
@@ -179,56 +237,87 @@ class PromptBuilder:
             return list(documents), [False] * len(documents)
         return self._precut(documents, max_tokens, keep_end=False, slack=0)
 
+    def _encode_units(self, queries: Sequence[str], documents: Sequence[str]) -> list[tuple[list[int], dict]]:
+        """Aligned pairs -> per prompt, its token ids and, per slot (``"query"``, ``"doc"``): the index of its first
+        token (or where it would stand), its tokens' character spans relative to the slot's text, and the
+        number of tokens before the slot. Each unit is tokenised on its own; a unit without a slot once."""
+        out = [([], {}) for _ in queries]
+        for number, unit in enumerate(self._units):
+            if isinstance(unit, int):
+                for ids, _ in out:
+                    ids.append(unit)
+                continue
+            if _QUERY_SENTINEL not in unit and _DOC_SENTINEL not in unit:
+                if number not in self._constant:
+                    self._constant[number] = self._tokenize([unit]).input_ids[0]
+                for ids, _ in out:
+                    ids.extend(self._constant[number])
+                continue
+            filled = [_fill(unit, query, doc) for query, doc in zip(queries, documents, strict=True)]
+            encoded = self._tokenize([text for text, _ in filled])
+            for (ids, slots), (_, spans), unit_ids, offsets in zip(
+                out, filled, encoded.input_ids, encoded.offset_mapping, strict=True
+            ):
+                for slot, (start, end) in spans.items():
+                    inside = _overlapping(offsets, start, end)
+                    before = len(ids) + sum(1 for _, b in offsets if b <= start)
+                    first = len(ids) + inside[0] if inside else before
+                    slots[slot] = (
+                        first,
+                        [(offsets[k][0] - start, offsets[k][1] - start) for k in inside],
+                        before,
+                    )
+                ids.extend(unit_ids)
+        return out
+
     def pair_prompts(self, queries: Sequence[str], documents: Sequence[str]) -> EncodedPrompts:
-        """Teacher prompts for aligned (query, document) lists: document first, then query, then the question."""
+        """Teacher prompts for aligned (query, document) lists, in the preset's format and order."""
         if len(queries) != len(documents):
             raise ValueError(f"queries and documents must align: {len(queries)} != {len(documents)}")
         doc_limit, query_limit = self.config.max_doc_tokens, self.config.max_query_tokens
         docs, doc_cut = self._precut(documents, doc_limit, keep_end=False)
         queries, query_cut = self._precut(queries, query_limit, keep_end=True)
-        out = EncodedPrompts()
+        first_slot, second_slot = ("query", "doc") if self.query_first else ("doc", "query")
         pending = list(range(len(docs)))
         results: dict[int, tuple] = {}
         # A cut changes the tokens at the cut only; the next pass settles it.
         for attempt in range(3 if pending else 0):
-            texts = [self._prefix + docs[i] + self._middle + queries[i] + self._suffix for i in pending]
-            encoded = self._tokenize(texts)
+            encoded = self._encode_units([queries[i] for i in pending], [docs[i] for i in pending])
             again = []
-            for i, ids, offsets in zip(pending, encoded.input_ids, encoded.offset_mapping, strict=True):
-                doc_start = len(self._prefix)
-                doc_end = doc_start + len(docs[i])
-                query_start = doc_end + len(self._middle)
-                query_end = query_start + len(queries[i])
-                in_doc = _overlapping(offsets, doc_start, doc_end)
-                in_query = _overlapping(offsets, query_start, query_end)
+            for i, (ids, slots) in zip(pending, encoded, strict=True):
+                in_query, in_doc = slots["query"][1], slots["doc"][1]
                 over = len(in_doc) > doc_limit or len(in_query) > query_limit
                 if over and attempt < 2:
                     if len(in_doc) > doc_limit:
-                        docs[i] = docs[i][: max(offsets[in_doc[doc_limit]][0] - doc_start, 0)]
+                        docs[i] = docs[i][: max(in_doc[doc_limit][0], 0)]
                         doc_cut[i] = True
                     if len(in_query) > query_limit:
-                        last_dropped = in_query[len(in_query) - query_limit - 1]
-                        queries[i] = queries[i][max(offsets[last_dropped][1] - query_start, 0) :]
+                        queries[i] = queries[i][max(in_query[len(in_query) - query_limit - 1][1], 0) :]
                         query_cut[i] = True
                     again.append(i)
                     continue
-                template = sum(1 for _, b in offsets if b <= doc_start)
-                shared = sum(1 for _, b in offsets if b <= query_start)
-                start = in_query[0] if in_query else shared
-                results[i] = (ids, len(in_query), len(in_doc), template, shared, start)
+                results[i] = (
+                    ids,
+                    len(in_query),
+                    len(in_doc),
+                    slots[first_slot][2],  # template: the tokens before the first slot
+                    slots[second_slot][2],  # shared: the tokens before the second slot
+                    len(slots[first_slot][1]),
+                    slots["query"][0],
+                )
             pending = again
             if not pending:
                 break
+        out = EncodedPrompts(query_truncated=query_cut, doc_truncated=doc_cut)
         for i in range(len(docs)):
-            ids, n_query, n_doc, template, shared, start = results[i]
+            ids, n_query, n_doc, template, shared, first_tokens, start = results[i]
             out.input_ids.append(ids)
             out.query_start.append(start)
             out.query_tokens.append(n_query)
             out.doc_tokens.append(n_doc)
             out.template_tokens.append(template)
             out.shared_tokens.append(shared)
-        out.query_truncated = query_cut
-        out.doc_truncated = doc_cut
+            out.first_slot_tokens.append(first_tokens)
         return out
 
     def query_prompts(self, queries: Sequence[str]) -> EncodedPrompts:
@@ -251,5 +340,6 @@ class PromptBuilder:
             doc_truncated=doc_cut,
             shared_tokens=[0] * len(doc_ids),
             template_tokens=[0] * len(doc_ids),
+            first_slot_tokens=[0] * len(doc_ids),
             query_start=[0] * len(doc_ids),
         )

@@ -141,8 +141,8 @@ def format_table(final: dict[str, Any]) -> str:
 
 
 def format_summary(report: dict[str, Any], out_dir: str | Path) -> str:
-    """The one screen the job ends with: the table, agreement, top-1 concentration, per-query cost, time and
-    where everything was written."""
+    """The one screen the job ends with: the table, agreement, top-1 concentration, the teacher's sanity warnings
+    (`sanity.teacher_sanity`), per-query cost, time and where everything was written."""
     counts = report["counts"]
     lines = [
         f"Validation: {counts['val_queries']} queries, {counts['val_pairs']} candidate pairs",
@@ -156,6 +156,9 @@ def format_summary(report: dict[str, Any], out_dir: str | Path) -> str:
             for label, t in (("the teacher", top1["teacher"]), ("Rabtriever", top1["student"]))
         ]
         lines.append("Most frequent top-1 document: " + "; ".join(parts))
+    # Printed before training too; repeated here, where the user reads the results.
+    sanity = report.get("teacher_sanity")
+    lines += [f"Teacher sanity warning: {w}" for w in (sanity["warnings"] if sanity else [])]
     cost = report.get("cost")
     if cost:
         lines.append(

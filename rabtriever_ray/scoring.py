@@ -5,7 +5,11 @@ cannot disagree. It reproduces the model's own next-token logits, family post-pr
 (`families.logit_transform`: Gemma's soft-cap, Cohere's and Granite's scaling)::
 
     logits = transform(lm_head(final_norm(hidden)))       # [n, vocab]
-    score  = logp_yes - logp_no = logit_yes - logit_no    # the log-softmax normaliser cancels
+    score  = logp_yes - logp_no = logit_yes - logit_no    # "logit_difference": the normaliser cancels
+    score  = logit_yes                                    # "yes_logit" (bge-reranker-v2-gemma)
+
+The score rule is the prompt preset's (`presets`): every reader of a score (teacher, student, losses, evaluation,
+serving) gets it from this one head.
 
 Everything here runs in float32 whatever the backbone's dtype: with a bf16 model a score would otherwise be the
 difference of two bf16-rounded logits (steps of 0.06-0.125 at logits of 10-30), which ties candidates and rounds
@@ -21,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .families import UnsupportedModelError, backbone, final_norm, logit_transform
+from .presets import ScoreRule
 
 VOCAB_CHUNK = 32768  # rows of a non-float32 LM head cast to float32 at a time
 
@@ -39,10 +44,14 @@ class YesNoHead(nn.Module):
     Args:
         model: the causal LM (any family in `families.SUPPORTED`).
         yes_id, no_id: the answer token ids (`PromptBuilder.yes_id` / ``no_id``).
+        rule: the score rule (`presets.ScoreRule`, `PromptBuilder.score_rule`).
     """
 
-    def __init__(self, model: nn.Module, yes_id: int, no_id: int):
+    def __init__(self, model: nn.Module, yes_id: int, no_id: int, rule: ScoreRule = "logit_difference"):
         super().__init__()
+        if rule not in ("logit_difference", "yes_logit"):
+            raise ValueError(f"unknown score rule {rule!r}")
+        self.rule = rule
         self.norm = final_norm(model)
         self.lm_head = model.get_output_embeddings()
         self.transform = logit_transform(model)
@@ -87,9 +96,10 @@ class YesNoHead(nn.Module):
             return self.transform(answer)
 
     def score(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[..., d]`` pre-norm hidden states -> ``[...]`` float32 scores ``logit_yes - logit_no``."""
+        """``[..., d]`` pre-norm hidden states -> ``[...]`` float32 scores by the rule: ``logit_yes - logit_no``
+        or ``logit_yes``."""
         answer = self.answer_logits(hidden)
-        return answer[..., 0] - answer[..., 1]
+        return answer[..., 0] - answer[..., 1] if self.rule == "logit_difference" else answer[..., 0]
 
     def log_probs(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(score, logp_yes, logp_no)``, each ``[...]`` float32, log-softmax over the full vocabulary."""

@@ -7,7 +7,8 @@ and the top ``top_k`` are returned. ``rerank="teacher"`` re-scores that final li
 returns the first stage as is. A
 corpus of at most ``exhaustive_max_docs`` documents skips FAISS: the predictor scores every document.
 
-Scores: ``student`` and ``teacher`` are ``logp_yes - logp_no`` (higher = relevant); ``none`` is the first-stage
+Scores: ``student`` and ``teacher`` are the teacher's score rule (`scoring.YesNoHead`; ``logp_yes - logp_no`` by
+default; higher = relevant); ``none`` is the first-stage
 cosine.
 """
 

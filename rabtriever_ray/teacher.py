@@ -1,7 +1,8 @@
 """The teacher: a generative reranker that reads document and query together and answers yes or no.
 
 ``GenerativeReranker.score(queries, documents)`` runs one LLM pass per pair (quadratic in the pair's length) and
-returns, per pair, the score ``logp_yes - logp_no`` at the answer position, the two log-probabilities
+returns, per pair, the score at the answer position (the preset's rule, `scoring.YesNoHead`: ``logp_yes - logp_no``
+by default), the two log-probabilities
 (log-softmax over the full vocabulary), and the final-layer hidden state at the answer position *before* the
 final norm: the contextual query embedding the student learns to predict. ``lm_head(final_norm(hidden))``
 reproduces the teacher's logits.
@@ -36,7 +37,7 @@ RERANK_CHUNK_PAIRS = 256
 class TeacherScores:
     """Per-pair teacher outputs, all on CPU; ``n`` pairs, hidden size ``d``."""
 
-    score: torch.Tensor  # [n] float32, logp_yes - logp_no
+    score: torch.Tensor  # [n] float32, by the preset's score rule (logp_yes - logp_no by default)
     logp_yes: torch.Tensor  # [n] float32
     logp_no: torch.Tensor  # [n] float32
     hidden: torch.Tensor  # [n, d] float32, pre-final-norm hidden state at the answer position
@@ -52,13 +53,14 @@ class GenerativeReranker:
         model, tokenizer: from `load_causal_lm`.
         prompt_config: the prompt template, answer words and truncation limits.
         max_batch_tokens: padded tokens per forward batch; pairs are sorted by length to keep padding low.
-        share_prefix: run a prompt prefix shared by several pairs once and reuse its keys and values: the
-            template and document for pairs with the same document, else the template alone. Exact on
-            sliding-window models too; switched off, with a log line, for models whose cache is not plain keys
-            and values (`families.prefix_sharing_blocker`). Prefixes that depend on no document (the template
-            before the document slot, and everything before the query in a student query prompt, whose slot
-            is empty) are kept across calls, so a query costs only its own tokens and the instruction after
-            them; the backbone must stay frozen while this teacher is used.
+        share_prefix: run a prompt prefix shared by several pairs once and reuse its keys and values:
+            everything up to the second slot for pairs with the same first slot (the document, or the query in a
+            query-first preset), else the template alone. Exact on sliding-window models too; switched off, with
+            a log line, for models whose cache is not plain keys and values (`families.prefix_sharing_blocker`).
+            Prefixes that depend on no text (the template before the first slot, and, document first,
+            everything before the query in a student query prompt, whose document slot is empty) are kept across
+            calls, so a query costs only its own tokens and what follows them; the backbone must stay frozen
+            while this teacher is used.
 
     ``stats`` accumulates ``tokens`` (real tokens run), ``padded_tokens`` and ``forwards`` over all calls.
     """
@@ -74,7 +76,7 @@ class GenerativeReranker:
         self.model = model
         self.tokenizer = tokenizer
         self.prompts = PromptBuilder(tokenizer, prompt_config)
-        self.head = YesNoHead(model, self.prompts.yes_id, self.prompts.no_id)
+        self.head = YesNoHead(model, self.prompts.yes_id, self.prompts.no_id, self.prompts.score_rule)
         self.max_batch_tokens = max_batch_tokens
         blocker = prefix_sharing_blocker(model) if share_prefix else None
         if blocker:
@@ -118,25 +120,26 @@ class GenerativeReranker:
                 stats=self.stats,
                 spans=spans,
             )
-        # Pairs whose document is shared by another pair share template + document; the rest share the template.
-        # A prompt with an empty document slot shares everything before its query. Prefixes are keyed by their
-        # token ids, so only identical leading tokens are ever shared.
+        # Pairs that share the slot that comes first (a document, or a query in a query-first format) share
+        # everything up to the second slot; the rest share the template before the first slot. A prompt whose
+        # first slot is empty (a student query prompt, document first) shares everything before its query.
+        # Prefixes are keyed by their token ids, so only identical leading tokens are ever shared; with
+        # ``query_mean`` a prefix stops before the query, whose tokens are averaged from the tail.
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for index, shared in enumerate(prompts.shared_tokens):
             groups[tuple(ids[index][:shared])].append(index)
         prefix_index: dict[tuple[int, ...], int] = {}
-        keep: set[tuple[int, ...]] = set()  # document-independent: kept across calls
+        keep: set[tuple[int, ...]] = set()  # independent of any text: kept across calls
         prefix_of = [0] * len(ids)
         for head, members in groups.items():
             for index in members:
-                has_document = prompts.doc_tokens[index] > 0
-                if has_document and len(members) >= 2:
-                    key = head  # template + a document shared within this call
-                elif has_document:
-                    key = tuple(ids[index][: max(prompts.template_tokens[index], 1)])  # the template alone
+                if prompts.first_slot_tokens[index] == 0:
+                    key = head  # depends on no text
                     keep.add(key)
+                elif len(members) >= 2 and (spans is None or len(head) <= prompts.query_start[index]):
+                    key = head  # template + a first slot shared within this call
                 else:
-                    key = head  # everything before the query: depends on no document
+                    key = tuple(ids[index][: max(prompts.template_tokens[index], 1)])  # the template alone
                     keep.add(key)
                 prefix_of[index] = prefix_index.setdefault(key, len(prefix_index))
         prefixes = list(prefix_index)
@@ -179,22 +182,28 @@ class GenerativeReranker:
 
     def rerank(self, queries: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[torch.Tensor]:
         """Each query's own candidate documents: ``queries[i]`` with each text of ``candidates[i]`` -> ``n`` CPU
-        float32 tensors ``[len(candidates[i])]`` of ``logp_yes - logp_no``, in order.
+        float32 tensors ``[len(candidates[i])]`` of scores, in order.
 
-        The pairs of every query go through `score` in document-major calls of at most `RERANK_CHUNK_PAIRS`
-        pairs, a document's pairs kept in one call when they fit: they batch together and share the document's
-        prefix (a document that several queries rank) as in one call over every pair, while a call's cache of
-        shared prefixes stays bounded. `Rabtriever.rerank` is the student's.
+        The pairs of every query go through `score` in calls of at most `RERANK_CHUNK_PAIRS` pairs, grouped by the
+        slot the prompt puts first (document-major for a document-first preset, query-major for a query-first
+        one), a group's pairs kept in one call when they fit: they batch together and share that slot's prefix
+        as in one call over every pair, while a call's cache of shared prefixes stays bounded.
+        `Rabtriever.rerank` is the student's.
         """
         scores = [torch.empty(len(docs)) for docs in candidates]
-        pairs = sorted((doc, row, column) for row, docs in enumerate(candidates) for column, doc in enumerate(docs))
+        first = (lambda row, doc: queries[row]) if self.prompts.query_first else (lambda row, doc: doc)
+        pairs = sorted(
+            (first(row, doc), row, column, doc)
+            for row, docs in enumerate(candidates)
+            for column, doc in enumerate(docs)
+        )
         chunks, chunk = [], []
         for _, group in itertools.groupby(pairs, key=lambda pair: pair[0]):
             group = list(group)
             if chunk and len(chunk) + len(group) > RERANK_CHUNK_PAIRS and len(group) <= RERANK_CHUNK_PAIRS:
-                chunks.append(chunk)  # the document starts the next call
+                chunks.append(chunk)  # the group starts the next call
                 chunk = []
-            for pair in group:  # a document with more pairs fills calls up
+            for pair in group:  # a larger group fills calls up
                 chunk.append(pair)
                 if len(chunk) == RERANK_CHUNK_PAIRS:
                     chunks.append(chunk)
@@ -202,7 +211,9 @@ class GenerativeReranker:
         if chunk:
             chunks.append(chunk)
         for chunk in chunks:
-            chunk_scores = self.score([queries[row] for _, row, _ in chunk], [doc for doc, _, _ in chunk]).score
-            for (_, row, column), score in zip(chunk, chunk_scores):
+            chunk_scores = self.score(
+                [queries[row] for _, row, _, _ in chunk], [doc for _, _, _, doc in chunk]
+            ).score
+            for (_, row, column, _), score in zip(chunk, chunk_scores):
                 scores[row][column] = score
         return scores

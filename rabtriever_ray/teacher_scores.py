@@ -1,7 +1,8 @@
 """The teacher-scores folder: what ``jobs/score_teacher.py`` writes and distillation reads.
 
 A folder holds ``data/*.parquet`` (the teacher stage's rows, `pipeline.output_schema`), ``manifest.json`` (written
-last: it marks the folder complete; data, split, candidates, sample, teacher and prompt, counts, timing, schema) and,
+last: it marks the folder complete; data, split, candidates, sample, teacher and prompt, counts, the teacher's
+``sanity`` figures and warnings (`sanity.teacher_sanity`), timing, schema) and,
 when rows were skipped, ``rejects.jsonl``.
 
 - `write_teacher_scores`: read a BEIR folder, build the pairs, score them on teacher actors and write the folder.
@@ -21,7 +22,14 @@ import pyarrow as pa
 
 from .config import ScoreTeacherConfig, TeacherConfig, actor_range, prompt_differences, to_dict
 from .io import MANIFEST
-from .pipeline import SchemaError, check_schema, document_major, output_schema, pairs_dataset, teacher_stage
+from .pipeline import (
+    SchemaError,
+    check_schema,
+    output_schema,
+    pairs_dataset,
+    sharing_order,
+    teacher_stage,
+)
 from .prompts import PromptBuilder
 
 
@@ -48,12 +56,15 @@ def read_teacher_scores(path: str | Path, hidden_size: int | None = None):
 
 
 def summarize(path: str | Path) -> dict[str, Any]:
-    """Row, query, document and truncation counts of written Parquet files (read from a few columns only)."""
+    """Row, query, document and truncation counts of written Parquet files, and the teacher's ``sanity`` figures
+    (`sanity.teacher_sanity`); read from a few columns only."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from .sanity import teacher_sanity
+
     table = pq.ParquetDataset(str(path)).read(
-        columns=["query_id", "doc_id", "truncated", "query_tokens", "doc_tokens"]
+        columns=["query_id", "doc_id", "teacher_score", "truncated", "query_tokens", "doc_tokens"]
     )
     return {
         "rows": table.num_rows,
@@ -62,6 +73,7 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "truncated": int(np.sum(table.column("truncated").to_numpy(zero_copy_only=False))),
         "query_tokens": int(np.sum(table.column("query_tokens").to_numpy())),
         "doc_tokens": int(np.sum(table.column("doc_tokens").to_numpy())),
+        "sanity": teacher_sanity(table),
     }
 
 
@@ -130,13 +142,18 @@ def write_teacher_scores(
     ``out`` receives ``data/*.parquet`` (schema above), ``manifest.json`` and, when rows were skipped,
     ``rejects.jsonl``. Returns the manifest.
     """
+    import dataclasses
     import time
 
     from .data import build_pairs, read_beir, read_beir_dataset, run_pairs
     from .io import atomic_dir
+    from .models import resolve_spec
     from .runtime import init_ray
 
     start = time.perf_counter()
+    # Teacher actors need not run in this working directory: a relative model path is made absolute here.
+    teacher = dataclasses.replace(config.teacher, model=resolve_spec(config.teacher.model))
+    config = dataclasses.replace(config, teacher=teacher)
     streamed = config.candidates_spec.is_run
     min_actors, max_actors = actor_range(config.actors)
     with atomic_dir(config.out, config.overwrite) as staging:  # refuses before any expensive work
@@ -170,12 +187,11 @@ def write_teacher_scores(
         if not streamed:
             init_ray()  # after the input is known to be good: bad input fails fast, without starting Ray
             # Training pairs in blocks of whole candidate lists, one actor call per block, so that each written
-            # file holds whole lists (what distillation batches need); other pairs grouped by document for prefix
-            # sharing.
+            # file holds whole lists (what distillation batches need); other pairs in the prompt's sharing order.
             blocks = (
                 pairs_dataset(pairs, config.batch_size, whole_queries=True)
                 if config.training
-                else pairs_dataset(document_major(pairs))
+                else pairs_dataset(sharing_order(pairs, config.teacher))
             )
         stage = teacher_stage(
             blocks,
@@ -191,8 +207,8 @@ def write_teacher_scores(
 
 
 def _same_model(a: str, b: str) -> bool:
-    """Two model specs name the same model: equal, or the same directory written two ways."""
-    return a == b or (Path(a).is_dir() and Path(b).is_dir() and Path(a).resolve() == Path(b).resolve())
+    """Two model specs name the same model: equal, or the same directory or file written two ways."""
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
 
 
 def read_scores_for(teacher: TeacherConfig, path: str):

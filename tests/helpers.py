@@ -214,17 +214,97 @@ def save_checkpoint(path, seed=0, teacher=TINY_TEACHER):
     return path
 
 
-def save_checkpoint_and_index(root):
-    """A tiny checkpoint and a flat index over the skills corpus (written to ``root / "skills"``), under ``root``
-    (needs Ray); returns (checkpoint, index)."""
+def save_checkpoint_and_index(root, teacher=TINY_TEACHER):
+    """A tiny checkpoint of ``teacher`` and a flat index over the skills corpus (written to ``root / "skills"``),
+    under ``root`` (needs Ray); returns (checkpoint, index)."""
     from rabtriever_ray.index import build_index
 
-    checkpoint = save_checkpoint(root / "checkpoint")
+    checkpoint = save_checkpoint(root / "checkpoint", teacher=teacher)
     index = root / "index"
     build_index(
         IndexConfig(checkpoint, write_beir(root / "skills"), index, "flat", cpus_per_actor=0.5, batch_size=4)
     )
     return checkpoint, index
+
+
+# llama.cpp's tensor names for the parts of a Llama decoder layer (convert_hf_to_gguf.py, gguf-py's TensorNameMap).
+_GGUF_LAYER_TENSORS = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+
+def write_tiny_gguf(path):
+    """The tiny random Llama written to ``path`` as llama.cpp's convert_hf_to_gguf.py writes a Llama (float32
+    tensors, byte-level BPE vocabulary and merges, chat template); returns the source ``(model, tokenizer)``.
+
+    llama.cpp permutes the rows of attn_q and attn_k (``LlamaModel.permute``: each head's rotary halves
+    interleaved) and transformers' GGUF loader undoes it, so the file holds the permuted weights.
+    """
+    import gguf
+    from gguf import TokenType
+
+    from rabtriever_ray.models import build_tiny_random_llama
+
+    model, tokenizer = build_tiny_random_llama()
+    config = model.config
+    rope = config.rope_parameters["rope_theta"] if hasattr(config, "rope_parameters") else config.rope_theta
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-random-llama")
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(rope)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    tokens = [token for token, _ in sorted(backend["model"]["vocab"].items(), key=lambda item: item[1])]
+    control = {added["content"] for added in backend["added_tokens"] if added["special"]}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([TokenType.CONTROL if t in control else TokenType.NORMAL for t in tokens])
+    writer.add_token_merges([" ".join(pair) for pair in backend["model"]["merges"]])
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_chat_template(tokenizer.chat_template)
+
+    def permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
+        halves = weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
+        return halves.swapaxes(1, 2).reshape(weight.shape)
+
+    tensors = {
+        "token_embd.weight": model.model.embed_tokens.weight,
+        "output_norm.weight": model.model.norm.weight,
+        "output.weight": model.lm_head.weight,
+    }
+    for index, layer in enumerate(model.model.layers):
+        for hf_name, gguf_name in _GGUF_LAYER_TENSORS.items():
+            weight = layer.get_submodule(hf_name).weight.detach()
+            if gguf_name == "attn_q":
+                weight = permute(weight, config.num_attention_heads)
+            elif gguf_name == "attn_k":
+                weight = permute(weight, config.num_key_value_heads)
+            tensors[f"blk.{index}.{gguf_name}.weight"] = weight
+    for name, tensor in tensors.items():
+        writer.add_tensor(name, tensor.detach().to(torch.float32).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return model.eval(), tokenizer
 
 
 def free_port() -> int:

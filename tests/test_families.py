@@ -80,7 +80,7 @@ def test_prompts_are_the_chat_templates_own_tokenisation(family):
     name, _, tokenizer, teacher = family
     config = teacher.prompts.config
     query, document = QUERIES[1], DOCUMENTS[0]  # spaces before the query, a newline after the document
-    user = f"Document:\n{document}\n\nQuery:\n{query}\n\n{config.instruction} {config.answer_hint}"
+    user = f"Document:\n{document}\n\nQuery:\n{query}\n\n{config.task_instruction} {config.answer_hint}"
     if tokenizer.chat_template:
         expected = tokenizer.apply_chat_template(
             [{"role": "user", "content": user}],
@@ -322,9 +322,24 @@ def test_a_template_that_opens_a_thinking_block_needs_an_answer_prefix():
 # -- jobs/score_teacher.py with a saved model of each family ----------------------------------------------------
 
 
-@pytest.mark.slow  # jobs/score_teacher.py on Ray Data once per family
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_score_teacher_job_with_a_saved_model_of_each_family(name, ray_local, tmp_path):
+def test_a_saved_model_of_each_family_loads_and_scores_as_it_was(name, tmp_path):
+    """The folder a user hands over as ``--model``: saved, loaded back by spec, the same scores."""
+    model, tokenizer = build_family(name)
+    model_dir = tmp_path / name
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    config = PromptConfig(max_doc_tokens=32)
+    loaded = GenerativeReranker.from_config(TeacherConfig(model=str(model_dir), prompt=config), device="cpu")
+    expected = GenerativeReranker(model, tokenizer, config).score(QUERIES, DOCUMENTS)
+    torch.testing.assert_close(loaded.score(QUERIES, DOCUMENTS).score, expected.score, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow  # jobs/score_teacher.py on Ray Data: a byte-level BPE and a SentencePiece-style family
+@pytest.mark.parametrize("name", ["qwen3", "mistral"])
+def test_score_teacher_job_with_a_saved_model(name, ray_local, tmp_path):
+    """Teacher actors load a saved model folder and score exactly what the in-process teacher gives (that every
+    family's folder loads and scores as it was is the test above)."""
     import pyarrow.parquet as pq
     from helpers import SKILLS, write_beir
     from score_teacher import main
@@ -341,7 +356,6 @@ def test_score_teacher_job_with_a_saved_model_of_each_family(name, ray_local, tm
     )
     assert manifest["rows"] == 2 * len(SKILLS) and manifest["hidden_size"] == 64
     table = pq.read_table(out / "data").sort_by([("query_id", "ascending"), ("doc_id", "ascending")])
-    # The actors scored with the saved model exactly what the in-process teacher gives.
     teacher = GenerativeReranker(model, tokenizer, PromptConfig(max_doc_tokens=32))
     expected = teacher.score(table.column("query_text").to_pylist(), table.column("doc_text").to_pylist())
     torch.testing.assert_close(

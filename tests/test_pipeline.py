@@ -76,7 +76,7 @@ def test_killed_actor_is_replaced_and_every_pair_written_once(ray_local, beir, t
     assert len(pairs) == len(set(pairs)) == N_PAIRS == manifest["rows"]
 
 
-def test_job_writes_parquet_and_manifest_and_refuses_rerun(ray_local, beir, tmp_path):
+def test_job_writes_parquet_and_manifest_and_refuses_rerun(ray_local, beir, tmp_path, capsys):
     from score_teacher import main
 
     out = tmp_path / "out"
@@ -108,6 +108,9 @@ def test_job_writes_parquet_and_manifest_and_refuses_rerun(ray_local, beir, tmp_
     assert on_disk["teacher"]["prompt"]["max_doc_tokens"] == 24 and "{document}" in on_disk["prompt_template"]
     assert on_disk["prompt_template"] == PromptBuilder.template_text(PromptConfig(max_doc_tokens=24))
     assert on_disk["candidates"] == "all" and on_disk["elapsed_s"] > 0
+    sanity = on_disk["sanity"]  # the teacher sanity report, computed from the written files and printed
+    assert sanity["queries"] == 3 and sanity["pairs"] == manifest["rows"] and "warnings" in sanity
+    assert f"Teacher sanity: 3 queries, {manifest['rows']} pairs" in capsys.readouterr().out
     assert not (out / "rejects.jsonl").exists()
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".")] == []  # no staging left behind
     dataset, read_manifest = read_teacher_scores(out, hidden_size=64)

@@ -18,7 +18,7 @@ def test_pair_prompt_puts_document_before_query_before_instruction(tokenizer):
     doc_at, query_at, instr_at = (
         text.index("the document text"),
         text.index("how are you"),
-        text.index(config.instruction),
+        text.index(config.task_instruction),
     )
     assert doc_at < query_at < instr_at
     assert text.startswith("<|im_start|>user\n") and text.endswith("<|im_start|>assistant\n")
@@ -41,7 +41,7 @@ def test_template_text_is_what_the_builder_renders(tokenizer):
     c = config  # the manifest's text before it came from PromptBuilder: unchanged for the default prompt
     assert (
         template
-        == f"{c.doc_label}:\n{{document}}\n\n{c.query_label}:\n{{query}}\n\n{c.instruction} {c.answer_hint}"
+        == f"{c.doc_label}:\n{{document}}\n\n{c.query_label}:\n{{query}}\n\n{c.task_instruction} {c.answer_hint}"
     )
     rendered = tokenizer.decode(
         PromptBuilder(tokenizer, config).pair_prompts(["{query}"], ["{document}"]).input_ids[0]
@@ -84,7 +84,7 @@ def test_truncation_cuts_documents_at_the_end_and_queries_at_the_start(tokenizer
     assert tokenizer.decode(full_doc[:6]) in text and tokenizer.decode(full_doc[6:]) not in text
     assert tokenizer.decode(full_query[-5:]) in text and "an old turn" not in text
     # Instruction and answer position survive any truncation.
-    assert text.endswith(f"{config.instruction} {config.answer_hint}<|im_end|>\n<|im_start|>assistant\n")
+    assert text.endswith(f"{config.task_instruction} {config.answer_hint}<|im_end|>\n<|im_start|>assistant\n")
     expected_len = len(short.input_ids[0]) - short.doc_tokens[0] - short.query_tokens[0] + 6 + 5
     assert len(cut.input_ids[0]) == expected_len
     docs = builder.document_prompts([doc])

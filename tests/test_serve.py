@@ -4,6 +4,7 @@ batching, metrics, and the cheap parts of the no-argument default (the demo dist
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import http.client
 import json
 import logging
@@ -20,7 +21,7 @@ import pytest
 import requests
 import torch
 import yaml
-from helpers import free_port, save_checkpoint_and_index
+from helpers import TINY_TEACHER, free_port, save_checkpoint_and_index
 
 from rabtriever_ray.config import ConfigError
 from rabtriever_ray.search import Searcher
@@ -49,18 +50,23 @@ SETTINGS = {
 }
 
 JSON_TYPE = {"content-type": "application/json"}
+QUERY_FIRST_TEACHER = dataclasses.replace(
+    TINY_TEACHER, prompt=dataclasses.replace(TINY_TEACHER.prompt, preset="qwen3-reranker")
+)
 SCHEMAS = ROOT / "docs" / "schemas"  # the Cohere v2 and Jina rerank responses, as docs/serving.md reads them
 
 
 @pytest.fixture(scope="module")
 def served(ray_local, tmp_path_factory):
     """The app on a tiny checkpoint and index, at http://127.0.0.1:<free port>/; Serve shut down afterwards.
+    The checkpoint's teacher speaks a query-first preset (Qwen3-Reranker's format), so every route is checked
+    against the in-process models with the query first (the default document-first preset serves the demo).
 
     Starting Serve is slow: every test that takes this fixture is marked ``slow``."""
     from ray import serve
 
     root = tmp_path_factory.mktemp("serve")
-    checkpoint, index = save_checkpoint_and_index(root)
+    checkpoint, index = save_checkpoint_and_index(root, QUERY_FIRST_TEACHER)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = serve_module.build_app({"checkpoint": str(checkpoint), "index": str(index), **SETTINGS})

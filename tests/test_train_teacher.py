@@ -112,7 +112,7 @@ def _reranker_scores(model, tokenizer, groups) -> torch.Tensor:
 def test_answer_scorer_is_the_rerankers_scoring_function(padding_side):
     model, tokenizer = build_tiny_random_llama(padding_side=padding_side)
     prompts = PromptBuilder(tokenizer, TINY_PROMPT)
-    scorer = AnswerScorer(model, prompts.yes_id, prompts.no_id)
+    scorer = AnswerScorer(model, prompts)
     groups = _groups()
     score, logp_yes, logp_no = scorer(
         **{k: v for k, v in group_batch(prompts, groups, "cpu").items() if k != "sizes"}
@@ -127,7 +127,7 @@ def test_answer_scorer_is_the_rerankers_scoring_function(padding_side):
 
 def _train_steps(model, tokenizer, steps=3, lr=1e-2):
     prompts = PromptBuilder(tokenizer, TINY_PROMPT)
-    scorer = AnswerScorer(model, prompts.yes_id, prompts.no_id)
+    scorer = AnswerScorer(model, prompts)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     cfg = TeacherTrainConfig(w_pointwise=0.5)

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
+from ..presets import PRESETS
 from .base import ConfigError
 from .sections import PromptConfig
 
@@ -176,13 +177,20 @@ def prompt_differences(recorded: Mapping[str, Any], prompt: Mapping[str, Any]) -
     part of one) that differs from ``recorded``, sorted by key.
 
     A field the record lacks (written before the field existed) counts as its default, which is what that
-    record's prompts were rendered with.
+    record's prompts were rendered with; an instruction of None counts as its preset's default.
     """
     defaults = to_dict(PromptConfig())
+
+    def value(source: Mapping[str, Any], key: str) -> Any:
+        found = source.get(key, defaults.get(key))
+        if key == "instruction" and found is None:  # the preset's default, written out or not
+            found = PRESETS[source.get("preset", defaults["preset"])].instruction
+        return found
+
     return [
-        (key, recorded.get(key, defaults.get(key)), value)
-        for key, value in sorted(prompt.items())
-        if recorded.get(key, defaults.get(key)) != value
+        (key, value(recorded, key), value(prompt, key))
+        for key in sorted(prompt)
+        if value(recorded, key) != value(prompt, key)
     ]
 
 

@@ -9,15 +9,36 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+from ..presets import PRESET_NAMES, PRESETS
 from .base import ConfigError, check_at_least, option
+
+# PromptConfig keys that shape the rabtriever preset's template (the other presets fix theirs).
+_TEMPLATE_KEYS = (
+    "answer_hint",
+    "system",
+    "doc_label",
+    "query_label",
+    "answer_yes",
+    "answer_no",
+    "enable_thinking",
+    "answer_prefix",
+)
 
 
 @dataclass
 class PromptConfig:
     """How (query, document) pairs are rendered for the teacher and the student."""
 
-    instruction: str = option(
-        "Is this document relevant to the query?", "question asked after the document and the query"
+    preset: Literal[PRESET_NAMES] = option(  # type: ignore[valid-type]
+        "rabtriever",
+        "the reranker's prompt format (template, query/document order, score rule; see docs/models.md): "
+        "rabtriever, qwen3-reranker, bge-reranker-gemma or mxbai-rerank-v2",
+    )
+    instruction: str | None = option(
+        None,
+        "the task instruction (rabtriever: the question after document and query; qwen3-reranker: <Instruct>; "
+        "bge-reranker-gemma: the closing prompt; mxbai-rerank-v2: an optional 'instruction:' line); "
+        "None: the preset's default",
     )
     answer_hint: str = option("Answer yes or no.", "appended to the instruction")
     system: str | None = option(None, "system message; None keeps the chat template's default")
@@ -42,10 +63,28 @@ class PromptConfig:
 
     def __post_init__(self) -> None:
         check_at_least(self, 1, "max_doc_tokens", "max_query_tokens")
+        if self.preset not in PRESETS:
+            raise ConfigError(f"prompt.preset must be one of {', '.join(PRESET_NAMES)}, got {self.preset!r}")
+        if self.preset != "rabtriever":
+            # A published reranker's template is fixed; only the instruction and the truncation are its user's.
+            default = PromptConfig()
+            changed = [key for key in _TEMPLATE_KEYS if getattr(self, key) != getattr(default, key)]
+            if changed:
+                raise ConfigError(
+                    f"prompt.{changed[0]} shapes the rabtriever template only; the {self.preset} preset renders "
+                    "the template its model was trained with (set prompt.instruction, prompt.max_doc_tokens or "
+                    "prompt.max_query_tokens, or use preset rabtriever)"
+                )
+            return
         if not self.answer_yes.strip() or not self.answer_no.strip() or self.answer_yes == self.answer_no:
             raise ConfigError(
                 f"answer_yes/answer_no must be distinct and non-empty, got {self.answer_yes!r}/{self.answer_no!r}"
             )
+
+    @property
+    def task_instruction(self) -> str | None:
+        """``instruction``, or the preset's default where it is None."""
+        return self.instruction if self.instruction is not None else PRESETS[self.preset].instruction
 
 
 @dataclass
@@ -58,7 +97,9 @@ class TeacherConfig:
 
     SHORTHAND: ClassVar[str] = "model"
 
-    model: str = option("smollm2-135m", "model spec: smollm2-135m, tiny-random-llama, a HF id or a directory")
+    model: str = option(
+        "smollm2-135m", "model spec: smollm2-135m, tiny-random-llama, a HF id, a directory or a .gguf file"
+    )
     prompt: PromptConfig = option(PromptConfig(), "prompt template and truncation")
     max_batch_tokens: int = option(8192, "padded tokens per forward batch (rows x longest sequence)")
     share_prefix: bool = option(True, "run a prompt prefix shared by several pairs (same document) once")

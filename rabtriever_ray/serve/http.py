@@ -16,8 +16,9 @@ HTTP routes (an error is ``{"error": {"message", "type", "param", "code"}}``; ``
   ``teacher`` re-scores the student's top_k on the Reranker (as `Searcher` with ``rerank="teacher"`` does).
 - ``GET /healthz``: 200 once both models are loaded, 503 before (other routes answer 503 until then too).
 
-Scores: ``relevance_score`` and ``student`` / ``teacher`` search scores are ``logp_yes - logp_no`` of the
-teacher's answer (the student predicts it; higher = more relevant); ``rerank="none"`` search scores are
+Scores: ``relevance_score`` and ``student`` / ``teacher`` search scores are the teacher's answer score by its
+prompt preset's rule (``logp_yes - logp_no`` by default, raw ``logit(Yes)`` for bge-reranker-gemma; the student
+predicts it; higher = more relevant); ``rerank="none"`` search scores are
 first-stage cosines. Texts longer than the prompt's token limits are cut (documents at the end, queries at the
 start) and listed in ``truncated``; a text over ``max_text_bytes`` or a body over ``max_request_bytes`` is 413.
 A model replica that dies during a call is retried once on another; when none takes the retry in time the answer
