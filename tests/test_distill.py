@@ -135,11 +135,11 @@ def _write_run(pairs, path):
     return path
 
 
-@pytest.mark.slow  # a full Ray Train distillation
-def test_run_file_candidates_never_read_the_folder_in_the_driver(ray_local, tmp_path, monkeypatch):
+@pytest.mark.slow  # a full Ray Train distillation in two rounds, then its rerun
+def test_run_file_candidates_and_on_policy_rounds(ray_local, tmp_path, monkeypatch):
     """Run files as candidates and validation candidates, and a round pooled from the student's first stage: pairs
     read, joined and drawn in Ray, the driver holding only the validation subset (the in-process reader is never
-    called)."""
+    called). Round 1 scores the pairs the student drew; a rerun of the finished job trains nothing again."""
     import rabtriever_ray.data.beir
     import rabtriever_ray.distill as distill
     from rabtriever_ray.data import DEMO_DATA, build_pairs, read_beir
@@ -155,7 +155,7 @@ def test_run_file_candidates_never_read_the_folder_in_the_driver(ray_local, tmp_
     config = distill_config(
         tmp_path,
         "name=runs",
-        "epochs=1",
+        "epochs=2",
         "num_workers=1",
         f"candidates={train_run}",
         f"val_candidates={val_run}",
@@ -163,6 +163,7 @@ def test_run_file_candidates_never_read_the_folder_in_the_driver(ray_local, tmp_
         "round_epochs=1",
         "round_pool=student:4",
         "round_k=2",
+        "teacher_cache_mb=0",  # every stored teacher batch spills to disk and is read back in epoch 1
     )
     report = run_distill(config)
     counts = report["counts"]
@@ -170,11 +171,25 @@ def test_run_file_candidates_never_read_the_folder_in_the_driver(ray_local, tmp_
     first, second = report["rounds"]
     # Each training query: its 4 run candidates, plus its positive when BM25 missed it.
     assert 20 * 4 <= first["train_pairs"] <= 20 * 5
+    assert report["history"][0]["spilled_batches"] >= first["steps_per_epoch"]
+    # One worker: the stream is not split, so the worker reads every pair the teacher scored.
+    assert first["pairs_scored_by_teacher"] == first["train_pairs"] and first["val_before"] is None
     # Round 1: 2 of the student's top 4 per query, plus the positive when it was not drawn.
     assert second["train_queries"] == 20 and 2 * 20 <= second["train_pairs"] <= 3 * 20
     assert second["pairs_scored_by_teacher"] == second["train_pairs"]
     assert counts["train_pairs_scored_by_teacher"] == first["train_pairs"] + second["train_pairs"]
     assert set(report["final"]) == {"student", "teacher", "bm25", "agreement"}
+    history = report["history"]
+    assert [(h["round"], h["epoch"]) for h in history] == [(0, 0), (0, 1), (1, 2)]
+    assert second["val_before"]["R@1"] == history[1]["val/R@1"]
+    assert second["val_after"]["spearman"] == history[2]["val/spearman"]
+    assert history[2]["step"] == history[1]["step"] + second["steps_per_epoch"]  # round 1 trained on its pairs
+
+    # A rerun of the finished job resumes each round from its checkpoint and trains nothing again.
+    again = run_distill(config)
+    assert [(h["round"], h["epoch"]) for h in again["history"]] == [(0, 0), (0, 1), (1, 2)]
+    assert again["final"] == report["final"]
+    assert [h["teacher_rows"] for h in again["history"]] == [first["train_pairs"], 0, second["train_pairs"]]
 
 
 @pytest.mark.slow  # a full Ray Train distillation
@@ -203,43 +218,6 @@ def test_deepspeed_two_workers_resume_after_a_failure(ray_local, tmp_path):
         "optimizer_rank0.pt",
         "optimizer_rank1.pt",
     }
-
-
-@pytest.mark.slow  # a full Ray Train distillation
-def test_on_policy_rounds_score_student_drawn_pairs(ray_local, tmp_path):
-    config = distill_config(
-        tmp_path,
-        "name=rounds",
-        "num_workers=1",
-        "epochs=2",
-        "rounds=2",
-        "round_epochs=1",
-        "round_k=2",
-        "round_pool=bm25:8",
-        "teacher_cache_mb=0",  # every stored teacher batch spills to disk and is read back in epoch 1
-    )
-    report = run_distill(config)
-    first, second = report["rounds"]
-    assert report["history"][0]["spilled_batches"] >= first["steps_per_epoch"]
-    # One worker: the stream is not split, so the worker reads every pair the teacher scored.
-    assert first["pairs_scored_by_teacher"] == first["train_pairs"] and first["val_before"] is None
-    # Round 1: the student drew 2 of its 8 pool documents per query, plus any positive it did not draw.
-    assert second["train_queries"] == 20
-    assert 2 * 20 <= second["pairs_scored_by_teacher"] == second["train_pairs"] <= 3 * 20
-    history = report["history"]
-    assert [(h["round"], h["epoch"]) for h in history] == [(0, 0), (0, 1), (1, 2)]
-    assert second["val_before"]["R@1"] == history[1]["val/R@1"]
-    assert second["val_after"]["spearman"] == history[2]["val/spearman"]
-    assert report["counts"]["train_pairs_scored_by_teacher"] == first["train_pairs"] + second["train_pairs"]
-    assert (
-        history[2]["step"] == history[1]["step"] + second["steps_per_epoch"]
-    )  # round 1 trained on its pairs
-
-    # A rerun of the finished job resumes each round from its checkpoint and trains nothing again.
-    again = run_distill(config)
-    assert [(h["round"], h["epoch"]) for h in again["history"]] == [(0, 0), (0, 1), (1, 2)]
-    assert again["final"] == report["final"]
-    assert [h["teacher_rows"] for h in again["history"]] == [first["train_pairs"], 0, second["train_pairs"]]
 
 
 @pytest.mark.slow  # jobs/distill.py run twice as a subprocess
