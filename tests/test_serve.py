@@ -129,6 +129,9 @@ def test_healthz_and_models(served):
         and student["dimensions"] == 16
     )
     assert student["index"]["count"] == 6 and teacher["backbone"] == "tiny-random-llama"
+    # Names, not the server's paths.
+    assert student["checkpoint"] == teacher["checkpoint"] == "checkpoint" and student["index"]["name"] == "index"
+    assert str(served["root"]) not in json.dumps(models)
 
 
 @pytest.mark.slow
@@ -361,6 +364,8 @@ BAD = [
     ("/v1/embeddings", {"input": "a", "model": "text-embedding-3-small"}, 422, "model"),
     ("/v1/embeddings", {"input": "a", "dimensions": 8}, 422, "dimensions"),
     ("/v1/embeddings", {"input": "a" * 2001}, 413, "input.0"),
+    ("/rerank", {"query": "\ud83d", "documents": ["a"]}, 422, "query"),  # a lone surrogate
+    ("/v1/embeddings", {"input": ["a", "x\udc00"]}, 422, "input.1"),
     ("/rerank", ["not", "an", "object"], 422, "body"),
     ("/rerank", {"query": "q", "documents": ["a"] * 8, "pad": "x" * 20001}, 413, "body"),
 ]
@@ -375,6 +380,40 @@ def test_bad_input_is_a_4xx_naming_the_field(served, path, body, status, param):
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["param"] == param and error["code"] == status and param in error["message"]
+
+
+@pytest.mark.slow
+def test_many_bad_items_cost_one_short_message(served):
+    body = _post(served, "/v1/embeddings", {"input": [1] * 8}).json()["error"]
+    assert body["param"] == "input.0" and body["message"].endswith("(and 3 more errors)")
+    assert body["message"].count("input.") == serve_module.http.MAX_REPORTED_ERRORS
+
+
+def test_an_oversized_list_is_refused_before_its_items_are_read():
+    from pydantic import ValidationError
+
+    from rabtriever_ray.serve.http import MAX_LIST_ITEMS, EmbeddingRequest, RerankRequest
+
+    for model, body in (
+        (EmbeddingRequest, {"input": [0] * 2_000_000}),
+        (RerankRequest, {"query": "q", "documents": [0] * (MAX_LIST_ITEMS + 1)}),
+    ):
+        with pytest.raises(ValidationError) as raised:
+            model.model_validate(body)
+        assert [e["type"] for e in raised.value.errors()] == ["too_long"]
+    with pytest.raises(ConfigError, match="max_documents must be at most 10000"):
+        serve_module.ServeConfig(max_documents=MAX_LIST_ITEMS + 1)
+
+
+def test_non_finite_scores_are_a_model_error_naming_the_items():
+    from rabtriever_ray.serve.http import RequestError, check_finite
+
+    check_finite([0.5, -3.0], "the student", "documents")
+    with pytest.raises(RequestError) as raised:
+        check_finite([0.5, float("nan"), float("inf")], "the student", "documents")
+    error = raised.value
+    assert (error.status, error.param, error.kind) == (500, "documents", "model_error")
+    assert "2 of 3 documents" in error.message and "documents 1, 2" in error.message
 
 
 @pytest.mark.slow

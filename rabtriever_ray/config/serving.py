@@ -10,6 +10,8 @@ from typing import Literal
 
 from .base import ConfigError, check_at_least, option
 
+MAX_DOCUMENTS_LIMIT = 10_000  # the largest max_documents: list fields are bounded before their items are read
+
 
 @dataclass
 class ServeResources:
@@ -98,5 +100,7 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         check_at_least(self, 1, "max_batch_size", "max_documents", "max_text_bytes", "max_request_bytes")
+        if self.max_documents > MAX_DOCUMENTS_LIMIT:
+            raise ConfigError(f"max_documents must be at most {MAX_DOCUMENTS_LIMIT}, got {self.max_documents}")
         check_at_least(self, 1, "max_top_k", "first_stage_k")
         check_at_least(self, 0, "batch_wait_timeout_s", "replica_retry_wait_s")

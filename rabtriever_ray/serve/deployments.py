@@ -80,11 +80,12 @@ class Encoder(BatchedModel):
         # Documents the index holds are encoded already: /rerank reads their stored hidden states.
         texts = self.searcher.index.doc_text if self.searcher else []
         self._indexed = {text: row for row, text in enumerate(texts)}
+        # Names, not paths: /v1/models answers anyone who may call the API.
         self._info = {
-            "backbone": teacher.model,
-            "checkpoint": str(checkpoint),
+            "backbone": Path(teacher.model).name,
+            "checkpoint": Path(checkpoint).name,
             "dimensions": self.student.config.proj_dim,
-            "index": None if index is None else {"path": str(index), "count": len(self.searcher.index)},
+            "index": None if index is None else {"name": Path(index).name, "count": len(self.searcher.index)},
         }
         self._start_batching(config)
         logger.info("Encoder ready: %s", self._info)
@@ -233,7 +234,7 @@ class Reranker(BatchedModel):
         checkpoint, _ = _checkpoint_and_index(config)
         teacher = _teacher_config(config, checkpoint)
         self.teacher = GenerativeReranker.from_config(teacher, device=config.device)
-        self._info = {"backbone": teacher.model, "checkpoint": str(checkpoint)}
+        self._info = {"backbone": Path(teacher.model).name, "checkpoint": Path(checkpoint).name}
         self._start_batching(config)
         logger.info("Reranker ready: %s", self._info)
 

@@ -27,6 +27,7 @@ is 503 ``model_restarted`` with ``Retry-After``.
 
 # No ``from __future__ import annotations``: these models are the types of the Router's route signatures, which
 # FastAPI reads on the replica.
+import math
 from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
@@ -41,25 +42,35 @@ from pydantic import (
     field_validator,
 )
 
+from ..config.serving import MAX_DOCUMENTS_LIMIT
+
 API_KEY_ENV = "RABTRIEVER_API_KEY"
 ROUTES = ("/v1/embeddings", "/v1/models", "/rerank", "/v1/rerank", "/v2/rerank", "/search", "/healthz")
 RERANK_MODELS = ("student", "teacher")
 DEFAULT_TOP_K = 10
+# The most items any list field may hold, checked before its items are (a list of two million bad items would
+# otherwise cost two million validation errors); `ServeConfig.max_documents` is at most this.
+MAX_LIST_ITEMS = MAX_DOCUMENTS_LIMIT
+MAX_REPORTED_ERRORS = 5  # validation errors named in one 422 message
 
 
-def _not_blank(text: str) -> str:
+def _text(text: str) -> str:
     if not text.strip():
         raise ValueError("must not be empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone surrogate from a JSON "\ud83d" escape
+        raise ValueError(f"not valid Unicode: a lone surrogate at character {err.start}") from None
     return text
 
 
-Text = Annotated[StrictStr, AfterValidator(_not_blank)]
+Text = Annotated[StrictStr, AfterValidator(_text)]
 
 
 class EmbeddingRequest(BaseModel):
     """OpenAI ``POST /v1/embeddings`` (``input_type`` is this server's extension)."""
 
-    input: Annotated[list[Text], Field(min_length=1)]
+    input: Annotated[list[Text], Field(min_length=1, max_length=MAX_LIST_ITEMS)]
     model: str = "student"
     encoding_format: Literal["float", "base64"] = "float"
     input_type: Literal["query", "document"] = "query"
@@ -97,7 +108,7 @@ class RerankRequest(BaseModel):
     Other fields those APIs define (``rank_fields``, ``max_chunks_per_doc``, ...) are ignored."""
 
     query: Text
-    documents: Annotated[list[Document], Field(min_length=1)]
+    documents: Annotated[list[Document], Field(min_length=1, max_length=MAX_LIST_ITEMS)]
     top_n: Annotated[int, Field(ge=1)] | None = None
     # Only this server's names: another service's model name (rerank-v3.5, jina-reranker-...) is refused
     # rather than quietly served by a model it is not (docs/serving.md, "model").
@@ -152,6 +163,21 @@ def error_param(error: dict) -> str:
         return "body"  # its loc holds a character position
     loc = [str(part) for part in error["loc"]]
     return ".".join(loc[1:] if loc[:1] == ["body"] else loc) or "body"
+
+
+def check_finite(scores: list[float], model: str, items: str) -> None:
+    """Raise a 500 `RequestError` when a model returned NaN or infinite scores (a broken checkpoint, a degenerate
+    text): they would sort first and break the JSON answer, so nothing is ranked; the message names the items."""
+    bad = [i for i, score in enumerate(scores) if not math.isfinite(score)]
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        raise RequestError(
+            500,
+            items,
+            f"{model} scored {len(bad)} of {len(scores)} {items} as NaN or infinite ({items} {shown}): the "
+            "checkpoint or the model is broken; nothing was ranked",
+            kind="model_error",
+        )
 
 
 def check_text_size(text: str, param: str, limit: int) -> None:

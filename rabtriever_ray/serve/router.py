@@ -45,10 +45,12 @@ from ray.serve.metrics import Counter, Histogram
 from ..config import ServeConfig
 from .http import (
     DEFAULT_TOP_K,
+    MAX_REPORTED_ERRORS,
     EmbeddingRequest,
     RequestError,
     RerankRequest,
     SearchRequest,
+    check_finite,
     check_text_size,
     error_param,
     error_response,
@@ -232,6 +234,7 @@ class Router:
             raise RequestError(422, "top_n", f"top_n: at most max_documents={self.config.max_documents}")
         handle = self.encoder if body.model == "student" else self.reranker
         result = await self._call(handle, "rerank", body.query, texts, body.max_tokens_per_doc)
+        check_finite(result["scores"], f"the {body.model}", "documents")
         order = sorted(range(len(texts)), key=lambda i: -result["scores"][i])
         results = []
         for i in order[: body.top_n]:
@@ -271,9 +274,11 @@ class Router:
             self.encoder, "search", body.query, top_k, "student" if body.rerank == "teacher" else body.rerank
         )
         hits, doc_cut = found["hits"], found["documents_truncated"]
+        check_finite([hit["score"] for hit in hits], "the student" if body.rerank != "none" else "the index", "hits")
         if body.rerank == "teacher" and hits:
             # The student's top_k, re-scored by the teacher on the Reranker (Searcher's rerank="teacher").
             scored = await self._call(self.reranker, "rerank", body.query, [hit["text"] for hit in hits])
+            check_finite(scored["scores"], "the teacher", "hits")
             for hit, score in zip(hits, scored["scores"]):
                 hit["score"] = score
             doc_cut = scored["documents_truncated"]
@@ -347,8 +352,12 @@ def _http_api(router: Router) -> FastAPI:
                 f"Content-Type: expected application/json, got {content_type or 'none'!r} "
                 "(with curl: -H 'Content-Type: application/json')",
             )
-        problems = [(error_param(e), e["msg"]) for e in error.errors()]
-        return error_response(422, problems[0][0], "; ".join(f"{param}: {msg}" for param, msg in problems))
+        errors = error.errors()
+        problems = [(error_param(e), e["msg"]) for e in errors[:MAX_REPORTED_ERRORS]]
+        message = "; ".join(f"{param}: {msg}" for param, msg in problems)
+        if len(errors) > MAX_REPORTED_ERRORS:
+            message += f" (and {len(errors) - MAX_REPORTED_ERRORS} more errors)"
+        return error_response(422, problems[0][0], message)
 
     @api.exception_handler(RequestError)
     async def refused(_request: Request, error: RequestError) -> JSONResponse:
