@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .config import LossConfig, to_dict
-from .losses import jepa_loss, listwise_kl, reverse_kl
+from .losses import check_finite, jepa_loss, listwise_kl, reverse_kl
 from .student import Rabtriever
 from .teacher_batches import BatchStore, TeacherStream, epoch_batches, teacher_batch_tensors
 
@@ -266,6 +266,8 @@ def train_loop_per_worker(config: dict) -> None:
                 batch["query_id"],
                 cfg.loss,
             )
+            queries = list(dict.fromkeys(batch["query_id"]))
+            check_finite(terms, f"round {round_index}, epoch {epoch}, step {step} (queries {queries[:3]}...)")
             if cfg.strategy == "deepspeed":
                 engine.backward(terms["total"])
                 engine.step()  # clips, steps the optimizer and the scheduler, zeroes the gradients

@@ -163,3 +163,18 @@ def answer_ce(logp_yes: torch.Tensor, logp_no: torch.Tensor, labels: torch.Tenso
     """
     labels = labels.bool()
     return -torch.where(labels, _upcast(logp_yes), _upcast(logp_no)).mean()
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A loss term that is NaN or infinite: training on it would spread NaN into every parameter."""
+
+
+def check_finite(terms: dict[str, torch.Tensor], where: str) -> None:
+    """Raise `NonFiniteLoss` naming ``where`` (the batch) and the first term of ``terms`` that is NaN or inf."""
+    for name, value in terms.items():
+        if not torch.isfinite(value.detach()).all():
+            finite = {k: round(float(v.detach()), 4) for k, v in terms.items() if torch.isfinite(v.detach()).all()}
+            raise NonFiniteLoss(
+                f"{where}: loss term {name!r} is {float(value.detach())} (finite terms: {finite}); stopped before "
+                "training on it: check the teacher scores this batch came from, or lower the learning rate"
+            )

@@ -92,6 +92,10 @@ def check_schema(schema: pa.Schema, hidden_size: int | None = None, source: str 
     return found
 
 
+class NonFiniteScore(FloatingPointError):
+    """A teacher score or hidden state that is NaN or infinite (named by its pair)."""
+
+
 class TeacherScorer:
     """Ray Data callable class: loads the teacher once per actor, scores a pyarrow batch of pairs.
 
@@ -117,6 +121,15 @@ class TeacherScorer:
         self.batches += 1
         out = self.teacher.score(batch.column("query_text").to_pylist(), batch.column("doc_text").to_pylist())
         hidden = out.hidden.numpy().astype(np.float32, copy=False)
+        broken = ~np.isfinite(out.score.numpy()) | ~np.isfinite(hidden).all(axis=1)
+        if broken.any():
+            row = int(np.flatnonzero(broken)[0])
+            raise NonFiniteScore(
+                f"the teacher scored {int(broken.sum())} of {len(broken)} pairs of a batch as NaN or infinite, the "
+                f"first (query {batch.column('query_id')[row].as_py()!r}, document "
+                f"{batch.column('doc_id')[row].as_py()!r}): score {float(out.score[row])}; a broken model or "
+                "checkpoint, or a numerical overflow (try teacher.dtype=float32)"
+            )
         d = hidden.shape[1]
         columns = {name: batch.column(name) for name in PAIR_SCHEMA.names}
         columns.update(

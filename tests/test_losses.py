@@ -174,3 +174,13 @@ def test_listwise_kl_without_any_valid_list_is_zero_and_differentiable():
     value = listwise_kl(student, torch.randn(2, 3), 1.0, mask)
     value.backward()
     assert value.item() == 0.0 and student.grad is not None
+
+
+def test_a_non_finite_loss_term_stops_naming_the_batch_and_the_term():
+    from rabtriever_ray.losses import NonFiniteLoss, check_finite
+
+    finite = {"jepa": torch.tensor(0.5), "rkl": torch.tensor(1.25), "total": torch.tensor(1.75)}
+    check_finite(finite, "epoch 0, step 3")
+    broken = {**finite, "rkl": torch.tensor(float("nan")), "total": torch.tensor(float("nan"))}
+    with pytest.raises(NonFiniteLoss, match=r"epoch 0, step 3: loss term 'rkl' is nan \(finite terms: \{'jepa': 0.5"):
+        check_finite(broken, "epoch 0, step 3")

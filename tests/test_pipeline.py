@@ -288,3 +288,28 @@ def test_training_blocks_hold_whole_candidate_lists_and_the_split_hands_out_whol
     for worker in seen:
         for block in worker:
             assert all(block.count(q) == sizes[int(q[1:])] for q in set(block))
+
+
+def test_a_non_finite_teacher_score_stops_the_stage_naming_the_pair():
+    """A broken teacher (a NaN weight) fails its batch with the first pair's ids, not a silent NaN column."""
+    import torch
+
+    from rabtriever_ray.models import build_tiny_random_llama
+    from rabtriever_ray.pipeline import NonFiniteScore, TeacherScorer
+
+    model, tokenizer = build_tiny_random_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    scorer = TeacherScorer.__new__(TeacherScorer)  # the actor's state, with this model instead of a spec
+    scorer.teacher, scorer.crash_once, scorer.batches = GenerativeReranker(model, tokenizer), None, 0
+    pairs = pa.table(
+        {
+            "query_id": ["q7", "q7"],
+            "doc_id": ["d1", "d2"],
+            "label": pa.array([1, 0], pa.int8()),
+            "query_text": ["wipe the table", "wipe the table"],
+            "doc_text": ["pick up the cup", "open the drawer"],
+        }
+    )
+    with pytest.raises(NonFiniteScore, match=r"2 of 2 pairs .* \(query 'q7', document 'd1'\)"):
+        scorer(pairs)
