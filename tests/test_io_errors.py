@@ -181,3 +181,48 @@ def test_atomic_dir_commits_on_success_and_leaves_nothing_on_error(tmp_path):
     with atomic_dir(out, overwrite=True) as staging:
         (staging / "new.txt").write_text("new")
     assert [p.name for p in out.iterdir()] == ["new.txt"] and [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_a_crash_between_the_two_renames_is_repaired_and_dead_runs_staging_is_removed(tmp_path, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    import rabtriever_ray.io as io
+
+    out = tmp_path / "run"
+    with atomic_dir(out) as staging:
+        (staging / MANIFEST).write_text('{"v": 1}')
+    # A replacement that dies after moving the finished folder aside, before moving the new one in.
+    real_rename = os.rename
+
+    def crash_on_the_second(src, dst):
+        if ".partial-" in str(src):
+            raise KeyboardInterrupt("killed")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(io.os, "rename", crash_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(out, overwrite=True) as staging:
+            (staging / MANIFEST).write_text('{"v": 2}')
+    monkeypatch.setattr(io.os, "rename", real_rename)
+    assert not out.exists() and [p.name.split("-")[0] for p in tmp_path.iterdir()] == [".run.old"]
+
+    # Staging folders: one of a process that died, one of this live process, one written elsewhere long ago.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = io.socket.gethostname()
+    for name, owner in (("dead", f"{host} {dead.stdout.strip()}"), ("live", f"{host} {os.getpid()}")):
+        (tmp_path / f".run.partial-{name}").mkdir()
+        (tmp_path / f".run.partial-{name}" / io.OWNER).write_text(owner)
+    elsewhere = tmp_path / ".run.partial-elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / io.OWNER).write_text("another-host 1")
+    os.utime(elsewhere, (1, 1))
+
+    # The next run finds the finished folder back in place (so it refuses to overwrite it) and only the live
+    # run's staging folder left beside it.
+    with pytest.raises(OutputExistsError, match="already holds a finished run"):
+        with atomic_dir(out):
+            pytest.fail("entered the block for a finished output")
+    assert (out / MANIFEST).read_text() == '{"v": 1}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".run.partial-live", "run"]
