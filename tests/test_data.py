@@ -67,6 +67,11 @@ def test_split_keeps_only_judged_queries(tmp_path):
         ("qrels", BROKEN_QRELS[:1], r"test.tsv:7: field 'corpus-id': unknown document 'no_such_doc'"),
         ("qrels", BROKEN_QRELS[1:2], r"test.tsv:7: field 'query-id': unknown query 'q99'"),
         ("qrels", BROKEN_QRELS[2:3], r"test.tsv:7: field 'score': not an integer"),
+        ("corpus", ['{"_id": "d\\ud83d", "text": "x"}'], r"corpus.jsonl:7: field '_id': not valid Unicode"),
+        ("queries", ['{"_id": "q9", "text": "hi \\udc00"}'], r"queries.jsonl:6: field 'text': not valid Unicode"),
+        ("qrels", ["q1\tpick_cup\t1_0"], r"test.tsv:7: field 'score': not an integer: '1_0'"),
+        ("qrels", ["q1\tpick_cup\t-1"], r"test.tsv:7: field 'score': negative grade -1"),
+        ("qrels", ["q1\tpick_cup\t300"], r"test.tsv:7: field 'score': grade 300 is over 127"),
     ],
 )
 def test_fail_policy_names_file_line_and_field(tmp_path, file, lines, message):
@@ -352,3 +357,27 @@ def test_truncated_gzip_names_the_file(tmp_path):
     path.write_bytes(path.read_bytes()[:-12])  # the stream's end (CRC and size) cut off
     with pytest.raises(DataError, match=r"corpus.jsonl.gz: not a complete gzip file"):
         read_beir(root, "test")
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_line_over_the_limit_is_a_bad_row_read_past(tmp_path, monkeypatch, gz):
+    import rabtriever_ray.data.files as files
+
+    monkeypatch.setattr(files, "MAX_LINE_BYTES", 200)
+    long_doc = '{"_id": "long", "text": "' + "word " * 100 + '"}'
+    root = write_beir(tmp_path / "d", gz=gz, extra_corpus_lines=[long_doc, '{"_id": "after", "text": "kept"}'])
+    with pytest.raises(DataError, match=r"corpus.jsonl(.gz)?:7: field '<row>': line longer than 200 bytes"):
+        read_beir(root, "test")
+    data = read_beir(root, "test", on_bad_row="skip")
+    assert "after" in data.corpus and "long" not in data.corpus
+    assert [(r.line, r.field) for r in data.rejects] == [(7, "<row>")]
+
+
+def test_run_lines_need_a_finite_rank_of_at_least_zero():
+    from rabtriever_ray.data.rows import RowError, parse_run_line
+
+    assert parse_run_line("q1 Q0 d1 3 1.5 bm25") == ("q1", "d1", 3.0)
+    for rank in ("nan", "inf", "-1"):
+        with pytest.raises(RowError, match="not a finite rank >= 0") as raised:
+            parse_run_line(f"q1 Q0 d1 {rank} 1.5 bm25")
+        assert raised.value.field == "rank"

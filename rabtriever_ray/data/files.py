@@ -24,6 +24,8 @@ from typing import Any, Literal
 import pyarrow as pa
 
 from .rows import (
+    LINE_TOO_LONG,
+    MAX_LINE_BYTES,
     RAW_CHARS,
     DataError,
     RowError,
@@ -165,13 +167,20 @@ def plan_shards(kind: Kind, files: list[Path], tasks, range_bytes: int | None = 
 
 
 def shard_lines(shard: Shard):
-    """``(line_no, raw bytes)`` of the lines that start inside the shard's byte range."""
+    """``(line_no, raw bytes)`` of the lines that start inside the shard's byte range; a line longer than
+    `MAX_LINE_BYTES` is read past, never held, and yields `LINE_TOO_LONG` instead of its bytes."""
     import gzip
 
     if shard.fmt == "gz":
         try:
             with gzip.open(shard.path, "rb") as handle:
-                yield from enumerate(handle, start=1)
+                line_no = 1
+                while raw := handle.readline(MAX_LINE_BYTES + 1):
+                    if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                        _skip_line(handle)
+                        raw = LINE_TOO_LONG
+                    yield line_no, raw
+                    line_no += 1
         except (EOFError, OSError) as err:
             raise DataError(f"{shard.path}: not a complete gzip file ({err})") from None
         return
@@ -185,12 +194,27 @@ def shard_lines(shard: Shard):
                 line_no += 1
         end = shard.end if shard.end >= 0 else math.inf
         while position < end:
-            raw = handle.readline()
+            raw = handle.readline(MAX_LINE_BYTES + 1)
             if not raw:
                 break
-            yield line_no, raw
-            position += len(raw)
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                skipped = _skip_line(handle)
+                yield line_no, LINE_TOO_LONG
+                position += len(raw) + skipped
+            else:
+                yield line_no, raw
+                position += len(raw)
             line_no += 1
+
+
+def _skip_line(handle) -> int:
+    """Read past the rest of a line without holding it; returns the bytes read."""
+    skipped = 0
+    while chunk := handle.readline(2**20):
+        skipped += len(chunk)
+        if chunk.endswith(b"\n"):
+            break
+    return skipped
 
 
 def _parquet_rows(shard: Shard):
@@ -243,6 +267,8 @@ def read_shard(shard: Shard) -> tuple[pa.Table, list[dict[str, Any]]]:
         for line_no, raw_bytes in shard_lines(shard):
             text = None
             try:
+                if raw_bytes is LINE_TOO_LONG:
+                    raise RowError("<row>", f"line longer than {MAX_LINE_BYTES} bytes")
                 text = decode_line(raw_bytes, line_no)
                 if not text.strip():
                     continue
@@ -251,6 +277,6 @@ def read_shard(shard: Shard) -> tuple[pa.Table, list[dict[str, Any]]]:
                 if values is not None:
                     keep(values, line_no, text.rstrip("\n")[:RAW_CHARS] if has_raw else None)
             except RowError as err:
-                raw = text if text is not None else raw_text(raw_bytes)
+                raw = text if text is not None else raw_text(raw_bytes) if raw_bytes is not None else ""
                 reject(line_no, err, raw.rstrip("\n")[:RAW_CHARS])
     return pa.table(columns, schema=schema), bad

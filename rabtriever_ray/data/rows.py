@@ -10,6 +10,7 @@ reason); the reader adds the file, the line and the raw text (`BadRow`) and appl
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,9 @@ QRELS_HEADER = ("query-id", "corpus-id", "score")
 RUN_FORMAT = "qid Q0 docid rank score tag"
 BOM = b"\xef\xbb\xbf"
 RAW_CHARS = 2000  # as much of a bad row as a reject keeps
+MAX_GRADE = 127  # relevance grades are 0..MAX_GRADE (they are stored as int8)
+MAX_LINE_BYTES = 32 * 2**20  # a longer line is a bad row, read past without holding it
+LINE_TOO_LONG = None  # what `files.shard_lines` yields for such a line instead of its bytes
 
 
 class DataError(ValueError):
@@ -128,7 +132,18 @@ def parse_record(obj: Any, kind: Literal["corpus", "queries"]) -> tuple[str, str
         raise RowError("text", "empty document (no text and no title)")
     if not isinstance(obj.get("metadata") or {}, dict):
         raise RowError("metadata", "not a JSON object")
+    for name, value in (("_id", row_id), ("title", title), ("text", text)):
+        _check_unicode(name, value)
     return row_id, title if kind == "corpus" else "", text
+
+
+def _check_unicode(field_name: str, value: str) -> None:
+    """`RowError` when ``value`` holds a lone surrogate (a JSON ``\\ud83d`` escape with no pair): it is no text
+    any tokenizer or file can take."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RowError(field_name, f"not valid Unicode: a lone surrogate at character {err.start}") from None
 
 
 def duplicate_reason(row_id: str, first_line: int) -> str:
@@ -146,10 +161,14 @@ def parse_qrel(raw: str, line_no: int) -> tuple[str, str, int] | None:
     if len(parts) != 3:
         raise RowError("<row>", f"expected 3 tab-separated fields, got {len(parts)}")
     query_id, doc_id, score = (p.strip() for p in parts)
-    try:
-        return query_id, doc_id, int(score)
-    except ValueError:
-        raise RowError("score", f"not an integer: {score!r}") from None
+    # Digits only: int() would also read "1_0" as 10 and "+1" as 1.
+    if not score.isdecimal() or not score.isascii():
+        if score.startswith("-") and score[1:].isdecimal():
+            raise RowError("score", f"negative grade {score}: grades are 0 (not relevant) to {MAX_GRADE}")
+        raise RowError("score", f"not an integer: {score!r}")
+    if int(score) > MAX_GRADE:
+        raise RowError("score", f"grade {score} is over {MAX_GRADE}: grades are 0 (not relevant) to {MAX_GRADE}")
+    return query_id, doc_id, int(score)
 
 
 def parse_run_line(raw: str) -> tuple[str, str, float] | None:
@@ -160,6 +179,9 @@ def parse_run_line(raw: str) -> tuple[str, str, float] | None:
     if len(parts) != 6:
         raise RowError("<row>", f"expected {RUN_FORMAT!r}, got {len(parts)} fields")
     try:
-        return parts[0], parts[2], float(parts[3])
+        rank = float(parts[3])
     except ValueError:
         raise RowError("rank", f"not a number: {parts[3]!r}") from None
+    if not math.isfinite(rank) or rank < 0:
+        raise RowError("rank", f"not a finite rank >= 0: {parts[3]!r}")
+    return parts[0], parts[2], rank
