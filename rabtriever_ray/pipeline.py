@@ -96,30 +96,95 @@ class NonFiniteScore(FloatingPointError):
     """A teacher score or hidden state that is NaN or infinite (named by its pair)."""
 
 
+def _concat(parts: list):
+    """`teacher.TeacherScores` of consecutive chunks as one."""
+    import dataclasses
+
+    import torch
+
+    return type(parts[0])(
+        **{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(parts[0])}
+    )
+
+
+class BlockKillsActor(RuntimeError):
+    """A block of pairs whose scoring killed its teacher actor `MAX_BLOCK_ATTEMPTS` times (named by its first pair)."""
+
+
+MAX_BLOCK_ATTEMPTS = 3  # a block that killed this many teacher actors fails the stage instead of looping
+# Pairs per `GenerativeReranker.score` call: bounds a call's prompts and shared prefixes.
+SCORE_CHUNK_PAIRS = 256
+
+
 class TeacherScorer:
-    """Ray Data callable class: loads the teacher once per actor, scores a pyarrow batch of pairs.
+    """Ray Data callable class: loads the teacher once per actor, scores a pyarrow batch of pairs (in calls of at
+    most `SCORE_CHUNK_PAIRS` pairs).
+
+    Each batch's attempts are counted in ``attempts_dir`` (one file per batch, on the actor's node, removed once
+    the batch is scored): a batch that killed `MAX_BLOCK_ATTEMPTS` actors (out of memory on a huge document, a
+    crash in the model) fails with `BlockKillsActor` naming its first query and document, where Ray would
+    restart the actor and retry it again.
 
     Args:
         teacher_config: model spec, prompt and batching of the teacher.
+        attempts_dir: where the attempts are counted (one folder per stage); None: not counted.
         crash_once: test hook ``(marker_path, after_batches)``: the first actor to reach that many batches while
             the marker does not exist creates it and kills its own process, as a crashed or preempted actor would.
+        crash_on_query: test hook: a batch holding this query id kills its actor every time.
     """
 
-    def __init__(self, teacher_config: TeacherConfig, crash_once: tuple[str, int] | None = None):
+    def __init__(
+        self,
+        teacher_config: TeacherConfig,
+        attempts_dir: str | None = None,
+        crash_once: tuple[str, int] | None = None,
+        crash_on_query: str | None = None,
+    ):
         from .teacher import GenerativeReranker
 
         self.teacher = GenerativeReranker.from_config(teacher_config)
-        self.crash_once = crash_once
+        self.attempts_dir = attempts_dir
+        self.crash_once, self.crash_on_query = crash_once, crash_on_query
         self.batches = 0
 
+    def _count_attempt(self, batch: pa.Table) -> Path | None:
+        """Record one more attempt at ``batch``; raise `BlockKillsActor` when it has killed enough actors."""
+        if self.attempts_dir is None or len(batch) == 0:
+            return None
+        import hashlib
+
+        first = (batch.column("query_id")[0].as_py(), batch.column("doc_id")[0].as_py())
+        last = (batch.column("query_id")[-1].as_py(), batch.column("doc_id")[-1].as_py())
+        key = hashlib.sha256(repr((first, last, len(batch))).encode()).hexdigest()[:24]
+        path = Path(self.attempts_dir) / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        attempts = int(path.read_text()) if path.is_file() else 0
+        if attempts >= MAX_BLOCK_ATTEMPTS:
+            raise BlockKillsActor(
+                f"a batch of {len(batch)} pairs, the first (query {first[0]!r}, document {first[1]!r}), killed its "
+                f"teacher actor {attempts} times (out of memory on a long document? lower teacher.prompt."
+                "max_doc_tokens or teacher.max_batch_tokens, or give the actors more memory)"
+            )
+        path.write_text(str(attempts + 1))
+        return path
+
     def __call__(self, batch: pa.Table) -> pa.Table:
+        attempt = self._count_attempt(batch)
         if self.crash_once is not None:
             marker, after = self.crash_once
             if self.batches >= after and not os.path.exists(marker):
                 Path(marker).write_text(str(os.getpid()))
                 os._exit(1)
+        if self.crash_on_query is not None and self.crash_on_query in batch.column("query_id").to_pylist():
+            os._exit(1)
         self.batches += 1
-        out = self.teacher.score(batch.column("query_text").to_pylist(), batch.column("doc_text").to_pylist())
+        queries, documents = batch.column("query_text").to_pylist(), batch.column("doc_text").to_pylist()
+        chunk = SCORE_CHUNK_PAIRS
+        parts = [
+            self.teacher.score(queries[start : start + chunk], documents[start : start + chunk])
+            for start in range(0, max(len(queries), 1), chunk)
+        ]
+        out = parts[0] if len(parts) == 1 else _concat(parts)
         hidden = out.hidden.numpy().astype(np.float32, copy=False)
         broken = ~np.isfinite(out.score.numpy()) | ~np.isfinite(hidden).all(axis=1)
         if broken.any():
@@ -141,6 +206,8 @@ class TeacherScorer:
             doc_tokens=pa.array(out.doc_tokens.numpy(), pa.int32()),
             truncated=pa.array(out.truncated.numpy(), pa.bool_()),
         )
+        if attempt is not None:
+            attempt.unlink(missing_ok=True)
         return pa.table(columns, schema=output_schema(d))
 
 
@@ -191,6 +258,7 @@ def teacher_stage(
     max_restarts: int = -1,
     max_task_retries: int = -1,
     crash_once: tuple[str, int] | None = None,
+    crash_on_query: str | None = None,
 ):
     """Score a Dataset of candidate pairs with teacher actors; lazy (nothing runs until consumed).
 
@@ -202,8 +270,15 @@ def teacher_stage(
         cpus_per_actor: CPUs per actor (fractions let other stages run beside it on small machines).
         batch_size: rows per ``map_batches`` call; the teacher further batches by tokens inside. ``None``: one
             call per block, which keeps blocks as they are (whole candidate lists, see `pairs_dataset`).
-        max_restarts, max_task_retries: actor restarts and per-batch retries after a crash (-1: unlimited).
+        max_restarts, max_task_retries: actor restarts and per-batch retries after a crash (-1: unlimited, Ray
+            Data's default). A batch's retries are bounded all the same: one that killed `MAX_BLOCK_ATTEMPTS`
+            actors fails the stage naming its first pair (`TeacherScorer`), while actors lost for other reasons (a
+            preempted node) are always replaced.
+        crash_once, crash_on_query: `TeacherScorer`'s test hooks.
     """
+    import tempfile
+    import uuid
+
     from ray.data import ActorPoolStrategy
 
     config = teacher if isinstance(teacher, TeacherConfig) else TeacherConfig(model=teacher)
@@ -221,7 +296,13 @@ def teacher_stage(
     }
     return pairs.map_batches(
         TeacherScorer,
-        fn_constructor_kwargs={"teacher_config": config, "crash_once": crash_once},
+        fn_constructor_kwargs={
+            "teacher_config": config,
+            # One folder per stage on each node: the attempts of another stage or run never count here.
+            "attempts_dir": str(Path(tempfile.gettempdir()) / f"rabtriever-teacher-{uuid.uuid4().hex[:12]}"),
+            "crash_once": crash_once,
+            "crash_on_query": crash_on_query,
+        },
         batch_size=batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(min_size=min_size, max_size=max_size),

@@ -76,6 +76,20 @@ def test_killed_actor_is_replaced_and_every_pair_written_once(ray_local, beir, t
     assert len(pairs) == len(set(pairs)) == N_PAIRS == manifest["rows"]
 
 
+def test_a_batch_that_kills_its_actor_every_time_fails_naming_its_first_pair(ray_local, beir):
+    """Ray would restart the actor and retry the batch without end; after a few deaths the stage fails instead,
+    naming the batch's first query and document, and the other batch's actor is not held up."""
+    pairs = build_pairs(read_beir(beir, "test"), "all", max_queries=2, seed=0)
+    poison = pairs.column("query_id")[0].as_py()
+    stage = teacher_stage(
+        pairs_dataset(pairs, len(SKILLS), whole_queries=True), TEACHER, batch_size=None, cpus_per_actor=0.5,
+        crash_on_query=poison,
+    )  # fmt: skip
+    with pytest.raises(Exception, match="killed its teacher actor 3 times") as raised:
+        stage.materialize()
+    assert f"(query {poison!r}, document " in str(raised.value)
+
+
 def test_job_writes_parquet_and_manifest_and_refuses_rerun(ray_local, beir, tmp_path, capsys):
     from score_teacher import main
 
