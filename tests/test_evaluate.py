@@ -9,7 +9,7 @@ from helpers import TINY_TEACHER as TEACHER
 from helpers import load_script, save_checkpoint_and_index, write_beir
 
 from rabtriever_ray.baselines import top_k
-from rabtriever_ray.config import EvaluateConfig
+from rabtriever_ray.config import ConfigError, EvaluateConfig
 from rabtriever_ray.data import DataError
 from rabtriever_ray.evaluate import markdown_table, run_evaluation
 from rabtriever_ray.teacher import GenerativeReranker
@@ -72,7 +72,15 @@ def test_frequency_baseline_ranks_by_the_prior_splits_positives(tmp_path):
     assert frequency["RR@10"] == pytest.approx((1 / 2 + 1) / 2)
     assert results["config"]["frequency_prior"] == f"{prior}:train"
     with pytest.raises(DataError, match="no qrels for split 'test'"):
-        _evaluate(data, "test", ["frequency"], TEACHER, frequency_data=prior, frequency_split="test")
+        _evaluate(data, "test", ["frequency"], TEACHER, train_data=prior, train_split="test")
+
+
+def test_minilm_ft_needs_a_training_split_other_than_the_evaluated_one(tmp_path):
+    data = write_beir(tmp_path / "plain", CORPUS, QUERIES)  # a "test" split only
+    with pytest.raises(ConfigError, match=r"set train_split; .*no qrels for split 'train'"):
+        _evaluate(data, "test", ["bm25", "minilm-ft"], TEACHER)
+    with pytest.raises(ConfigError, match="would train on the evaluated queries: set train_split"):
+        _evaluate(data, "test", ["minilm-ft"], TEACHER, train_split="test")
 
 
 def test_exclude_self_drops_the_query_from_its_own_results(tmp_path):

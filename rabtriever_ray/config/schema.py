@@ -373,7 +373,7 @@ class EvaluateConfig:
     split: str = option("", "qrels split to evaluate (e.g. dev, test); required")
     methods: list[str] = option(
         ["bm25", "llm-embed", "teacher"],
-        "comma-separated: frequency, bm25, minilm, llm-embed, teacher, rabtriever, rabtriever-search",
+        "comma-separated: frequency, bm25, minilm, minilm-ft, llm-embed, teacher, rabtriever, rabtriever-search",
     )
     out: str | None = option(None, "results JSON (written atomically)")
     checkpoint: str | None = option(None, "distillation checkpoint (rabtriever methods)")
@@ -382,10 +382,11 @@ class EvaluateConfig:
         TeacherConfig(), _TEACHER_HELP + "; the student uses the prompt its checkpoint records"
     )
     max_queries: int | None = option(None, "seeded subset of this many queries")
-    seed: int = option(0, "seed of the query subset")
+    seed: int = option(0, "seed of the query subsets and of minilm-ft's fine-tuning")
     candidates: str = option("all", "candidates of the rerankers: all | bm25:K | TREC run file")
-    frequency_data: str | None = option(None, "BEIR folder whose qrels give the frequency prior (None: data)")
-    frequency_split: str = option("train", "qrels split of the frequency prior")
+    train_data: str | None = option(None, "BEIR folder of the training split (None: data)")
+    train_split: str = option("train", "qrels split of the training queries (frequency prior, minilm-ft)")
+    max_train_queries: int | None = option(None, "seeded subset of the training queries minilm-ft trains on")
     exclude_self: bool = option(False, "drop a query's own id from its results")
 
     def __post_init__(self) -> None:
