@@ -315,7 +315,8 @@ def test_a_non_finite_teacher_score_stops_the_stage_naming_the_pair():
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
     scorer = TeacherScorer.__new__(TeacherScorer)  # the actor's state, with this model instead of a spec
-    scorer.teacher, scorer.crash_once, scorer.batches = GenerativeReranker(model, tokenizer), None, 0
+    scorer.teacher, scorer.batches = GenerativeReranker(model, tokenizer), 0
+    scorer.attempts_dir = scorer.crash_once = scorer.crash_on_query = None
     pairs = pa.table(
         {
             "query_id": ["q7", "q7"],
