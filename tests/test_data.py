@@ -72,6 +72,11 @@ def test_split_keeps_only_judged_queries(tmp_path):
         ("qrels", ["q1\tpick_cup\t1_0"], r"test.tsv:7: field 'score': not an integer: '1_0'"),
         ("qrels", ["q1\tpick_cup\t-1"], r"test.tsv:7: field 'score': negative grade -1"),
         ("qrels", ["q1\tpick_cup\t300"], r"test.tsv:7: field 'score': grade 300 is over 127"),
+        (
+            "qrels",
+            ["q1\twipe_table\t2"],
+            r"test.tsv:7: field 'score': query 'q1' and document 'wipe_table' are judged 1 on line 2 and 2 here",
+        ),
     ],
 )
 def test_fail_policy_names_file_line_and_field(tmp_path, file, lines, message):
@@ -81,6 +86,13 @@ def test_fail_policy_names_file_line_and_field(tmp_path, file, lines, message):
     root = write_beir(tmp_path / "d", **{keyword: lines})
     with pytest.raises(DataError, match=message):
         read_beir(root, "test")
+
+
+def test_a_pair_judged_twice_with_the_same_grade_is_read_once(tmp_path):
+    root = write_beir(tmp_path / "d", extra_qrel_lines=["q1\twipe_table\t1", "q3\twipe_table\t0"])
+    data = read_beir(root, "test")
+    assert data.qrels["q1"] == {"wipe_table": 1} and data.qrels["q3"] == {"pick_cup": 1, "wipe_table": 0}
+    assert data.rejects == []
 
 
 def test_skip_policy_records_every_bad_row(broken, tmp_path):
@@ -275,6 +287,13 @@ def test_run_file_candidates(clean, tmp_path):
     run.write_text("q1 Q0 nonexistent 1 9.0 bm25\n")
     with pytest.raises(DataError, match=r"run.trec:1: field 'docid': unknown document"):
         build_pairs(data, str(run))
+    # A query the folder does not have at all (another dataset's run, ids written differently) is named, not
+    # dropped; queries of the folder outside the pairs' queries are simply not used.
+    run.write_text("q1 Q0 wipe_table 1 9.0 bm25\nquery-1 Q0 wipe_table 1 9.0 bm25\n")
+    with pytest.raises(DataError, match=r"run.trec:2: field 'qid': unknown query 'query-1'"):
+        build_pairs(data, str(run), query_ids=["q1"])
+    run.write_text("q1 Q0 wipe_table 1 9.0 bm25\nq2 Q0 wipe_table 1 9.0 bm25\n")
+    assert build_pairs(data, str(run), query_ids=["q1"]).column("query_id").to_pylist() == ["q1"]
 
 
 def test_bad_candidate_specs_are_data_errors_naming_the_spec(clean):

@@ -79,6 +79,11 @@ def test_skip_policy_rejects_what_the_in_process_reader_rejects(ray_local, tmp_p
             BROKEN_QRELS[:1],
             r"test.tsv:7: field 'corpus-id': unknown document 'no_such_doc'",
         ),
+        (
+            "extra_qrel_lines",
+            ["q1\twipe_table\t1", "q1\twipe_table\t3"],
+            r"test.tsv:8: field 'score': query 'q1' and document 'wipe_table' are judged 1 on line 2 and 3 here",
+        ),
     ],
 )
 def test_fail_policy_names_file_line_and_field(ray_local, tmp_path, keyword, lines, message):
@@ -130,7 +135,8 @@ def write_run(path, entries):
 
 @pytest.mark.parametrize("training", [False, True])
 def test_run_pairs_match_build_pairs(ray_local, tmp_path, training):
-    root = write_beir(tmp_path / "d")
+    unjudged = json.dumps({"_id": "q_unjudged", "text": "Put the kettle on"})  # a query outside the split
+    root = write_beir(tmp_path / "d", extra_query_lines=[unjudged])
     run = write_run(
         tmp_path / "run.trec",
         [("q1", "pick_cup", 1), ("q1", "wipe_table", 2), ("q1", "pick_cup", 3), ("q2", "close_door", 1)]
@@ -157,11 +163,15 @@ def test_run_pairs_match_build_pairs(ray_local, tmp_path, training):
         assert q3 == [r["doc_id"] for r in expected.to_pylist() if r["query_id"] == "q3"]
 
 
-def test_run_naming_an_unknown_document_is_an_error_with_its_line(ray_local, tmp_path):
+def test_run_naming_an_unknown_document_or_query_is_an_error_with_its_line(ray_local, tmp_path):
     root = write_beir(tmp_path / "d")
+    data = read_beir_dataset(root, "test", cpus=0.25)
     run = write_run(tmp_path / "run.trec", [("q1", "pick_cup", 1), ("q2", "no_such_doc", 1)])
     with pytest.raises(DataError, match=r"run.trec:2: field 'docid': unknown document 'no_such_doc'"):
-        run_pairs(read_beir_dataset(root, "test", cpus=0.25), run, cpus=0.25)
+        run_pairs(data, run, cpus=0.25)
+    run = write_run(tmp_path / "run.trec", [("q1", "pick_cup", 1), ("q1", "wipe_table", 2), ("Q2", "pick_cup", 1)])
+    with pytest.raises(DataError, match=r"run.trec:3: field 'qid': unknown query 'Q2'"):
+        run_pairs(data, run, cpus=0.25)
     (tmp_path / "bad.trec").write_text("q1 Q0 pick_cup first 1.0 t\n")
     with pytest.raises(DataError, match=r"bad.trec:1: field 'rank': not a number"):
         run_pairs(read_beir_dataset(root, "test", cpus=0.25), tmp_path / "bad.trec", cpus=0.25)

@@ -14,13 +14,14 @@ A reference names a (query, document) pair and the document's rank for the query
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
 from .beir import BeirData, corpus_table
 from .checks import read_checked
-from .files import READ_SCHEMAS, run_files
+from .files import READ_SCHEMAS, input_files, run_files
 from .rows import DataError
 from .tasks import LocalTasks
 
@@ -57,10 +58,12 @@ def ranked_references(query_ids: Sequence[str], hits: Sequence[Sequence[str]]) -
     )
 
 
-def read_run(run, tasks=None) -> tuple[object, int, list]:
+def read_run(run, tasks=None, queries: list[Path] | None = None) -> tuple[object, int, list]:
     """A TREC run read and validated (a bad line is a `DataError` naming file, line and field): its `REF_SCHEMA`
-    table references as ``tasks`` (default: in this process), the reference count and the run's files."""
-    files = {"run": run_files(run)}
+    table references as ``tasks`` (default: in this process), the reference count and the run's files. With
+    ``queries`` (the folder's queries files), a line naming a query they lack is such an error too: a run for
+    another dataset, or ids written differently, would otherwise be dropped without a word."""
+    files = {"queries": queries, "run": run_files(run)} if queries else {"run": run_files(run)}
     tables, counts, _ = read_checked(files, "fail", tasks or LocalTasks(), hint=False)
     return tables["run"], counts["run"], files["run"]
 
@@ -108,6 +111,6 @@ def candidate_references(data: BeirData, spec, query_ids: Sequence[str]) -> tupl
         hits, _ = BM25Index.from_corpus(data).search([data.queries[q].text for q in query_ids], spec.k)
         return ranked_references(query_ids, hits), []
     if spec.kind == "run":
-        tables, _, files = read_run(spec.path)
+        tables, _, files = read_run(spec.path, queries=input_files(data.root, "queries"))
         return pa.concat_tables(tables), files
     raise DataError(f"candidates {spec.text!r}: {spec.kind} candidates need a student (round_pool only)")

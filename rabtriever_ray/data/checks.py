@@ -2,7 +2,9 @@
 
 Each shard is read and validated by one task (`files.read_shard`), which also hashes its ids into buckets (one per
 GiB of input); one task per bucket then finds duplicate ids (the first in file and line order is kept; a later one
-is rejected, naming where the first is) and qrels naming an unknown query or document. The caller receives table
+is rejected, naming where the first is), qrels naming an unknown query or document, and qrels lines that judge a
+(query, document) pair judged before with another grade (the first is kept; a repeat with the same grade is
+dropped quietly). The caller receives table
 references, row counts and the rejected rows: with ``on_bad_row="fail"`` the first in file order is raised as a
 `DataError`; with ``"skip"`` they are returned for ``rejects.jsonl``, and filter tasks drop them. The same tasks
 run in Ray (`tasks.RayTasks`) or in this process (`tasks.LocalTasks`), so both readers give the same rows and the
@@ -25,14 +27,15 @@ from .files import RANGE_BYTES, Shard, plan_shards, read_shard
 from .rows import BadRow, BadRowPolicy, OnBadRow, duplicate_reason
 
 # The id columns each kind is checked by: (namespace, column). A namespace's ids are defined by one kind (documents
-# by the corpus, queries by the queries file) and referenced by the qrels.
+# by the corpus, queries by the queries file, judged pairs by the qrels) and referenced by the qrels.
 KEYS: dict[str, list[tuple[str, str]]] = {
     "corpus": [("doc", "doc_id")],
     "queries": [("query", "query_id")],
-    "qrels": [("doc", "doc_id"), ("query", "query_id")],
-    "run": [],
+    "qrels": [("doc", "doc_id"), ("query", "query_id"), ("judgement", "pair")],
+    "run": [("query", "query_id")],  # checked when the queries are read with the run (`candidates.read_run`)
 }
-DEFINES = {"doc": "corpus", "query": "queries"}
+REFERRERS = ("qrels", "run")  # the kinds whose ids must name a defined id (one of them per read)
+DEFINES = {"doc": "corpus", "query": "queries", "judgement": "qrels"}
 
 
 def split_by_hash(table: pa.Table, buckets: int) -> list[pa.Table]:
@@ -50,9 +53,16 @@ def read_task(shard: Shard, buckets: int) -> tuple:
     """A read task: the shard's good rows, ``{"rows", "bad"}``, then its ids cut into hash buckets per namespace."""
     table, bad = read_shard(shard)
     parts: list[pa.Table] = []
-    for _, key in KEYS[shard.kind]:
-        columns = [key, "_file", "_line"] + (["raw"] if shard.kind == "qrels" else [])
-        parts += split_by_hash(table.select(columns).rename_columns(["id", *columns[1:]]), buckets)
+    for namespace, key in KEYS[shard.kind]:
+        if namespace == "judgement":  # the pair as one id: query and document ids joined by a tab
+            pair = pc.binary_join_element_wise(table.column("query_id"), table.column("doc_id"), "\t")
+            ids = pa.table({"id": pair, **{name: table.column(name) for name in ("grade", "_file", "_line", "raw")}})
+        else:
+            columns = [key, "_file", "_line"] + (["raw"] if shard.kind == "qrels" else [])
+            ids = table.select(columns).rename_columns(["id", *columns[1:]])
+            if shard.kind == "run":  # a run keeps no raw line
+                ids = ids.append_column("raw", pa.nulls(len(ids), pa.string()))
+        parts += split_by_hash(ids, buckets)
     return (table, {"rows": len(table), "bad": bad}, *parts)
 
 
@@ -156,13 +166,14 @@ def read_checked(
 
     drop: dict[str, set[str]] = {kind: set() for kind in files}
     referenced: dict[str, list] = {}
-    unknown: dict[tuple[int, int], list] = {}  # qrels line -> unknown references (query namespace first)
-    for namespace in ("query", "doc"):
+    unknown: dict[tuple[str, int, int], list] = {}  # (kind, file, line) -> unknown references (query ones first)
+    for namespace in ("query", "doc", "judgement"):
         kind = DEFINES[namespace]
         if kind not in files:
             continue
         defining = parts[(namespace, kind)]
-        references = parts.get((namespace, "qrels"), [])
+        referrer = next((k for k in REFERRERS if (namespace, k) in parts), "qrels")
+        references = parts.get((namespace, referrer), [])
         results = [
             tasks.submit(
                 check_bucket,
@@ -182,21 +193,37 @@ def read_checked(
                     first[row["id"]] = row
                     continue
                 where = first[row["id"]]
+                drop[kind].add(f"{row['_file']}:{row['_line']}")
+                place = (
+                    f"line {where['_line']}"
+                    if where["_file"] == row["_file"]
+                    else f"{files[kind][where['_file']]}:{where['_line']}"
+                )
+                if namespace == "judgement":
+                    if row["grade"] != where["grade"]:  # the same grade twice changes nothing
+                        query_id, doc_id = row["id"].split("\t", 1)
+                        reason = (
+                            f"query {query_id!r} and document {doc_id!r} are judged {where['grade']} on {place} "
+                            f"and {row['grade']} here: keep one line per pair"
+                        )
+                        rejects.add(kind, row["_file"], row["_line"], "score", reason, row["raw"])
+                    continue
                 reason = (
                     duplicate_reason(row["id"], where["_line"])
                     if where["_file"] == row["_file"]
-                    else f"duplicate id {row['id']!r} (first at {files[kind][where['_file']]}:{where['_line']})"
+                    else f"duplicate id {row['id']!r} (first at {place})"
                 )
                 raw = json.dumps({"_id": row["id"]}, ensure_ascii=False)
                 rejects.add(kind, row["_file"], row["_line"], "_id", reason, raw)
-                drop[kind].add(f"{row['_file']}:{row['_line']}")
             for row in found["unknown"]:
-                unknown.setdefault((row["_file"], row["_line"]), []).append((namespace, row))
-    for (file_index, line), found in sorted(unknown.items()):
+                unknown.setdefault((referrer, row["_file"], row["_line"]), []).append((namespace, row))
+    for (referrer, file_index, line), found in sorted(unknown.items()):
         namespace, row = found[0]  # a line with both ids unknown is rejected for its query
         field_name, what = ("query-id", "query") if namespace == "query" else ("corpus-id", "document")
-        rejects.add("qrels", file_index, line, field_name, f"unknown {what} {row['id']!r}", row["raw"])
-        drop["qrels"].add(f"{file_index}:{line}")
+        field_name = "qid" if referrer == "run" else field_name
+        raw = row["raw"] or ""
+        rejects.add(referrer, file_index, line, field_name, f"unknown {what} {row['id']!r}", raw)
+        drop[referrer].add(f"{file_index}:{line}")
     bad = rejects.check()
 
     for kind in files:

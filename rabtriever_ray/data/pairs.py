@@ -45,6 +45,7 @@ from .beir import (
     read_beir_dataset,
 )
 from .candidates import candidate_references, read_run, references
+from .files import input_files
 from .rows import DataError, OnBadRow
 from .sampling import sample_queries, sample_query_ids
 from .tasks import RayTasks
@@ -172,7 +173,7 @@ def run_pairs(
     ``(dataset, counts)`` (`join_pairs`)."""
     import ray.data
 
-    tables, n, files = read_run(run, RayTasks())
+    tables, n, files = read_run(run, RayTasks(), input_files(Path(beir.root), "queries"))
     refs = ray.data.from_arrow_refs(tables)
     return join_pairs(beir, refs, n, training, max_queries, seed, min_partitions, files)
 
