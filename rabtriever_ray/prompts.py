@@ -26,12 +26,17 @@ the offsets.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from .config import PromptConfig
 from .presets import DOCUMENT as _DOC_SENTINEL
 from .presets import PRESETS
 from .presets import QUERY as _QUERY_SENTINEL
+
+# `PromptBuilder._precut` tokenises a long text through a window of this many characters per token kept (then wider
+# while the window holds too few tokens), whose edge must stand this many tokens past the cut.
+WINDOW_CHARS_PER_TOKEN = 8
+WINDOW_GUARD_TOKENS = 8
 
 
 class PromptError(ValueError):
@@ -95,6 +100,10 @@ class EncodedPrompts:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def select(self, rows: Sequence[int]) -> EncodedPrompts:
+        """The prompts ``rows``, in that order."""
+        return EncodedPrompts(**{f.name: [getattr(self, f.name)[i] for i in rows] for f in fields(self)})
 
 
 class PromptBuilder:
@@ -217,16 +226,33 @@ class PromptBuilder:
     def _precut(
         self, texts: Sequence[str], limit: int, keep_end: bool, slack: int = 2
     ) -> tuple[list[str], list[bool]]:
-        """Texts cut, on their own tokenisation, to ``limit + slack`` tokens. By default a little over ``limit``,
-        so that tokenising whole prompts stays cheap for long texts; `pair_prompts` then cuts them exactly in
-        context."""
+        """Texts cut, on their own tokenisation, to ``limit + slack`` tokens (their start, or with ``keep_end`` their
+        end), and whether each was cut. By default a little over ``limit``: `pair_prompts` then cuts them exactly
+        in context.
+
+        A text is tokenised through a window of characters at the end kept, `WINDOW_CHARS_PER_TOKEN` per token to
+        start with and widened while it holds too few tokens, never whole: what tokenising costs is bounded by the
+        limit, not by the text (a 32 KiB document cut to 512 tokens costs about 4 KiB of tokenising). The cut
+        must stand at least `WINDOW_GUARD_TOKENS` tokens inside the window, so that the window's edge, which
+        may split a word, does not move it."""
         margin = limit + slack
-        unique = sorted({t for t in texts if len(t.encode("utf-8")) + 1 > margin})
+        todo = sorted({t for t in texts if len(t.encode("utf-8")) + 1 > margin})
         cut: dict[str, str] = {}
-        if unique:
-            for text, offsets in zip(unique, self._tokenize(unique).offset_mapping, strict=True):
-                if len(offsets) > margin:
-                    cut[text] = text[offsets[-margin][0] :] if keep_end else text[: offsets[margin - 1][1]]
+        window = (margin + WINDOW_GUARD_TOKENS) * WINDOW_CHARS_PER_TOKEN
+        while todo:
+            pieces = [text[-window:] if keep_end else text[:window] for text in todo]
+            wider = []
+            for text, piece, offsets in zip(todo, pieces, self._tokenize(pieces).offset_mapping, strict=True):
+                whole = len(piece) == len(text)
+                if len(offsets) <= margin and whole:
+                    continue  # fits
+                if len(offsets) < margin + WINDOW_GUARD_TOKENS and not whole:
+                    wider.append(text)
+                elif keep_end:
+                    cut[text] = text[len(text) - len(piece) + offsets[-margin][0] :]
+                else:
+                    cut[text] = text[: offsets[margin - 1][1]]
+            todo, window = wider, window * 4
         return [cut.get(t, t) for t in texts], [t in cut for t in texts]
 
     def cut_documents(self, documents: Sequence[str], max_tokens: int | None) -> tuple[list[str], list[bool]]:
@@ -327,7 +353,8 @@ class PromptBuilder:
     def document_prompts(self, documents: Sequence[str]) -> EncodedPrompts:
         """Student document prompts: the document alone (after the tokenizer's BOS, if it uses one)."""
         limit = self.config.max_doc_tokens
-        ids = self.tokenizer(list(documents), add_special_tokens=False).input_ids if documents else []
+        documents, _ = self._precut(documents, limit, keep_end=False)
+        ids = self.tokenizer(documents, add_special_tokens=False).input_ids if documents else []
         doc_ids, doc_cut = [d[:limit] for d in ids], [len(d) > limit for d in ids]
         for index, kept in enumerate(doc_ids):
             if not kept and not self._doc_prefix:

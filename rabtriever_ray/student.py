@@ -25,6 +25,7 @@ from torch import nn
 
 from .config import StudentConfig, TeacherConfig, to_dict
 from .predictor import Predictor
+from .prompts import EncodedPrompts
 from .teacher import GenerativeReranker
 
 logger = logging.getLogger(__name__)
@@ -83,16 +84,19 @@ class Rabtriever(nn.Module):
 
     # -- encoding (frozen) --------------------------------------------------------------------------------------
 
-    def encode_queries(self, texts: Sequence[str]) -> torch.Tensor:
+    def encode_queries(self, texts: Sequence[str] | EncodedPrompts) -> torch.Tensor:
         """``[n, d]`` float32: pre-norm hidden state at the answer position of the empty-document prompt; with
         `StudentConfig.query_mean`, ``[n, 2d]``: that state, then the mean pre-norm state over the query's tokens
-        (same forward)."""
-        prompts = self.teacher.prompts.query_prompts(texts)
+        (same forward). ``texts`` may be their `PromptBuilder.query_prompts`, built once by a caller that also
+        reads the truncation bookkeeping."""
+        prompts = texts if isinstance(texts, EncodedPrompts) else self.teacher.prompts.query_prompts(texts)
         return self.teacher.encode(prompts, query_mean=self.config.query_mean)
 
-    def encode_documents(self, texts: Sequence[str]) -> torch.Tensor:
-        """``[m, d]`` float32: pre-norm hidden state at the last token of the document alone."""
-        return self.teacher.encode(self.teacher.prompts.document_prompts(texts))
+    def encode_documents(self, texts: Sequence[str] | EncodedPrompts) -> torch.Tensor:
+        """``[m, d]`` float32: pre-norm hidden state at the last token of the document alone (``texts`` may be
+        their `PromptBuilder.document_prompts`)."""
+        prompts = texts if isinstance(texts, EncodedPrompts) else self.teacher.prompts.document_prompts(texts)
+        return self.teacher.encode(prompts)
 
     # -- scoring (trainable) ------------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ reproduces the teacher's logits.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections import defaultdict
@@ -43,7 +44,17 @@ class TeacherScores:
     hidden: torch.Tensor  # [n, d] float32, pre-final-norm hidden state at the answer position
     query_tokens: torch.Tensor  # [n] int32, query tokens kept after truncation
     doc_tokens: torch.Tensor  # [n] int32, document tokens kept after truncation
-    truncated: torch.Tensor  # [n] bool, query or document was cut
+    query_truncated: torch.Tensor  # [n] bool, the query was cut
+    doc_truncated: torch.Tensor  # [n] bool, the document was cut
+
+    @property
+    def truncated(self) -> torch.Tensor:
+        """``[n]`` bool: the query or the document was cut."""
+        return self.query_truncated | self.doc_truncated
+
+    def select(self, rows: torch.Tensor) -> TeacherScores:
+        """The outputs of pairs ``rows`` (a 1-D index tensor), in that order."""
+        return TeacherScores(**{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self)})
 
 
 class GenerativeReranker:
@@ -177,12 +188,16 @@ class GenerativeReranker:
             hidden=hidden,
             query_tokens=torch.tensor(prompts.query_tokens, dtype=torch.int32),
             doc_tokens=torch.tensor(prompts.doc_tokens, dtype=torch.int32),
-            truncated=torch.tensor(prompts.truncated, dtype=torch.bool),
+            query_truncated=torch.tensor(prompts.query_truncated, dtype=torch.bool),
+            doc_truncated=torch.tensor(prompts.doc_truncated, dtype=torch.bool),
         )
 
-    def rerank(self, queries: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[torch.Tensor]:
+    def rerank(
+        self, queries: Sequence[str], candidates: Sequence[Sequence[str]], details: bool = False
+    ) -> list[torch.Tensor] | list[TeacherScores]:
         """Each query's own candidate documents: ``queries[i]`` with each text of ``candidates[i]`` -> ``n`` CPU
-        float32 tensors ``[len(candidates[i])]`` of scores, in order.
+        float32 tensors ``[len(candidates[i])]`` of scores, in order; with ``details``, each query's
+        `TeacherScores` instead (the prompts are tokenised once for both).
 
         The pairs of every query go through `score` in calls of at most `RERANK_CHUNK_PAIRS` pairs, grouped by the
         slot the prompt puts first (document-major for a document-first preset, query-major for a query-first
@@ -190,7 +205,6 @@ class GenerativeReranker:
         as in one call over every pair, while a call's cache of shared prefixes stays bounded.
         `Rabtriever.rerank` is the student's.
         """
-        scores = [torch.empty(len(docs)) for docs in candidates]
         first = (lambda row, doc: queries[row]) if self.prompts.query_first else (lambda row, doc: doc)
         pairs = sorted(
             (first(row, doc), row, column, doc)
@@ -210,10 +224,16 @@ class GenerativeReranker:
                     chunk = []
         if chunk:
             chunks.append(chunk)
-        for chunk in chunks:
-            chunk_scores = self.score(
-                [queries[row] for _, row, _, _ in chunk], [doc for _, _, _, doc in chunk]
-            ).score
-            for (_, row, column, _), score in zip(chunk, chunk_scores):
-                scores[row][column] = score
-        return scores
+        outputs = [
+            self.score([queries[row] for _, row, _, _ in chunk], [doc for _, _, _, doc in chunk])
+            for chunk in chunks
+        ] or [self.score([], [])]
+        merged = TeacherScores(
+            **{f.name: torch.cat([getattr(o, f.name) for o in outputs]) for f in dataclasses.fields(TeacherScores)}
+        )
+        position = {(row, column): i for i, (_, row, column, _) in enumerate(pair for c in chunks for pair in c)}
+        rows = [
+            torch.tensor([position[(row, column)] for column in range(len(docs))], dtype=torch.long)
+            for row, docs in enumerate(candidates)
+        ]
+        return [merged.select(index) if details else merged.score[index] for index in rows]

@@ -103,6 +103,45 @@ def test_cut_documents_keeps_the_first_tokens(tokenizer):
     assert builder.cut_documents([doc], None) == ([doc], [False])
 
 
+def test_a_long_text_costs_tokenising_a_window_not_the_whole_text(tokenizer, monkeypatch):
+    """Hostile input: a text of any length is tokenised through a window bounded by the token limit, and the
+    prompts equal those the whole text's tokenisation gives (cut documents keep their start, queries their end)."""
+    from rabtriever_ray import prompts as prompts_module
+
+    config = PromptConfig(max_doc_tokens=16, max_query_tokens=12)
+    builder = PromptBuilder(tokenizer, config)
+    words = " ".join(f"w{i % 97}x{i}" for i in range(5000))  # about 40k characters of distinct words
+    long_texts = [words, "z" * 40_000, " " * 40_000 + "tail", "é" * 40_000]  # one "word"; spaces; 2-byte chars
+    whole = {text: tokenizer(text, add_special_tokens=False, return_offsets_mapping=True) for text in long_texts}
+    references = {  # the same pairs, already short: nothing to cut
+        text: builder.pair_prompts(
+            [tokenizer.decode(whole[text].input_ids[-12:])], [tokenizer.decode(whole[text].input_ids[:16])]
+        )
+        for text in long_texts
+    }
+    seen = []
+    call = type(tokenizer).__call__
+
+    def counting(self, texts, *args, **kwargs):
+        seen.extend([texts] if isinstance(texts, str) else texts)
+        return call(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", counting)
+    bound = (16 + 2 + prompts_module.WINDOW_GUARD_TOKENS) * prompts_module.WINDOW_CHARS_PER_TOKEN * 4**3
+    for text in long_texts:
+        seen.clear()
+        docs = builder.document_prompts([text])
+        pairs = builder.pair_prompts([text], [text])
+        cut, flags = builder.cut_documents([text], 5)
+        assert max(len(t) for t in seen) <= bound < len(text)
+        assert docs.input_ids[0] == whole[text].input_ids[:16] and docs.doc_truncated == [True]
+        assert cut[0] == text[: whole[text].offset_mapping[4][1]] and flags == [True]  # as cut from the whole
+        assert pairs.input_ids == references[text].input_ids, text[:20]
+        assert pairs.doc_truncated == pairs.query_truncated == [True]
+    # Short texts are never windowed or cut.
+    assert builder.document_prompts(["short text"]).input_ids[0] == tokenizer("short text").input_ids
+
+
 def test_answer_tokens_resolve_to_single_tokens(tokenizer):
     builder = PromptBuilder(tokenizer)
     assert tokenizer.decode([builder.yes_id]) == "yes" and tokenizer.decode([builder.no_id]) == "no"

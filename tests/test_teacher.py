@@ -1,8 +1,10 @@
+import dataclasses
+
 import pytest
 import torch
 from helpers import DOCUMENTS, QUERIES
 
-from rabtriever_ray.config import TeacherConfig, load_config
+from rabtriever_ray.config import PromptConfig, TeacherConfig, load_config
 from rabtriever_ray.teacher import GenerativeReranker
 
 
@@ -100,3 +102,15 @@ def test_rerank_regroups_document_major_scores_by_query(tiny_teacher):
                 row, tiny_teacher.score([query] * len(docs), docs).score, atol=1e-5, rtol=1e-5
             )
     assert tiny_teacher.rerank([], []) == []
+    # With details, each query's TeacherScores: every field as `score` gives it (one tokenisation for both).
+    cut_teacher = GenerativeReranker(
+        tiny_teacher.model, tiny_teacher.tokenizer, PromptConfig(max_doc_tokens=3, max_query_tokens=4)
+    )
+    details = cut_teacher.rerank(QUERIES, candidates, details=True)
+    for query, docs, row in zip(QUERIES, candidates, details):
+        plain = cut_teacher.score([query] * len(docs), docs)
+        for field in dataclasses.fields(plain):
+            torch.testing.assert_close(getattr(row, field.name), getattr(plain, field.name), atol=1e-5, rtol=1e-5)
+    assert details[0].doc_truncated.any() and details[0].query_truncated.all()
+    empty = tiny_teacher.rerank(["q"], [[]], details=True)[0]
+    assert empty.score.shape == (0,) and empty.hidden.shape == (0, tiny_teacher.hidden_size)
