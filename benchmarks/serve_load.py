@@ -48,6 +48,20 @@ Router retries on the other replica); with one, calls in flight are retried on i
 
 Send enough requests that some are in flight at the kill: the cell stops sending after ``--max-seconds``, and on a
 fast machine 400 requests end before a kill 5 s in.
+
+``--hostile`` sends what an attacker (or a careless client) would instead (one app, batching on, ``body_timeout_s``
+2 s), each case from ``--hostile-clients`` threads at once so that the largest bodies share a batch, and reports
+per case the statuses, latency, and the peak RSS of the Encoder, Reranker and Router replicas against their idle RSS and
+against their RSS when the case started (sampled every 50 ms from their processes):
+
+- ``max_rerank_student`` / ``max_rerank_teacher`` / ``max_embeddings``: requests within every limit and at every
+  limit: ``max_documents`` texts of ``max_text_bytes`` each (distinct words, so nothing is shared);
+- ``bad_items``: a ``max_request_bytes`` body of ``{"input": [0, 0, ...]}`` (two million invalid items);
+- ``oversized``: a body one byte over ``max_request_bytes``;
+- ``lone_surrogates``: texts with ``"\\ud83d"`` escapes;
+- ``slow_body``: headers announcing a body that never comes.
+
+    python benchmarks/serve_load.py --model tiny-random-llama --hostile --out /tmp/hostile.json
 """
 
 from __future__ import annotations
@@ -252,6 +266,117 @@ def _kill_report(cell: dict, events: list[tuple[float, float, int]], killed: dic
     }
 
 
+def _replica_pids() -> dict[str, list[int]]:
+    from rabtriever_ray.raycompat import serve_details
+
+    deployments = serve_details()["applications"]["rabtriever"]["deployments"]
+    return {
+        name: [r["pid"] for r in deployments[name]["replicas"] if r["state"] == "RUNNING"]
+        for name in ("Encoder", "Reranker", "Router")
+    }
+
+
+def _rss_mb(pids: list[int]) -> float:
+    import psutil
+
+    return sum(psutil.Process(pid).memory_info().rss for pid in pids) / 2**20
+
+
+def _hostile_bodies(max_documents: int, max_text_bytes: int, max_request_bytes: int) -> dict[str, bytes]:
+    """Each hostile case's raw request body (see the module docstring)."""
+    rng = random.Random(0)
+
+    def text(i: int) -> str:  # distinct words up to max_text_bytes
+        words, size = [], 0
+        while size < max_text_bytes - 16:
+            words.append(f"w{rng.randrange(10**6)}d{i}")
+            size += len(words[-1]) + 1
+        return " ".join(words)[: max_text_bytes - 16]
+
+    documents = [text(i) for i in range(max_documents)]
+    query = text(-1)
+    zeros = "[" + ",".join(["0"] * ((max_request_bytes - 32) // 2)) + "]"
+    return {
+        "max_rerank_student": json.dumps({"query": query, "documents": documents, "model": "student"}).encode(),
+        "max_rerank_teacher": json.dumps({"query": query, "documents": documents, "model": "teacher"}).encode(),
+        "max_embeddings": json.dumps({"input": documents, "input_type": "document"}).encode(),
+        "bad_items": f'{{"input": {zeros}}}'.encode(),
+        "oversized": b'{"input": ["' + b"x" * max_request_bytes + b'"]}',
+        "lone_surrogates": b'{"query": "\\ud83d hi", "documents": ["a \\udc00"]}',
+    }
+
+
+HOSTILE_PATHS = {"max_embeddings": "/v1/embeddings", "bad_items": "/v1/embeddings", "oversized": "/v1/embeddings"}
+
+
+def _slow_body(url: str, headers: dict) -> int:
+    """Announce a 1 KiB body and send none of it: the status the server answers (0: none within 60 s)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        lines = ["POST /rerank HTTP/1.1", f"Host: {host}", "Content-Type: application/json",
+                 "Content-Length: 1024", *[f"{k}: {v}" for k, v in headers.items()], "", ""]  # fmt: skip
+        sock.sendall("\r\n".join(lines).encode())
+        try:
+            head = sock.recv(4096).decode(errors="replace")
+        except TimeoutError:
+            return 0
+    return int(head.split()[1]) if head.startswith("HTTP/") else 0
+
+
+def _send_hostile(url: str, headers: dict, case: str, body: bytes) -> tuple[int, float]:
+    """One hostile request: its status (0: no answer) and seconds."""
+    started = time.perf_counter()
+    if case == "slow_body":
+        return _slow_body(url, headers), time.perf_counter() - started
+    try:
+        status = requests.post(
+            url + HOSTILE_PATHS.get(case, "/rerank"), data=body, timeout=600,
+            headers={**headers, "Content-Type": "application/json"},
+        ).status_code  # fmt: skip
+    except requests.RequestException:
+        status = 0
+    return status, time.perf_counter() - started
+
+
+def _sample_peak(pids: dict[str, list[int]], peak: dict[str, float], done: threading.Event) -> None:
+    while not done.is_set():
+        for name, p in pids.items():
+            peak[name] = max(peak[name], round(_rss_mb(p), 1))
+        time.sleep(0.05)
+
+
+def _hostile(url: str, headers: dict, clients: int) -> dict:
+    """Every hostile case once per client, all clients at once; statuses, latency and replica peak RSS."""
+    from rabtriever_ray.config import ServeConfig
+
+    limits = ServeConfig()
+    bodies = _hostile_bodies(limits.max_documents, limits.max_text_bytes, limits.max_request_bytes)
+    pids = _replica_pids()
+    idle = {name: round(_rss_mb(p), 1) for name, p in pids.items()}
+    cases = {}
+    for case in [*bodies, "slow_body"]:
+        start = {name: round(_rss_mb(p), 1) for name, p in pids.items()}
+        peak, done = dict(start), threading.Event()
+        sampler = threading.Thread(target=_sample_peak, args=(pids, peak, done))
+        sampler.start()
+        with ThreadPoolExecutor(clients) as pool:
+            body = bodies.get(case, b"")
+            results = list(pool.map(lambda _: _send_hostile(url, headers, case, body), range(clients)))  # noqa: B023
+        done.set()
+        sampler.join()
+        cases[case] = {
+            "body_bytes": len(bodies.get(case, b"")),
+            "statuses": dict(collections.Counter(str(status) for status, _ in results)),
+            "max_latency_s": round(max(seconds for _, seconds in results), 2),
+            "peak_rss_mb": peak,
+            "peak_over_idle_mb": {name: round(peak[name] - idle[name], 1) for name in peak},
+            # RSS rarely falls back after a case (Python's allocator keeps freed memory): this is what it added
+            "peak_over_case_start_mb": {name: round(peak[name] - start[name], 1) for name in peak},
+        }
+        print(json.dumps({"case": case, **cases[case]}), flush=True)
+    return {"clients": clients, "idle_rss_mb": idle, "cases": cases}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -293,6 +418,10 @@ def main() -> int:
     parser.add_argument(
         "--kill-after-s", type=float, default=3.0, help="when --kill-replica kills, into the run"
     )
+    parser.add_argument(
+        "--hostile", action="store_true", help="send maximal valid and hostile requests instead (see above)"
+    )
+    parser.add_argument("--hostile-clients", type=int, default=16, help="concurrent senders per hostile case")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/serve_load.json")
     args = parser.parse_args()
@@ -319,8 +448,8 @@ def main() -> int:
         parser.error(
             "--app configures the app this script starts; a running app (--url) is measured as it is"
         )
-    if args.kill_replica and args.url:
-        parser.error("--kill-replica kills a replica of the app this script starts, not of --url")
+    if (args.kill_replica or args.hostile) and args.url:
+        parser.error("--kill-replica and --hostile measure the app this script starts, not --url")
     if extra:  # checked as Serve will read them, before Ray starts or --model builds anything
         from rabtriever_ray.config import ConfigError
         from rabtriever_ray.serve import load_serve_config
@@ -360,6 +489,18 @@ def main() -> int:
         if args.kill_replica:
             del modes["off"]
             workloads, clients = ["rerank_student"], [max(clients)]
+        if args.hostile:
+            _start({**modes["on"], "body_timeout_s": 2.0}, url)
+            report = {
+                "machine": f"{platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}",
+                "app": args.model or args.checkpoint or "the demo (default model)",
+                "app_args": extra,
+                "hostile": _hostile(url, headers, args.hostile_clients),
+            }
+            serve.shutdown()
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+            return 0
 
     cells = []
     batch_stats: dict[str, dict] = {}

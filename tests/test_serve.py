@@ -12,6 +12,7 @@ import select
 import shutil
 import socket
 import time
+import types
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -758,16 +759,23 @@ class _DyingEncoder:
         return self.remote(*args)
 
 
-def _rerank_through_the_router(encoder, **settings) -> tuple[int, dict, dict]:
-    """POST /rerank through the Router's FastAPI app (ASGI, in process) over ``encoder``: status, headers, body."""
-    from rabtriever_ray.serve.router import _http_api
-
+def _router(encoder, **settings):
+    """A Router over ``encoder`` (both models taken as loaded), outside Serve: its FastAPI app runs in process."""
     config = serve_module.load_serve_config({"checkpoint": "unused", **settings})
     router = serve_module.Router.func_or_class.__mro__[1](
         encoder, None, config
     )  # the class under @serve.ingress
     router._loaded = True  # the models' readiness is Serve's status, which this test has no app for
-    body = json.dumps({"query": "q", "documents": ["a"]}).encode()
+    return router
+
+
+def _rerank_through_the_router(encoder, router=None, query="q", receive=None, **settings) -> tuple[int, dict, dict]:
+    """POST /rerank through the Router's FastAPI app (ASGI, in process) over ``encoder``: status, headers, body.
+    ``receive``: the ASGI receive callable (default: the whole body at once)."""
+    from rabtriever_ray.serve.router import _http_api
+
+    router = router or _router(encoder, **settings)
+    body = json.dumps({"query": query, "documents": ["a"]}).encode()
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
         "path": "/rerank", "raw_path": b"/rerank", "root_path": "", "query_string": b"",
@@ -777,13 +785,13 @@ def _rerank_through_the_router(encoder, **settings) -> tuple[int, dict, dict]:
     incoming = [{"type": "http.request", "body": body, "more_body": False}]
     sent = []
 
-    async def receive():
+    async def whole_body():
         return incoming.pop(0) if incoming else {"type": "http.disconnect"}
 
     async def send(message):
         sent.append(message)
 
-    asyncio.run(_http_api(router)(scope, receive, send))
+    asyncio.run(_http_api(router)(scope, receive or whole_body, send))
     start = next(m for m in sent if m["type"] == "http.response.start")
     headers = {k.decode(): v.decode() for k, v in start["headers"]}
     return start["status"], headers, json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
@@ -793,20 +801,109 @@ def test_a_call_whose_replica_died_is_retried_once_then_503_model_restarted():
     encoder = _DyingEncoder(deaths=1)  # another replica takes the retry
     status, _, body = _rerank_through_the_router(encoder)
     assert status == 200 and body["results"] == [{"index": 0, "relevance_score": 0.5}] and encoder.calls == 2
-    for encoder, limit in [(_DyingEncoder(deaths=2), 5.0), (_DyingEncoder(1, replica_free=False), 0.2)]:
-        started = time.monotonic()  # the retry's replica died too; no replica within replica_retry_wait_s
-        status, headers, body = _rerank_through_the_router(encoder, replica_retry_wait_s=limit)
-        assert status == 503 and headers["retry-after"] == "10", body
-        assert (
-            body["error"]["type"] == "model_restarted"
-            and "Encoder model restarted" in body["error"]["message"]
-        )
-        assert encoder.calls == 2 if encoder.replica_free else encoder.calls == 1
-        assert time.monotonic() - started < limit + 2
+    encoder, started = _DyingEncoder(1, replica_free=False), time.monotonic()
+    status, headers, body = _rerank_through_the_router(encoder, replica_retry_wait_s=0.2)  # no replica in time
+    assert status == 503 and headers["retry-after"] == "10", body
+    assert body["error"]["type"] == "model_restarted" and "Encoder model restarted" in body["error"]["message"]
+    assert encoder.calls == 1 and time.monotonic() - started < 2.2
     # A call that failed for another reason is not retried: it is the JSON 500 of any unhandled error.
     encoder = _DyingEncoder(deaths=1, error=ValueError("no index is configured"))
     status, _, body = _rerank_through_the_router(encoder)
     assert status == 500 and body["error"]["type"] == "server_error" and encoder.calls == 1
+
+
+def test_a_request_that_kills_two_replicas_is_answered_500_and_refused_when_sent_again():
+    encoder = _DyingEncoder(deaths=2)  # the retry's replica dies too: a query of death
+    router = _router(encoder)
+    status, headers, body = _rerank_through_the_router(encoder, router)
+    assert status == 500 and "retry-after" not in headers and encoder.calls == 2, body
+    assert body["error"]["type"] == "replica_died" and "killed two Encoder replicas" in body["error"]["message"]
+    # Sent again, it is refused before any replica sees it; other requests are served.
+    status, _, body = _rerank_through_the_router(encoder, router)
+    assert status == 500 and body["error"]["type"] == "replica_died" and encoder.calls == 2
+    status, _, body = _rerank_through_the_router(encoder, router, query="another query")
+    assert status == 200 and encoder.calls == 3
+
+
+class _HungEncoder(_DyingEncoder):
+    async def remote(self, *args):
+        self.calls += 1
+        await asyncio.sleep(3600)
+
+
+def test_deadlines_a_hung_model_is_a_504_and_a_slow_body_a_408():
+    started = time.monotonic()
+    status, _, body = _rerank_through_the_router(_HungEncoder(deaths=0), model_timeout_s=0.3)
+    assert status == 504 and body["error"]["type"] == "model_timeout" and "model_timeout_s=0.3" in str(body)
+    assert time.monotonic() - started < 3
+
+    async def stalled():  # the headers came; the body never does
+        await asyncio.sleep(3600)
+
+    encoder, started = _DyingEncoder(deaths=0), time.monotonic()
+    status, _, body = _rerank_through_the_router(encoder, receive=stalled, body_timeout_s=0.3)
+    assert status == 408 and body["error"]["type"] == "body_timeout" and encoder.calls == 0, body
+    assert time.monotonic() - started < 3
+
+
+def test_a_stuck_model_thread_fails_the_health_check():
+    from rabtriever_ray.serve.batching import BatchedModel
+
+    model = BatchedModel()
+    model._hung_after_s, model._batch_started = 240.0, None
+    model.check_health()  # idle
+    model._batch_started = time.monotonic() - 10
+    model.check_health()  # a batch running for a while
+    model._batch_started = time.monotonic() - 300
+    with pytest.raises(RuntimeError, match="model thread is stuck"):
+        model.check_health()
+
+
+def test_healthz_reads_serves_status_once_for_many_callers(monkeypatch):
+    from rabtriever_ray.serve import router as router_module
+
+    reads = []
+
+    def status():
+        reads.append(1)
+        time.sleep(0.05)
+        return types.SimpleNamespace(applications={})
+
+    monkeypatch.setattr(router_module.serve, "status", status)
+    monkeypatch.setattr(
+        router_module.serve, "get_replica_context", lambda: types.SimpleNamespace(app_name="rabtriever")
+    )
+    router = _router(types.SimpleNamespace(deployment_name="Encoder"))
+    router.reranker = types.SimpleNamespace(deployment_name="Reranker")
+
+    async def many():
+        return await asyncio.gather(*[router._models_ready() for _ in range(50)])
+
+    answers = asyncio.run(many())
+    assert reads == [1] and answers[0] == {"encoder": False, "reranker": False}
+
+
+@pytest.mark.parametrize(
+    "host, auth, key, refused",
+    [
+        ("127.0.0.1", "auto", None, False),
+        ("localhost", "auto", None, False),
+        ("::1", "auto", None, False),
+        ("0.0.0.0", "auto", None, True),
+        ("10.1.2.3", "auto", None, True),
+        ("my-host", "auto", None, True),
+        ("0.0.0.0", "auto", "digest", False),
+        ("0.0.0.0", "none", None, False),
+    ],
+)
+def test_open_routes_are_refused_on_a_non_loopback_address_unless_auth_none(host, auth, key, refused):
+    from rabtriever_ray.serve.router import check_exposure
+
+    if refused:
+        with pytest.raises(ConfigError, match="RABTRIEVER_API_KEY is not set.*auth=none"):
+            check_exposure(auth, key, host)
+    else:
+        check_exposure(auth, key, host)
 
 
 # -- configuration and the no-argument default --------------------------------------------------------------------

@@ -81,7 +81,8 @@ def test_bad_arguments_fail_before_anything_starts(tmp_path):
             ["--url", "http://127.0.0.1:9", "--app", "max_batch_size=2"],
             "--app configures the app this script",
         ),
-        (["--url", "http://127.0.0.1:9", "--kill-replica"], "--kill-replica kills a replica of the app this"),
+        (["--url", "http://127.0.0.1:9", "--kill-replica"], "--kill-replica and --hostile measure the app this"),
+        (["--url", "http://127.0.0.1:9", "--hostile"], "--kill-replica and --hostile measure the app this"),
     ]:
         result = subprocess.run(
             [sys.executable, str(_SCRIPT), *argv, "--out", str(tmp_path / "out.json")],
@@ -91,3 +92,21 @@ def test_bad_arguments_fail_before_anything_starts(tmp_path):
         )
         assert result.returncode == 2 and message in result.stderr, (argv, result.stderr[-2000:])
     assert not (tmp_path / "out.json").exists()
+
+
+def test_hostile_bodies_sit_at_the_limits():
+    """The hostile mode's bodies: the maximal ones within every limit, the others just past one."""
+    from helpers import load_script
+
+    from rabtriever_ray.config import ServeConfig
+
+    bench, limits = load_script("benchmarks/serve_load.py"), ServeConfig()
+    bodies = bench._hostile_bodies(limits.max_documents, limits.max_text_bytes, limits.max_request_bytes)
+    rerank = json.loads(bodies["max_rerank_student"])
+    assert len(rerank["documents"]) == limits.max_documents
+    assert all(limits.max_text_bytes - 64 < len(d.encode()) <= limits.max_text_bytes for d in rerank["documents"])
+    assert len(set(rerank["documents"])) == limits.max_documents
+    for case in ("max_rerank_student", "max_rerank_teacher", "max_embeddings", "bad_items"):
+        assert len(bodies[case]) <= limits.max_request_bytes, case
+    assert len(json.loads(bodies["bad_items"])["input"]) > 2_000_000 - 100
+    assert len(bodies["oversized"]) > limits.max_request_bytes

@@ -94,6 +94,14 @@ class ServeConfig:
         "after a model replica dies during a call, how long the Router's one retry waits for a live replica "
         "(then 503 model_restarted)",
     )
+    model_timeout_s: float = option(
+        120.0,
+        "deadline of one model call as the Router waits for it (then 504 model_timeout); a replica whose batch "
+        "runs over twice this fails Serve's health check and is replaced",
+    )
+    body_timeout_s: float = option(
+        30.0, "time to receive a request body once its headers arrived (slower: 408 body_timeout)"
+    )
     encoder: ServeResources = option(ServeResources(), "the Encoder deployment (student and index)")
     reranker: ServeResources = option(ServeResources(), "the Reranker deployment (teacher)")
     router: RouterResources = option(RouterResources(), "the Router deployment (HTTP ingress)")
@@ -104,3 +112,6 @@ class ServeConfig:
             raise ConfigError(f"max_documents must be at most {MAX_DOCUMENTS_LIMIT}, got {self.max_documents}")
         check_at_least(self, 1, "max_top_k", "first_stage_k")
         check_at_least(self, 0, "batch_wait_timeout_s", "replica_retry_wait_s")
+        for name in ("model_timeout_s", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -6,12 +6,17 @@ The model runs in one worker thread per replica, so the event loop keeps accepti
 checks) while a batch runs. Requests that arrive meanwhile wait until it ends and then form the next batch together
 (`BatchedModel._admit`); Serve alone would already form it from the one or two requests that came within the
 wait. ``reconfigure`` (Serve's ``user_config``) changes both settings live.
+
+A model thread that hangs (or a batch that runs far past its deadline) fails Serve's health check
+(`BatchedModel.check_health`): the Router answered its requests 504 at ``model_timeout_s``, and Serve replaces the
+replica instead of letting the batch hold the admission gate shut.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -36,6 +41,8 @@ class BatchedModel:
         self._model_free = asyncio.Event()
         self._model_free.set()
         self._running = 0
+        self._batch_started: float | None = None  # when the batch on the model thread started
+        self._hung_after_s = 2 * config.model_timeout_s
         self._batch_sizes = {name: collections.Counter() for name in self.BATCHED}
         self._batch_size_metric = Histogram(
             "rabtriever_batch_size",
@@ -77,8 +84,12 @@ class BatchedModel:
         self._batch_size_metric.observe(len(items), tags={"method": name})
 
         def run() -> list:
-            with torch.inference_mode():  # grad mode is per thread
-                return function(items)
+            self._batch_started = time.monotonic()
+            try:
+                with torch.inference_mode():  # grad mode is per thread
+                    return function(items)
+            finally:
+                self._batch_started = None
 
         self._running += 1
         self._model_free.clear()
@@ -88,6 +99,16 @@ class BatchedModel:
             self._running -= 1
             if not self._running:
                 self._model_free.set()
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: raises once the running batch has run for over twice
+        ``model_timeout_s``, so that Serve replaces this replica."""
+        started = self._batch_started
+        if started is not None and time.monotonic() - started > self._hung_after_s:
+            raise RuntimeError(
+                f"a batch has run on the model thread for {time.monotonic() - started:.0f} s, over twice "
+                f"model_timeout_s ({self._hung_after_s:.0f} s): the model thread is stuck"
+            )
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """``settings`` (max_batch_size, batch_wait_timeout_s) and, per batched method, ``batches``, ``requests``,

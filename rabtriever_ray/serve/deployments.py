@@ -136,7 +136,6 @@ class Encoder(BatchedModel):
         return await self._run("_search_batch", self._search, items)
 
     # -- model work (on the model thread) -------------------------------------------------------------------
-    # Truncation flags come from the prompt builder (it tokenises once more) so that encoding stays in student.py.
 
     def _embed(self, items: list[tuple]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = [{} for _ in items]
@@ -147,11 +146,11 @@ class Encoder(BatchedModel):
                 continue
             if kind == "query":
                 prompts = self._prompts.query_prompts(texts)
-                vectors = self.student.embed_queries(self.student.encode_queries(texts))
+                vectors = self.student.embed_queries(self.student.encode_queries(prompts))
                 tokens, cut = prompts.query_tokens, prompts.query_truncated
             else:
                 prompts = self._prompts.document_prompts(texts)
-                vectors = self.student.embed_documents(self.student.encode_documents(texts))
+                vectors = self.student.embed_documents(self.student.encode_documents(prompts))
                 tokens, cut = prompts.doc_tokens, prompts.doc_truncated
             vectors = vectors.float().cpu()
             start = 0
@@ -173,17 +172,20 @@ class Encoder(BatchedModel):
         documents = list(dict.fromkeys(doc for _, docs in items for doc in docs))
         query_row = {query: i for i, query in enumerate(queries)}
         doc_row = {doc: i for i, doc in enumerate(documents)}
-        h_query = self.student.encode_queries(queries)
-        fresh = [doc for doc in documents if doc not in self._indexed]
-        encoded = dict(zip(fresh, self.student.encode_documents(fresh).cpu())) if fresh else {}
-        h_doc = torch.stack(
-            [
-                encoded[doc] if doc in encoded else self.searcher.index.doc_hidden[self._indexed[doc]].float()
-                for doc in documents
-            ]
-        )
+        # Each text is tokenised once per batch: the prompts give both the model's input and the bookkeeping.
         query_prompts = self._prompts.query_prompts(queries)
         doc_prompts = self._prompts.document_prompts(documents)
+        h_query = self.student.encode_queries(query_prompts)
+        fresh = [row for row, doc in enumerate(documents) if doc not in self._indexed]
+        encoded = (
+            dict(zip(fresh, self.student.encode_documents(doc_prompts.select(fresh)).cpu())) if fresh else {}
+        )
+        h_doc = torch.stack(
+            [
+                encoded[row] if row in encoded else self.searcher.index.doc_hidden[self._indexed[doc]].float()
+                for row, doc in enumerate(documents)
+            ]
+        )
         rows = [[doc_row[doc] for doc in docs] for _, docs in items]
         scores = self.student.rerank(h_query[[query_row[query] for query, _ in items]], h_doc, rows)
         return [
@@ -256,17 +258,15 @@ class Reranker(BatchedModel):
 
     def _rerank(self, items: list[tuple]) -> list[dict[str, Any]]:
         items, request_cut = _cut_documents(self.teacher.prompts, items)
-        scores = self.teacher.rerank([query for query, _ in items], [docs for _, docs in items])
+        results = self.teacher.rerank([query for query, _ in items], [docs for _, docs in items], details=True)
         out = []
-        for (query, docs), item_scores, item_cut in zip(items, scores, request_cut):
-            # The flags and token counts, per part of the pair.
-            prompts = self.teacher.prompts.pair_prompts([query] * len(docs), docs)
+        for result, item_cut in zip(results, request_cut):
             out.append(
                 {
-                    "scores": item_scores.tolist(),
-                    "query_truncated": any(prompts.query_truncated),
-                    "documents_truncated": [a or b for a, b in zip(item_cut, prompts.doc_truncated)],
-                    "tokens": sum(prompts.query_tokens) + sum(prompts.doc_tokens),
+                    "scores": result.score.tolist(),
+                    "query_truncated": bool(result.query_truncated.any()),
+                    "documents_truncated": [a or b for a, b in zip(item_cut, result.doc_truncated.tolist())],
+                    "tokens": int(result.query_tokens.sum() + result.doc_tokens.sum()),
                 }
             )
         return out

@@ -5,16 +5,27 @@ Auth: when ``RABTRIEVER_API_KEY`` is set where the app is built (``serve run``, 
 ``serve deploy``), every route but ``/healthz`` needs ``Authorization: Bearer <key>`` (401 otherwise). Only the
 key's SHA-256 is passed to the Router, which compares digests in constant time. ``ServeConfig.auth`` says whether
 the key is required (`application.build_app` refuses to start ``auth=key`` without it, and warns that every route
-is open under ``auto``, the default, without it).
+is open under ``auto``, the default, without it). ``auto`` without a key serves only on a loopback address (as
+``serve run`` does by default): a Router whose proxy binds any other address refuses to start unless
+``auth=none`` says that open is meant.
 
 Body size: ``max_request_bytes`` is checked against Content-Length before the body is read, and a chunked upload
 (no Content-Length) is counted as its chunks arrive and answered 413 at the first byte past the limit, so a replica
 never holds more than the limit of one body. (Serve's proxy queues what the client sends until the Router answers.)
+A body must arrive within ``body_timeout_s`` of its headers (408 ``body_timeout`` otherwise).
+
+Deadlines: a model call that has not answered within ``model_timeout_s`` is answered 504 ``model_timeout``; the
+model replica's health check fails once one of its batches has run for twice that (`BatchedModel.check_health`),
+and Serve replaces it. ``/healthz`` reads Serve's status at most once per `HEALTH_CACHE_S`, however often it is
+called.
 
 Replica deaths: the model calls are idempotent, so a call whose replica died (`_replica_gone`) is sent once more;
 Serve's handle has marked the dead replica by then, so the retry goes to another one. The retry waits at most
 ``replica_retry_wait_s`` for a replica to take it (with a single replica, its replacement is still loading) and
-then answers 503 ``model_restarted`` with ``Retry-After``, never a bare 500.
+then answers 503 ``model_restarted`` with ``Retry-After``, never a bare 500. A request whose retry's replica died
+too has killed two replicas (a query of death: out of memory on its input, say): it is answered 500
+``replica_died`` without ``Retry-After``, and the same request (the same model call) is refused at once for
+`KILLER_MEMORY_S`, so a client that retries it anyway cannot take the replicas down one after another.
 
 Metrics (Prometheus, through Ray's metrics agent): ``ray_rabtriever_requests_total{route,status}``,
 ``ray_rabtriever_request_latency_ms{route}``, ``ray_rabtriever_batch_size{method}``, beside Serve's own.
@@ -24,9 +35,12 @@ Metrics (Prometheus, through Ray's metrics agent): ``ray_rabtriever_requests_tot
 # reads the route signatures' types there, so they must be objects, not strings.
 import asyncio
 import base64
+import collections
 import contextlib
 import hashlib
 import hmac
+import ipaddress
+import json
 import logging
 import time
 import uuid
@@ -42,8 +56,9 @@ from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableE
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 
-from ..config import ServeConfig
+from ..config import ConfigError, ServeConfig
 from .http import (
+    API_KEY_ENV,
     DEFAULT_TOP_K,
     MAX_REPORTED_ERRORS,
     EmbeddingRequest,
@@ -65,6 +80,41 @@ READY_STATUSES = ("HEALTHY", "UPSCALING", "DOWNSCALING")  # Serve deployment sta
 # when the chosen replica or the whole deployment is gone before the call is sent.
 REPLICA_GONE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
 RESTART_RETRY_AFTER_S = 10  # the Retry-After of a model_restarted 503: a replacement replica loads its model
+KILLER_MEMORY_S = 600  # how long a model call that killed two replicas is refused at once
+KILLERS_KEPT = 1000  # the most such calls remembered (the oldest forgotten first)
+HEALTH_CACHE_S = 1.0  # /healthz and the loading check read Serve's status at most this often
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
+def check_exposure(auth: str, api_key_sha256: str | None, host: str | None) -> None:
+    """Refuse open routes on a non-loopback ``host`` (the HTTP proxies' bind address) unless ``auth`` is ``none``:
+    ``auto`` without a key is for ``serve run`` on this machine. ``host`` None (unknown) passes."""
+    if api_key_sha256 is None and auth == "auto" and host is not None and not _is_loopback(host):
+        raise ConfigError(
+            f"Serve's HTTP proxies bind {host!r}, reachable from other machines, and {API_KEY_ENV} is not set: "
+            "set it to require 'Authorization: Bearer <key>', or pass auth=none to serve open on purpose "
+            "(behind a gateway that authenticates)"
+        )
+
+
+def _http_host() -> str | None:
+    """The address Serve's HTTP proxies bind, read from the controller; None outside a Serve replica."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        serve.get_replica_context()
+    except RayServeException:
+        return None
+    return _get_global_client().http_config.host
 
 
 def _replica_gone(error: BaseException) -> bool:
@@ -86,7 +136,12 @@ class Router:
     ):
         self.encoder, self.reranker, self.config = encoder, reranker, config
         self._api_key_sha256 = api_key_sha256
+        check_exposure(config.auth, api_key_sha256, _http_host())
         self._loaded = False
+        # Digests of model calls that killed two replicas, with when: refused at once for KILLER_MEMORY_S.
+        self._killers: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._status_lock = asyncio.Lock()
+        self._status: tuple[float, dict[str, bool]] | None = None  # (when read, readiness)
         logger.info(
             "Router: auth=%s, %s", config.auth, "API key required" if api_key_sha256 else "routes open"
         )
@@ -148,20 +203,48 @@ class Router:
         length = request.headers.get("content-length")
         if length is not None and not length.isdigit():
             return error_response(400, "content-length", f"invalid Content-Length {length!r}")
-        if length is not None:  # the server reads no more than Content-Length announces
-            within = int(length) <= limit
-        else:  # chunked, or no body at all
-            within = "transfer-encoding" not in request.headers or await _read_body(request, limit)
-        if not within:
+        if length is not None and int(length) > limit:  # refused before a byte of the body is read
             return error_response(413, "body", f"request body over max_request_bytes={limit}")
+        if length is not None or "transfer-encoding" in request.headers:
+            # Read here, under a deadline: a client that sends its body slowly would otherwise hold the request.
+            try:
+                within = await asyncio.wait_for(_read_body(request, limit), self.config.body_timeout_s)
+            except asyncio.TimeoutError:
+                return error_response(
+                    408, "body", f"request body not received within body_timeout_s={self.config.body_timeout_s}",
+                    "body_timeout",
+                )  # fmt: skip
+            if not within:  # chunked: counted as it arrives
+                return error_response(413, "body", f"request body over max_request_bytes={limit}")
         return await call_next(request)
 
     async def _call(self, handle: DeploymentHandle, method: str, *args: Any) -> Any:
-        """``await handle.<method>.remote(*args)``, sent once more when its replica died (`_replica_gone`).
+        """``await handle.<method>.remote(*args)`` within ``model_timeout_s`` (`RequestError` 504 ``model_timeout``
+        after it), sent once more when its replica died (`_retried`)."""
+        try:
+            return await asyncio.wait_for(self._retried(handle, method, *args), self.config.model_timeout_s)
+        except asyncio.TimeoutError:
+            logger.warning("%s.%s: no answer within model_timeout_s", handle.deployment_name, method)
+            raise RequestError(
+                504, None,
+                f"the {handle.deployment_name} model did not answer within model_timeout_s="
+                f"{self.config.model_timeout_s}", "model_timeout",
+            ) from None  # fmt: skip
 
-        The retry waits at most ``replica_retry_wait_s`` for a replica to take it; a call that a replica has taken
-        runs unbounded, as the first one did. Raises `RequestError` 503 ``model_restarted`` when the retry finds
-        no replica in time or its replica dies too."""
+    async def _retried(self, handle: DeploymentHandle, method: str, *args: Any) -> Any:
+        """The call, sent once more when its replica died (`_replica_gone`).
+
+        The retry waits at most ``replica_retry_wait_s`` for a replica to take it. Raises `RequestError` 503
+        ``model_restarted`` when the retry finds no replica in time, and 500 ``replica_died`` when its replica dies
+        too (the call is then remembered and refused at once for `KILLER_MEMORY_S`)."""
+        digest = None
+        if self._killers:
+            digest = _call_digest(handle, method, args)
+            now = time.monotonic()
+            while self._killers and next(iter(self._killers.values())) < now - KILLER_MEMORY_S:
+                self._killers.popitem(last=False)
+            if digest in self._killers:
+                raise _killed_twice(handle, again=True)
         call = getattr(handle, method)
         try:
             return await call.remote(*args)
@@ -176,13 +259,19 @@ class Router:
                 )
                 return await call.dispatch(replica, *args)
         except Exception as error:
-            if not (isinstance(error, asyncio.TimeoutError) or _replica_gone(error)):
+            if isinstance(error, asyncio.TimeoutError):
+                logger.warning("%s.%s: no replica took the retry in time", handle.deployment_name, method)
+                raise RequestError(
+                    503, None, f"the {handle.deployment_name} model restarted during the request; retry it",
+                    "model_restarted", **{"Retry-After": str(RESTART_RETRY_AFTER_S)},
+                ) from error  # fmt: skip
+            if not _replica_gone(error):
                 raise
-            logger.warning("%s.%s: the retry failed (%r)", handle.deployment_name, method, error)
-            raise RequestError(
-                503, None, f"the {handle.deployment_name} model restarted during the request; retry it",
-                "model_restarted", **{"Retry-After": str(RESTART_RETRY_AFTER_S)},
-            ) from error  # fmt: skip
+            logger.error("%s.%s: the retry's replica died too; refusing this call", handle.deployment_name, method)
+            self._killers[digest or _call_digest(handle, method, args)] = time.monotonic()
+            while len(self._killers) > KILLERS_KEPT:
+                self._killers.popitem(last=False)
+            raise _killed_twice(handle, again=False) from error
 
     # -- routes ---------------------------------------------------------------------------------------------
 
@@ -302,14 +391,20 @@ class Router:
 
     async def _models_ready(self) -> dict[str, bool]:
         """Whether the Encoder's and the Reranker's replicas are up, from Serve's deployment status rather than a
-        model call, which would queue behind full batches (a busy server is not an unhealthy one)."""
-        status = await asyncio.to_thread(serve.status)
-        app = status.applications.get(serve.get_replica_context().app_name)
-        deployments = app.deployments if app is not None else {}
-        return {
-            name: getattr(deployments.get(handle.deployment_name), "status", None) in READY_STATUSES
-            for name, handle in (("encoder", self.encoder), ("reranker", self.reranker))
-        }
+        model call, which would queue behind full batches (a busy server is not an unhealthy one). Read from the
+        controller at most once per `HEALTH_CACHE_S`: concurrent callers share one read."""
+        async with self._status_lock:
+            if self._status is not None and time.monotonic() - self._status[0] < HEALTH_CACHE_S:
+                return self._status[1]
+            status = await asyncio.to_thread(serve.status)
+            app = status.applications.get(serve.get_replica_context().app_name)
+            deployments = app.deployments if app is not None else {}
+            ready = {
+                name: getattr(deployments.get(handle.deployment_name), "status", None) in READY_STATUSES
+                for name, handle in (("encoder", self.encoder), ("reranker", self.reranker))
+            }
+            self._status = (time.monotonic(), ready)
+            return ready
 
     def _check_count(self, texts: list[str], param: str) -> None:
         if len(texts) > self.config.max_documents:
@@ -318,6 +413,22 @@ class Router:
                 param,
                 f"{param}: {len(texts)} items, more than max_documents={self.config.max_documents}",
             )
+
+
+def _call_digest(handle: DeploymentHandle, method: str, args: tuple) -> str:
+    """What identifies a model call: the deployment, the method and its arguments (texts, limits)."""
+    text = json.dumps([handle.deployment_name, method, args], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _killed_twice(handle: DeploymentHandle, again: bool) -> RequestError:
+    when = "killed two" if not again else "killed two replicas earlier and is refused for now; it killed two"
+    return RequestError(
+        500, None,
+        f"this request {when} {handle.deployment_name} replicas (each died while serving it), so it is not "
+        f"retried; requests with the same content are refused for {KILLER_MEMORY_S} s. The replica logs may say "
+        "why (out of memory on an input, say)", "replica_died",
+    )  # fmt: skip
 
 
 async def _read_body(request: Request, limit: int) -> bool:
