@@ -25,6 +25,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import shutil
 import time
@@ -38,7 +40,7 @@ from .config import DistillConfig, to_dict
 from .data import data_root, read_beir, read_beir_dataset, read_pairs, run_pairs
 from .io import atomic_dir, write_json_atomic
 from .models import prompt_mismatch, resolve_spec, trained_prompt
-from .pipeline import SchemaError, pairs_dataset, score_pairs, teacher_stage
+from .pipeline import SchemaError, pairs_dataset, persisted_counts, score_pairs, teacher_stage
 from .report import final_metrics, plot_curves, top1_and_cost, val_metrics
 from .runtime import init_ray
 from .sanity import format_sanity, teacher_sanity
@@ -111,6 +113,11 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
             teacher=dataclasses.replace(cfg.teacher, model=str(tuned_dir)),
             val_teacher_data=str(tuned_dir / "val_scores"),
         )
+    from .raytrain import check_resume
+
+    fingerprint = distill_fingerprint(cfg, plan)
+    for round_index in range(cfg.rounds):  # a rerun of another run stops here, before anything is scored
+        check_resume(plan.storage / _run_name(cfg, round_index), fingerprint, cfg.resume)
     stage, n_train, n_train_queries = round_zero(cfg, plan, train_data, train_stream)
     warning = prompt_mismatch(cfg.teacher.model, to_dict(cfg.teacher.prompt))
     if warning:
@@ -122,6 +129,8 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
     checkpoint, rounds = train_rounds(
         cfg, plan, stage, (n_train, n_train_queries), val, train_data, train_stream, fail_once_after_step
     )
+    # Trained: the persisted teacher outputs were for a restart, and the checkpoints now hold the result.
+    shutil.rmtree(plan.storage / f"{cfg.name}-teacher-outputs", ignore_errors=True)
 
     with (
         checkpoint.as_directory() as directory,
@@ -170,13 +179,45 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
     return report
 
 
-def _stage_args(cfg: DistillConfig) -> dict[str, Any]:
+def distill_fingerprint(cfg: DistillConfig, plan: DistillPlan) -> dict[str, Any]:
+    """What defines this distillation (`raytrain.run_fingerprint`): its config, the training data, run files and
+    pre-scored teacher data, and the teacher's files."""
+    from .raytrain import model_files, run_fingerprint
+
+    inputs = {"train": [plan.train_root], "teacher": model_files(cfg.teacher.model)}
+    if cfg.teacher_data:
+        inputs["teacher_data"] = [cfg.teacher_data]
+    for key in ("candidates", "round_pool"):
+        if getattr(cfg, f"{key}_spec").kind == "run":
+            inputs[key] = [getattr(cfg, f"{key}_spec").path]
+    return run_fingerprint(cfg, inputs)
+
+
+def _run_name(cfg: DistillConfig, round_index: int) -> str:
+    """Each round is its own Ray Train run, so a rerun resumes the round it stopped in."""
+    return cfg.name if round_index == 0 else f"{cfg.name}-round{round_index}"
+
+
+def teacher_outputs_dir(cfg: DistillConfig, plan: DistillPlan) -> Path | None:
+    """Where the training pairs' teacher stages persist their scored batches (`pipeline.TeacherScorer`), beside
+    the Ray Train runs: one folder per teacher (its config and model files), so another teacher never reads these
+    back. None with ``persist_teacher=false``."""
+    if not cfg.persist_teacher:
+        return None
+    from .raytrain import files_digest, model_files
+
+    identity = json.dumps([to_dict(cfg.teacher), files_digest(model_files(cfg.teacher.model))], default=str)
+    return plan.storage / f"{cfg.name}-teacher-outputs" / hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def _stage_args(cfg: DistillConfig, plan: DistillPlan) -> dict[str, Any]:
     """The teacher stage's actors for training pairs: one call per block (whole candidate lists)."""
     return {
         "actors": (1, cfg.teacher_actors),
         "cpus_per_actor": cfg.teacher_cpus,
         "batch_size": None,
         "gpus_per_actor": cfg.teacher_gpus if cfg.use_gpu else 0.0,
+        "outputs_dir": teacher_outputs_dir(cfg, plan),
     }
 
 
@@ -197,7 +238,7 @@ def round_zero(cfg: DistillConfig, plan: DistillPlan, train_data, train_stream) 
             min_partitions=4 * cfg.num_workers,
         )
         stage, n_train, n_queries = (
-            teacher_stage(blocks, cfg.teacher, **_stage_args(cfg)),
+            teacher_stage(blocks, cfg.teacher, **_stage_args(cfg, plan)),
             counts["pairs"],
             counts["queries"],
         )
@@ -206,7 +247,7 @@ def round_zero(cfg: DistillConfig, plan: DistillPlan, train_data, train_stream) 
 
         pairs = build_pairs(train_data, cfg.candidates, cfg.max_train_queries, cfg.seed, training=True)
         stage, n_train, n_queries = (
-            _training_stage(cfg, pairs),
+            _training_stage(cfg, plan, pairs),
             len(pairs),
             len(set(pairs.column("query_id").to_pylist())),
         )
@@ -214,12 +255,12 @@ def round_zero(cfg: DistillConfig, plan: DistillPlan, train_data, train_stream) 
     return stage, n_train, n_queries
 
 
-def _training_stage(cfg: DistillConfig, pairs):
+def _training_stage(cfg: DistillConfig, plan: DistillPlan, pairs):
     """The teacher stage over in-process training pairs, in blocks of whole candidate lists that it keeps whole
     (one actor call per block), a few blocks per worker so that the workers' whole-block shards come out close in
     size."""
     per_block = max(1, min(cfg.teacher_batch_size, len(pairs) // (4 * cfg.num_workers)))
-    return teacher_stage(pairs_dataset(pairs, per_block, whole_queries=True), cfg.teacher, **_stage_args(cfg))
+    return teacher_stage(pairs_dataset(pairs, per_block, whole_queries=True), cfg.teacher, **_stage_args(cfg, plan))
 
 
 def validation(cfg: DistillConfig, val_data, val_pairs) -> tuple[dict, float, int]:
@@ -277,6 +318,7 @@ def train_rounds(
     from .raytrain import WholeBlockSplit, fit_torch_trainer, read_history
     from .rounds import sample_round_pairs, sample_round_stream
 
+    fingerprint = distill_fingerprint(cfg, plan)
     checkpoint, first_epoch, rounds, steps_done = None, 0, [], 0
     n_train, n_queries = counts
     for round_index in range(cfg.rounds):
@@ -288,13 +330,15 @@ def train_rounds(
                 cfg, train_stream, checkpoint, round_index, max(_node_cpus() - 1.0, 0.5), 4 * cfg.num_workers
             )
             n_train, n_queries = drawn_counts["pairs"], drawn_counts["queries"]
-            stage = teacher_stage(drawn, cfg.teacher, **_stage_args(cfg))
+            stage = teacher_stage(drawn, cfg.teacher, **_stage_args(cfg, plan))
         elif round_index > 0:
             # The current student draws the pairs; the teacher scores exactly those, streaming into training.
             pairs = sample_round_pairs(cfg, train_data, checkpoint, round_index, cpus=_node_cpus())
             n_train, n_queries = len(pairs), len(set(pairs.column("query_id").to_pylist()))
-            stage = _training_stage(cfg, pairs)
+            stage = _training_stage(cfg, plan, pairs)
         sample_s = time.perf_counter() - t0
+        outputs = teacher_outputs_dir(cfg, plan)
+        persisted_before = persisted_counts(outputs) if outputs else {"scored": 0, "read": 0}
         epochs = cfg.epochs if round_index == 0 else (cfg.round_epochs or cfg.epochs)
         steps_per_epoch = _steps_per_epoch(n_train, cfg)
         title = "distilling Rabtriever" + (
@@ -316,10 +360,10 @@ def train_rounds(
                     "init_checkpoint": checkpoint,
                 },
                 cfg,
-                # Each round is its own Ray Train run, so a rerun resumes the round it stopped in.
-                cfg.name if round_index == 0 else f"{cfg.name}-round{round_index}",
+                _run_name(cfg, round_index),
                 plan.storage,
                 bar=bar,
+                fingerprint=fingerprint,
                 datasets={"train": stage},
                 dataset_config=WholeBlockSplit(datasets_to_split=["train"]),
             )
@@ -344,6 +388,12 @@ def train_rounds(
                 "elapsed_s": round(time.perf_counter() - t0, 1),
             }
         )
+        if outputs is not None and not (round_index == 0 and cfg.teacher_data):
+            # The teacher's real work: pairs scored, and pairs read back from the persisted outputs (a restart
+            # after a failure, or a rerun after a crash).
+            persisted = persisted_counts(outputs)
+            rounds[-1]["teacher_pairs_scored"] = persisted["scored"] - persisted_before["scored"]
+            rounds[-1]["teacher_pairs_read_back"] = persisted["read"] - persisted_before["read"]
         first_epoch += epochs
         steps_done = int(this_round[-1]["step"]) if this_round else steps_done
     return checkpoint, rounds

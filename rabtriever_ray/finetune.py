@@ -58,7 +58,7 @@ def run_train_teacher(
     """
     from .io import atomic_dir, write_json_atomic
     from .pipeline import score_pairs
-    from .raytrain import fit_torch_trainer, read_history
+    from .raytrain import fit_torch_trainer, model_files, read_history, run_fingerprint
     from .runtime import init_ray
     from .teacher_scores import write_scored_pairs
 
@@ -117,6 +117,9 @@ def run_train_teacher(
                 cfg.name,
                 storage,
                 bar=bar,
+                fingerprint=run_fingerprint(
+                    cfg, {"data": [data_root(cfg.data)], "teacher": model_files(cfg.teacher.model)}
+                ),
             )
         timings["train"] = round(time.perf_counter() - t0, 1)
         with checkpoint.as_directory() as directory:

@@ -29,10 +29,16 @@ truncated       bool                        the query or the document was cut
 
 The two text columns go beyond the scores so that training can encode exactly the texts the teacher read
 without a join against the corpus.
+
+With ``outputs_dir`` (the distillation passes a folder beside its Ray Train run), every scored batch is also
+written there, named by a hash of its pairs and texts, and a batch found there is read back instead of scored:
+a training worker restarted after a failure reads the stream again, and the teacher work done before the failure
+is not done twice. `persisted_counts` says how many pairs were scored and how many read back.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -41,6 +47,7 @@ import pyarrow as pa
 
 from .config import TeacherConfig
 from .data import PAIR_SCHEMA
+from .io import write_text_atomic
 from .presets import PRESETS
 
 SCORE_COLUMNS = [
@@ -128,6 +135,7 @@ class TeacherScorer:
     Args:
         teacher_config: model spec, prompt and batching of the teacher.
         attempts_dir: where the attempts are counted (one folder per stage); None: not counted.
+        outputs_dir: where scored batches are persisted and read back (see the module docstring); None: not.
         crash_once: test hook ``(marker_path, after_batches)``: the first actor to reach that many batches while
             the marker does not exist creates it and kills its own process, as a crashed or preempted actor would.
         crash_on_query: test hook: a batch holding this query id kills its actor every time.
@@ -139,10 +147,12 @@ class TeacherScorer:
         attempts_dir: str | None = None,
         crash_once: tuple[str, int] | None = None,
         crash_on_query: str | None = None,
+        outputs_dir: str | None = None,
     ):
         from .teacher import GenerativeReranker
 
         self.teacher = GenerativeReranker.from_config(teacher_config)
+        self.outputs_dir = Path(outputs_dir) if outputs_dir else None
         self.attempts_dir = attempts_dir
         self.crash_once, self.crash_on_query = crash_once, crash_on_query
         self.batches = 0
@@ -168,7 +178,42 @@ class TeacherScorer:
         path.write_text(str(attempts + 1))
         return path
 
+    def _persisted(self, batch: pa.Table) -> Path:
+        """Where ``batch``'s scores are persisted: named by a hash of its ids and texts, in order."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name in ("query_id", "doc_id", "query_text", "doc_text"):
+            for value in batch.column(name).to_pylist():
+                digest.update(value.encode("utf-8", "surrogatepass") + b"\0")
+        return self.outputs_dir / f"{digest.hexdigest()[:32]}.parquet"
+
+    def _count(self, kind: str, rows: int) -> None:
+        """Add ``rows`` to this actor's count of pairs ``scored`` or ``read`` back (`persisted_counts`)."""
+        path = self.outputs_dir / "_counts" / f"{os.getpid()}-{id(self)}.json"
+        counts = json.loads(path.read_text()) if path.is_file() else {"scored": 0, "read": 0}
+        counts[kind] += rows
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(counts))
+
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.outputs_dir is None:
+            return self._score(batch)
+        import pyarrow.parquet as pq
+
+        path = self._persisted(batch)
+        if path.is_file():
+            self._count("read", len(batch))
+            return pq.read_table(path)
+        out = self._score(batch)
+        staging = path.with_name(f".{path.name}.{os.getpid()}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(out, staging)
+        os.replace(staging, path)
+        self._count("scored", len(batch))
+        return out
+
+    def _score(self, batch: pa.Table) -> pa.Table:
         attempt = self._count_attempt(batch)
         if self.crash_once is not None:
             marker, after = self.crash_once
@@ -209,6 +254,15 @@ class TeacherScorer:
         if attempt is not None:
             attempt.unlink(missing_ok=True)
         return pa.table(columns, schema=output_schema(d))
+
+
+def persisted_counts(outputs_dir: str | Path) -> dict[str, int]:
+    """Pairs the teacher stages with ``outputs_dir`` scored (``scored``) and read back (``read``) so far."""
+    counts = {"scored": 0, "read": 0}
+    for path in (Path(outputs_dir) / "_counts").glob("*.json"):
+        for kind, rows in json.loads(path.read_text()).items():
+            counts[kind] += rows
+    return counts
 
 
 def sharing_order(pairs: pa.Table, teacher: TeacherConfig) -> pa.Table:
@@ -259,6 +313,7 @@ def teacher_stage(
     max_task_retries: int = -1,
     crash_once: tuple[str, int] | None = None,
     crash_on_query: str | None = None,
+    outputs_dir: str | Path | None = None,
 ):
     """Score a Dataset of candidate pairs with teacher actors; lazy (nothing runs until consumed).
 
@@ -275,6 +330,8 @@ def teacher_stage(
             actors fails the stage naming its first pair (`TeacherScorer`), while actors lost for other reasons (a
             preempted node) are always replaced.
         crash_once, crash_on_query: `TeacherScorer`'s test hooks.
+        outputs_dir: persist scored batches there and read them back when scored before (see the module
+            docstring); on storage every node reaches, as a Ray Train run's.
     """
     import tempfile
     import uuid
@@ -302,6 +359,7 @@ def teacher_stage(
             "attempts_dir": str(Path(tempfile.gettempdir()) / f"rabtriever-teacher-{uuid.uuid4().hex[:12]}"),
             "crash_once": crash_once,
             "crash_on_query": crash_on_query,
+            "outputs_dir": str(outputs_dir) if outputs_dir else None,
         },
         batch_size=batch_size,
         batch_format="pyarrow",

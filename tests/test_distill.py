@@ -32,6 +32,9 @@ def test_two_workers_train_report_and_resume_after_a_failure(ray_local, tmp_path
     delivered = round0["train_pairs"]
     assert round0["pairs_scored_by_teacher"] == delivered == report["counts"]["train_pairs_scored_by_teacher"]
     assert [h["teacher_rows"] for h in history] == [delivered, delivered, 0]
+    # The teacher scored each pair once: the restart read back what was scored before the failure.
+    assert round0["teacher_pairs_scored"] == delivered and round0["teacher_pairs_read_back"] == delivered
+    assert not (tmp_path / "run" / "ray" / "two_workers-teacher-outputs").exists()  # removed once trained
     final = report["final"]
     assert set(final) == {"student", "teacher", "bm25", "agreement"}
     assert set(final["student"]) == {"R@1", "RR@10", "nDCG@10"} and set(final["agreement"]) == {
@@ -51,6 +54,7 @@ def test_two_workers_train_report_and_resume_after_a_failure(ray_local, tmp_path
     assert resumed["history"][3]["step"] == 4 * report["counts"]["steps_per_epoch"]
     assert resumed["history"][3]["teacher_rows"] == delivered  # a new start reads the stream again
     assert resumed["rounds"][0]["pairs_scored_by_teacher"] == delivered
+    assert resumed["rounds"][0]["teacher_pairs_scored"] == delivered
 
 
 def test_too_few_pairs_is_a_clear_error(tmp_path):
@@ -190,6 +194,12 @@ def test_run_file_candidates_and_on_policy_rounds(ray_local, tmp_path, monkeypat
     assert [(h["round"], h["epoch"]) for h in again["history"]] == [(0, 0), (0, 1), (1, 2)]
     assert again["final"] == report["final"]
     assert [h["teacher_rows"] for h in again["history"]] == [first["train_pairs"], 0, second["train_pairs"]]
+    # A rerun with the same name but another run (here other losses and a changed training run file) is refused
+    # before anything trains, naming what differs; resume=any takes the checkpoint anyway.
+    train_run.write_text(train_run.read_text() + "\n")
+    other = dataclasses.replace(config, loss=dataclasses.replace(config.loss, w_rkl=config.loss.w_rkl + 1))
+    with pytest.raises(ValueError, match=r"another run with this name; what differs: files:candidates, loss.w_rkl"):
+        run_distill(other)  # (resume=any is checked in test_raytrain.py)
 
 
 @pytest.mark.slow  # a full Ray Train distillation

@@ -87,3 +87,30 @@ def test_checkpoint_reporter_writes_the_layout_that_load_training_state_reads(mo
     )
     with pytest.raises(ValueError, match="strategy='ddp'"):
         load_training_state(directory, SimpleNamespace(strategy="deepspeed"), 0, 1)
+
+
+def test_a_rerun_resumes_only_the_run_it_names(tmp_path):
+    """``rabtriever_run.json`` beside the checkpoints: the same run resumes; another config or changed input files
+    are refused naming what differs; cluster shape may change; ``resume=any`` resumes anyway."""
+    import dataclasses
+    import os
+
+    from rabtriever_ray.config import DistillConfig
+    from rabtriever_ray.raytrain import check_resume, run_fingerprint
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "corpus.jsonl").write_text('{"_id": "d1", "text": "x"}\n')
+    config = DistillConfig(lr=1e-3)
+    run = tmp_path / "storage" / "demo"
+    check_resume(run, run_fingerprint(config, {"train": [data]}), "same")  # nothing to resume: recorded
+    (run / "checkpoint_2026-12-07_00-00-00.000000").mkdir()
+    reshaped = dataclasses.replace(config, num_workers=4, cpus_per_worker=0.5, verbose=True, max_failures=3)
+    check_resume(run, run_fingerprint(reshaped, {"train": [data]}), "same")  # the same run, another cluster shape
+    other = dataclasses.replace(config, lr=2e-3, loss=dataclasses.replace(config.loss, temperature=2.0))
+    with pytest.raises(ValueError, match=r"what differs: loss.temperature \(1.0 -> 2.0\), lr \(0.001 -> 0.002\)"):
+        check_resume(run, run_fingerprint(other, {"train": [data]}), "same")
+    os.utime(data / "corpus.jsonl", ns=(1, 1))  # the data file rewritten
+    with pytest.raises(ValueError, match=r"what differs: files:train\. Give this run another name"):
+        check_resume(run, run_fingerprint(config, {"train": [data]}), "same")
+    check_resume(run, run_fingerprint(other, {"train": [data]}), "any")
