@@ -25,8 +25,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import shutil
 import time
@@ -42,7 +40,8 @@ from .io import atomic_dir, write_json_atomic
 from .models import prompt_mismatch, resolve_spec, trained_prompt
 from .pipeline import SchemaError, pairs_dataset, persisted_counts, score_pairs, teacher_stage
 from .report import final_metrics, plot_curves, top1_and_cost, val_metrics
-from .runtime import init_ray
+from .runs import check_resume, distill_fingerprint, teacher_outputs_dir
+from .runtime import free_node_cpus, init_ray, node_cpus
 from .sanity import format_sanity, teacher_sanity
 from .teacher_scores import read_scores_for
 
@@ -104,7 +103,7 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
         from .finetune import finetune_before_distillation
 
         tuned = finetune_before_distillation(
-            cfg, plan.train_root, val_data, val_pairs, plan.storage, _free_node_cpus()
+            cfg, plan.train_root, val_data, val_pairs, plan.storage, free_node_cpus()
         )
         # From here on the fine-tuned model is the teacher, and the scores it wrote are the validation's.
         tuned_dir = plan.out_dir / "teacher"
@@ -113,9 +112,7 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
             teacher=dataclasses.replace(cfg.teacher, model=str(tuned_dir)),
             val_teacher_data=str(tuned_dir / "val_scores"),
         )
-    from .raytrain import check_resume
-
-    fingerprint = distill_fingerprint(cfg, plan)
+    fingerprint = distill_fingerprint(cfg, plan.train_root)
     for round_index in range(cfg.rounds):  # a rerun of another run stops here, before anything is scored
         check_resume(plan.storage / _run_name(cfg, round_index), fingerprint, cfg.resume)
     stage, n_train, n_train_queries = round_zero(cfg, plan, train_data, train_stream)
@@ -179,35 +176,9 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
     return report
 
 
-def distill_fingerprint(cfg: DistillConfig, plan: DistillPlan) -> dict[str, Any]:
-    """What defines this distillation (`raytrain.run_fingerprint`): its config, the training data, run files and
-    pre-scored teacher data, and the teacher's files."""
-    from .raytrain import model_files, run_fingerprint
-
-    inputs = {"train": [plan.train_root], "teacher": model_files(cfg.teacher.model)}
-    if cfg.teacher_data:
-        inputs["teacher_data"] = [cfg.teacher_data]
-    for key in ("candidates", "round_pool"):
-        if getattr(cfg, f"{key}_spec").kind == "run":
-            inputs[key] = [getattr(cfg, f"{key}_spec").path]
-    return run_fingerprint(cfg, inputs)
-
-
 def _run_name(cfg: DistillConfig, round_index: int) -> str:
     """Each round is its own Ray Train run, so a rerun resumes the round it stopped in."""
     return cfg.name if round_index == 0 else f"{cfg.name}-round{round_index}"
-
-
-def teacher_outputs_dir(cfg: DistillConfig, plan: DistillPlan) -> Path | None:
-    """Where the training pairs' teacher stages persist their scored batches (`pipeline.TeacherScorer`), beside
-    the Ray Train runs: one folder per teacher (its config and model files), so another teacher never reads these
-    back. None with ``persist_teacher=false``."""
-    if not cfg.persist_teacher:
-        return None
-    from .raytrain import files_digest, model_files
-
-    identity = json.dumps([to_dict(cfg.teacher), files_digest(model_files(cfg.teacher.model))], default=str)
-    return plan.storage / f"{cfg.name}-teacher-outputs" / hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
 def _stage_args(cfg: DistillConfig, plan: DistillPlan) -> dict[str, Any]:
@@ -217,7 +188,7 @@ def _stage_args(cfg: DistillConfig, plan: DistillPlan) -> dict[str, Any]:
         "cpus_per_actor": cfg.teacher_cpus,
         "batch_size": None,
         "gpus_per_actor": cfg.teacher_gpus if cfg.use_gpu else 0.0,
-        "outputs_dir": teacher_outputs_dir(cfg, plan),
+        "outputs_dir": teacher_outputs_dir(cfg, plan.storage),
     }
 
 
@@ -283,7 +254,7 @@ def validation(cfg: DistillConfig, val_data, val_pairs) -> tuple[dict, float, in
         # Scored before training starts, alone: it may use the training workers' CPUs too (up to one node's).
         val_cpus = max(
             cfg.teacher_cpus,
-            min(cfg.teacher_cpus + cfg.cpus_per_worker * cfg.num_workers / cfg.teacher_actors, _node_cpus()),
+            min(cfg.teacher_cpus + cfg.cpus_per_worker * cfg.num_workers / cfg.teacher_actors, node_cpus()),
         )
         scored = score_pairs(
             val_pairs,
@@ -318,7 +289,7 @@ def train_rounds(
     from .raytrain import WholeBlockSplit, fit_torch_trainer, read_history
     from .rounds import sample_round_pairs, sample_round_stream
 
-    fingerprint = distill_fingerprint(cfg, plan)
+    fingerprint = distill_fingerprint(cfg, plan.train_root)
     checkpoint, first_epoch, rounds, steps_done = None, 0, [], 0
     n_train, n_queries = counts
     for round_index in range(cfg.rounds):
@@ -327,17 +298,17 @@ def train_rounds(
             # Pools joined in Ray and drawn block by block. One CPU stays free for Ray Data's own tasks (column
             # projections, joins) that feed the sampler actors.
             drawn, drawn_counts = sample_round_stream(
-                cfg, train_stream, checkpoint, round_index, max(_node_cpus() - 1.0, 0.5), 4 * cfg.num_workers
+                cfg, train_stream, checkpoint, round_index, max(node_cpus() - 1.0, 0.5), 4 * cfg.num_workers
             )
             n_train, n_queries = drawn_counts["pairs"], drawn_counts["queries"]
             stage = teacher_stage(drawn, cfg.teacher, **_stage_args(cfg, plan))
         elif round_index > 0:
             # The current student draws the pairs; the teacher scores exactly those, streaming into training.
-            pairs = sample_round_pairs(cfg, train_data, checkpoint, round_index, cpus=_node_cpus())
+            pairs = sample_round_pairs(cfg, train_data, checkpoint, round_index, cpus=node_cpus())
             n_train, n_queries = len(pairs), len(set(pairs.column("query_id").to_pylist()))
             stage = _training_stage(cfg, plan, pairs)
         sample_s = time.perf_counter() - t0
-        outputs = teacher_outputs_dir(cfg, plan)
+        outputs = teacher_outputs_dir(cfg, plan.storage)
         persisted_before = persisted_counts(outputs) if outputs else {"scored": 0, "read": 0}
         epochs = cfg.epochs if round_index == 0 else (cfg.round_epochs or cfg.epochs)
         steps_per_epoch = _steps_per_epoch(n_train, cfg)
@@ -426,17 +397,3 @@ def _warn_if_no_cpu_left_for_data(cfg: DistillConfig) -> None:
             cfg.cpus_per_worker,
             needed - workers,
         )
-
-
-def _node_cpus() -> float:
-    """CPUs of the largest alive node (what one sampler actor may use while nothing else runs)."""
-    import ray
-
-    return max(n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"])
-
-
-def _free_node_cpus() -> float:
-    """CPUs one task may take now: the largest node's, less what others hold (a Serve app building its demo)."""
-    import ray
-
-    return min(_node_cpus(), ray.available_resources().get("CPU", 0.0))

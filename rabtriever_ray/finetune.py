@@ -58,7 +58,8 @@ def run_train_teacher(
     """
     from .io import atomic_dir, write_json_atomic
     from .pipeline import score_pairs
-    from .raytrain import fit_torch_trainer, model_files, read_history, run_fingerprint
+    from .raytrain import fit_torch_trainer, read_history
+    from .runs import model_files, run_fingerprint
     from .runtime import init_ray
     from .teacher_scores import write_scored_pairs
 

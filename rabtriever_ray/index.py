@@ -174,8 +174,7 @@ def build_index(config: IndexConfig) -> dict[str, Any]:
 
     from .data import read_corpus_dataset
     from .io import atomic_dir, write_json_atomic
-    from .pipeline import default_gpus
-    from .runtime import init_ray
+    from .runtime import default_gpus, init_ray
     from .student import checkpoint_digest, load_student_info
 
     start = time.perf_counter()

@@ -340,6 +340,8 @@ def teacher_stage(
 
     config = teacher if isinstance(teacher, TeacherConfig) else TeacherConfig(model=teacher)
     if gpus_per_actor is None:
+        from .runtime import default_gpus
+
         gpus_per_actor = default_gpus(None)
     min_size, max_size = actors
     if not 1 <= min_size <= max_size:
@@ -368,16 +370,6 @@ def teacher_stage(
         num_cpus=cpus_per_actor,
         **fault_args,
     )
-
-
-def default_gpus(requested: float | None, use_gpu: bool = True) -> float:
-    """GPUs per actor: ``requested`` when the cluster has GPUs (None: 1), 0 when it has none or ``use_gpu`` is
-    off. The one place the Ray stages decide whether to ask for GPUs."""
-    import ray
-
-    if not use_gpu or ray.cluster_resources().get("GPU", 0) <= 0:
-        return 0.0
-    return 1.0 if requested is None else requested
 
 
 def score_pairs(

@@ -74,3 +74,16 @@ def serve_details() -> dict:
     from ray.serve.context import _get_global_client
 
     return _get_global_client().get_serve_details()
+
+
+def serve_http_host() -> str | None:
+    """The address Serve's HTTP proxies bind, from the controller's HTTP options; None outside a Serve replica."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        serve.get_replica_context()
+    except RayServeException:
+        return None
+    return _get_global_client().http_config.host

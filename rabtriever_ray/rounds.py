@@ -248,7 +248,8 @@ def sample_round_pairs(cfg: DistillConfig, data, checkpoint: Any, round_index: i
     training batch holds whole candidate lists for the listwise terms."""
     import ray
 
-    from .pipeline import default_gpus, pairs_dataset
+    from .pipeline import pairs_dataset
+    from .runtime import default_gpus
 
     gpus = default_gpus(cfg.teacher_gpus, cfg.use_gpu)
     pools = round_pools(cfg, data, checkpoint, cpus, gpus)
@@ -274,7 +275,7 @@ def sample_round_stream(
     from dataclasses import replace
 
     from .data import join_pairs, run_pairs, sample_queries
-    from .pipeline import default_gpus
+    from .runtime import default_gpus
 
     gpus = default_gpus(cfg.teacher_gpus, cfg.use_gpu)
     spec = cfg.round_pool_spec

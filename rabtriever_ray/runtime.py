@@ -1,4 +1,5 @@
-"""How a job runs: Ray start-up (`init_ray`) and the job's end (`run_job`).
+"""How a job runs: Ray start-up (`init_ray`), what the cluster offers a stage (`node_cpus`, `free_node_cpus`,
+`default_gpus`) and the job's end (`run_job`).
 
 A job that fails ends with one line, ``error: <ExceptionType>: <message> (<where>)``, naming the exception that
 user code raised, even when it was raised in a Ray actor, task or training worker (`causes.root_cause` takes Ray's
@@ -55,3 +56,27 @@ def run_job(main: Callable[[], Any], bad_input: tuple[type[BaseException], ...] 
             traceback.print_exception(err, file=sys.stderr)
         print(f"error: {cause}", file=sys.stderr)
         sys.exit(2 if bad else 1)
+
+
+def node_cpus() -> float:
+    """CPUs of the largest alive node (what one sampler actor may use while nothing else runs)."""
+    import ray
+
+    return max(n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"])
+
+
+def free_node_cpus() -> float:
+    """CPUs one task may take now: the largest node's, less what others hold (a Serve app building its demo)."""
+    import ray
+
+    return min(node_cpus(), ray.available_resources().get("CPU", 0.0))
+
+
+def default_gpus(requested: float | None, use_gpu: bool = True) -> float:
+    """GPUs per actor: ``requested`` when the cluster has GPUs (None: 1), 0 when it has none or ``use_gpu`` is
+    off. The one place the Ray stages decide whether to ask for GPUs."""
+    import ray
+
+    if not use_gpu or ray.cluster_resources().get("GPU", 0) <= 0:
+        return 0.0
+    return 1.0 if requested is None else requested

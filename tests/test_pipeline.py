@@ -316,7 +316,7 @@ def test_a_non_finite_teacher_score_stops_the_stage_naming_the_pair():
         model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
     scorer = TeacherScorer.__new__(TeacherScorer)  # the actor's state, with this model instead of a spec
     scorer.teacher, scorer.batches = GenerativeReranker(model, tokenizer), 0
-    scorer.attempts_dir = scorer.crash_once = scorer.crash_on_query = None
+    scorer.attempts_dir = scorer.crash_once = scorer.crash_on_query = scorer.outputs_dir = None
     pairs = pa.table(
         {
             "query_id": ["q7", "q7"],

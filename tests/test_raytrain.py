@@ -96,7 +96,7 @@ def test_a_rerun_resumes_only_the_run_it_names(tmp_path):
     import os
 
     from rabtriever_ray.config import DistillConfig
-    from rabtriever_ray.raytrain import check_resume, run_fingerprint
+    from rabtriever_ray.runs import check_resume, run_fingerprint
 
     data = tmp_path / "data"
     data.mkdir()

@@ -772,7 +772,7 @@ def _router(encoder, **settings):
 def _rerank_through_the_router(encoder, router=None, query="q", receive=None, **settings) -> tuple[int, dict, dict]:
     """POST /rerank through the Router's FastAPI app (ASGI, in process) over ``encoder``: status, headers, body.
     ``receive``: the ASGI receive callable (default: the whole body at once)."""
-    from rabtriever_ray.serve.router import _http_api
+    from rabtriever_ray.serve.http import http_api
 
     router = router or _router(encoder, **settings)
     body = json.dumps({"query": query, "documents": ["a"]}).encode()
@@ -791,7 +791,7 @@ def _rerank_through_the_router(encoder, router=None, query="q", receive=None, **
     async def send(message):
         sent.append(message)
 
-    asyncio.run(_http_api(router)(scope, receive or whole_body, send))
+    asyncio.run(http_api(router)(scope, receive or whole_body, send))
     start = next(m for m in sent if m["type"] == "http.response.start")
     headers = {k.decode(): v.decode() for k, v in start["headers"]}
     return start["status"], headers, json.loads(b"".join(m.get("body", b"") for m in sent[1:]))

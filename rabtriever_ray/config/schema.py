@@ -24,6 +24,9 @@ from .sections import LossConfig, StudentConfig, TeacherConfig
 # The configs.
 
 
+RESUME_HELP = "same: resume only the same run (config, data files, teacher; else fail naming what differs); any: any"
+
+
 @dataclass
 class TeacherTrainConfig:
     """Fine-tuning the generative reranker (jobs/train_teacher.py): data, groups, loss, optimisation, cluster."""
@@ -87,11 +90,7 @@ class TeacherTrainConfig:
     num_to_keep: int = option(
         1, "checkpoints kept (a full fine-tune checkpoint holds weights and AdamW state)"
     )
-    resume: Literal["same", "any"] = option(
-        "same",
-        "a rerun with this name resumes its checkpoint only when config, data files and teacher are the same "
-        "(else an error naming what differs); any: resume whatever is there",
-    )
+    resume: Literal["same", "any"] = option("same", RESUME_HELP)
     val_data: str | None = option(
         "", "validation BEIR folder (empty: the training folder; none: no validation)"
     )
@@ -212,12 +211,7 @@ class DistillConfig:
     teacher_batch_size: int = option(
         256, "pairs per teacher actor call (more pairs share more document prefixes)"
     )
-    persist_teacher: bool = option(
-        True,
-        "persist the training pairs' teacher outputs beside the Ray Train run until the distillation ends: a "
-        "worker restarted after a failure (or a rerun after a crash) reads them back instead of having the "
-        "teacher score them again (disk: about 4 x hidden size bytes per pair)",
-    )
+    persist_teacher: bool = option(True, "keep teacher outputs until the run ends: a restart reads them back")
     teacher_cache_mb: int = option(
         4096,
         "per training worker: MiB of teacher outputs kept in memory for the epochs after the first; the rest "
@@ -249,11 +243,7 @@ class DistillConfig:
     round_epochs: int | None = option(None, "epochs of each later round (default: epochs)")
     max_failures: int = option(1, "worker failures to recover from (from the last checkpoint)")
     num_to_keep: int = option(2, "checkpoints kept")
-    resume: Literal["same", "any"] = option(
-        "same",
-        "a rerun with this name resumes its checkpoints only when config, data files and teacher are the same "
-        "(else an error naming what differs); any: resume whatever is there",
-    )
+    resume: Literal["same", "any"] = option("same", RESUME_HELP)
     cost_queries: int = option(
         4,
         "validation queries on which the teacher's and Rabtriever's per-query cost is timed at the end (0: none)",

@@ -1,4 +1,5 @@
-"""The HTTP contract of the Serve app: request models, error bodies and the checks the `Router` applies.
+"""The HTTP contract of the Serve app: request models, error bodies, the checks the `Router` applies and its routes
+(`http_api`).
 
 HTTP routes (an error is ``{"error": {"message", "type", "param", "code"}}``; ``param`` names the field):
 
@@ -27,9 +28,15 @@ is 503 ``model_restarted`` with ``Retry-After``.
 
 # No ``from __future__ import annotations``: these models are the types of the Router's route signatures, which
 # FastAPI reads on the replica.
+import contextlib
+import hashlib
+import ipaddress
+import json
 import math
 from typing import Annotated, Any, Literal
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import (
     AfterValidator,
@@ -42,6 +49,7 @@ from pydantic import (
     field_validator,
 )
 
+from ..config.base import ConfigError
 from ..config.serving import MAX_DOCUMENTS_LIMIT
 
 API_KEY_ENV = "RABTRIEVER_API_KEY"
@@ -190,3 +198,95 @@ def check_text_size(text: str, param: str, limit: int) -> None:
 def metric_route(path: str) -> str:
     """The ``route`` label of a request's metrics: its path when it is one of `ROUTES`, else "other"."""
     return path if path in ROUTES else "other"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
+def check_exposure(auth: str, api_key_sha256: str | None, host: str | None) -> None:
+    """Refuse open routes on a non-loopback ``host`` (the HTTP proxies' bind address) unless ``auth`` is ``none``:
+    ``auto`` without a key is for ``serve run`` on this machine. ``host`` None (unknown) passes."""
+    if api_key_sha256 is None and auth == "auto" and host is not None and not _is_loopback(host):
+        raise ConfigError(
+            f"Serve's HTTP proxies bind {host!r}, reachable from other machines, and {API_KEY_ENV} is not set: "
+            "set it to require 'Authorization: Bearer <key>', or pass auth=none to serve open on purpose "
+            "(behind a gateway that authenticates)"
+        )
+
+
+def call_digest(deployment: str, method: str, args: tuple) -> str:
+    """What identifies a model call: the deployment, the method and its arguments (texts, limits)."""
+    text = json.dumps([deployment, method, args], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def killed_twice(deployment: str, memory_s: int, again: bool) -> RequestError:
+    """The 500 ``replica_died`` of a request that killed two ``deployment`` replicas (refused for ``memory_s``)."""
+    when = "killed two" if not again else "killed two replicas earlier and is refused for now; it killed two"
+    return RequestError(
+        500, None,
+        f"this request {when} {deployment} replicas (each died while serving it), so it is not "
+        f"retried; requests with the same content are refused for {memory_s} s. The replica logs may say "
+        "why (out of memory on an input, say)", "replica_died",
+    )  # fmt: skip
+
+
+async def read_body(request: Request, limit: int) -> bool:
+    """Read a body of unannounced size, counting its bytes as they arrive; False (the rest unread) past ``limit``.
+
+    The body read is kept where Starlette's ``BaseHTTPMiddleware`` replays it to the route (``Request._body``, as
+    ``Request.body`` leaves it)."""
+    chunks, size = [], 0
+    async with contextlib.aclosing(request.stream()) as stream:
+        async for chunk in stream:
+            size += len(chunk)
+            if size > limit:
+                return False
+            chunks.append(chunk)
+    request._body = b"".join(chunks)
+    return True
+
+
+def http_api(router) -> FastAPI:
+    """The routes of ``router`` (a `router.Router`) as a FastAPI app: the request models validate, the Router's
+    methods do the work."""
+    api = FastAPI(title="rabtriever-ray", description="Rabtriever student and teacher on Ray Serve")
+
+    @api.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        content_type = request.headers.get("content-type", "")
+        media = content_type.split(";")[0].strip().lower()
+        if media != "application/json" and not media.endswith("+json"):
+            # e.g. curl -d without -H: the body was never read as JSON, so every field would look missing.
+            return error_response(
+                415,
+                "Content-Type",
+                f"Content-Type: expected application/json, got {content_type or 'none'!r} "
+                "(with curl: -H 'Content-Type: application/json')",
+            )
+        errors = error.errors()
+        problems = [(error_param(e), e["msg"]) for e in errors[:MAX_REPORTED_ERRORS]]
+        message = "; ".join(f"{param}: {msg}" for param, msg in problems)
+        if len(errors) > MAX_REPORTED_ERRORS:
+            message += f" (and {len(errors) - MAX_REPORTED_ERRORS} more errors)"
+        return error_response(422, problems[0][0], message)
+
+    @api.exception_handler(RequestError)
+    async def refused(_request: Request, error: RequestError) -> JSONResponse:
+        return error_response(error.status, error.param, error.message, error.kind, **error.headers)
+
+    api.middleware("http")(router.guard)
+    api.post("/v1/embeddings")(router.embeddings)
+    api.get("/v1/models")(router.models)
+    api.post("/rerank")(router.rerank)
+    api.post("/v2/rerank")(router.rerank)  # Cohere v2's path, for clients that append it to a base URL
+    api.post("/v1/rerank")(router.rerank)  # Jina's (and Cohere v1's) path
+    api.post("/search")(router.search)
+    api.get("/healthz")(router.healthz)
+    return api

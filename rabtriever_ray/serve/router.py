@@ -39,8 +39,6 @@ import collections
 import contextlib
 import hashlib
 import hmac
-import ipaddress
-import json
 import logging
 import time
 import uuid
@@ -48,7 +46,6 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.exceptions import RayActorError
@@ -56,20 +53,23 @@ from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableE
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 
-from ..config import ConfigError, ServeConfig
+from .. import raycompat
+from ..config import ServeConfig
 from .http import (
-    API_KEY_ENV,
     DEFAULT_TOP_K,
-    MAX_REPORTED_ERRORS,
     EmbeddingRequest,
     RequestError,
     RerankRequest,
     SearchRequest,
+    call_digest,
+    check_exposure,
     check_finite,
     check_text_size,
-    error_param,
     error_response,
+    http_api,
+    killed_twice,
     metric_route,
+    read_body,
 )
 
 logger = logging.getLogger("ray.serve")
@@ -83,38 +83,6 @@ RESTART_RETRY_AFTER_S = 10  # the Retry-After of a model_restarted 503: a replac
 KILLER_MEMORY_S = 600  # how long a model call that killed two replicas is refused at once
 KILLERS_KEPT = 1000  # the most such calls remembered (the oldest forgotten first)
 HEALTH_CACHE_S = 1.0  # /healthz and the loading check read Serve's status at most this often
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it may resolve anywhere
-        return False
-
-
-def check_exposure(auth: str, api_key_sha256: str | None, host: str | None) -> None:
-    """Refuse open routes on a non-loopback ``host`` (the HTTP proxies' bind address) unless ``auth`` is ``none``:
-    ``auto`` without a key is for ``serve run`` on this machine. ``host`` None (unknown) passes."""
-    if api_key_sha256 is None and auth == "auto" and host is not None and not _is_loopback(host):
-        raise ConfigError(
-            f"Serve's HTTP proxies bind {host!r}, reachable from other machines, and {API_KEY_ENV} is not set: "
-            "set it to require 'Authorization: Bearer <key>', or pass auth=none to serve open on purpose "
-            "(behind a gateway that authenticates)"
-        )
-
-
-def _http_host() -> str | None:
-    """The address Serve's HTTP proxies bind, read from the controller; None outside a Serve replica."""
-    from ray.serve.context import _get_global_client
-    from ray.serve.exceptions import RayServeException
-
-    try:
-        serve.get_replica_context()
-    except RayServeException:
-        return None
-    return _get_global_client().http_config.host
 
 
 def _replica_gone(error: BaseException) -> bool:
@@ -136,7 +104,7 @@ class Router:
     ):
         self.encoder, self.reranker, self.config = encoder, reranker, config
         self._api_key_sha256 = api_key_sha256
-        check_exposure(config.auth, api_key_sha256, _http_host())
+        check_exposure(config.auth, api_key_sha256, raycompat.serve_http_host())
         self._loaded = False
         # Digests of model calls that killed two replicas, with when: refused at once for KILLER_MEMORY_S.
         self._killers: collections.OrderedDict[str, float] = collections.OrderedDict()
@@ -159,7 +127,7 @@ class Router:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """The FastAPI app, built on the replica so that its middleware and routes see this router's settings."""
-        return _http_api(self)
+        return http_api(self)
 
     # -- every request --------------------------------------------------------------------------------------
 
@@ -208,7 +176,7 @@ class Router:
         if length is not None or "transfer-encoding" in request.headers:
             # Read here, under a deadline: a client that sends its body slowly would otherwise hold the request.
             try:
-                within = await asyncio.wait_for(_read_body(request, limit), self.config.body_timeout_s)
+                within = await asyncio.wait_for(read_body(request, limit), self.config.body_timeout_s)
             except asyncio.TimeoutError:
                 return error_response(
                     408, "body", f"request body not received within body_timeout_s={self.config.body_timeout_s}",
@@ -239,12 +207,12 @@ class Router:
         too (the call is then remembered and refused at once for `KILLER_MEMORY_S`)."""
         digest = None
         if self._killers:
-            digest = _call_digest(handle, method, args)
+            digest = call_digest(handle.deployment_name, method, args)
             now = time.monotonic()
             while self._killers and next(iter(self._killers.values())) < now - KILLER_MEMORY_S:
                 self._killers.popitem(last=False)
             if digest in self._killers:
-                raise _killed_twice(handle, again=True)
+                raise killed_twice(handle.deployment_name, KILLER_MEMORY_S, again=True)
         call = getattr(handle, method)
         try:
             return await call.remote(*args)
@@ -268,10 +236,10 @@ class Router:
             if not _replica_gone(error):
                 raise
             logger.error("%s.%s: the retry's replica died too; refusing this call", handle.deployment_name, method)
-            self._killers[digest or _call_digest(handle, method, args)] = time.monotonic()
+            self._killers[digest or call_digest(handle.deployment_name, method, args)] = time.monotonic()
             while len(self._killers) > KILLERS_KEPT:
                 self._killers.popitem(last=False)
-            raise _killed_twice(handle, again=False) from error
+            raise killed_twice(handle.deployment_name, KILLER_MEMORY_S, again=False) from error
 
     # -- routes ---------------------------------------------------------------------------------------------
 
@@ -413,73 +381,3 @@ class Router:
                 param,
                 f"{param}: {len(texts)} items, more than max_documents={self.config.max_documents}",
             )
-
-
-def _call_digest(handle: DeploymentHandle, method: str, args: tuple) -> str:
-    """What identifies a model call: the deployment, the method and its arguments (texts, limits)."""
-    text = json.dumps([handle.deployment_name, method, args], ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def _killed_twice(handle: DeploymentHandle, again: bool) -> RequestError:
-    when = "killed two" if not again else "killed two replicas earlier and is refused for now; it killed two"
-    return RequestError(
-        500, None,
-        f"this request {when} {handle.deployment_name} replicas (each died while serving it), so it is not "
-        f"retried; requests with the same content are refused for {KILLER_MEMORY_S} s. The replica logs may say "
-        "why (out of memory on an input, say)", "replica_died",
-    )  # fmt: skip
-
-
-async def _read_body(request: Request, limit: int) -> bool:
-    """Read a body of unannounced size, counting its bytes as they arrive; False (the rest unread) past ``limit``.
-
-    The body read is kept where Starlette's ``BaseHTTPMiddleware`` replays it to the route (``Request._body``, as
-    ``Request.body`` leaves it)."""
-    chunks, size = [], 0
-    async with contextlib.aclosing(request.stream()) as stream:
-        async for chunk in stream:
-            size += len(chunk)
-            if size > limit:
-                return False
-            chunks.append(chunk)
-    request._body = b"".join(chunks)
-    return True
-
-
-def _http_api(router: Router) -> FastAPI:
-    """The routes of ``router`` as a FastAPI app (request models validate; `Router` methods do the work)."""
-    api = FastAPI(title="rabtriever-ray", description="Rabtriever student and teacher on Ray Serve")
-
-    @api.exception_handler(RequestValidationError)
-    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        content_type = request.headers.get("content-type", "")
-        media = content_type.split(";")[0].strip().lower()
-        if media != "application/json" and not media.endswith("+json"):
-            # e.g. curl -d without -H: the body was never read as JSON, so every field would look missing.
-            return error_response(
-                415,
-                "Content-Type",
-                f"Content-Type: expected application/json, got {content_type or 'none'!r} "
-                "(with curl: -H 'Content-Type: application/json')",
-            )
-        errors = error.errors()
-        problems = [(error_param(e), e["msg"]) for e in errors[:MAX_REPORTED_ERRORS]]
-        message = "; ".join(f"{param}: {msg}" for param, msg in problems)
-        if len(errors) > MAX_REPORTED_ERRORS:
-            message += f" (and {len(errors) - MAX_REPORTED_ERRORS} more errors)"
-        return error_response(422, problems[0][0], message)
-
-    @api.exception_handler(RequestError)
-    async def refused(_request: Request, error: RequestError) -> JSONResponse:
-        return error_response(error.status, error.param, error.message, error.kind, **error.headers)
-
-    api.middleware("http")(router.guard)
-    api.post("/v1/embeddings")(router.embeddings)
-    api.get("/v1/models")(router.models)
-    api.post("/rerank")(router.rerank)
-    api.post("/v2/rerank")(router.rerank)  # Cohere v2's path, for clients that append it to a base URL
-    api.post("/v1/rerank")(router.rerank)  # Jina's (and Cohere v1's) path
-    api.post("/search")(router.search)
-    api.get("/healthz")(router.healthz)
-    return api
