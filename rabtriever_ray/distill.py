@@ -124,10 +124,11 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
     sanity = teacher_sanity(pa.table({k: val[k] for k in ("query_id", "doc_id", "teacher_score")}))
     print("\n" + format_sanity(sanity), flush=True)  # a broken teacher shows now, not after training
     checkpoint, rounds = train_rounds(
-        cfg, plan, stage, (n_train, n_train_queries), val, train_data, train_stream, fail_once_after_step
+        cfg, plan, stage, (n_train, n_train_queries), val, train_data, train_stream, fingerprint, fail_once_after_step
     )
-    # Trained: the persisted teacher outputs were for a restart, and the checkpoints now hold the result.
-    shutil.rmtree(plan.storage / f"{cfg.name}-teacher-outputs", ignore_errors=True)
+    outputs = teacher_outputs_dir(cfg, plan.storage)
+    if outputs is not None:  # trained: the outputs were kept for a restart, and the checkpoints hold the result
+        shutil.rmtree(outputs.parent, ignore_errors=True)
 
     with (
         checkpoint.as_directory() as directory,
@@ -281,15 +282,15 @@ def train_rounds(
     val: dict,
     train_data,
     train_stream,
+    fingerprint: dict[str, Any],
     fail_once_after_step: tuple[str, int] | None = None,
 ) -> tuple[Any, list[dict]]:
     """Every round's Ray Train run (round 0 on ``stage``, later rounds on the pairs the previous student draws);
-    returns the last checkpoint and a summary per round."""
+    returns the last checkpoint and a summary per round. ``fingerprint``: the run's (`runs.distill_fingerprint`)."""
     from .distill_loop import train_loop_per_worker
     from .raytrain import WholeBlockSplit, fit_torch_trainer, read_history
     from .rounds import sample_round_pairs, sample_round_stream
 
-    fingerprint = distill_fingerprint(cfg, plan.train_root)
     checkpoint, first_epoch, rounds, steps_done = None, 0, [], 0
     n_train, n_queries = counts
     for round_index in range(cfg.rounds):

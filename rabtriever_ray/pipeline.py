@@ -153,6 +153,7 @@ class TeacherScorer:
 
         self.teacher = GenerativeReranker.from_config(teacher_config)
         self.outputs_dir = Path(outputs_dir) if outputs_dir else None
+        self.persisted = {"scored": 0, "read": 0}  # this actor's pairs scored and read back (`_count`)
         self.attempts_dir = attempts_dir
         self.crash_once, self.crash_on_query = crash_once, crash_on_query
         self.batches = 0
@@ -189,12 +190,12 @@ class TeacherScorer:
         return self.outputs_dir / f"{digest.hexdigest()[:32]}.parquet"
 
     def _count(self, kind: str, rows: int) -> None:
-        """Add ``rows`` to this actor's count of pairs ``scored`` or ``read`` back (`persisted_counts`)."""
+        """Add ``rows`` to this actor's count of pairs ``scored`` or ``read`` back, and write the counts where
+        `persisted_counts` sums them (one file per actor)."""
+        self.persisted[kind] += rows
         path = self.outputs_dir / "_counts" / f"{os.getpid()}-{id(self)}.json"
-        counts = json.loads(path.read_text()) if path.is_file() else {"scored": 0, "read": 0}
-        counts[kind] += rows
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps(counts))
+        write_text_atomic(path, json.dumps(self.persisted))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.outputs_dir is None:
