@@ -171,13 +171,13 @@ def _query_tokens_run(teacher, query: str) -> int:
     return teacher.stats["tokens"] - before
 
 
-def _bare_forward_ms(teacher, tokens: Sequence[int], rounds: int, device) -> dict[int, float]:
+def _bare_forward_ms(teacher, tokens: Sequence[int], rounds: int, device, model=None) -> dict[int, float]:
     """Median ms of the backbone's bare forward (no cache, no hooks, one row) over each token count in
     ``tokens``, timed alternately: what any encoding of that many tokens costs on this machine, the lower bound of
     a query's encoding."""
     from rabtriever_ray.families import backbone
 
-    decoder = backbone(teacher.model)
+    decoder = backbone(model if model is not None else teacher.model)
     generator = torch.Generator().manual_seed(0)
     vocab = decoder.get_input_embeddings().num_embeddings
     inputs = {n: torch.randint(0, vocab, (1, n), generator=generator).to(device) for n in tokens}
@@ -364,6 +364,88 @@ def _query_profile(student, query: str, h_doc: torch.Tensor, repeats: int, devic
     return profile
 
 
+def _low_precision_comparison(
+    student, scheme: str, query: str, batch: Sequence[str], h_doc: torch.Tensor, rounds: int, device
+) -> dict:
+    """The same student with int8 query encodings (`precision`, CPU only) against fp32: ms per lone cached
+    query (encode + score, and encode alone) measured alternately over ``rounds`` rounds, the bare forward of the
+    same tokens at both precisions (the bound), and agreement of the scores on the benchmark's pairs (``batch``
+    queries x the ``len(h_doc)`` documents) and on the calibration sample (demo texts)."""
+    from rabtriever_ray import precision
+    from rabtriever_ray.student import Rabtriever
+    from rabtriever_ray.teacher import GenerativeReranker
+
+    teacher = student.teacher
+    start = time.perf_counter()
+    low_teacher = GenerativeReranker(
+        teacher.model,
+        teacher.tokenizer,
+        teacher.prompts.config,
+        teacher.max_batch_tokens,
+        quantize=scheme,
+        quantize_check="warn",
+    )
+    low = Rabtriever(low_teacher, student.config).eval()
+    low.load_state_dict(student.state_dict())
+    low.check_precision("warn")
+    setup_s = time.perf_counter() - start
+    _per_query(low, query, h_doc)  # warm-up, fills the int8 prefix cache
+    runs: dict[str, list[float]] = {"fp32": [], "low": [], "fp32_encode": [], "low_encode": []}
+    for _ in range(rounds):
+        for name, model in (("fp32", student), ("low", low)):
+            runs[name].append(_time(lambda model=model: _per_query(model, query, h_doc), device))
+            runs[f"{name}_encode"].append(_time(lambda model=model: model.encode_queries([query]), device))
+    ms = {name: 1e3 * statistics.median(times) for name, times in runs.items()}
+    tokens = _query_tokens_run(teacher, query)
+    bare_fp32 = _bare_forward_ms(teacher, (tokens,), rounds, device)[tokens]
+    bare_low = _bare_forward_ms(teacher, (tokens,), rounds, device, model=low_teacher.low_model)[tokens]
+    with torch.inference_mode():
+        fp32_scores = student.score_matrix(student.encode_queries(list(batch)), h_doc)
+        low_scores = low.score_matrix(low.encode_queries(list(batch)), h_doc)
+    pairs = precision.agreement(fp32_scores, low_scores)
+    calibration = low.precision["student"]
+    return {
+        "scheme": scheme,
+        "setup_s": round(setup_s, 2),
+        "rounds": rounds,
+        "ms_per_query_fp32": round(ms["fp32"], 3),
+        "ms_per_query_low": round(ms["low"], 3),
+        "query_speedup": round(ms["fp32"] / ms["low"], 3),
+        "ms_encode_fp32": round(ms["fp32_encode"], 3),
+        "ms_encode_low": round(ms["low_encode"], 3),
+        "encode_speedup": round(ms["fp32_encode"] / ms["low_encode"], 3),
+        "bare_forward": {
+            "tokens": tokens,
+            "ms_fp32": round(bare_fp32, 3),
+            "ms_low": round(bare_low, 3),
+            "ratio": round(bare_fp32 / bare_low, 3),
+        },
+        "spearman": pairs["spearman"],
+        "top1": pairs["top1"],
+        "agreement_benchmark_pairs": pairs,
+        "agreement_calibration": calibration,
+        "teacher_agreement_calibration": low.precision["teacher"],
+        "thresholds": dict(precision.THRESHOLDS),
+        "runs_ms": {name: [round(1e3 * t, 3) for t in times] for name, times in runs.items()},
+    }
+
+
+def _print_low_precision(result: dict) -> None:
+    bare, pairs, calibration = result["bare_forward"], result["agreement_benchmark_pairs"], result["agreement_calibration"]
+    print(f"\nlow precision ({result['scheme']}) vs fp32, one cached query, {result['rounds']} alternating rounds:")
+    print(
+        f"  ms/query (enc + score) fp32 {result['ms_per_query_fp32']:.2f}, {result['scheme']} "
+        f"{result['ms_per_query_low']:.2f}: {result['query_speedup']:.2f}x; encode only "
+        f"{result['encode_speedup']:.2f}x; bare forward of {bare['tokens']} tokens {bare['ratio']:.2f}x (the bound)"
+    )
+    print(
+        f"  speedup over the fp32 teacher at L=512, N=100: {result['speedup_L512_N100']}x; "
+        f"agreement with fp32 on the benchmark's pairs: Spearman {pairs['spearman']:.4f}, top-1 {pairs['top1']:.3f}, "
+        f"max |diff| {pairs['max_abs_diff']:.3g}; on the calibration sample: Spearman {calibration['spearman']:.4f}, "
+        f"top-1 {calibration['top1']:.3f}"
+    )
+
+
 def _print_prefix_cache(result: dict) -> None:
     tokens, agreement = result["tokens"], result["agreement"]
     print(
@@ -493,6 +575,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="add torch.profiler's top ops of one query's path to the per-part breakdown (always measured)",
     )
+    parser.add_argument(
+        "--low-precision",
+        choices=["int8", "none"],
+        default="int8",
+        help="also time a lone query with int8 query encodings against fp32 (CPU; none: skip)",
+    )
     parser.add_argument("--out", default="benchmarks/results", help="folder for complexity.json / .png")
     args = parser.parse_args(argv)
 
@@ -509,6 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rabtriever_ray.config import PromptConfig, StudentConfig, to_dict
     from rabtriever_ray.io import write_json_atomic
     from rabtriever_ray.models import load_causal_lm
+    from rabtriever_ray.precision import cpu_flags
     from rabtriever_ray.student import Rabtriever
     from rabtriever_ray.teacher import GenerativeReranker
 
@@ -669,6 +758,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         top_ops=args.repeats if args.profile else 0,
     )
 
+    low_precision = None
+    if args.low_precision != "none" and device.type == "cpu":
+        low_precision = _low_precision_comparison(
+            student, args.low_precision, query, batch, h_docs[cost_cell], 3 * args.repeats, device
+        )
+
     teacher_fits = _fits(rows, "teacher_s")
     rabtriever_fits = _fits(rows, "rabtriever_query_s")
     # Headline teacher exponent: the N measured at the most lengths (ties: the largest N).
@@ -689,6 +784,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if reference
         else None
     )
+    if low_precision is not None:
+        low_precision["speedup_L512_N100"] = (
+            round(reference["teacher_s"] / (low_precision["ms_per_query_low"] / 1e3), 1)
+            if reference and cost_cell == REFERENCE
+            else None
+        )
     targets = {
         "rabtriever_exponent": {
             "target": "< 0.1",
@@ -778,6 +879,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "speedup_L512_N100": round(speedup, 1) if speedup is not None else None,
         "prefix_cache": prefix_cache,
         "query_profile": query_profile,
+        "low_precision": low_precision,
+        "cpu_flags": cpu_flags(),
         "targets": targets,
         "notes": [
             "Times are seconds per query. teacher: GenerativeReranker.score([query] * N, N distinct "
@@ -819,6 +922,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{name} exponent, N={n}, L in {fit['lengths']}: {fit['exponent']} (local slopes {local})")
     _print_prefix_cache(prefix_cache)
     _print_profile(query_profile)
+    if low_precision is not None:
+        _print_low_precision(low_precision)
     for name, target in targets.items():
         value = "n/a" if target["value"] is None else f"{target['value']:.3g}"
         print(f"target {name} {target['target']}: {value} -> {'met' if target['met'] else 'NOT met'}")

@@ -422,6 +422,12 @@ def main() -> int:
         "--hostile", action="store_true", help="send maximal valid and hostile requests instead (see above)"
     )
     parser.add_argument("--hostile-clients", type=int, default=16, help="concurrent senders per hostile case")
+    parser.add_argument(
+        "--compare-precision",
+        choices=["int8"],
+        default=None,
+        help="run the app batching on twice, fp32 and with quantize=<scheme> (CPU), instead of batching on/off",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/serve_load.json")
     args = parser.parse_args()
@@ -448,6 +454,8 @@ def main() -> int:
         parser.error(
             "--app configures the app this script starts; a running app (--url) is measured as it is"
         )
+    if args.compare_precision and (args.kill_replica or args.hostile or args.url):
+        parser.error("--compare-precision starts its own two apps; it takes no --kill-replica, --hostile or --url")
     if (args.kill_replica or args.hostile) and args.url:
         parser.error("--kill-replica and --hostile measure the app this script starts, not --url")
     if extra:  # checked as Serve will read them, before Ray starts or --model builds anything
@@ -486,6 +494,12 @@ def main() -> int:
             "on": {**app_args, "max_batch_size": args.max_batch_size},
             "off": {**app_args, "max_batch_size": 1},
         }
+        if args.compare_precision:
+            scheme = args.compare_precision
+            modes = {
+                "fp32": modes["on"],
+                scheme: {**modes["on"], "quantize": scheme, "quantize_check": "warn"},
+            }
         if args.kill_replica:
             del modes["off"]
             workloads, clients = ["rerank_student"], [max(clients)]
@@ -549,14 +563,26 @@ def main() -> int:
             ratios[f"{workload}_throughput_batching_on_over_off_{max(clients)}_clients"] = round(
                 on["throughput_rps"] / off["throughput_rps"], 2
             )
+    if args.compare_precision:
+        for workload in workloads:
+            for n_clients in clients:
+                fp32, low = find("fp32", workload, n_clients), find(args.compare_precision, workload, n_clients)
+                if fp32 and low and fp32["throughput_rps"]:
+                    ratios[f"{workload}_throughput_{args.compare_precision}_over_fp32_{n_clients}_clients"] = round(
+                        low["throughput_rps"] / fp32["throughput_rps"], 2
+                    )
     first = next(iter(modes))
     search, teacher = find(first, "search_student", min(clients)), find(first, "rerank_teacher", min(clients))
     if search and teacher:
         ratios[f"search_student_p50_over_rerank_teacher_p50_{min(clients)}_client"] = round(
             search["p50_ms"] / teacher["p50_ms"], 3
         )
+    from rabtriever_ray.precision import cpu_flags
+
     report = {
+        "command": " ".join(["serve_load.py"] + sys.argv[1:]),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}",
+        "cpu_flags": cpu_flags(),
         "app": args.url or (args.model or args.checkpoint or "the demo (default model)"),
         "app_args": extra,
         "candidates": CANDIDATES,

@@ -16,6 +16,7 @@ Only the hidden state travels from the teacher; its logits are recomputed here w
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -197,7 +198,8 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
-    teacher = GenerativeReranker.from_config(cfg.teacher, device=device)
+    # Training runs the backbone in full precision; the teacher stage and the round sampler run it as configured.
+    teacher = GenerativeReranker.from_config(dataclasses.replace(cfg.teacher, quantize="none"), device=device)
     student = Rabtriever(teacher, cfg.student)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = warmup_cosine_scheduler(

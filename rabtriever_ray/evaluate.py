@@ -29,6 +29,7 @@ the per-query work only; one-time costs are reported apart: loading models (not 
 documents with the backbone (``document_encoding``, shared by ``llm-embed`` and ``rabtriever``), MiniLM's corpus
 (``minilm/corpus_encoding``, ``minilm-ft/corpus_encoding``), ``minilm-ft``'s fine-tuning (``minilm-ft/train``,
 with its query, row and step counts) and the index of ``rabtriever-search`` (``rabtriever-search/index``).
+``precision`` gives each model's precision (``teacher.quantize``) and its agreement with fp32.
 """
 
 from __future__ import annotations
@@ -107,8 +108,9 @@ class Evaluation:
             from .teacher import GenerativeReranker
 
             if self.checkpoint is not None:
-                try:
-                    self.student_teacher = load_student_info(self.checkpoint)["teacher_config"]
+                try:  # at the evaluation's precision, for the student's query encodings too
+                    recorded = load_student_info(self.checkpoint)["teacher_config"]
+                    self.student_teacher = recorded.at_precision_of(self.teacher_config)
                 except ConfigError:  # an older checkpoint that records no prompt
                     self.student_teacher = self.teacher_config
                 self._student = load_student(self.checkpoint, self.student_teacher)
@@ -190,10 +192,8 @@ class Evaluation:
         self._one_time_s += time.perf_counter() - loading  # loading a model is not timed
         start = time.perf_counter()  # the corpus is encoded once: timed apart from the per-query cost
         minilm.index_corpus(self.doc_ids, [self.doc_text[d] for d in self.doc_ids])
-        self.timing[f"{name}/corpus_encoding"] = {
-            "total_s": time.perf_counter() - start,
-            "documents": len(self.doc_ids),
-        }
+        encoding = {"total_s": time.perf_counter() - start, "documents": len(self.doc_ids)}
+        self.timing[f"{name}/corpus_encoding"] = encoding
         self._one_time_s += time.perf_counter() - start
         return dict(zip(self.query_ids, minilm.search(self.query_text, self._depth())))
 
@@ -277,6 +277,8 @@ class Evaluation:
         for name in ("rabtriever", "llm-embed"):  # each against the teacher, where both ran
             if "teacher" in self.runs and name in self.runs:
                 out["agreement"][f"{name}_vs_teacher"] = agreement(self.runs[name], self.runs["teacher"])
+        models = {"student": self._student, "teacher": self._teacher_model}
+        out["precision"] = {name: model.precision for name, model in models.items() if model is not None}
         out.update(extra or {})
         return out
 

@@ -45,6 +45,7 @@ class Rabtriever(nn.Module):
         teacher.model.requires_grad_(False)
         # Plain attribute, not a submodule: shared with the teacher and excluded from state_dict / DDP.
         self.__dict__["teacher"] = teacher
+        self.precision: dict = dict(teacher.precision)  # `check_precision` adds the student's figures
         hidden_size = teacher.hidden_size
         generator = torch.Generator().manual_seed(config.seed)
         with torch.random.fork_rng(devices=[]):
@@ -96,7 +97,28 @@ class Rabtriever(nn.Module):
         """``[m, d]`` float32: pre-norm hidden state at the last token of the document alone (``texts`` may be
         their `PromptBuilder.document_prompts`)."""
         prompts = texts if isinstance(texts, EncodedPrompts) else self.teacher.prompts.document_prompts(texts)
-        return self.teacher.encode(prompts)
+        return self.teacher.encode(prompts, low_precision=False)
+
+    def check_precision(self, check: str = "refuse") -> dict:
+        """With an int8 teacher: this student's scores from int8 query encodings against fp32 ones, on a demo
+        sample (`precision.agreement`), kept in ``precision["student"]`` and enforced (see `precision.enforce`)."""
+        from . import precision
+
+        if self.teacher.low_model is None:
+            return {}
+        queries, documents = precision.calibration_texts(28, 14, seed=0)
+        queries, documents = queries[16:], documents[4:]  # the teacher's agreement sample
+        prompts = self.teacher.prompts.query_prompts(queries)
+        with torch.inference_mode():
+            h_doc = self.encode_documents(documents)
+            fp32, low = (
+                self.score_matrix(self.teacher.encode(prompts, self.config.query_mean, low_precision=low), h_doc)
+                for low in (False, True)
+            )
+        figures = precision.agreement(fp32, low)
+        self.precision = {**self.teacher.precision, "student": figures}
+        precision.enforce(figures, "student scores", check)
+        return figures
 
     # -- scoring (trainable) ------------------------------------------------------------------------------------
 
@@ -284,4 +306,6 @@ def load_student(
         GenerativeReranker.from_config(info["teacher_config"], device=device), info["student_config"]
     )
     student.load_trainable(checkpoint)
-    return student.eval()
+    student.eval()
+    student.check_precision(info["teacher_config"].quantize_check)
+    return student

@@ -72,6 +72,10 @@ class GenerativeReranker:
             everything before the query in a student query prompt, whose document slot is empty) are kept across
             calls, so a query costs only its own tokens and what follows them; the backbone must stay frozen
             while this teacher is used.
+        quantize: ``int8`` runs pair scores and student query encodings through an int8 copy of the decoder
+            blocks (`precision.quantized_copy`, CPU only), calibrated and checked against fp32 on a sample of the
+            bundled demo texts when the teacher is built: ``precision`` holds the figures, and disagreement beyond
+            `precision.THRESHOLDS` is refused (``quantize_check="warn"``: logged). Document encoding stays fp32.
 
     ``stats`` accumulates ``tokens`` (real tokens run), ``padded_tokens`` and ``forwards`` over all calls.
     """
@@ -83,6 +87,8 @@ class GenerativeReranker:
         prompt_config: PromptConfig | None = None,
         max_batch_tokens: int = 8192,
         share_prefix: bool = True,
+        quantize: str = "none",
+        quantize_check: str = "refuse",
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -96,6 +102,11 @@ class GenerativeReranker:
         self.stats: dict[str, int] = {}
         # Keys and values of document-independent prefixes, by token ids (a handful per prompt config).
         self.prefix_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self.low_model = None  # the int8 copy of the decoder blocks, with its own prefix cache
+        self.low_prefix_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self.precision: dict = {"scheme": "none"}
+        if quantize != "none":
+            self._quantize(quantize, quantize_check)
 
     @classmethod
     def from_config(
@@ -105,25 +116,63 @@ class GenerativeReranker:
         if warning:
             logger.warning(warning)
         model, tokenizer = load_causal_lm(config.model, device=device, dtype=_DTYPES.get(config.dtype))
-        return cls(model, tokenizer, config.prompt, config.max_batch_tokens, config.share_prefix)
+        return cls(
+            model,
+            tokenizer,
+            config.prompt,
+            config.max_batch_tokens,
+            config.share_prefix,
+            config.quantize,
+            config.quantize_check,
+        )
 
     @property
     def hidden_size(self) -> int:
         return text_config(self.model.config).hidden_size
 
-    def encode(self, prompts: EncodedPrompts, query_mean: bool = False) -> torch.Tensor:
-        """Pre-norm last-token hidden states ``[n, d]`` of built prompts (see `PromptBuilder`).
+    def _quantize(self, scheme: str, check: str) -> None:
+        """Build `low_model` from activation ranges on one demo sample, then measure its pair scores against
+        fp32 on another (`precision`)."""
+        from . import precision
+
+        if scheme not in precision.SCHEMES:
+            raise ValueError(f"quantize must be one of {precision.SCHEMES}, got {scheme!r}")
+        reason = precision.int8_unavailable(next(self.model.parameters()).device)
+        if reason:
+            raise precision.PrecisionError(reason)
+        queries, documents = precision.calibration_texts(28, 14, seed=0)
+
+        def calibrate() -> None:
+            fp32_scores(queries[:16], documents[:4])
+            self.encode(self.prompts.query_prompts(queries[:16]))
+
+        def fp32_scores(q, d):
+            return precision.sample_scores(lambda a, b: self.score(a, b, low_precision=False).score, q, d)
+
+        self.low_model = precision.quantized_copy(self.model, *precision.input_statistics(self.model, calibrate))
+        sample = (queries[16:], documents[4:])
+        figures = precision.agreement(
+            fp32_scores(*sample), precision.sample_scores(lambda a, b: self.score(a, b).score, *sample)
+        )
+        self.precision = {"scheme": scheme, "cpu": precision.cpu_flags(), "teacher": figures}
+        precision.enforce(figures, "teacher scores", check)
+
+    def encode(self, prompts: EncodedPrompts, query_mean: bool = False, low_precision: bool = True) -> torch.Tensor:
+        """Pre-norm last-token hidden states ``[n, d]`` of built prompts (see `PromptBuilder`), through the int8
+        blocks when the teacher has them and ``low_precision`` (document encodings pass False).
 
         With ``query_mean``, ``[n, 2d]``: each row is followed by the mean pre-norm state over the prompt's query
         tokens, from the same forward (`backbone.span_mean`).
         """
+        low = low_precision and self.low_model is not None
+        model = self.low_model if low else self.model
         ids = prompts.input_ids
         spans = None
         if query_mean:
             spans = [(s, s + n) for s, n in zip(prompts.query_start, prompts.query_tokens, strict=True)]
         if not (self.share_prefix and any(prompts.template_tokens)):
             return last_token_hidden(
-                self.model,
+                model,
                 ids,
                 pad_id=self.tokenizer.pad_token_id,
                 padding_side=self.tokenizer.padding_side,
@@ -154,25 +203,33 @@ class GenerativeReranker:
                     keep.add(key)
                 prefix_of[index] = prefix_index.setdefault(key, len(prefix_index))
         prefixes = list(prefix_index)
-        room = max(_PREFIX_CACHE_SIZE - len(self.prefix_cache), 0)
-        keep = set([key for key in prefixes if key in keep and key not in self.prefix_cache][:room])
+        cache = self.low_prefix_cache if low else self.prefix_cache
+        room = max(_PREFIX_CACHE_SIZE - len(cache), 0)
+        keep = set([key for key in prefixes if key in keep and key not in cache][:room])
         return shared_prefix_last_hidden(
-            self.model,
+            model,
             prefixes,
             [ids[i][len(prefixes[prefix_of[i]]) :] for i in range(len(ids))],
             prefix_of,
             pad_id=self.tokenizer.pad_token_id,
             max_batch_tokens=self.max_batch_tokens,
             stats=self.stats,
-            kv_cache=self.prefix_cache,
+            kv_cache=cache,
             keep=[p in keep for p in prefixes],
             spans=spans,
         )
 
-    def score(self, queries: Sequence[str], documents: Sequence[str], head_chunk: int = 256) -> TeacherScores:
-        """Score aligned ``queries[i]`` / ``documents[i]`` pairs (see `TeacherScores`)."""
+    def score(
+        self,
+        queries: Sequence[str],
+        documents: Sequence[str],
+        head_chunk: int = 256,
+        low_precision: bool = True,
+    ) -> TeacherScores:
+        """Score aligned ``queries[i]`` / ``documents[i]`` pairs (see `TeacherScores`); int8 when the teacher
+        is quantised, unless ``low_precision`` is False."""
         prompts = self.prompts.pair_prompts(queries, documents)
-        hidden = self.encode(prompts)
+        hidden = self.encode(prompts, low_precision=low_precision)
         answers = torch.empty(
             (3, len(hidden)), dtype=torch.float32
         )  # ordinary tensor, filled in inference mode

@@ -140,3 +140,21 @@ def test_skips_without_default_model(complexity, monkeypatch, tmp_path, capsys):
     assert complexity.main(["--quick", "--out", str(tmp_path)]) == 0
     assert capsys.readouterr().out.startswith("skipped:")
     assert not any(tmp_path.iterdir())
+
+
+def test_low_precision_is_timed_against_fp32_with_its_agreement(complexity_report):
+    low = complexity_report["low_precision"]
+    assert low["scheme"] == "int8"
+    for key in ("query_speedup", "encode_speedup"):
+        assert low[key] > 0
+    assert low["ms_per_query_low"] > 0 and low["ms_per_query_fp32"] > 0
+    assert low["speedup_L512_N100"] == pytest.approx(
+        next(r["teacher_s"] for r in complexity_report["timings"] if (r["L"], r["N"]) == (512, 100))
+        / (low["ms_per_query_low"] / 1e3),
+        rel=0.01,
+    )
+    # The tiny random model's scores are nearly flat; int8 still orders its 100 documents as fp32 does.
+    assert low["spearman"] > 0.9 and 0 <= low["top1"] <= 1
+    assert low["agreement_benchmark_pairs"]["pairs"] == 16 * 100
+    assert low["agreement_calibration"]["pairs"] == 120
+    assert complexity_report["cpu_flags"]["torch_capability"]

@@ -130,6 +130,7 @@ def test_healthz_and_models(served):
         and student["dimensions"] == 16
     )
     assert student["index"]["count"] == 6 and teacher["backbone"] == "tiny-random-llama"
+    assert student["precision"] == teacher["precision"] == {"scheme": "none"}  # quantize: int8 adds its figures
     # Names, not the server's paths.
     assert student["checkpoint"] == teacher["checkpoint"] == "checkpoint" and student["index"]["name"] == "index"
     assert str(served["root"]) not in json.dumps(models)

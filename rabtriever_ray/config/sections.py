@@ -6,8 +6,9 @@ A default and a help string per field; how they are loaded from YAML and ``key=v
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from ..presets import PRESET_NAMES, PRESETS
 from .base import ConfigError, check_at_least, option
@@ -106,9 +107,22 @@ class TeacherConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", "auto: bf16 on GPU, fp32 on CPU"
     )
+    quantize: Literal["none", "int8"] = option(
+        "none",
+        "int8: pair scores and student query encodings run int8 decoder blocks on CPU (LM head, scores and "
+        "document encodings stay fp32), checked against fp32 on a calibration sample when loaded; training "
+        "always runs the backbone as dtype says",
+    )
+    quantize_check: Literal["refuse", "warn"] = option(
+        "refuse", "what an int8 model whose scores disagree with fp32 on the calibration sample does"
+    )
 
     def __post_init__(self) -> None:
         check_at_least(self, 1, "max_batch_tokens")
+
+    def at_precision_of(self, other: Any) -> TeacherConfig:
+        """This teacher at the precision ``other`` (a teacher or Serve config) asks for."""
+        return dataclasses.replace(self, quantize=other.quantize, quantize_check=other.quantize_check)
 
 
 @dataclass

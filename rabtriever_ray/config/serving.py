@@ -89,6 +89,14 @@ class ServeConfig:
         "float16",
         "dtype the Encoder holds the index's hidden states in (half the memory of float32; scored in float32)",
     )
+    quantize: Literal["none", "int8"] = option(
+        "none",
+        "int8: the Encoder's query encodings and the Reranker's pair scores run int8 decoder blocks on CPU, "
+        "checked against fp32 when a replica starts (info and /healthz show the figures)",
+    )
+    quantize_check: Literal["refuse", "warn"] = option(
+        "refuse", "what a replica whose int8 scores disagree with fp32 on the calibration sample does"
+    )
     replica_retry_wait_s: float = option(
         5.0,
         "after a model replica dies during a call, how long the Router's one retry waits for a live replica "

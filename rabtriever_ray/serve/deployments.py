@@ -42,10 +42,12 @@ def _teacher_config(config: ServeConfig, checkpoint: Path) -> TeacherConfig:
 
     recorded = load_student_info(checkpoint)["teacher_config"]
     if config.teacher is None:
-        return recorded
-    if config.teacher.endswith((".yaml", ".yml")):
-        return load_config(TeacherConfig, config.teacher)
-    return dataclasses.replace(recorded, model=config.teacher)
+        teacher = recorded
+    elif config.teacher.endswith((".yaml", ".yml")):
+        teacher = load_config(TeacherConfig, config.teacher)
+    else:
+        teacher = dataclasses.replace(recorded, model=config.teacher)
+    return teacher.at_precision_of(config)
 
 
 def _cut_documents(prompts, items: list[tuple]) -> tuple[list[tuple], list[list[bool]]]:
@@ -70,7 +72,7 @@ class Encoder(BatchedModel):
         from ..student import load_student, load_student_info
 
         checkpoint, index = _checkpoint_and_index(config)
-        teacher = load_student_info(checkpoint)["teacher_config"]
+        teacher = load_student_info(checkpoint)["teacher_config"].at_precision_of(config)
         self.student = load_student(checkpoint, teacher, config.device)
         held = DocumentIndex.load(index, config.doc_states) if index else None  # doc_states: the memory held
         self.searcher = (
@@ -86,6 +88,7 @@ class Encoder(BatchedModel):
             "checkpoint": Path(checkpoint).name,
             "dimensions": self.student.config.proj_dim,
             "index": None if index is None else {"name": Path(index).name, "count": len(self.searcher.index)},
+            "precision": self.student.precision,
         }
         self._start_batching(config)
         logger.info("Encoder ready: %s", self._info)
@@ -236,7 +239,11 @@ class Reranker(BatchedModel):
         checkpoint, _ = _checkpoint_and_index(config)
         teacher = _teacher_config(config, checkpoint)
         self.teacher = GenerativeReranker.from_config(teacher, device=config.device)
-        self._info = {"backbone": Path(teacher.model).name, "checkpoint": Path(checkpoint).name}
+        self._info = {
+            "backbone": Path(teacher.model).name,
+            "checkpoint": Path(checkpoint).name,
+            "precision": self.teacher.precision,
+        }
         self._start_batching(config)
         logger.info("Reranker ready: %s", self._info)
 
