@@ -431,8 +431,14 @@ def _low_precision_comparison(
 
 
 def _print_low_precision(result: dict) -> None:
-    bare, pairs, calibration = result["bare_forward"], result["agreement_benchmark_pairs"], result["agreement_calibration"]
-    print(f"\nlow precision ({result['scheme']}) vs fp32, one cached query, {result['rounds']} alternating rounds:")
+    bare, pairs, calibration = (
+        result["bare_forward"],
+        result["agreement_benchmark_pairs"],
+        result["agreement_calibration"],
+    )
+    print(
+        f"\nlow precision ({result['scheme']}) vs fp32, one cached query, {result['rounds']} alternating rounds:"
+    )
     print(
         f"  ms/query (enc + score) fp32 {result['ms_per_query_fp32']:.2f}, {result['scheme']} "
         f"{result['ms_per_query_low']:.2f}: {result['query_speedup']:.2f}x; encode only "

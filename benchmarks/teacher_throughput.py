@@ -89,7 +89,10 @@ def main() -> None:
     parser.add_argument("--config", default="configs/teacher/esconv_strategy.yaml")
     parser.add_argument("--pairs", type=int, default=300)
     parser.add_argument(
-        "--queries", type=int, default=None, help="seeded queries with all their candidates, instead of --pairs"
+        "--queries",
+        type=int,
+        default=None,
+        help="seeded queries with all their candidates, instead of --pairs",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-ray", action="store_true", help="only (a) and (b)")

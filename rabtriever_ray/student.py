@@ -112,7 +112,9 @@ class Rabtriever(nn.Module):
         with torch.inference_mode():
             h_doc = self.encode_documents(documents)
             fp32, low = (
-                self.score_matrix(self.teacher.encode(prompts, self.config.query_mean, low_precision=low), h_doc)
+                self.score_matrix(
+                    self.teacher.encode(prompts, self.config.query_mean, low_precision=low), h_doc
+                )
                 for low in (False, True)
             )
         figures = precision.agreement(fp32, low)

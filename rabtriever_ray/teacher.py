@@ -157,7 +157,9 @@ class GenerativeReranker:
         self.precision = {"scheme": scheme, "cpu": precision.cpu_flags(), "teacher": figures}
         precision.enforce(figures, "teacher scores", check)
 
-    def encode(self, prompts: EncodedPrompts, query_mean: bool = False, low_precision: bool = True) -> torch.Tensor:
+    def encode(
+        self, prompts: EncodedPrompts, query_mean: bool = False, low_precision: bool = True
+    ) -> torch.Tensor:
         """Pre-norm last-token hidden states ``[n, d]`` of built prompts (see `PromptBuilder`), through the int8
         blocks when the teacher has them and ``low_precision`` (document encodings pass False).
 
