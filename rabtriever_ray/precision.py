@@ -194,8 +194,7 @@ def quantized_copy(
 ) -> nn.Module:
     """``model`` with the linear layers of its decoder blocks as `Int8Linear`; every other weight (embeddings,
     norms, LM head) is shared with ``model``, which is left unchanged."""
-    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    low = copy.deepcopy(model, memo=dict(shared))
+    low = shared_copy(model)
     layers = decoder_layers(low)
     for name, module in list(layers.named_modules()):
         for child_name, child in list(module.named_children()):
@@ -205,6 +204,20 @@ def quantized_copy(
                     raise PrecisionError(f"calibration saw no input of {full}; cannot quantise it")
                 setattr(module, child_name, Int8Linear(child, ranges[full], (grams or {}).get(full)))
     return low.eval()
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules that shares every parameter and buffer with it: replacing a submodule of the
+    copy leaves ``model`` as it is, and costs no memory for what is not replaced."""
+    shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo=shared)
+
+
+def calibration_samples() -> tuple[tuple[list[str], list[str]], tuple[list[str], list[str]]]:
+    """``(calibration, agreement)``, each ``(queries, documents)`` of demo texts: 16 queries x 4 skills for the
+    activation statistics, and 12 other queries x 10 other skills for the load-time agreement check."""
+    queries, documents = calibration_texts(28, 14, seed=0)
+    return (queries[:16], documents[:4]), (queries[16:], documents[4:])
 
 
 def calibration_texts(queries: int, documents: int, seed: int) -> tuple[list[str], list[str]]:

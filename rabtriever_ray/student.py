@@ -106,8 +106,7 @@ class Rabtriever(nn.Module):
 
         if self.teacher.low_model is None:
             return {}
-        queries, documents = precision.calibration_texts(28, 14, seed=0)
-        queries, documents = queries[16:], documents[4:]  # the teacher's agreement sample
+        _, (queries, documents) = precision.calibration_samples()  # the teacher's agreement sample
         prompts = self.teacher.prompts.query_prompts(queries)
         with torch.inference_mode():
             h_doc = self.encode_documents(documents)

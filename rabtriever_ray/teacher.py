@@ -140,17 +140,16 @@ class GenerativeReranker:
         reason = precision.int8_unavailable(next(self.model.parameters()).device)
         if reason:
             raise precision.PrecisionError(reason)
-        queries, documents = precision.calibration_texts(28, 14, seed=0)
+        calibration, sample = precision.calibration_samples()
 
         def calibrate() -> None:
-            fp32_scores(queries[:16], documents[:4])
-            self.encode(self.prompts.query_prompts(queries[:16]))
+            fp32_scores(*calibration)
+            self.encode(self.prompts.query_prompts(calibration[0]))
 
         def fp32_scores(q, d):
             return precision.sample_scores(lambda a, b: self.score(a, b, low_precision=False).score, q, d)
 
         self.low_model = precision.quantized_copy(self.model, *precision.input_statistics(self.model, calibrate))
-        sample = (queries[16:], documents[4:])
         figures = precision.agreement(
             fp32_scores(*sample), precision.sample_scores(lambda a, b: self.score(a, b).score, *sample)
         )
