@@ -162,7 +162,8 @@ def main(argv=None) -> int:
     else:
         config = TeacherConfig(model=args.model)
     teacher = GenerativeReranker.from_config(config, device="cpu")
-    # The calibration sample of `GenerativeReranker` (demo texts); the pairs compared come after it.
+    # Seeded demo texts; the first 16 queries and 4 skills calibrate (the pairs compared are the ones after them in
+    # this draw, which is not the draw of `precision.calibration_samples`: the two may share texts).
     texts, skills = precision.calibration_texts(210, 30, seed=0)
     calibration_queries = texts[:16]
 
