@@ -10,6 +10,8 @@
 - ``minilm-ft`` (`finetune_minilm`, then `MiniLM`): the same model fine-tuned on a training split's labelled
   queries with sentence-transformers' own trainer: the bi-encoder a user would fine-tune on the same labels.
 
+`bi_encoder_rows` ranks a distillation's validation candidates with both, for its report.
+
 Each keeps a query's top ``k`` documents in the order the metrics rank them (`top_k`: equal scores by document id,
 smallest first; `metrics.ranking`).
 """
@@ -135,6 +137,16 @@ class MiniLM:
         """Each query's `top_k` ``k`` indexed documents by cosine."""
         return faiss_top_k(self.index, self._embed(query_texts), self.doc_ids, k)
 
+    def pair_scores(self, query_texts: Sequence[str], doc_texts: Sequence[str]) -> np.ndarray:
+        """The cosine of each (query, document) pair, for ranking given candidates; each distinct text is
+        encoded once."""
+        queries, docs = list(dict.fromkeys(query_texts)), list(dict.fromkeys(doc_texts))
+        query_row, doc_row = {t: i for i, t in enumerate(queries)}, {t: i for i, t in enumerate(docs)}
+        q, d = self._embed(queries), self._embed(docs)
+        rows = np.array([query_row[t] for t in query_texts], dtype=np.int64)
+        cols = np.array([doc_row[t] for t in doc_texts], dtype=np.int64)
+        return np.einsum("ij,ij->i", q[rows], d[cols]) if len(rows) else np.zeros(0, np.float32)
+
 
 def finetune_minilm(
     train: BeirData,
@@ -228,3 +240,41 @@ def finetune_minilm(
         "steps": trainer.state.global_step,
     }
     return model.eval(), seconds, counts
+
+
+BI_ENCODERS = ("minilm", "minilm-ft")  # zero-shot, fine-tuned
+
+
+def bi_encoder_rows(
+    methods: Sequence[str], val: dict, train: BeirData | None, labelled: Sequence[str], seed: int = 0
+) -> tuple[dict[str, dict], dict]:
+    """``minilm`` and ``minilm-ft`` (`BI_ENCODERS`) ranking a distillation's validation candidates (``val``: its
+    ``query_id``, ``doc_id``, ``query_text``, ``doc_text`` columns and ``qrels``); ``minilm-ft`` first fine-tuned
+    (`finetune_minilm`) on the ``labelled`` queries of ``train``.
+
+    Returns ``(metrics per method, details)``: details hold each method's training seconds and counts, or
+    ``skipped`` with the reason (no sentence-transformers, or no labelled training split) instead of failing the
+    job at its end.
+    """
+    from .metrics import HEADLINE_MEASURES, retrieval_metrics, run_from_rows
+
+    rows: dict[str, dict] = {}
+    details: dict = {}
+    for method in methods:
+        if method not in BI_ENCODERS:
+            raise ValueError(f"unknown bi-encoder baseline {method!r}; choose from {', '.join(BI_ENCODERS)}")
+        if method == "minilm-ft" and not (train is not None and labelled and train.qrels):
+            details[method] = {"skipped": "no labelled training queries read in the job"}
+            continue
+        try:
+            model, seconds, counts = (
+                finetune_minilm(train, labelled, seed=seed) if method == "minilm-ft" else (None, 0.0, {})
+            )
+            scores = MiniLM(model).pair_scores(val["query_text"], val["doc_text"])
+        except MissingBaseline as err:
+            details[method] = {"skipped": str(err)}
+            continue
+        run = run_from_rows(val["query_id"], val["doc_id"], scores.tolist())
+        rows[method] = retrieval_metrics(run, val["qrels"], HEADLINE_MEASURES)
+        details[method] = {"train_s": round(seconds, 1), **counts}
+    return rows, details

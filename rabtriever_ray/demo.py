@@ -55,7 +55,8 @@ def ensure_demo(demo_distill: list[str]) -> tuple[Path, Path]:
             from .distill import run_distill
 
             logger.warning("building the demo checkpoint in %s (the demo distillation)", checkpoint.parent)
-            overrides = [*DEMO_RESOURCES, *demo_distill, f"out_dir={checkpoint.parent}"]
+            # The served demo needs no comparison with the bi-encoders (baselines=).
+            overrides = [*DEMO_RESOURCES, "baselines=", *demo_distill, f"out_dir={checkpoint.parent}"]
             run_distill(load_config(DistillConfig, None, overrides))
         if not (index / MANIFEST).is_file():
             logger.warning("building the demo index in %s", index)

@@ -18,8 +18,9 @@
    (`rounds.sample_round_pairs` / `rounds.sample_round_stream`), trained on from the previous round's checkpoint as
    its own Ray Train run (``<name>-round<r>``);
 5. the report (`report`): ``out_dir/report.json`` (config, per-round and per-epoch history, final validation
-   metrics of student, teacher, BM25 and the zero-shot teacher, agreement, top-1 concentration, per-query cost,
-   the teacher's sanity figures, timings, counts), ``out_dir/checkpoint/`` and ``out_dir/training_curves.png``.
+   metrics of student, teacher, MiniLM zero-shot and fine-tuned, BM25 and the zero-shot teacher, agreement, top-1
+   concentration, per-query cost, the teacher's sanity figures, timings, counts), ``out_dir/checkpoint/`` and
+   ``out_dir/training_curves.png``.
 """
 
 from __future__ import annotations
@@ -35,13 +36,13 @@ import pyarrow as pa
 
 from . import console
 from .config import DistillConfig, to_dict
-from .data import data_root, read_beir, read_beir_dataset, read_pairs, run_pairs
+from .data import data_root, read_beir, read_beir_dataset, read_pairs, run_pairs, training_queries
 from .io import atomic_dir, write_json_atomic
 from .models import prompt_mismatch, resolve_spec, trained_prompt
-from .pipeline import SchemaError, pairs_dataset, persisted_counts, score_pairs, teacher_stage
-from .report import final_metrics, plot_curves, top1_and_cost, val_metrics
-from .runs import check_resume, distill_fingerprint, teacher_outputs_dir
-from .runtime import free_node_cpus, init_ray, node_cpus
+from .pipeline import SchemaError, pairs_dataset, score_pairs, teacher_stage
+from .report import bi_encoders, final_metrics, plot_curves, top1_and_cost, val_metrics
+from .runs import check_resume, distill_fingerprint, persisted_counts, teacher_outputs_dir
+from .runtime import free_node_cpus, init_ray, node_cpus, teacher_threads, warn_if_no_cpu_left_for_data
 from .sanity import format_sanity, teacher_sanity
 from .teacher_scores import read_scores_for
 
@@ -93,7 +94,16 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
         val_data, val_pairs = read_pairs(
             plan.val_root, cfg.val_split, cfg.val_candidates, cfg.max_val_queries, cfg.seed
         )
-    train_data = read_beir(plan.train_root, cfg.train_split) if plan.read_train_here else None
+    train_data, query_counts = None, {"labelled": 0, "unlabelled": 0}
+    if plan.read_train_here:  # cut to the queries it trains on: the labelled sample, then any unlabelled ones
+        train_data, query_counts = training_queries(
+            read_beir(plan.train_root, cfg.train_split),
+            cfg.max_train_queries,
+            cfg.seed,
+            cfg.unlabelled_queries,
+            cfg.max_unlabelled_queries,
+            exclude=val_data,
+        )
     init_ray()
     train_stream = None
     if plan.stream_train or plan.stream_rounds:
@@ -119,7 +129,7 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
     warning = prompt_mismatch(cfg.teacher.model, to_dict(cfg.teacher.prompt))
     if warning:
         logger.warning(warning)
-    _warn_if_no_cpu_left_for_data(cfg)
+    warn_if_no_cpu_left_for_data(cfg)
     val, val_teacher_s, val_scored = validation(cfg, val_data, val_pairs)
     sanity = teacher_sanity(pa.table({k: val[k] for k in ("query_id", "doc_id", "teacher_score")}))
     print("\n" + format_sanity(sanity), flush=True)  # a broken teacher shows now, not after training
@@ -142,16 +152,21 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
     if tuned is not None:
         final["teacher_zero_shot"] = tuned["before"]
     top1, cost = top1_and_cost(cfg, val, val_data, plan.out_dir / "checkpoint")
+    bi_encoder_rows, bi_encoder_details = bi_encoders(cfg, val, train_data, query_counts["labelled"])
+    final.update(bi_encoder_rows)
     report = {
         "config": to_dict(cfg),
         "final": final,
         "top1": top1,
         "cost": cost,
         "teacher_sanity": sanity,
+        "baselines": bi_encoder_details,
         "rounds": rounds,
         "history": history,
         "counts": {
             "train_queries": rounds[0]["train_queries"],
+            "labelled_train_queries": query_counts["labelled"] if train_data is not None else None,
+            "unlabelled_train_queries": query_counts["unlabelled"],
             "train_pairs": rounds[0]["train_pairs"],
             "train_pairs_scored_by_teacher": sum(r["pairs_scored_by_teacher"] for r in rounds),
             "val_queries": len(val["qrels"]),
@@ -190,6 +205,7 @@ def _stage_args(cfg: DistillConfig, plan: DistillPlan) -> dict[str, Any]:
         "batch_size": None,
         "gpus_per_actor": cfg.teacher_gpus if cfg.use_gpu else 0.0,
         "outputs_dir": teacher_outputs_dir(cfg, plan.storage),
+        "threads": teacher_threads(cfg.teacher_threads, cfg.teacher_cpus, cfg.teacher_actors),
     }
 
 
@@ -217,7 +233,8 @@ def round_zero(cfg: DistillConfig, plan: DistillPlan, train_data, train_stream) 
     else:
         from .data import build_pairs
 
-        pairs = build_pairs(train_data, cfg.candidates, cfg.max_train_queries, cfg.seed, training=True)
+        # train_data holds exactly the training queries (`data.training_queries`): no sampling here.
+        pairs = build_pairs(train_data, cfg.candidates, training=True, query_ids=list(train_data.queries))
         stage, n_train, n_queries = (
             _training_stage(cfg, plan, pairs),
             len(pairs),
@@ -305,7 +322,8 @@ def train_rounds(
             stage = teacher_stage(drawn, cfg.teacher, **_stage_args(cfg, plan))
         elif round_index > 0:
             # The current student draws the pairs; the teacher scores exactly those, streaming into training.
-            pairs = sample_round_pairs(cfg, train_data, checkpoint, round_index, cpus=node_cpus())
+            sampled = dataclasses.replace(cfg, max_train_queries=None)  # train_data is the sample already
+            pairs = sample_round_pairs(sampled, train_data, checkpoint, round_index, cpus=node_cpus())
             n_train, n_queries = len(pairs), len(set(pairs.column("query_id").to_pylist()))
             stage = _training_stage(cfg, plan, pairs)
         sample_s = time.perf_counter() - t0
@@ -379,22 +397,3 @@ def _steps_per_epoch(n_train: int, cfg: DistillConfig) -> int:
             f"{cfg.batch_size * cfg.num_workers}; lower batch_size or add queries"
         )
     return steps
-
-
-def _warn_if_no_cpu_left_for_data(cfg: DistillConfig) -> None:
-    """Ray Data runs its stage (teacher actors or Parquet reads) on the CPUs the training workers leave free."""
-    import ray
-
-    total = ray.cluster_resources().get("CPU", 0.0)
-    workers = cfg.cpus_per_worker * cfg.num_workers
-    needed = workers + (0.25 if cfg.teacher_data else cfg.teacher_cpus)
-    if total < needed:
-        logger.warning(
-            "the cluster has %.2f CPUs now; %d workers x cpus_per_worker=%.2f leave too few for the data stage "
-            "(it needs %.2f). Training waits until an autoscaler adds CPUs; on a fixed cluster lower "
-            "cpus_per_worker or teacher_cpus.",
-            total,
-            cfg.num_workers,
-            cfg.cpus_per_worker,
-            needed - workers,
-        )

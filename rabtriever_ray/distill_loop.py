@@ -149,8 +149,11 @@ def validate(student: Rabtriever, val: dict, query_cache: EmbeddingCache, doc_ca
     """Student vs teacher on the validation pairs: agreement and retrieval metrics against the qrels."""
     from .metrics import HEADLINE_MEASURES, agreement, retrieval_metrics, run_from_rows
 
+    training = student.training
+    student.eval()  # no dropout
     with torch.no_grad():
         scores = student.score(query_cache(val["query_text"]), doc_cache(val["doc_text"])).cpu().tolist()
+    student.train(training)
     student_run = run_from_rows(val["query_id"], val["doc_id"], scores)
     teacher_run = run_from_rows(val["query_id"], val["doc_id"], val["teacher_score"])
     metrics = {

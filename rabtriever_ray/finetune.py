@@ -177,7 +177,8 @@ def run_train_teacher(
 def finetune_before_distillation(
     cfg: DistillConfig, train_root: Path, val_data, val_pairs, storage: Path, free_cpus: float
 ) -> dict:
-    """Fine-tune ``cfg.teacher`` with the recipe ``cfg.finetune`` on the distillation's own training split, and
+    """Fine-tune ``cfg.teacher`` with the recipe ``cfg.finetune`` on the distillation's own training split (at most
+    its ``max_train_queries`` sample: never on queries the distillation treats as unlabelled), and
     score the distillation's validation pairs (``val_pairs`` of ``val_data``) with it before and after
     (`run_train_teacher`).
 
@@ -208,6 +209,10 @@ def finetune_before_distillation(
         val_candidates=cfg.val_candidates,
         validate_before=True,
         seed=cfg.seed,
+        # Labels only of the distillation's labelled sample (the same seeded sample, or a part of it).
+        max_queries=min(
+            (n for n in (recipe.max_queries, cfg.max_train_queries) if n is not None), default=None
+        ),
         use_gpu=cfg.use_gpu,
         cpus_per_worker=max(recipe.cpus_per_worker, free_cpus / recipe.num_workers),
         teacher_cpus=max(recipe.teacher_cpus, free_cpus / recipe.teacher_actors),

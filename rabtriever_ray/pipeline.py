@@ -33,7 +33,7 @@ without a join against the corpus.
 With ``outputs_dir`` (the distillation passes a folder beside its Ray Train run), every scored batch is also
 written there, named by a hash of its pairs and texts, and a batch found there is read back instead of scored:
 a training worker restarted after a failure reads the stream again, and the teacher work done before the failure
-is not done twice. `persisted_counts` says how many pairs were scored and how many read back.
+is not done twice. `runs.persisted_counts` says how many pairs were scored and how many read back.
 """
 
 from __future__ import annotations
@@ -139,6 +139,7 @@ class TeacherScorer:
         crash_once: test hook ``(marker_path, after_batches)``: the first actor to reach that many batches while
             the marker does not exist creates it and kills its own process, as a crashed or preempted actor would.
         crash_on_query: test hook: a batch holding this query id kills its actor every time.
+        threads: torch threads of this actor; None: Ray's (its CPUs, rounded down).
     """
 
     def __init__(
@@ -148,8 +149,14 @@ class TeacherScorer:
         crash_once: tuple[str, int] | None = None,
         crash_on_query: str | None = None,
         outputs_dir: str | None = None,
+        threads: int | None = None,
     ):
         from .teacher import GenerativeReranker
+
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
 
         self.teacher = GenerativeReranker.from_config(teacher_config)
         self.outputs_dir = Path(outputs_dir) if outputs_dir else None
@@ -257,15 +264,6 @@ class TeacherScorer:
         return pa.table(columns, schema=output_schema(d))
 
 
-def persisted_counts(outputs_dir: str | Path) -> dict[str, int]:
-    """Pairs the teacher stages with ``outputs_dir`` scored (``scored``) and read back (``read``) so far."""
-    counts = {"scored": 0, "read": 0}
-    for path in (Path(outputs_dir) / "_counts").glob("*.json"):
-        for kind, rows in json.loads(path.read_text()).items():
-            counts[kind] += rows
-    return counts
-
-
 def sharing_order(pairs: pa.Table, teacher: TeacherConfig) -> pa.Table:
     """``pairs`` sorted by the slot the teacher's prompt puts first (document then query for a document-first
     preset, query then document for a query-first one): each teacher batch then runs that slot's prefix once for
@@ -315,6 +313,7 @@ def teacher_stage(
     crash_once: tuple[str, int] | None = None,
     crash_on_query: str | None = None,
     outputs_dir: str | Path | None = None,
+    threads: int | None = None,
 ):
     """Score a Dataset of candidate pairs with teacher actors; lazy (nothing runs until consumed).
 
@@ -333,6 +332,7 @@ def teacher_stage(
         crash_once, crash_on_query: `TeacherScorer`'s test hooks.
         outputs_dir: persist scored batches there and read them back when scored before (see the module
             docstring); on storage every node reaches, as a Ray Train run's.
+        threads: torch threads per actor (None: Ray's, its CPUs rounded down).
     """
     import tempfile
     import uuid
@@ -363,6 +363,7 @@ def teacher_stage(
             "crash_once": crash_once,
             "crash_on_query": crash_on_query,
             "outputs_dir": str(outputs_dir) if outputs_dir else None,
+            "threads": threads,
         },
         batch_size=batch_size,
         batch_format="pyarrow",

@@ -67,10 +67,16 @@ class Predictor(nn.Module):
             dimensions orders of magnitude larger than the rest; normalising keeps them from swamping the MLP.
         query_mean: the query embedding is ``[h_q; m_q]`` (``2d``); the MLP reads ``m_q`` through a
             `RunningStandardize` and the residual stays ``h_q``.
+        dropout: dropout on the MLP's hidden layer while training (a regulariser for few training queries).
     """
 
     def __init__(
-        self, hidden_size: int, predictor_hidden: int = 1024, input_norm: bool = True, query_mean: bool = False
+        self,
+        hidden_size: int,
+        predictor_hidden: int = 1024,
+        input_norm: bool = True,
+        query_mean: bool = False,
+        dropout: float = 0.0,
     ):
         super().__init__()
         self.hidden_size = hidden_size
@@ -82,6 +88,7 @@ class Predictor(nn.Module):
         self.norm_doc = nn.LayerNorm(hidden_size) if input_norm else nn.Identity()
         self.fc_in = nn.Linear(3 * hidden_size, predictor_hidden)
         self.act = nn.GELU()
+        self.dropout = nn.Dropout(dropout)  # on the hidden layer, in training only
         self.fc_out = nn.Linear(predictor_hidden, hidden_size)
         nn.init.zeros_(self.fc_out.weight)
         nn.init.zeros_(self.fc_out.bias)
@@ -105,7 +112,7 @@ class Predictor(nn.Module):
         base, q = self.query_parts(h_query)
         base, q, h_doc = torch.broadcast_tensors(base, q, h_doc)
         d = self.norm_doc(h_doc)
-        return base + self.fc_out(self.act(self.fc_in(torch.cat([q, d, q * d], dim=-1))))
+        return base + self.fc_out(self.dropout(self.act(self.fc_in(torch.cat([q, d, q * d], dim=-1)))))
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:

@@ -1,7 +1,8 @@
 """The distillation's report: final metrics beside the baselines, the bias diagnosis, the per-query cost, the
 training curves and the one screen the job ends with.
 
-- `final_metrics`: student (its last validation), teacher and BM25 on the validation candidates, and agreement.
+- `final_metrics`: student (its last validation), teacher and BM25 on the validation candidates, and agreement;
+  `bi_encoders`: MiniLM zero-shot and fine-tuned on the same candidates.
 - `top1_and_cost`: the most frequent top-1 document of teacher and student, and milliseconds per query of each.
 - `plot_curves`: losses and validation metrics per epoch, as a PNG.
 - `format_table`, `format_summary`: the markdown table and the closing screen.
@@ -120,13 +121,29 @@ def plot_curves(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def bi_encoders(cfg: DistillConfig, val: dict, train_data, labelled: int) -> tuple[dict, dict]:
+    """The bi-encoder baselines (``cfg.baselines``, `baselines.bi_encoder_rows`) on the validation candidates,
+    ``minilm-ft`` trained on the first ``labelled`` queries of the job's training queries (the labelled sample)."""
+    from .baselines import bi_encoder_rows
+
+    if not cfg.baselines:
+        return {}, {}
+    labelled_ids = list(train_data.queries)[:labelled] if train_data is not None else []
+    with console.stage("bi-encoder baselines", len(cfg.baselines), "models") as bar:
+        rows, details = bi_encoder_rows(cfg.baselines, val, train_data, labelled_ids, cfg.seed)
+        bar.update(len(cfg.baselines))
+    return {key.replace("-", "_"): metrics for key, metrics in rows.items()}, details
+
+
 def format_table(final: dict[str, Any]) -> str:
-    """The final validation table as markdown: teacher, Rabtriever, BM25 and, when the job fine-tuned the teacher,
-    the zero-shot teacher; then the student-teacher agreement."""
+    """The final validation table as markdown: teacher, Rabtriever, the bi-encoders, BM25 and, when the job
+    fine-tuned the teacher, the zero-shot teacher; then the student-teacher agreement."""
     tuned = "teacher_zero_shot" in final
     names = {
         "teacher": "teacher (fine-tuned)" if tuned else "teacher",
         "student": "Rabtriever",
+        "minilm_ft": "MiniLM (fine-tuned)",
+        "minilm": "MiniLM (zero-shot)",
         "bm25": "BM25",
         "teacher_zero_shot": "teacher (zero-shot)",
     }
@@ -144,11 +161,16 @@ def format_summary(report: dict[str, Any], out_dir: str | Path) -> str:
     """The one screen the job ends with: the table, agreement, top-1 concentration, the teacher's sanity warnings
     (`sanity.teacher_sanity`), per-query cost, time and where everything was written."""
     counts = report["counts"]
-    lines = [
-        f"Validation: {counts['val_queries']} queries, {counts['val_pairs']} candidate pairs",
-        "",
-        format_table(report["final"]),
-    ]
+    lines = [f"Validation: {counts['val_queries']} queries, {counts['val_pairs']} candidate pairs"]
+    if counts.get("labelled_train_queries") is not None:
+        trained = f"Training: {counts['labelled_train_queries']} labelled queries"
+        if counts.get("unlabelled_train_queries"):
+            trained += f" and {counts['unlabelled_train_queries']} unlabelled ones the teacher scored"
+        tuned = (report.get("baselines") or {}).get("minilm-ft", {})
+        if "train_s" in tuned:
+            trained += f"; MiniLM fine-tuned on the labelled ones in {minutes(tuned['train_s'])}"
+        lines.append(trained)
+    lines += ["", format_table(report["final"])]
     top1 = report.get("top1")
     if top1:
         parts = [

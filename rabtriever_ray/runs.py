@@ -121,3 +121,13 @@ def teacher_outputs_dir(cfg, storage: Path) -> Path | None:
         return None
     identity = json.dumps([to_dict(cfg.teacher), files_digest(model_files(cfg.teacher.model))], default=str)
     return storage / f"{cfg.name}-teacher-outputs" / hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def persisted_counts(outputs_dir: str | Path) -> dict[str, int]:
+    """Pairs the teacher stages (`pipeline.TeacherScorer`) with ``outputs_dir`` scored (``scored``) and read back
+    (``read``) so far."""
+    counts = {"scored": 0, "read": 0}
+    for path in (Path(outputs_dir) / "_counts").glob("*.json"):
+        for kind, rows in json.loads(path.read_text()).items():
+            counts[kind] += rows
+    return counts

@@ -80,3 +80,39 @@ def default_gpus(requested: float | None, use_gpu: bool = True) -> float:
     if not use_gpu or ray.cluster_resources().get("GPU", 0) <= 0:
         return 0.0
     return 1.0 if requested is None else requested
+
+
+def warn_if_no_cpu_left_for_data(cfg) -> None:
+    """Ray Data runs a distillation's stage (teacher actors or Parquet reads) on the CPUs its training workers
+    (``cfg``, a `DistillConfig`) leave free: warn when the cluster has too few for both."""
+    import logging
+
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    workers = cfg.cpus_per_worker * cfg.num_workers
+    needed = workers + (0.25 if cfg.teacher_data else cfg.teacher_cpus)
+    if total < needed:
+        logging.getLogger(__name__).warning(
+            "the cluster has %.2f CPUs now; %d workers x cpus_per_worker=%.2f leave too few for the data stage "
+            "(it needs %.2f). Training waits until an autoscaler adds CPUs; on a fixed cluster lower "
+            "cpus_per_worker or teacher_cpus.",
+            total,
+            cfg.num_workers,
+            cfg.cpus_per_worker,
+            needed - workers,
+        )
+
+
+def teacher_threads(requested: int, cpus_per_actor: float, actors: int) -> int | None:
+    """Torch threads of each teacher actor streaming a distillation's training pairs: ``requested``; with 0, on a
+    one-node cluster (local Ray) the node's CPUs shared among the ``actors`` (at least each actor's own), since
+    the training workers there mostly wait for the teacher while it scores, and on several nodes None (Ray's
+    default: ``cpus_per_actor`` rounded down)."""
+    import ray
+
+    if requested:
+        return requested
+    if len([node for node in ray.nodes() if node.get("Alive")]) != 1:
+        return None
+    return max(int(cpus_per_actor), int(node_cpus() // actors), 1)

@@ -51,7 +51,7 @@ class Rabtriever(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.predictor = Predictor(
-                hidden_size, config.predictor_hidden, config.input_norm, config.query_mean
+                hidden_size, config.predictor_hidden, config.input_norm, config.query_mean, config.dropout
             )
             self.q_proj = nn.Linear(self.query_width, config.proj_dim, bias=False)
             self.d_proj = nn.Linear(hidden_size, config.proj_dim, bias=False)

@@ -53,6 +53,7 @@ TINY_DISTILL = [
     "teacher.prompt.max_doc_tokens=48",
     "finetune_teacher=false",
     "cost_queries=0",
+    "baselines=",
 ]
 
 # A teacher fine-tuning small enough for a unit test: the tiny model, a slice of the demo data, two workers.

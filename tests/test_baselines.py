@@ -78,3 +78,31 @@ def test_minilm_ft_trains_on_the_sampled_training_queries_and_ranks_like_minilm(
     assert results["timing"]["minilm-ft/train"] == {"total_s": 1.5, "queries": 20}
     assert results["timing"]["minilm-ft/corpus_encoding"]["documents"] == 30
     assert results["config"]["max_train_queries"] == 20
+
+
+def test_the_distillation_report_ranks_its_validation_candidates_with_both_bi_encoders():
+    """`bi_encoder_rows` on validation pairs (every skill for 12 dev queries): the zero-shot row is the metrics
+    jobs/evaluate.py's minilm gives the same queries (its full-corpus search is every candidate here), and the
+    fine-tuned one trains on the labelled queries it is given."""
+    from rabtriever_ray.baselines import bi_encoder_rows
+    from rabtriever_ray.data import build_pairs
+    from rabtriever_ray.metrics import HEADLINE_MEASURES
+
+    train, dev = read_beir(DEMO_DATA, "train"), read_beir(DEMO_DATA, "dev")
+    query_ids = sample_query_ids(list(dev.queries), 12, 0)
+    pairs = build_pairs(dev, "all", query_ids=query_ids)
+    val = {name: pairs.column(name).to_pylist() for name in ("query_id", "doc_id", "query_text", "doc_text")}
+    val["qrels"] = {q: dev.qrels[q] for q in query_ids}
+    labelled = sample_query_ids(list(train.queries), 10, 0)
+
+    rows, details = bi_encoder_rows(["minilm", "minilm-ft"], val, train, labelled)
+    results = evaluate.run_evaluation(
+        EvaluateConfig(data=str(DEMO_DATA), split="dev", methods=["minilm"], max_queries=12)
+    )
+    expected = results["methods"]["minilm"]
+    assert rows["minilm"] == pytest.approx({m: expected[m] for m in HEADLINE_MEASURES})
+    assert details["minilm-ft"]["queries"] == 10 and details["minilm-ft"]["train_s"] > 0
+    assert rows["minilm-ft"] != rows["minilm"]
+
+    rows, details = bi_encoder_rows(["minilm-ft"], val, None, [])
+    assert rows == {} and details == {"minilm-ft": {"skipped": "no labelled training queries read in the job"}}

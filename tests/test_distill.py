@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import TINY_DISTILL, TINY_TEACHER, distill_config
+from helpers import TINY_DISTILL, TINY_TEACHER, distill_config, load_script
 
 from rabtriever_ray.distill import run_distill
 
@@ -232,7 +232,8 @@ def test_the_job_fine_tunes_a_base_teacher_first_and_ends_with_one_screen(tmp_pa
     training split, the screen holds the table, the diagnosis, the cost and the outputs but none of Ray's log
     lines (those are in job.log), and a rerun reuses the fine-tuned teacher and the finished distillation."""
     out = tmp_path / "run"
-    args = [a for a in TINY_DISTILL if a not in ("finetune_teacher=false", "cost_queries=0", "num_workers=2")]
+    dropped = ("finetune_teacher=false", "cost_queries=0", "num_workers=2", "baselines=")
+    args = [a for a in TINY_DISTILL if a not in dropped]
     command = [
         sys.executable,
         str(Path(__file__).resolve().parents[1] / "jobs" / "distill.py"),
@@ -245,6 +246,8 @@ def test_the_job_fine_tunes_a_base_teacher_first_and_ends_with_one_screen(tmp_pa
         "finetune.train_layers=1",
         "finetune.cpus_per_worker=0.5",
         "finetune.teacher_cpus=0.5",
+        "unlabelled_queries=rest",  # 6 of the training split's other queries, their labels unused
+        "max_unlabelled_queries=6",
     ]
     env = {
         k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"
@@ -252,8 +255,10 @@ def test_the_job_fine_tunes_a_base_teacher_first_and_ends_with_one_screen(tmp_pa
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     screen = done.stdout + done.stderr
-    for line in ("| teacher (fine-tuned) |", "| Rabtriever |", "| BM25 |", "| teacher (zero-shot) |"):
-        assert line in screen
+    rows = ("teacher (fine-tuned)", "Rabtriever", "MiniLM (fine-tuned)", "MiniLM (zero-shot)", "BM25")
+    for line in (*rows, "teacher (zero-shot)"):
+        assert f"| {line} |" in screen
+    assert "Training: 20 labelled queries and 6 unlabelled ones the teacher scored; MiniLM fine-tuned on" in screen
     assert "Most frequent top-1 document:" in screen and "x cheaper" in screen and f"Wrote {out}/" in screen
     ray_lines = (
         "INFO streaming_executor",
@@ -271,6 +276,17 @@ def test_the_job_fine_tunes_a_base_teacher_first_and_ends_with_one_screen(tmp_pa
     assert tuned["model"] == str(out / "teacher") and (out / "teacher" / "rabtriever_teacher.json").is_file()
     final = report["final"]
     assert final["teacher_zero_shot"] == tuned["before"] and final["teacher"] == tuned["after"]
+    counts = report["counts"]
+    assert (counts["train_queries"], counts["labelled_train_queries"], counts["unlabelled_train_queries"]) == (
+        26,
+        20,
+        6,
+    )
+    assert tuned["counts"]["train_queries"] == 8  # the teacher is fine-tuned on labelled queries only
+    # MiniLM is fine-tuned on the 20 labelled queries and ranks the same validation candidates.
+    minilm = report["baselines"]["minilm-ft"]
+    assert (minilm["queries"], minilm["steps"]) == (20, 6) and minilm["train_s"] > 0  # 2 batches x 3 epochs
+    assert set(final["minilm"]) == set(final["minilm_ft"]) == {"R@1", "RR@10", "nDCG@10"}
     assert report["config"]["teacher"]["model"] == str(
         out / "teacher"
     )  # the student's backbone is the tuned one
@@ -280,6 +296,23 @@ def test_the_job_fine_tunes_a_base_teacher_first_and_ends_with_one_screen(tmp_pa
     assert (
         report["top1"]["teacher"]["of"] == report["counts"]["val_queries"] == report["top1"]["student"]["of"]
     )
+
+    # benchmarks/quality.py tabulates the report: what each method learnt from, and the student's fidelity.
+    quality = load_script("benchmarks/quality.py")
+    quality.main(["--report", str(out / "report.json"), "--out", str(tmp_path / "quality.json")])
+    table = json.loads((tmp_path / "quality.json").read_text())
+    learnt = {row["method"]: (row["labelled_queries"], row["unlabelled_queries"]) for row in table["rows"]}
+    assert learnt == {
+        "BM25": (0, 0),
+        "MiniLM (zero-shot)": (0, 0),
+        "MiniLM (fine-tuned)": (20, 0),
+        "teacher (zero-shot)": (0, 0),
+        "teacher (fine-tuned)": (8, 0),
+        "Rabtriever": (20, 6),
+    }
+    rabtriever = table["rows"][-1]
+    assert rabtriever["R@1"] == final["student"]["R@1"] and rabtriever["train_min"] > 0
+    assert table["fidelity"]["spearman"] == round(final["agreement"]["spearman"], 3)
 
     stamp = (out / "teacher" / "report.json").stat().st_mtime_ns
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)

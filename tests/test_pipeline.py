@@ -328,3 +328,23 @@ def test_a_non_finite_teacher_score_stops_the_stage_naming_the_pair():
     )
     with pytest.raises(NonFiniteScore, match=r"2 of 2 pairs .* \(query 'q7', document 'd1'\)"):
         scorer(pairs)
+
+
+def test_teacher_actors_on_one_node_take_the_cores_the_training_workers_leave_idle(ray_local):
+    """On local Ray (one node) a distillation's teacher actors share the node's threads (its training workers wait
+    for them); a value given is used as is; the actor sets torch's threads when it starts."""
+    import torch
+
+    from rabtriever_ray.pipeline import TeacherScorer
+    from rabtriever_ray.runtime import node_cpus, teacher_threads
+
+    assert int(node_cpus()) == 2  # the session's local Ray
+    assert teacher_threads(0, 1.0, 1) == 2 and teacher_threads(0, 0.5, 2) == 1 and teacher_threads(3, 1.0, 1) == 3
+
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            TeacherScorer(TeacherConfig(model="tiny-random-llama"), threads=threads)
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)

@@ -245,3 +245,30 @@ def test_a_checkpoint_from_before_query_means_loads_with_the_answer_position_sta
     (tmp_path / "student.json").write_text(json.dumps(info))
     loaded = load_student(tmp_path)
     assert not loaded.config.query_mean and loaded.encode_queries(QUERIES[:1]).shape == (1, 64)
+
+
+def test_predictor_dropout_acts_in_training_only_and_validation_runs_without_it(tiny_teacher):
+    from rabtriever_ray.distill_loop import validate
+
+    student = Rabtriever(tiny_teacher, StudentConfig(predictor_hidden=32, proj_dim=16, dropout=0.5))
+    with torch.no_grad():
+        student.predictor.fc_out.weight.normal_()  # a predictor whose hidden layer matters
+    q, d = student.encode_queries(QUERIES[:2]), student.encode_documents(DOCUMENTS[:3])
+    assert student.training and not torch.equal(student.predictor(q[:1], d[:1]), student.predictor(q[:1], d[:1]))
+    student.eval()
+    expected = student.score(q[:1].expand(3, -1), d).tolist()
+    student.train()
+
+    val = {
+        "query_id": ["q"] * 3,
+        "doc_id": ["a", "b", "c"],
+        "query_text": [QUERIES[0]] * 3,
+        "doc_text": DOCUMENTS[:3],
+        "teacher_score": [1.0, 0.0, -1.0],
+        "qrels": {"q": {"a": 1}},
+    }
+    ranked = sorted(zip(expected, "abc"), reverse=True)[0][1]
+    metrics = validate(student, val, student.encode_queries, student.encode_documents)
+    assert metrics["val/R@1"] == float(ranked == "a") and student.training  # scored without dropout, mode kept
+    with pytest.raises(Exception, match=r"student.dropout must be in \[0, 1\)"):
+        StudentConfig(dropout=1.0)

@@ -1,7 +1,7 @@
 """Typed configuration: dataclasses with defaults and help, YAML files, and ``key=value`` overrides.
 
-- `schema`: the config dataclasses of every job; `sections`: the sections they nest (prompt, teacher, student,
-  losses); `serving`: the Serve app's.
+- `schema`: the training jobs' config dataclasses; `offline`: the jobs around them (scoring, indexing,
+  evaluation); `sections`: the sections they nest (prompt, teacher, student, losses); `serving`: the Serve app's.
 - `loading`: defaults, then YAML, then overrides (`load_config`), the jobs' command line (`parse_job_args`), and
   the helpers built on the schema walk (`from_dict`, `to_dict`, `config_help`, `prompt_differences`).
 - `reference`: docs/configuration.md's configuration reference, generated from the dataclasses (``python -m
@@ -23,7 +23,8 @@ from .loading import (
     prompt_differences,
     to_dict,
 )
-from .schema import DistillConfig, EvaluateConfig, IndexConfig, ScoreTeacherConfig, TeacherTrainConfig
+from .offline import EvaluateConfig, IndexConfig, ScoreTeacherConfig
+from .schema import DistillConfig, TeacherTrainConfig
 from .sections import LossConfig, PromptConfig, StudentConfig, TeacherConfig
 from .serving import RouterResources, ServeConfig, ServeResources
 

@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 from .base import ConfigError
 from .loading import flat_fields, type_name
-from .schema import DistillConfig, EvaluateConfig, IndexConfig, ScoreTeacherConfig, TeacherTrainConfig
+from .offline import EvaluateConfig, IndexConfig, ScoreTeacherConfig
+from .schema import DistillConfig, TeacherTrainConfig
 from .sections import TeacherConfig
 from .serving import ServeConfig
 

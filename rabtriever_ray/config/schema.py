@@ -1,5 +1,6 @@
-"""The config dataclasses of every job: a default and a help string per field (the sections they nest, prompt,
-teacher, student and losses, are in `sections`; the Serve app's in `serving`).
+"""The config dataclasses of the training jobs: a default and a help string per field (the sections they nest,
+prompt, teacher, student and losses, are in `sections`; the offline jobs' configs in `offline`; the Serve app's in
+`serving`).
 
 Nested dataclasses are sections (dotted keys on the command line). How they are loaded from YAML and ``key=value``
 overrides is `rabtriever_ray.config.loading`.
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from ..specs import CANDIDATES, NEGATIVE_POOLS, ROUND_POOLS, parse_spec
-from .base import ConfigError, actor_range, check_at_least, check_gpu_shares, option
+from .base import ConfigError, check_at_least, check_gpu_shares, option
 from .sections import LossConfig, StudentConfig, TeacherConfig
 
 # --------------------------------------------------------------------------------------------------------------
@@ -171,7 +172,7 @@ class DistillConfig:
             negatives=3, train_layers=8, lr=2e-4, batch_size=4, warmup_steps=3, report_every=10
         ),
         "the fine-tuning recipe (jobs/train_teacher.py's keys); its teacher, data, validation, seed and output "
-        "come from this config (output: <out_dir>/teacher)",
+        "come from this config (output: <out_dir>/teacher), and its max_queries is at most max_train_queries",
     )
     teacher_data: str | None = option(
         None, "pre-scored Parquet from jobs/score_teacher.py to train on, instead of the live teacher stage"
@@ -186,6 +187,14 @@ class DistillConfig:
         "| bm25:K | a TREC run file",
     )
     max_train_queries: int | None = option(None, "seeded subset of training queries")
+    unlabelled_queries: str = option(
+        "",
+        "more training queries, without labels, that the teacher scores like the others (the teacher's fine-tuning "
+        "and the bi-encoder baselines use only the labelled ones): rest (the training split's queries left out by "
+        "max_train_queries, labels unused) | a queries file as queries.jsonl (a relative path is looked up in the "
+        "training folder first) | empty: none",
+    )
+    max_unlabelled_queries: int | None = option(None, "seeded subset of the unlabelled queries")
     max_val_queries: int | None = option(None, "seeded subset of validation queries")
     epochs: int = option(
         5, "passes over the training pairs (after the first, the teacher outputs are reused)"
@@ -207,6 +216,12 @@ class DistillConfig:
     teacher_gpus: float = option(
         1.0,
         "GPUs per teacher actor (and per round sampler) with use_gpu; 0.5 + gpus_per_worker=0.5 fits one GPU",
+    )
+    teacher_threads: int = option(
+        0,
+        "torch threads of each teacher actor streaming the training pairs; 0: on one node (local Ray) the node's "
+        "CPUs shared among the actors, since the training workers mostly wait for the teacher; on several nodes "
+        "as many as its CPUs",
     )
     teacher_batch_size: int = option(
         256, "pairs per teacher actor call (more pairs share more document prefixes)"
@@ -244,6 +259,11 @@ class DistillConfig:
     max_failures: int = option(1, "worker failures to recover from (from the last checkpoint)")
     num_to_keep: int = option(2, "checkpoints kept")
     resume: Literal["same", "any"] = option("same", RESUME_HELP)
+    baselines: list[str] = option(
+        ["minilm", "minilm-ft"],
+        "bi-encoders the report ranks the validation candidates with, beside BM25: minilm (all-MiniLM-L6-v2 "
+        "zero-shot), minilm-ft (fine-tuned on the labelled training queries); needs the baselines extra",
+    )
     cost_queries: int = option(
         4,
         "validation queries on which the teacher's and Rabtriever's per-query cost is timed at the end (0: none)",
@@ -292,7 +312,7 @@ class DistillConfig:
             "rounds",
             "round_k",
         )
-        check_at_least(self, 0, "cost_queries", "teacher_cache_mb")
+        check_at_least(self, 0, "cost_queries", "teacher_cache_mb", "teacher_threads")
         if self.round_epochs is not None and self.round_epochs < 1:
             raise ConfigError(f"round_epochs must be >= 1, got {self.round_epochs}")
         if self.zero_stage not in (0, 1, 2):
@@ -305,95 +325,13 @@ class DistillConfig:
         self.round_pool_spec = parse_spec(self.round_pool, "round_pool", ROUND_POOLS, ConfigError)
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The offline jobs around distillation: scoring, indexing, evaluation. Keys in REQUIRED have no usable default.
-
-_TEACHER_HELP = "the teacher: a section, a teacher YAML (configs/teacher/*.yaml) or a model spec"
-
-
-@dataclass
-class ScoreTeacherConfig:
-    """Scoring candidate pairs with the teacher on Ray Data (jobs/score_teacher.py; `teacher_scores.write_teacher_scores`)."""
-
-    REQUIRED: ClassVar[tuple[str, ...]] = ("data", "out")
-
-    data: str = option("", "BEIR folder (corpus.jsonl, queries.jsonl, qrels/); required")
-    split: str | None = option(None, "qrels split; its queries are scored (None: all queries)")
-    out: str = option("", "output folder (written atomically); required")
-    teacher: TeacherConfig = option(TeacherConfig(), _TEACHER_HELP)
-    candidates: str = option("all", "all | bm25:K | path to a TREC run file")
-    training: bool = option(
-        False,
-        "training pairs: add qrel positives missing from the candidates, and keep each query's candidate list whole "
-        "in one written block",
-    )
-    max_queries: int | None = option(None, "seeded subset of this many queries")
-    seed: int = option(0, "seed of the query subset")
-    actors: str = option("1:1", "teacher actor pool MIN:MAX (or N)")
-    gpus_per_actor: float | None = option(None, "GPUs per teacher actor; None: 1 when the cluster has GPUs")
-    cpus_per_actor: float = option(1.0, "CPUs per teacher actor")
-    batch_size: int = option(64, "rows per actor call (with training: about, whole candidate lists per call)")
-    on_bad_row: Literal["fail", "skip"] = option("fail", "bad input rows: stop or skip (rejects.jsonl)")
-    overwrite: bool = option(False, "replace a finished out")
-
-    def __post_init__(self) -> None:
-        actor_range(self.actors)
-        self.candidates_spec = parse_spec(self.candidates, "candidates", CANDIDATES, ConfigError)
-
-
-@dataclass
-class IndexConfig:
-    """Encoding a corpus with a checkpoint's student and building a FAISS index (jobs/index.py; `index.build_index`)."""
-
-    REQUIRED: ClassVar[tuple[str, ...]] = ("checkpoint", "data", "out")
-
-    checkpoint: str = option("", "distillation checkpoint folder (student.safetensors); required")
-    data: str = option("", "BEIR folder; its corpus is indexed; required")
-    out: str = option("", "index folder (written atomically); required")
-    index_type: Literal["flat", "hnsw", "ivf"] = option("flat", "FAISS index over the first-stage vectors")
-    hnsw_m: int = option(32, "HNSW neighbours per node")
-    nlist: int | None = option(None, "IVF lists (None: 4 sqrt(n))")
-    teacher: TeacherConfig | None = option(
-        None, "backbone and prompt for a checkpoint that records none (a teacher YAML or a model spec)"
-    )
-    actors: str = option("1:1", "encoder actor pool MIN:MAX (or N)")
-    gpus_per_actor: float | None = option(None, "GPUs per encoder actor; None: 1 when the cluster has GPUs")
-    cpus_per_actor: float = option(1.0, "CPUs per encoder actor")
-    batch_size: int = option(256, "documents per actor call")
-    on_bad_row: Literal["fail", "skip"] = option("fail", "bad corpus rows: stop or skip")
-    overwrite: bool = option(False, "replace a finished out")
-
-    def __post_init__(self) -> None:
-        actor_range(self.actors)
-
-
-@dataclass
-class EvaluateConfig:
-    """Evaluating baselines, the teacher and Rabtriever on a BEIR split (jobs/evaluate.py; `evaluate.run_evaluation`)."""
-
-    REQUIRED: ClassVar[tuple[str, ...]] = ("data", "split")
-
-    data: str = option("", "BEIR folder (corpus.jsonl, queries.jsonl, qrels/); required")
-    split: str = option("", "qrels split to evaluate (e.g. dev, test); required")
-    methods: list[str] = option(
-        ["bm25", "llm-embed", "teacher"],
-        "comma-separated: frequency, bm25, minilm, minilm-ft, llm-embed, teacher, rabtriever, rabtriever-search",
-    )
-    out: str | None = option(None, "results JSON (written atomically)")
-    checkpoint: str | None = option(None, "distillation checkpoint (rabtriever methods)")
-    index: str | None = option(None, "jobs/index.py output for rabtriever-search")
-    teacher: TeacherConfig = option(
-        TeacherConfig(), _TEACHER_HELP + "; the student uses the prompt its checkpoint records"
-    )
-    max_queries: int | None = option(None, "seeded subset of this many queries")
-    seed: int = option(0, "seed of the query subsets and of minilm-ft's fine-tuning")
-    candidates: str = option("all", "candidates of the rerankers: all | bm25:K | TREC run file")
-    train_data: str | None = option(None, "BEIR folder of the training split (None: data)")
-    train_split: str = option("train", "qrels split of the training queries (frequency prior, minilm-ft)")
-    max_train_queries: int | None = option(None, "seeded subset of the training queries minilm-ft trains on")
-    exclude_self: bool = option(False, "drop a query's own id from its results")
-
-    def __post_init__(self) -> None:
-        self.candidates_spec = parse_spec(self.candidates, "candidates", CANDIDATES, ConfigError)
+        unknown = [m for m in self.baselines if m not in ("minilm", "minilm-ft")]
+        if unknown:
+            raise ConfigError(f"baselines: unknown {unknown}; choose from minilm, minilm-ft")
+        if self.unlabelled_queries and (
+            self.candidates_spec.is_run or self.teacher_data or (self.rounds > 1 and self.round_pool_spec.kind in ("run", "student"))
+        ):
+            raise ConfigError(
+                "unlabelled_queries are scored by the live teacher over candidates built in the job: they need "
+                "candidates all or bm25:K, no teacher_data, and (with rounds) round_pool all or bm25:K"
+            )

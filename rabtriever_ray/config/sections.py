@@ -136,11 +136,14 @@ class StudentConfig:
         "query embedding = answer-position state + mean state of the query's tokens (standardised per dimension "
         "for the predictor); false: the answer-position state alone",
     )
+    dropout: float = option(0.0, "dropout on the predictor MLP's hidden layer while training")
     proj_dim: int = option(256, "dimension of the first-stage projections q_proj / d_proj")
     seed: int = option(0, "seed for the trainable parts' initialisation")
 
     def __post_init__(self) -> None:
         check_at_least(self, 1, "predictor_hidden", "proj_dim")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"student.dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass

@@ -4,7 +4,8 @@
   checks across them; `tasks`: where those tasks run.
 - `beir`: the data types (`BeirData` in memory, `BeirDatasets` in Ray) and their readers.
 - `sampling`: the seeded query sample.
-- `candidates`: where candidates come from (all, BM25, a run); `pairs`: candidate pairs.
+- `candidates`: where candidates come from (all, BM25, a run); `pairs`: candidate pairs; `training`: a
+  distillation's training queries, labelled and unlabelled.
 """
 
 from .beir import (
@@ -31,6 +32,7 @@ from .pairs import (
 )
 from .rows import BadRow, DataError, reject_counts, write_rejects
 from .sampling import sample_queries, sample_query_ids
+from .training import training_queries
 
 __all__ = [
     "DEMO_DATA",
@@ -59,5 +61,6 @@ __all__ = [
     "run_subset",
     "sample_queries",
     "sample_query_ids",
+    "training_queries",
     "write_rejects",
 ]

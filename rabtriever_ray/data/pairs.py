@@ -149,6 +149,11 @@ def pairs_from_references(
     )
     pairs = finish_pairs(joined, judged)
     _unknown_document(pairs, files)
+    unjudged = [q for q in query_ids if q not in data.qrels] if judged else []
+    if unjudged:  # queries given beside a judged split's (`training.training_queries`): their labels are unknown
+        known = pc.invert(pc.is_in(pairs.column("query_id"), value_set=pa.array(unjudged, pa.string())))
+        label = pc.if_else(known, pairs.column("label"), pa.scalar(-1, pa.int8()))
+        pairs = pairs.set_column(pairs.schema.get_field_index("label"), "label", label)
     order = pc.index_in(pairs.column("query_id"), value_set=queries.column("query_id"))
     pairs = pairs.append_column("_query", order).sort_by(
         [("_query", "ascending"), ("rank", "ascending"), ("doc_id", "ascending")]
