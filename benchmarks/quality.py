@@ -83,7 +83,7 @@ def rows(report: dict) -> list[dict]:
         out.append(
             {
                 "method": label,
-                **{m: round(v, 4) for m, v in final[key].items()},
+                **final[key],
                 "train_min": round(minutes, 2),
                 "labelled_queries": n_labelled,
                 "unlabelled_queries": n_unlabelled,
