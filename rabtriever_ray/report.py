@@ -171,6 +171,8 @@ def format_summary(report: dict[str, Any], out_dir: str | Path) -> str:
             trained += f"; MiniLM fine-tuned on the labelled ones in {minutes(tuned['train_s'])}"
         lines.append(trained)
     lines += ["", format_table(report["final"])]
+    skipped = {m: d["skipped"] for m, d in (report.get("baselines") or {}).items() if "skipped" in d}
+    lines += [f"No {method} row: {reason}" for method, reason in skipped.items()]
     top1 = report.get("top1")
     if top1:
         parts = [

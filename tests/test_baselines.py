@@ -105,4 +105,33 @@ def test_the_distillation_report_ranks_its_validation_candidates_with_both_bi_en
     assert rows["minilm-ft"] != rows["minilm"]
 
     rows, details = bi_encoder_rows(["minilm-ft"], val, None, [])
-    assert rows == {} and details == {"minilm-ft": {"skipped": "no labelled training queries read in the job"}}
+    assert rows == {} and details == {
+        "minilm-ft": {"skipped": "no labelled training queries read in the job"}
+    }
+
+
+def test_the_closing_screen_says_why_a_bi_encoder_row_is_missing(tmp_path):
+    from rabtriever_ray.report import format_summary
+
+    metrics = {"R@1": 0.5, "RR@10": 0.6, "nDCG@10": 0.7}
+    report = {
+        "counts": {
+            "val_queries": 2,
+            "val_pairs": 4,
+            "labelled_train_queries": 3,
+            "unlabelled_train_queries": 0,
+        },
+        "final": {
+            "student": metrics,
+            "teacher": metrics,
+            "bm25": metrics,
+            "minilm": metrics,
+            "agreement": {"spearman": 0.9, "top1": 1.0},
+        },
+        "baselines": {"minilm": {"train_s": 0.0}, "minilm-ft": {"skipped": "no labelled training queries"}},
+        "timings_s": {"total": 61.0},
+    }
+    screen = format_summary(report, tmp_path)
+    assert "| MiniLM (zero-shot) |" in screen and "| MiniLM (fine-tuned) |" not in screen
+    assert "No minilm-ft row: no labelled training queries" in screen
+    assert "Training: 3 labelled queries\n" in screen and "Time: 1 min 1 s" in screen
