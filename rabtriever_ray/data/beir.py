@@ -127,19 +127,22 @@ def read_beir(root: str | Path, split: str | None = None, on_bad_row: OnBadRow =
         did: Document(title, text)
         for did, title, text in zip(*(corpus_rows.column(c).to_pylist() for c in ("doc_id", "title", "text")))
     }
-    query_rows = pa.concat_tables(tables["queries"])
-    queries = {
-        qid: Query(text)
-        for qid, text in zip(
-            query_rows.column("query_id").to_pylist(), query_rows.column("query_text").to_pylist()
-        )
-    }
+    queries = query_dict(tables["queries"])
     qrels: dict[str, dict[str, int]] = {}
     if split is not None:
         judged = pa.concat_tables(tables["qrels"])
         for qid, did, grade in zip(*(judged.column(c).to_pylist() for c in ("query_id", "doc_id", "grade"))):
             qrels.setdefault(qid, {})[did] = grade
     return BeirData(root, split, corpus, queries, qrels, bad)
+
+
+def query_dict(tables: list[pa.Table]) -> dict[str, Query]:
+    """Read query rows (``query_id, query_text``) as `BeirData.queries` holds them."""
+    rows = pa.concat_tables(tables)
+    return {
+        qid: Query(text)
+        for qid, text in zip(rows.column("query_id").to_pylist(), rows.column("query_text").to_pylist())
+    }
 
 
 def read_corpus_dataset(root: str | Path, on_bad_row: OnBadRow = "fail", cpus: float = 1.0):

@@ -26,7 +26,7 @@ grouped by document, what the teacher's prefix sharing wants.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -68,16 +68,23 @@ def positive_references(qrels: pa.Table) -> pa.Table:
     return references(qrels.column("query_id"), qrels.column("doc_id"), pa.array([math.inf] * len(qrels)))
 
 
-def finish_pairs(joined: pa.Table, judged: bool) -> pa.Table:
+def finish_pairs(joined: pa.Table, judged: bool | Collection[str]) -> pa.Table:
     """References joined with qrels, queries and corpus, to pairs: labels from the grades, and a (query, document)
-    seen twice kept at its best rank (both copies must be in ``joined``). An unknown document keeps a null text."""
+    seen twice kept at its best rank (both copies must be in ``joined``). An unknown document keeps a null text.
+
+    An ungraded pair is 0 (judged query, unjudged document) or -1 (unknown): ``judged`` says which queries are
+    judged, all (True), none (False) or those it holds (a split's judged queries beside unlabelled ones,
+    `training.training_queries`)."""
     grades = joined.column("grade").to_pylist() if "grade" in joined.column_names else [None] * len(joined)
-    default = 0 if judged else -1
+    if isinstance(judged, bool):
+        defaults = [0 if judged else -1] * len(joined)
+    else:
+        defaults = [0 if q in judged else -1 for q in joined.column("query_id").to_pylist()]
     table = pa.table(
         {
             "query_id": joined.column("query_id"),
             "doc_id": joined.column("doc_id"),
-            "label": pa.array([default if g is None else g for g in grades], pa.int8()),
+            "label": pa.array([d if g is None else g for d, g in zip(defaults, grades)], pa.int8()),
             "query_text": joined.column("query_text"),
             "doc_text": joined.column("doc_text"),
             "rank": joined.column("rank"),
@@ -147,13 +154,9 @@ def pairs_from_references(
     joined = refs.join(queries, "query_id", join_type="inner").join(
         corpus_table(data, known), "doc_id", join_type="left outer"
     )
-    pairs = finish_pairs(joined, judged)
+    # A split's queries are judged, unless queries without judgements were given beside them.
+    pairs = finish_pairs(joined, judged and (all(q in data.qrels for q in query_ids) or data.qrels.keys()))
     _unknown_document(pairs, files)
-    unjudged = [q for q in query_ids if q not in data.qrels] if judged else []
-    if unjudged:  # queries given beside a judged split's (`training.training_queries`): their labels are unknown
-        known = pc.invert(pc.is_in(pairs.column("query_id"), value_set=pa.array(unjudged, pa.string())))
-        label = pc.if_else(known, pairs.column("label"), pa.scalar(-1, pa.int8()))
-        pairs = pairs.set_column(pairs.schema.get_field_index("label"), "label", label)
     order = pc.index_in(pairs.column("query_id"), value_set=queries.column("query_id"))
     pairs = pairs.append_column("_query", order).sort_by(
         [("_query", "ascending"), ("rank", "ascending"), ("doc_id", "ascending")]

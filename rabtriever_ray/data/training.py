@@ -19,9 +19,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-import pyarrow as pa
-
-from .beir import BeirData, Query
+from .beir import BeirData, Query, query_dict
 from .checks import read_checked
 from .rows import DataError
 from .sampling import sample_query_ids
@@ -43,11 +41,7 @@ def unlabelled_file(source: str, train_root: Path) -> Path:
 def read_queries_file(path: Path) -> dict[str, Query]:
     """Every query of a ``queries.jsonl``-format file, checked as a BEIR folder's queries are."""
     tables, _, _ = read_checked({"queries": [path]}, "fail", LocalTasks())
-    rows = pa.concat_tables(tables["queries"])
-    return {
-        qid: Query(text)
-        for qid, text in zip(rows.column("query_id").to_pylist(), rows.column("query_text").to_pylist())
-    }
+    return query_dict(tables["queries"])
 
 
 def training_queries(
