@@ -1,8 +1,11 @@
 """Prompt templates and token-level truncation, shared by the teacher and the student.
 
-``prompt.preset`` picks the format (`presets`): the default ``rabtriever`` template puts the document first::
+``prompt.preset`` picks the format (`presets`): the default ``rabtriever`` template puts the instruction, then the
+document first::
 
-    <chat template>{doc_label}:\\n{DOCUMENT}\\n\\n{query_label}:\\n{QUERY}\\n\\n{instruction} {answer_hint}<answer prompt>
+    <chat template>{instruction} {answer_hint}\\n\\n{doc_label}:\\n{DOCUMENT}\\n\\n{query_label}:\\n{QUERY}<answer prompt>
+
+and with ``instruction_first`` false the instruction closes the message, after the query (the paper's order).
 
 ``<answer prompt>`` is the chat template's generation prompt (rendered with ``enable_thinking`` for templates
 that have a thinking mode) followed by ``answer_prefix``. The published rerankers' presets (Qwen3-Reranker,
@@ -152,8 +155,11 @@ class PromptBuilder:
             units = PRESETS[c.preset].units(c.task_instruction, None)
             text = "".join(unit for unit in units if isinstance(unit, str))
             return text.replace(_DOC_SENTINEL, document).replace(_QUERY_SENTINEL, query)
-        instruction = f"{c.task_instruction} {c.answer_hint}"
-        return f"{c.doc_label}:\n{document}\n\n{c.query_label}:\n{query}\n\n{instruction}".strip()
+        instruction = f"{c.task_instruction} {c.answer_hint}".strip()
+        slots = f"{c.doc_label}:\n{document}\n\n{c.query_label}:\n{query}"
+        if c.instruction_first:
+            return f"{instruction}\n\n{slots}".strip()
+        return f"{slots}\n\n{instruction}".strip()
 
     @property
     def _answer_words(self) -> tuple[str, str]:

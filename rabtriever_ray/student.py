@@ -257,7 +257,7 @@ def load_student_info(checkpoint: str | Path, teacher: TeacherConfig | None = No
     The backbone and prompt are the ones the checkpoint was trained with unless ``teacher`` is given. A
     checkpoint that records no prompt needs ``teacher``: it would otherwise be read with the default prompt.
     """
-    from .config import ConfigError, from_dict
+    from .config import ConfigError, from_dict, recorded_prompt
 
     path = Path(checkpoint)
     info_path = path / "student.json"
@@ -280,7 +280,7 @@ def load_student_info(checkpoint: str | Path, teacher: TeacherConfig | None = No
                 f"{info_path}: records no teacher/prompt; pass the teacher config it was trained with"
             )
         # The record keeps the teacher's keys loose (teacher = its model spec), as checkpoints always have.
-        recorded = {"model": info["teacher"], "prompt": info["prompt"]}
+        recorded = {"model": info["teacher"], "prompt": recorded_prompt(info["prompt"])}
         if "max_batch_tokens" in info:
             recorded["max_batch_tokens"] = info["max_batch_tokens"]
         teacher = from_dict(TeacherConfig, recorded, source=f"{info_path} teacher")

@@ -13,8 +13,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-from collections import defaultdict
-from collections.abc import Sequence
+from collections import OrderedDict, defaultdict
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,11 +27,48 @@ from .prompts import EncodedPrompts, PromptBuilder
 from .scoring import YesNoHead
 
 logger = logging.getLogger(__name__)
-_PREFIX_CACHE_SIZE = 16  # document-independent prefixes kept per teacher (one or two per prompt config)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Pairs per `score` call of `GenerativeReranker.rerank`. A call holds the keys and values of every document it shares
 # between pairs (tens of MB each at 512 tokens), so the call is bounded; 256 is the distillation's teacher_batch_size.
 RERANK_CHUNK_PAIRS = 256
+
+
+class PrefixCache(MutableMapping):
+    """Keys and values of shared prompt prefixes by their token ids, at most ``max_bytes`` of tensors: the least
+    recently read or written go first. A prefix that does not fit on its own is not kept."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+
+    def __getitem__(self, key: tuple[int, ...]) -> torch.Tensor:
+        self._items.move_to_end(key)
+        return self._items[key]
+
+    def __setitem__(self, key: tuple[int, ...], value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if key in self._items:
+            del self[key]
+        if size > self.max_bytes:
+            return
+        while self.bytes + size > self.max_bytes:
+            del self[next(iter(self._items))]
+        self._items[key] = value
+        self.bytes += size
+
+    def __delitem__(self, key: tuple[int, ...]) -> None:
+        value = self._items.pop(key)
+        self.bytes -= value.numel() * value.element_size()
+
+    def __contains__(self, key: object) -> bool:  # without counting as a use
+        return key in self._items
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 @dataclass
@@ -68,14 +105,16 @@ class GenerativeReranker:
             everything up to the second slot for pairs with the same first slot (the document, or the query in a
             query-first preset), else the template alone. Exact on sliding-window models too; switched off, with
             a log line, for models whose cache is not plain keys and values (`families.prefix_sharing_blocker`).
-            Prefixes that depend on no text (the template before the first slot, and, document first,
-            everything before the query in a student query prompt, whose document slot is empty) are kept across
-            calls, so a query costs only its own tokens and what follows them; the backbone must stay frozen
-            while this teacher is used.
+            Prefixes are kept across calls in a `PrefixCache` of ``prefix_cache_mb`` MiB: those that depend on no
+            text (the template before the first slot, and, document first, everything before the query in a
+            student query prompt, whose document slot is empty), so a query costs only its own tokens and what
+            follows them, and the documents' prefixes, so a document seen before costs its pairs only their own
+            tokens. The backbone must stay frozen while this teacher is used.
         quantize: ``int8`` runs pair scores and student query encodings through an int8 copy of the decoder
             blocks (`precision.quantized_copy`, CPU only), calibrated and checked against fp32 on a sample of the
             bundled demo texts when the teacher is built: ``precision`` holds the figures, and disagreement beyond
             `precision.THRESHOLDS` is refused (``quantize_check="warn"``: logged). Document encoding stays fp32.
+        prefix_cache_mb: the budget of each prefix cache (one per model copy: fp32, and int8 where built).
 
     ``stats`` accumulates ``tokens`` (real tokens run), ``padded_tokens`` and ``forwards`` over all calls.
     """
@@ -89,6 +128,7 @@ class GenerativeReranker:
         share_prefix: bool = True,
         quantize: str = "none",
         quantize_check: str = "refuse",
+        prefix_cache_mb: int = 256,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -100,10 +140,10 @@ class GenerativeReranker:
             logger.info("prefix sharing is off: %s", blocker)
         self.share_prefix = share_prefix and blocker is None
         self.stats: dict[str, int] = {}
-        # Keys and values of document-independent prefixes, by token ids (a handful per prompt config).
-        self.prefix_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        # Keys and values of shared prefixes kept between calls, by token ids (`PrefixCache`).
+        self.prefix_cache = PrefixCache(prefix_cache_mb << 20)
         self.low_model = None  # the int8 copy of the decoder blocks, with its own prefix cache
-        self.low_prefix_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self.low_prefix_cache = PrefixCache(prefix_cache_mb << 20)
         self.precision: dict = {"scheme": "none"}
         if quantize != "none":
             self._quantize(quantize, quantize_check)
@@ -124,6 +164,7 @@ class GenerativeReranker:
             config.share_prefix,
             config.quantize,
             config.quantize_check,
+            config.prefix_cache_mb,
         )
 
     @property
@@ -185,28 +226,25 @@ class GenerativeReranker:
         # everything up to the second slot; the rest share the template before the first slot. A prompt whose
         # first slot is empty (a student query prompt, document first) shares everything before its query.
         # Prefixes are keyed by their token ids, so only identical leading tokens are ever shared; with
-        # ``query_mean`` a prefix stops before the query, whose tokens are averaged from the tail.
+        # ``query_mean`` a prefix stops before the query, whose tokens are averaged from the tail. Every prefix run
+        # here goes into the cache (`PrefixCache`), so a document seen by an earlier call is not run again.
+        cache = self.low_prefix_cache if low else self.prefix_cache
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for index, shared in enumerate(prompts.shared_tokens):
             groups[tuple(ids[index][:shared])].append(index)
         prefix_index: dict[tuple[int, ...], int] = {}
-        keep: set[tuple[int, ...]] = set()  # independent of any text: kept across calls
         prefix_of = [0] * len(ids)
         for head, members in groups.items():
             for index in members:
-                if prompts.first_slot_tokens[index] == 0:
-                    key = head  # depends on no text
-                    keep.add(key)
-                elif len(members) >= 2 and (spans is None or len(head) <= prompts.query_start[index]):
-                    key = head  # template + a first slot shared within this call
+                shareable = spans is None or len(head) <= prompts.query_start[index]
+                if prompts.first_slot_tokens[index] == 0 or (
+                    shareable and (len(members) >= 2 or head in cache)
+                ):
+                    key = head  # depends on no text, or template + a first slot shared or seen before
                 else:
                     key = tuple(ids[index][: max(prompts.template_tokens[index], 1)])  # the template alone
-                    keep.add(key)
                 prefix_of[index] = prefix_index.setdefault(key, len(prefix_index))
         prefixes = list(prefix_index)
-        cache = self.low_prefix_cache if low else self.prefix_cache
-        room = max(_PREFIX_CACHE_SIZE - len(cache), 0)
-        keep = set([key for key in prefixes if key in keep and key not in cache][:room])
         return shared_prefix_last_hidden(
             model,
             prefixes,
@@ -216,7 +254,7 @@ class GenerativeReranker:
             max_batch_tokens=self.max_batch_tokens,
             stats=self.stats,
             kv_cache=cache,
-            keep=[p in keep for p in prefixes],
+            keep=[True] * len(prefixes),
             spans=spans,
         )
 

@@ -323,16 +323,25 @@ def test_page_without_markers_is_an_error(tmp_path):
 
 
 def test_prompt_differences_read_missing_fields_as_their_defaults():
-    """Records written before a prompt field existed were rendered with its default."""
-    from rabtriever_ray.config import PromptConfig, prompt_differences, to_dict
+    """Records written before a prompt field existed were rendered with its default, or, for the instruction's
+    place, with the instruction closing the message, as every prompt was then."""
+    from rabtriever_ray.config import PromptConfig, prompt_differences, recorded_prompt, to_dict
 
-    old_record = {
-        k: v for k, v in to_dict(PromptConfig()).items() if k not in ("enable_thinking", "answer_prefix")
-    }
-    assert prompt_differences(old_record, to_dict(PromptConfig())) == []
+    before = ("enable_thinking", "answer_prefix", "instruction_first")
+    old_record = {k: v for k, v in to_dict(PromptConfig()).items() if k not in before}
+    closing = PromptConfig(instruction_first=False)
+    assert prompt_differences(old_record, to_dict(closing)) == []
+    assert recorded_prompt(old_record) == {**old_record, "instruction_first": False}
+    assert prompt_differences(old_record, to_dict(PromptConfig())) == [("instruction_first", False, True)]
     assert prompt_differences(old_record, to_dict(PromptConfig(answer_prefix="Answer:"))) == [
-        ("answer_prefix", "", "Answer:")
+        ("answer_prefix", "", "Answer:"),
+        ("instruction_first", False, True),
     ]
+    assert prompt_differences(to_dict(PromptConfig()), to_dict(PromptConfig())) == []
+    # A published reranker's template has no such choice: its old records read as today's.
+    qwen3 = PromptConfig(preset="qwen3-reranker")
+    old_qwen3 = {k: v for k, v in to_dict(qwen3).items() if k not in before}
+    assert prompt_differences(old_qwen3, to_dict(qwen3)) == []
     assert prompt_differences({"doc_label": "Skill"}, {"doc_label": "Document"}) == [
         ("doc_label", "Skill", "Document")
     ]

@@ -8,6 +8,8 @@ distillation step and one index + search round trip run.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from tiny_families import (
@@ -80,7 +82,8 @@ def test_prompts_are_the_chat_templates_own_tokenisation(family):
     name, _, tokenizer, teacher = family
     config = teacher.prompts.config
     query, document = QUERIES[1], DOCUMENTS[0]  # spaces before the query, a newline after the document
-    user = f"Document:\n{document}\n\nQuery:\n{query}\n\n{config.task_instruction} {config.answer_hint}"
+    assert config.instruction_first  # the default: the instruction opens the message
+    user = f"{config.task_instruction} {config.answer_hint}\n\nDocument:\n{document}\n\nQuery:\n{query}"
     if tokenizer.chat_template:
         expected = tokenizer.apply_chat_template(
             [{"role": "user", "content": user}],
@@ -117,14 +120,20 @@ def test_truncation_is_exact_in_the_prompt(family):
     assert "been?" in text and "stopped" not in text  # the query's latest words survive
 
 
-def test_shared_prefix_equals_plain_batching_beyond_the_window(family):
-    name, model, tokenizer, teacher = family
-    plain = GenerativeReranker(model, tokenizer, PROMPT, share_prefix=False)
+@pytest.mark.parametrize("instruction_first", [True, False])
+def test_shared_prefix_equals_plain_batching_beyond_the_window(family, instruction_first):
+    """Instruction first, a pair's own tokens are few (with some templates no more than the window, which then
+    reaches back into the shared prefix); instruction last, every pair's own tokens are longer than the window."""
+    name, model, tokenizer, _ = family
+    prompt = dataclasses.replace(PROMPT, instruction_first=instruction_first)
+    teacher = GenerativeReranker(model, tokenizer, prompt)
+    plain = GenerativeReranker(model, tokenizer, prompt, share_prefix=False)
     queries, documents = _pairs()
     prompts = teacher.prompts.pair_prompts(queries, documents)
     if name in SLIDING:
         assert sliding_window(model) == WINDOW
-        assert min(p - s for p, s in zip(map(len, prompts.input_ids), prompts.shared_tokens)) > WINDOW
+        own = [p - s for p, s in zip(map(len, prompts.input_ids), prompts.shared_tokens)]
+        assert instruction_first or min(own) > WINDOW
         assert min(prompts.doc_tokens) > WINDOW
     shared, reference = teacher.score(queries, documents), plain.score(queries, documents)
     if name in SLIDING:  # the window shapes these prompts: without it the states differ

@@ -1,6 +1,8 @@
+import dataclasses
+
 import pytest
 
-from rabtriever_ray.config import PromptConfig
+from rabtriever_ray.config import ConfigError, PromptConfig
 from rabtriever_ray.models import build_tiny_tokenizer
 from rabtriever_ray.prompts import PromptBuilder, PromptError, document_text
 
@@ -11,7 +13,9 @@ def tokenizer():
 
 
 def test_pair_prompt_puts_document_before_query_before_instruction(tokenizer):
-    config = PromptConfig(instruction="Is this support strategy an appropriate next reply?")
+    config = PromptConfig(
+        instruction="Is this support strategy an appropriate next reply?", instruction_first=False
+    )
     builder = PromptBuilder(tokenizer, config)
     encoded = builder.pair_prompts(["how are you"], ["the document text"])
     text = tokenizer.decode(encoded.input_ids[0])
@@ -26,19 +30,45 @@ def test_pair_prompt_puts_document_before_query_before_instruction(tokenizer):
     assert encoded.input_ids[0] == tokenizer(text, add_special_tokens=False).input_ids
 
 
+def test_instruction_first_opens_the_message_and_joins_the_shared_prefix(tokenizer):
+    config = PromptConfig(instruction="Does the skill fit?", instruction_first=True)
+    builder = PromptBuilder(tokenizer, config)
+    encoded = builder.pair_prompts(["how are you", "fine thanks"], ["the document text"] * 2)
+    text = tokenizer.decode(encoded.input_ids[0])
+    assert text.index(config.task_instruction) < text.index("the document text") < text.index("how are you")
+    assert text.endswith("how are you<|im_end|>\n<|im_start|>assistant\n")
+    assert encoded.input_ids[0] == tokenizer(text, add_special_tokens=False).input_ids
+    # What the pairs of one document share now holds the instruction; each pair's own tokens are its query and
+    # the answer prompt.
+    shared = tokenizer.decode(encoded.input_ids[0][: encoded.shared_tokens[0]])
+    assert config.task_instruction in shared and shared.endswith("Query:\n")
+    plain = PromptBuilder(tokenizer, PromptConfig(instruction="Does the skill fit?", instruction_first=False))
+    before = plain.pair_prompts(["how are you"], ["the document text"])
+    own = len(encoded.input_ids[0]) - encoded.shared_tokens[0]
+    assert own < len(before.input_ids[0]) - before.shared_tokens[0]
+    assert PromptBuilder.template_text(config).startswith(f"{config.task_instruction} {config.answer_hint}\n\n")
+    assert builder.query_prompts(["q"]).input_ids == builder.pair_prompts(["q"], [""]).input_ids
+
+
+def test_instruction_first_is_refused_for_a_published_preset():
+    with pytest.raises(ConfigError, match="prompt.instruction_first shapes the rabtriever template only"):
+        PromptConfig(preset="qwen3-reranker", instruction_first=False)
+
+
 def test_plain_template_without_chat_template():
     tokenizer = build_tiny_tokenizer()
     tokenizer.chat_template = None
     builder = PromptBuilder(tokenizer, PromptConfig(system="Be brief."))
     text = tokenizer.decode(builder.pair_prompts(["q"], ["d"]).input_ids[0])
-    assert text.startswith("Be brief.\n\nDocument:\nd\n\nQuery:\nq") and text.endswith("Answer:")
+    assert text.startswith("Be brief.\n\nIs this document relevant to the query? Answer yes or no.\n\nDocument:\nd")
+    assert text.endswith("Query:\nq\nAnswer:")
 
 
 def test_template_text_is_what_the_builder_renders(tokenizer):
     """The text a teacher-scores manifest records as ``prompt_template`` is the user message of the prompt."""
-    config = PromptConfig()
+    config = PromptConfig(instruction_first=False)
     template = PromptBuilder.template_text(config)
-    c = config  # the manifest's text before it came from PromptBuilder: unchanged for the default prompt
+    c = config  # the manifest's text before it came from PromptBuilder: unchanged for the closing instruction
     assert (
         template
         == f"{c.doc_label}:\n{{document}}\n\n{c.query_label}:\n{{query}}\n\n{c.task_instruction} {c.answer_hint}"
@@ -84,6 +114,10 @@ def test_truncation_cuts_documents_at_the_end_and_queries_at_the_start(tokenizer
     assert tokenizer.decode(full_doc[:6]) in text and tokenizer.decode(full_doc[6:]) not in text
     assert tokenizer.decode(full_query[-5:]) in text and "an old turn" not in text
     # Instruction and answer position survive any truncation.
+    assert f"user\n{config.task_instruction} {config.answer_hint}\n\n" in text
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    closing = PromptBuilder(tokenizer, dataclasses.replace(config, instruction_first=False))
+    text = tokenizer.decode(closing.pair_prompts([query], [doc]).input_ids[0])
     assert text.endswith(f"{config.task_instruction} {config.answer_hint}<|im_end|>\n<|im_start|>assistant\n")
     expected_len = len(short.input_ids[0]) - short.doc_tokens[0] - short.query_tokens[0] + 6 + 5
     assert len(cut.input_ids[0]) == expected_len

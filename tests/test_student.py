@@ -195,14 +195,16 @@ def test_a_checkpoint_from_segment_tokenised_prompts_is_flagged(student, tmp_pat
 
     prompt = to_dict(PromptConfig())
     student.save_trainable(tmp_path / "new", teacher="tiny-random-llama", prompt=prompt)
-    old = {k: v for k, v in prompt.items() if k not in ("enable_thinking", "answer_prefix")}
+    old = {k: v for k, v in prompt.items() if k not in ("enable_thinking", "answer_prefix", "instruction_first")}
     student.save_trainable(tmp_path / "old", teacher="tiny-random-llama", prompt=old)
     with caplog.at_level("WARNING", logger="rabtriever_ray.student"):
         load_student_info(tmp_path / "new")
         assert "tokenised segment by segment" not in caplog.text
         info = load_student_info(tmp_path / "old")
     assert "tokenised segment by segment" in caplog.text and str(tmp_path / "old") in caplog.text
-    assert info["teacher_config"].prompt == PromptConfig()  # the missing fields read as their defaults
+    # The missing fields read as what prompts were then: their defaults, the instruction closing the message.
+    assert info["teacher_config"].prompt == PromptConfig(instruction_first=False)
+    assert load_student_info(tmp_path / "new")["teacher_config"].prompt == PromptConfig()
 
 
 def test_only_the_training_forward_updates_the_query_statistics_and_checkpoints_keep_them(

@@ -1,11 +1,13 @@
 import dataclasses
+from dataclasses import replace
 
 import pytest
 import torch
-from helpers import DOCUMENTS, QUERIES
+from helpers import DOCUMENTS, QUERIES, TINY_PROMPT
 
 from rabtriever_ray.config import PromptConfig, TeacherConfig, load_config
-from rabtriever_ray.teacher import GenerativeReranker
+from rabtriever_ray.prompts import PromptBuilder
+from rabtriever_ray.teacher import GenerativeReranker, PrefixCache
 
 
 def test_scores_have_documented_shapes_and_meaning(tiny_teacher):
@@ -71,8 +73,12 @@ def test_empty_input_gives_empty_output(tiny_teacher):
     assert out.score.shape == (0,) and out.hidden.shape == (0, 64)
 
 
-def test_shared_prefixes_give_the_same_scores_with_fewer_tokens(padded_teacher):
+@pytest.mark.parametrize("instruction_first", [False, True])
+def test_shared_prefixes_give_the_same_scores_with_fewer_tokens(padded_teacher, instruction_first):
     """Pairs sharing a document (and all sharing the template) run the shared prefix once."""
+    padded_teacher.prompts = PromptBuilder(
+        padded_teacher.tokenizer, replace(TINY_PROMPT, instruction_first=instruction_first)
+    )
     queries = QUERIES * 3
     documents = [DOCUMENTS[0]] * 4 + [DOCUMENTS[1]] * 4 + DOCUMENTS  # two shared-document groups + singletons
     padded_teacher.share_prefix = True
@@ -90,6 +96,41 @@ def test_shared_prefixes_give_the_same_scores_with_fewer_tokens(padded_teacher):
         torch.testing.assert_close(getattr(shared, name), getattr(plain, name), atol=1e-4, rtol=1e-4)
     single = torch.stack([padded_teacher.score([q], [d]).score[0] for q, d in zip(queries, documents)])
     torch.testing.assert_close(shared.score, single, atol=1e-4, rtol=1e-4)
+
+
+def test_a_document_seen_by_an_earlier_call_runs_only_its_pairs_own_tokens(padded_teacher):
+    """Document prefixes stay in the teacher's prefix cache: a later call runs only each pair's own tokens (its
+    query and the answer prompt), with the scores of a teacher that keeps nothing between calls."""
+    queries, documents = QUERIES * 2, [DOCUMENTS[0]] * len(QUERIES) + [DOCUMENTS[1]] * len(QUERIES)
+    padded_teacher.score(queries, documents)  # each document shared within the call: its prefix is kept
+    later_queries = ["a query never seen", "another new one"]
+    later_documents = [DOCUMENTS[0], DOCUMENTS[1]]  # one pair per document: shared with nothing in this call
+    padded_teacher.stats = {}
+    cached = padded_teacher.score(later_queries, later_documents)
+    prompts = padded_teacher.prompts.pair_prompts(later_queries, later_documents)
+    assert padded_teacher.stats["tokens"] == sum(
+        len(ids) - shared for ids, shared in zip(prompts.input_ids, prompts.shared_tokens)
+    )
+    fresh = GenerativeReranker(
+        padded_teacher.model, padded_teacher.tokenizer, TINY_PROMPT, prefix_cache_mb=0
+    ).score(later_queries, later_documents)
+    torch.testing.assert_close(cached.score, fresh.score, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cached.hidden, fresh.hidden, atol=1e-4, rtol=1e-4)
+
+
+def test_prefix_cache_keeps_the_most_recent_within_its_bytes():
+    cache = PrefixCache(max_bytes=3 * 400)  # three float32 tensors of 100 values
+    for key in range(4):
+        cache[(key,)] = torch.zeros(100)
+    assert list(cache) == [(1,), (2,), (3,)] and cache.bytes == 1200
+    cache[(1,)]  # read: now the most recent
+    cache[(4,)] = torch.zeros(100)
+    assert list(cache) == [(3,), (1,), (4,)]
+    cache[(5,)] = torch.zeros(400)  # bigger than the whole budget: not kept, nothing evicted for it
+    assert (5,) not in cache and len(cache) == 3
+    empty = PrefixCache(0)
+    empty[(1,)] = torch.zeros(1)
+    assert len(empty) == 0 and empty.bytes == 0
 
 
 def test_rerank_regroups_document_major_scores_by_query(tiny_teacher):

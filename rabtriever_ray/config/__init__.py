@@ -3,7 +3,8 @@
 - `schema`: the training jobs' config dataclasses; `offline`: the jobs around them (scoring, indexing,
   evaluation); `sections`: the sections they nest (prompt, teacher, student, losses); `serving`: the Serve app's.
 - `loading`: defaults, then YAML, then overrides (`load_config`), the jobs' command line (`parse_job_args`), and
-  the helpers built on the schema walk (`from_dict`, `to_dict`, `config_help`, `prompt_differences`).
+  the helpers built on the schema walk (`from_dict`, `to_dict`, `config_help`); `prompt_differences` and
+  `recorded_prompt` compare a recorded prompt with a `PromptConfig`.
 - `reference`: docs/configuration.md's configuration reference, generated from the dataclasses (``python -m
   rabtriever_ray.config.reference --write``); off the runtime path, so it is imported only on demand.
 
@@ -20,12 +21,18 @@ from .loading import (
     from_dict,
     load_config,
     parse_job_args,
-    prompt_differences,
     to_dict,
 )
 from .offline import EvaluateConfig, IndexConfig, ScoreTeacherConfig
 from .schema import DistillConfig, TeacherTrainConfig
-from .sections import LossConfig, PromptConfig, StudentConfig, TeacherConfig
+from .sections import (
+    LossConfig,
+    PromptConfig,
+    StudentConfig,
+    TeacherConfig,
+    prompt_differences,
+    recorded_prompt,
+)
 from .serving import RouterResources, ServeConfig, ServeResources
 
 __all__ = [
@@ -49,6 +56,7 @@ __all__ = [
     "option",
     "parse_job_args",
     "prompt_differences",
+    "recorded_prompt",
     "to_dict",
 ]
 

@@ -21,9 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ..presets import PRESETS
 from .base import ConfigError
-from .sections import PromptConfig
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: Iterable[str] = ()) -> Any:
@@ -170,28 +168,6 @@ def from_dict(cls: type, mapping: Mapping[str, Any], source: str = "dict") -> An
 def to_dict(config: Any) -> dict[str, Any]:
     """A plain, YAML/JSON-serialisable dict of a config dataclass."""
     return dataclasses.asdict(config)
-
-
-def prompt_differences(recorded: Mapping[str, Any], prompt: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
-    """``(key, recorded value, value in prompt)`` for each field of ``prompt`` (a `PromptConfig` as a dict, or
-    part of one) that differs from ``recorded``, sorted by key.
-
-    A field the record lacks (written before the field existed) counts as its default, which is what that
-    record's prompts were rendered with; an instruction of None counts as its preset's default.
-    """
-    defaults = to_dict(PromptConfig())
-
-    def value(source: Mapping[str, Any], key: str) -> Any:
-        found = source.get(key, defaults.get(key))
-        if key == "instruction" and found is None:  # the preset's default, written out or not
-            found = PRESETS[source.get("preset", defaults["preset"])].instruction
-        return found
-
-    return [
-        (key, value(recorded, key), value(prompt, key))
-        for key in sorted(prompt)
-        if value(recorded, key) != value(prompt, key)
-    ]
 
 
 def config_help(cls: type, prefix: str = "") -> str:

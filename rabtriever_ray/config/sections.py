@@ -7,6 +7,7 @@ A default and a help string per field; how they are loaded from YAML and ``key=v
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -16,6 +17,7 @@ from .base import ConfigError, check_at_least, option
 # PromptConfig keys that shape the rabtriever preset's template (the other presets fix theirs).
 _TEMPLATE_KEYS = (
     "answer_hint",
+    "instruction_first",
     "system",
     "doc_label",
     "query_label",
@@ -42,6 +44,12 @@ class PromptConfig:
         "None: the preset's default",
     )
     answer_hint: str = option("Answer yes or no.", "appended to the instruction")
+    instruction_first: bool = option(
+        True,
+        "rabtriever: the instruction opens the message, before the document (false: it closes the message, "
+        "after the query); first, it joins the prefix the pairs of a document share, so a pair runs only its "
+        "query and the answer prompt",
+    )
     system: str | None = option(None, "system message; None keeps the chat template's default")
     doc_label: str = option("Document", "label written before the document")
     query_label: str = option("Query", "label written before the query")
@@ -88,6 +96,42 @@ class PromptConfig:
         return self.instruction if self.instruction is not None else PRESETS[self.preset].instruction
 
 
+# Prompt fields added with a default other than the behaviour before them: the value records without them used.
+_BEFORE_FIELD = {"instruction_first": False}
+
+
+def recorded_prompt(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A prompt as a record (a checkpoint, a teacher, pre-scored data) wrote it, with the fields it predates set
+    to what its prompts were rendered with then (`_BEFORE_FIELD`; they shape the rabtriever template only, and
+    keep their defaults in the other presets)."""
+    if record.get("preset", "rabtriever") != "rabtriever":
+        return dict(record)
+    return {**_BEFORE_FIELD, **record}
+
+
+def prompt_differences(recorded: Mapping[str, Any], prompt: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(key, recorded value, value in prompt)`` for each field of ``prompt`` (a `PromptConfig` as a dict, or
+    part of one) that differs from ``recorded``, sorted by key.
+
+    A field the record lacks (written before the field existed) counts as what that record's prompts were
+    rendered with (`recorded_prompt`, else the default); an instruction of None counts as its preset's default.
+    """
+    defaults = dataclasses.asdict(PromptConfig())
+    recorded = recorded_prompt(recorded)
+
+    def value(source: Mapping[str, Any], key: str) -> Any:
+        found = source.get(key, defaults.get(key))
+        if key == "instruction" and found is None:  # the preset's default, written out or not
+            found = PRESETS[source.get("preset", defaults["preset"])].instruction
+        return found
+
+    return [
+        (key, value(recorded, key), value(prompt, key))
+        for key in sorted(prompt)
+        if value(recorded, key) != value(prompt, key)
+    ]
+
+
 @dataclass
 class TeacherConfig:
     """The generative reranker: which model, how it is prompted and batched.
@@ -104,6 +148,12 @@ class TeacherConfig:
     prompt: PromptConfig = option(PromptConfig(), "prompt template and truncation")
     max_batch_tokens: int = option(8192, "padded tokens per forward batch (rows x longest sequence)")
     share_prefix: bool = option(True, "run a prompt prefix shared by several pairs (same document) once")
+    prefix_cache_mb: int = option(
+        256,
+        "MiB of shared prefixes' keys and values (template + document) kept between calls, least recently used "
+        "out first, so a document that comes back (a small corpus, a candidate of many queries) runs only its "
+        "pairs' own tokens; on the model's device; 0: shared within a call only",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", "auto: bf16 on GPU, fp32 on CPU"
     )
@@ -119,6 +169,7 @@ class TeacherConfig:
 
     def __post_init__(self) -> None:
         check_at_least(self, 1, "max_batch_tokens")
+        check_at_least(self, 0, "prefix_cache_mb")
 
     def at_precision_of(self, other: Any) -> TeacherConfig:
         """This teacher at the precision ``other`` (a teacher or Serve config) asks for."""
