@@ -35,6 +35,7 @@ from .backbone import last_positions, pad_batch, pre_norm_hidden_at
 from .config import TeacherTrainConfig
 from .data import BeirData, BM25Index, sample_query_ids
 from .families import decoder_layers
+from .frozen_states import FrozenStates
 from .losses import answer_ce, listwise_ce
 from .models import TEACHER_INFO, load_causal_lm
 from .prompts import PromptBuilder, document_text
@@ -298,6 +299,11 @@ def train_teacher_loop(config: dict) -> None:
     model.train()
     prompts = PromptBuilder(tokenizer, cfg.teacher.prompt)
     scorer = AnswerScorer(model, prompts)
+    blocks = len(decoder_layers(model))
+    first = max(blocks - cfg.train_layers, 0) if cfg.train_layers else 0
+    frozen = FrozenStates(model, first, tokenizer.padding_side, cfg.frozen_cache_mb << 20)
+    sample = {k: v for k, v in group_batch(prompts, groups[: cfg.batch_size], device).items() if k != "sizes"}
+    frozen.check(lambda: scorer(**sample))
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
     )
@@ -335,16 +341,24 @@ def train_teacher_loop(config: dict) -> None:
     while step < total_steps:
         epoch, within = divmod(step, steps_per_epoch)
         # Each epoch's seeded order, computed once; this rank takes every world-th group of it.
+        # With the frozen states kept, each rank keeps its own groups (shuffled per epoch), so they are its again.
         if epoch != shuffled_epoch:
-            order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(cfg.seed + epoch))
-            shuffled_epoch, mine = epoch, order.tolist()[rank::world]
-        chunk = [groups[i] for i in mine[within * per_step : (within + 1) * per_step]]
+            generator = torch.Generator().manual_seed(cfg.seed + epoch)
+            if frozen.enabled:
+                shard = list(range(rank, len(groups), world))
+                mine = [shard[i] for i in torch.randperm(len(shard), generator=generator).tolist()]
+            else:
+                mine = torch.randperm(len(groups), generator=generator).tolist()[rank::world]
+            shuffled_epoch = epoch
+        chunk = mine[within * per_step : (within + 1) * per_step]
         fault_hook(config, rank, step)
         for micro in range(cfg.grad_accum):
-            batch = group_batch(prompts, chunk[micro * cfg.batch_size : (micro + 1) * cfg.batch_size], device)
+            ids = chunk[micro * cfg.batch_size : (micro + 1) * cfg.batch_size]
+            batch = group_batch(prompts, [groups[i] for i in ids], device)
+            keys = [(i, j) for i in ids for j in range(len(groups[i].doc_ids))]
             last_micro = micro == cfg.grad_accum - 1
             if cfg.strategy == "deepspeed":
-                with autocast:
+                with autocast, frozen.applied(keys, batch["attention_mask"]):
                     terms = teacher_losses(engine, batch, cfg)
                 engine.backward(terms["total"])
                 engine.step()  # steps the optimizer and scheduler at the accumulation boundary
@@ -352,7 +366,7 @@ def train_teacher_loop(config: dict) -> None:
                 # DDP all-reduces on the last micro-batch only.
                 sync = engine.no_sync() if (world > 1 and not last_micro) else contextlib.nullcontext()
                 with sync:
-                    with autocast:
+                    with autocast, frozen.applied(keys, batch["attention_mask"]):
                         terms = teacher_losses(engine, batch, cfg)
                     (terms["total"] / cfg.grad_accum).backward()
             for name, value in terms.items():
@@ -375,6 +389,7 @@ def train_teacher_loop(config: dict) -> None:
                 step=step,
                 lr=scheduler.get_last_lr()[0],
                 groups_per_s=groups_done / elapsed,
+                frozen_replayed=frozen.counts["replayed"],
             )
             metrics.update(peak_memory_metrics(device, world))
             if rank == 0:

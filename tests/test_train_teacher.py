@@ -243,7 +243,13 @@ def test_two_workers_fine_tune_validate_and_the_output_is_a_teacher_for_distilla
     monkeypatch.setattr(pipeline, "score_pairs", recorded)
     report = run_train_teacher(
         finetune_config(
-            tmp_path, "name=two", "epochs=4", "grad_accum=2", "batch_size=1", f"val_candidates={run}"
+            tmp_path,
+            "name=two",
+            "epochs=4",
+            "grad_accum=2",
+            "batch_size=1",
+            f"val_candidates={run}",
+            "train_layers=1",
         )
     )
     written = pq.ParquetDataset(str(tmp_path / "teacher" / "val_scores" / "data")).read(columns=["query_id"])
@@ -264,6 +270,8 @@ def test_two_workers_fine_tune_validate_and_the_output_is_a_teacher_for_distilla
         "val_pairs": 6 * 30,
     }
     assert history[-1]["loss/listwise"] < history[0]["loss/listwise"]
+    # Below the trained top layer, each worker's pairs ran once: every micro-batch after the first epoch replays.
+    assert [h["frozen_replayed"] for h in history] == [0, 8, 16, 24]
     out = tmp_path / "teacher"
     assert json.loads((out / "report.json").read_text())["after"] == report["after"]
     assert set(report["before"]) == set(report["after"]) == {"R@1", "RR@10", "nDCG@10"}

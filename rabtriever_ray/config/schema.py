@@ -69,6 +69,12 @@ class TeacherTrainConfig:
         "train only the top N decoder layers (0: every layer); the forward below them keeps no graph, so a step "
         "costs little more than scoring",
     )
+    frozen_cache_mb: int = option(
+        4096,
+        "with train_layers, per worker: MiB of host memory for the frozen layers' output states, kept from each "
+        "pair's first forward so later epochs run only the trained layers (0: off; off by itself where the "
+        "frozen layers are not deterministic)",
+    )
     lora: bool = option(
         False, "train LoRA adapters (peft) instead of all weights; merged into the saved model"
     )
@@ -123,6 +129,7 @@ class TeacherTrainConfig:
             "w_pointwise",
             "max_failures",
             "train_layers",
+            "frozen_cache_mb",
         )
         if self.w_listwise == self.w_pointwise == 0:
             raise ConfigError("w_listwise and w_pointwise are both 0: nothing to train")
