@@ -156,10 +156,15 @@ def teacher_losses(scorer: nn.Module, batch: dict, cfg: TeacherTrainConfig) -> d
 # Models: LoRA, trainable weights, the saved teacher.
 
 
+def first_trained_block(model: nn.Module, cfg: TeacherTrainConfig) -> int:
+    """Index of the lowest decoder block that trains (0: every block, when ``train_layers`` is 0 or too many)."""
+    return max(len(decoder_layers(model)) - cfg.train_layers, 0) if cfg.train_layers else 0
+
+
 def trained_layers(model: nn.Module, cfg: TeacherTrainConfig) -> list[tuple[str, nn.Module]]:
     """``(qualified name, block)`` of the decoder blocks that train: the top ``cfg.train_layers`` (0: all)."""
     blocks = decoder_layers(model)
-    first = max(len(blocks) - cfg.train_layers, 0) if cfg.train_layers else 0
+    first = first_trained_block(model, cfg)
     names = {id(module): name for name, module in model.named_modules()}
     return [(names[id(block)], block) for block in list(blocks)[first:]]
 
@@ -299,9 +304,7 @@ def train_teacher_loop(config: dict) -> None:
     model.train()
     prompts = PromptBuilder(tokenizer, cfg.teacher.prompt)
     scorer = AnswerScorer(model, prompts)
-    blocks = len(decoder_layers(model))
-    first = max(blocks - cfg.train_layers, 0) if cfg.train_layers else 0
-    frozen = FrozenStates(model, first, tokenizer.padding_side, cfg.frozen_cache_mb << 20)
+    frozen = FrozenStates(model, first_trained_block(model, cfg), tokenizer.padding_side, cfg.frozen_cache_mb << 20)
     sample = {k: v for k, v in group_batch(prompts, groups[: cfg.batch_size], device).items() if k != "sizes"}
     frozen.check(lambda: scorer(**sample))
     optimizer = torch.optim.AdamW(
@@ -340,8 +343,7 @@ def train_teacher_loop(config: dict) -> None:
     shuffled_epoch, mine = None, []
     while step < total_steps:
         epoch, within = divmod(step, steps_per_epoch)
-        # Each epoch's seeded order, computed once; this rank takes every world-th group of it.
-        # With the frozen states kept, each rank keeps its own groups (shuffled per epoch), so they are its again.
+        # Each epoch's seeded order; this rank's share (with frozen states kept, the same groups every epoch).
         if epoch != shuffled_epoch:
             generator = torch.Generator().manual_seed(cfg.seed + epoch)
             if frozen.enabled:

@@ -80,12 +80,13 @@ class FrozenStates:
         self.tuple_len = 0
         self.counts = {"replayed": 0, "run": 0}  # batches
 
-    def _rows(self, states: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+    def _spans(self, attention_mask: torch.Tensor) -> list[slice]:
+        """Each row's real tokens: the columns `backbone.pad_batch` put them in."""
+        width = attention_mask.shape[1]
         lengths = attention_mask.sum(-1).tolist()
-        width = states.shape[1]
         if self.padding_side == "left":
-            return [states[row, width - n :] for row, n in enumerate(lengths)]
-        return [states[row, :n] for row, n in enumerate(lengths)]
+            return [slice(width - n, width) for n in lengths]
+        return [slice(0, n) for n in lengths]
 
     @contextlib.contextmanager
     def _recording(self):
@@ -150,8 +151,7 @@ class FrozenStates:
             recorded = [self.states[key] for key in keys]
             width, rows = attention_mask.shape[1], len(keys)
             states = recorded[0].new_zeros((rows, width, recorded[0].shape[-1]))  # in host memory
-            for row, (tensor, n) in enumerate(zip(recorded, attention_mask.sum(-1).tolist(), strict=True)):
-                span = slice(width - n, width) if self.padding_side == "left" else slice(0, n)
+            for row, (tensor, span) in enumerate(zip(recorded, self._spans(attention_mask), strict=True)):
                 states[row, span] = tensor
             self.counts["replayed"] += 1
             with self._replaying(states.to(attention_mask.device)):
@@ -162,7 +162,8 @@ class FrozenStates:
             yield
         if not captured:
             return
-        for key, tensor in zip(keys, self._rows(captured[0], attention_mask), strict=True):
+        rows = [captured[0][row, span] for row, span in enumerate(self._spans(attention_mask))]
+        for key, tensor in zip(keys, rows, strict=True):
             size = tensor.numel() * tensor.element_size()
             if key not in self.states and self.bytes + size <= self.max_bytes:
                 self.states[key] = tensor.to("cpu", copy=True)
