@@ -5,7 +5,8 @@
 1. `plan_distill` decides once, from the config, what runs where (`DistillPlan`): whether the base-model teacher
    is fine-tuned first, whether the training pairs, the validation pairs and the later rounds' pools are read and
    joined in Ray (run files, ``student:K`` pools: the driver holds counts, never the corpus) or built in this
-   process (``all``, ``bm25:K``), or read pre-scored (``teacher_data``, ``val_teacher_data``);
+   process (``all``, ``bm25:K``, ``random:K``), or read pre-scored (``teacher_data``, ``val_teacher_data``); and
+   where ``unlabelled_queries=auto`` finds its queries (`data.training.unlabelled_source`);
 2. the validation pairs (`data.read_pairs`) and, with the in-job fine-tuning, the fine-tuned teacher
    (`finetune.finetune_before_distillation`: scores the same validation pairs before and after, writes
    ``out_dir/teacher/``), which is the teacher from then on;
@@ -36,7 +37,8 @@ import pyarrow as pa
 
 from . import console
 from .config import DistillConfig, to_dict
-from .data import data_root, read_beir, read_beir_dataset, read_pairs, run_pairs, training_queries
+from .data import build_pairs, data_root, read_beir, read_beir_dataset, read_pairs, run_pairs
+from .data.training import training_queries, unlabelled_source
 from .io import atomic_dir, write_json_atomic
 from .models import prompt_mismatch, resolve_spec, trained_prompt
 from .pipeline import SchemaError, pairs_dataset, score_pairs, teacher_stage
@@ -88,6 +90,7 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
         cfg, teacher=dataclasses.replace(cfg.teacher, model=resolve_spec(cfg.teacher.model))
     )
     plan = plan_distill(cfg)
+    cfg = dataclasses.replace(cfg, unlabelled_queries=unlabelled_source(cfg, plan))
     if cfg.val_teacher_data:
         val_data, val_pairs = read_beir(plan.val_root, cfg.val_split), None
     else:
@@ -231,15 +234,11 @@ def round_zero(cfg: DistillConfig, plan: DistillPlan, train_data, train_stream) 
             counts["queries"],
         )
     else:
-        from .data import build_pairs
-
         # train_data holds exactly the training queries (`data.training_queries`): no sampling here.
-        pairs = build_pairs(train_data, cfg.candidates, training=True, query_ids=list(train_data.queries))
-        stage, n_train, n_queries = (
-            _training_stage(cfg, plan, pairs),
-            len(pairs),
-            len(set(pairs.column("query_id").to_pylist())),
+        pairs = build_pairs(
+            train_data, cfg.candidates, seed=cfg.seed, training=True, query_ids=list(train_data.queries)
         )
+        stage, n_train, n_queries = _training_stage(cfg, plan, pairs), len(pairs), len(train_data.queries)
     _steps_per_epoch(n_train, cfg)
     return stage, n_train, n_queries
 

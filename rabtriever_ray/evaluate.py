@@ -353,7 +353,7 @@ def run_evaluation(config: EvaluateConfig) -> dict[str, Any]:
     per_query: dict[str, list[str]] = {q: [] for q in query_ids}
     if set(methods) & set(CANDIDATE_METHODS):
         if not streamed:
-            pairs = build_pairs(data, config.candidates, query_ids=query_ids)
+            pairs = build_pairs(data, config.candidates, seed=config.seed, query_ids=query_ids)
         for qid, did in zip(pairs.column("query_id").to_pylist(), pairs.column("doc_id").to_pylist()):
             if not (config.exclude_self and did == qid):
                 per_query[qid].append(did)

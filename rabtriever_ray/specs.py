@@ -5,6 +5,8 @@ The keys that take one (``candidates``, ``val_candidates``, ``round_pool``, ``ne
 
 - ``all``: every document for every query;
 - ``bm25:K``: the top K documents per query by BM25;
+- ``random:K``: K documents per query drawn uniformly without replacement, the same for a query and seed in any
+  run (a student judged on every document learns the whole of its teacher's ranking from them, not only the top);
 - ``student:K``: the top K of the whole corpus by the previous round's student's own first stage (only where a
   student exists: ``round_pool``);
 - anything else: a path to a TREC run (``qid Q0 docid rank score tag``): a file or a folder of shards, which must exist.
@@ -19,24 +21,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-Kind = Literal["all", "bm25", "student", "run"]
+Kind = Literal["all", "bm25", "random", "student", "run"]
 
 # How each kind is written, in the order the accepted forms are listed in errors.
 _FORMS: dict[str, str] = {
     "all": "all",
     "bm25": "bm25:K",
+    "random": "random:K",
     "student": "student:K",
     "run": "a path to a TREC run file",
 }
 # The kinds each key takes: a pair's candidates, a teacher fine-tuning group's negatives, a later round's pool.
-CANDIDATES: tuple[Kind, ...] = ("all", "bm25", "run")
+CANDIDATES: tuple[Kind, ...] = ("all", "bm25", "random", "run")
 NEGATIVE_POOLS: tuple[Kind, ...] = ("all", "bm25")
 ROUND_POOLS: tuple[Kind, ...] = ("all", "bm25", "student", "run")
 
 
 @dataclass(frozen=True)
 class CandidateSpec:
-    """A parsed candidate spec: ``kind``, with ``k`` (the K of ``bm25:K`` / ``student:K``) or ``path`` (a run
+    """A parsed candidate spec: ``kind``, with ``k`` (the K of ``bm25:K``, ``random:K``, ``student:K``) or ``path`` (a run
     file's, as given). ``str(spec)`` is its text, which `parse_spec` reads back to the same spec."""
 
     kind: Kind
@@ -81,8 +84,8 @@ def parse_spec(
         raise refuse("empty")
     name, colon, count = text.partition(":")
     kind: Kind = "all" if text == "all" else "run"
-    if colon and name in ("bm25", "student"):
-        kind = "bm25" if name == "bm25" else "student"
+    if colon and name in ("bm25", "random", "student"):
+        kind = name  # type: ignore[assignment]
     if kind not in allowed:
         raise refuse("" if kind == "run" else f"{_FORMS[kind]} is not accepted here")
     if kind == "all":

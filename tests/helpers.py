@@ -42,6 +42,7 @@ TINY_DISTILL = [
     "max_val_queries=8",
     "candidates=bm25:4",
     "val_candidates=bm25:6",
+    "unlabelled_queries=",
     "batch_size=16",
     "num_workers=2",
     "cpus_per_worker=0.5",

@@ -401,17 +401,17 @@ def test_a_job_config_names_what_is_missing_or_misplaced():
 
 # Every key that takes a spec, with the forms it accepts as its errors list them.
 SPEC_KEYS = [
-    (DistillConfig, "candidates", "all, bm25:K (K an integer >= 1) or a path to a TREC run file"),
-    (DistillConfig, "val_candidates", "all, bm25:K (K an integer >= 1) or a path to a TREC run file"),
+    (DistillConfig, "candidates", "all, bm25:K, random:K (K an integer >= 1) or a path to a TREC run file"),
+    (DistillConfig, "val_candidates", "all, bm25:K, random:K (K an integer >= 1) or a path to a TREC run file"),
     (
         DistillConfig,
         "round_pool",
         "all, bm25:K, student:K (K an integer >= 1) or a path to a TREC run file",
     ),
     (TeacherTrainConfig, "negatives_from", "all or bm25:K (K an integer >= 1)"),
-    (TeacherTrainConfig, "val_candidates", "all, bm25:K (K an integer >= 1) or a path to a TREC run file"),
-    (ScoreTeacherConfig, "candidates", "all, bm25:K (K an integer >= 1) or a path to a TREC run file"),
-    (EvaluateConfig, "candidates", "all, bm25:K (K an integer >= 1) or a path to a TREC run file"),
+    (TeacherTrainConfig, "val_candidates", "all, bm25:K, random:K (K an integer >= 1) or a path to a TREC run file"),
+    (ScoreTeacherConfig, "candidates", "all, bm25:K, random:K (K an integer >= 1) or a path to a TREC run file"),
+    (EvaluateConfig, "candidates", "all, bm25:K, random:K (K an integer >= 1) or a path to a TREC run file"),
 ]
 MISSING_RUN = "no/such/run.trec"
 
@@ -422,7 +422,9 @@ def _spec_problem(key: str, value: str) -> str:
         return "empty"
     if value.startswith("student:") and key != "round_pool":
         return "student:K is not accepted here"
-    if value in ("bm25:x", "student:y"):
+    if value.startswith("random:") and key in ("round_pool", "negatives_from"):
+        return "random:K is not accepted here"
+    if value in ("bm25:x", "random:z", "student:y"):
         return f"{value.split(':')[0]}:K needs an integer K"
     if value == "bm25:0":
         return "K must be >= 1"
@@ -434,7 +436,7 @@ def _spec_problem(key: str, value: str) -> str:
 BAD_SPECS = [
     (cls, key, accepted, value)
     for cls, key, accepted in SPEC_KEYS
-    for value in ("bm25:x", "bm25:0", "student:3", "student:y", MISSING_RUN, "")
+    for value in ("bm25:x", "bm25:0", "random:z", "student:3", "student:y", MISSING_RUN, "")
     if (key, value) != ("round_pool", "student:3")
 ]
 
@@ -477,6 +479,7 @@ def test_good_specs_parse_once_beside_their_keys(tmp_path):
     trained = TeacherTrainConfig(negatives_from="bm25:5", val_candidates=str(run))
     assert trained.negatives_from_spec.k == 5 and trained.val_candidates_spec.path == run
     assert ScoreTeacherConfig(candidates="bm25:3").candidates_spec.k == 3
+    assert DistillConfig(candidates="random:3").candidates_spec == CandidateSpec("random", k=3)
     assert EvaluateConfig(candidates=str(run)).candidates_spec.is_run
     # The keys stay strings: the YAML, the overrides, to_dict and the reference are as before.
     assert config.candidates == str(run) and to_dict(config)["round_pool"] == "student:4"
@@ -487,7 +490,12 @@ def test_good_specs_parse_once_beside_their_keys(tmp_path):
 def test_a_spec_reads_back_from_its_text(tmp_path):
     run = tmp_path / "run.trec"
     run.write_text("")
-    for text, allowed in [("all", CANDIDATES), ("bm25:20", NEGATIVE_POOLS), ("student:5", ROUND_POOLS)]:
+    for text, allowed in [
+        ("all", CANDIDATES),
+        ("bm25:20", NEGATIVE_POOLS),
+        ("random:4", CANDIDATES),
+        ("student:5", ROUND_POOLS),
+    ]:
         spec = parse_spec(text, "key", allowed)
         assert str(spec) == spec.text == text and parse_spec(spec.text, "key", allowed) == spec
     assert str(parse_spec(str(run), "candidates")) == str(run)

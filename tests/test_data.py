@@ -1,6 +1,7 @@
 import gzip
 import json
 
+import pyarrow.compute as pc
 import pytest
 from helpers import (
     BROKEN_CORPUS,
@@ -276,6 +277,28 @@ def test_bm25_candidates_and_training_positives(clean):
         .to_pylist()
     )
     assert len(training) == len(plain) + missed
+
+
+def test_random_candidates_are_seeded_per_query_and_keep_training_positives(clean):
+    data = read_beir(clean, "test")
+    pairs = build_pairs(data, "random:2")
+    lists = {}
+    for row in pairs.to_pylist():
+        lists.setdefault(row["query_id"], []).append(row["doc_id"])
+    assert set(lists) == set(INSTRUCTIONS)
+    assert all(len(docs) == len(set(docs)) == 2 and set(docs) <= set(SKILLS) for docs in lists.values())
+    assert build_pairs(data, "random:2").equals(pairs)  # the same draw on every call
+    # A query's draw depends on its id and the seed, not on which other queries are drawn with it.
+    alone = build_pairs(data, "random:2", query_ids=["q2"]).column("doc_id").to_pylist()
+    assert alone == lists["q2"]
+    reseeded = [build_pairs(data, "random:2", seed=s).column("doc_id").to_pylist() for s in (1, 2, 3)]
+    assert any(docs != pairs.column("doc_id").to_pylist() for docs in reseeded)
+    everything = build_pairs(data, f"random:{len(SKILLS) + 5}", query_ids=["q1"]).column("doc_id").to_pylist()
+    assert sorted(everything) == sorted(SKILLS)  # K past the corpus: every document once
+    training = build_pairs(data, "random:1", training=True)
+    for qid, (_, positive) in INSTRUCTIONS.items():
+        docs = training.filter(pc.equal(training.column("query_id"), qid)).column("doc_id").to_pylist()
+        assert positive in docs and len(docs) <= 2
 
 
 def test_run_file_candidates(clean, tmp_path):

@@ -2,11 +2,12 @@
 it from the rest of the split or from a queries file, never a validation query; their pairs' labels are unknown."""
 
 import json
+import shutil
 
 import pytest
 from helpers import distill_config
 
-from rabtriever_ray.config import ConfigError
+from rabtriever_ray.config import ConfigError, DistillConfig, load_config
 from rabtriever_ray.data import (
     DEMO_DATA,
     DataError,
@@ -15,6 +16,8 @@ from rabtriever_ray.data import (
     sample_query_ids,
     training_queries,
 )
+from rabtriever_ray.data.training import unlabelled_source
+from rabtriever_ray.distill import plan_distill
 
 
 def test_labelled_sample_then_the_rest_of_the_split_without_labels():
@@ -80,6 +83,29 @@ def test_unlabelled_queries_need_candidates_the_job_builds(tmp_path):
             distill_config(tmp_path, "unlabelled_queries=rest", *extra)
     with pytest.raises(ConfigError, match=r"baselines: unknown \['e5'\]"):
         distill_config(tmp_path, "baselines=minilm,e5")
+
+
+def test_auto_takes_the_training_folders_unlabelled_queries_where_the_job_builds_candidates(tmp_path):
+    # The embedded defaults train on the demo's unlabelled instructions; a folder without the file trains on none.
+    default = load_config(DistillConfig, None, [])
+    assert default.unlabelled_queries == "auto"
+    assert unlabelled_source(default, plan_distill(default)) == "unlabelled_queries.jsonl"
+    bare = tmp_path / "data"
+    shutil.copytree(DEMO_DATA, bare)
+    (bare / "unlabelled_queries.jsonl").unlink()
+    assert unlabelled_source(*_planned(f"data_dir={bare}")) == ""
+    # Where the job does not build the candidates (pre-scored pairs, a run file), auto is none, not an error.
+    run = tmp_path / "train.trec"
+    run.write_text("q001 Q0 wipe_surface 1 1.0 x\n")
+    for extra in ("teacher_data=somewhere", f"candidates={run}"):
+        assert unlabelled_source(*_planned(extra)) == ""
+    assert unlabelled_source(*_planned("unlabelled_queries=rest")) == "rest"  # anything else is kept
+    assert unlabelled_source(*_planned("unlabelled_queries=")) == ""
+
+
+def _planned(*overrides):
+    config = load_config(DistillConfig, None, list(overrides))
+    return config, plan_distill(config)
 
 
 def test_the_demo_ships_unlabelled_instructions_apart_from_its_judged_queries():

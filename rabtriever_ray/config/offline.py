@@ -23,14 +23,14 @@ class ScoreTeacherConfig:
     split: str | None = option(None, "qrels split; its queries are scored (None: all queries)")
     out: str = option("", "output folder (written atomically); required")
     teacher: TeacherConfig = option(TeacherConfig(), _TEACHER_HELP)
-    candidates: str = option("all", "all | bm25:K | path to a TREC run file")
+    candidates: str = option("all", "all | bm25:K | random:K | path to a TREC run file")
     training: bool = option(
         False,
         "training pairs: add qrel positives missing from the candidates, and keep each query's candidate list whole "
         "in one written block",
     )
     max_queries: int | None = option(None, "seeded subset of this many queries")
-    seed: int = option(0, "seed of the query subset")
+    seed: int = option(0, "seed of the query subset and of random:K candidates")
     actors: str = option("1:1", "teacher actor pool MIN:MAX (or N)")
     gpus_per_actor: float | None = option(None, "GPUs per teacher actor; None: 1 when the cluster has GPUs")
     cpus_per_actor: float = option(1.0, "CPUs per teacher actor")
@@ -88,8 +88,8 @@ class EvaluateConfig:
         TeacherConfig(), _TEACHER_HELP + "; the student uses the prompt its checkpoint records"
     )
     max_queries: int | None = option(None, "seeded subset of this many queries")
-    seed: int = option(0, "seed of the query subsets and of minilm-ft's fine-tuning")
-    candidates: str = option("all", "candidates of the rerankers: all | bm25:K | TREC run file")
+    seed: int = option(0, "seed of the query subsets, random:K candidates and minilm-ft's fine-tuning")
+    candidates: str = option("all", "candidates of the rerankers: all | bm25:K | random:K | TREC run file")
     train_data: str | None = option(None, "BEIR folder of the training split (None: data)")
     train_split: str = option("train", "qrels split of the training queries (frequency prior, minilm-ft)")
     max_train_queries: int | None = option(None, "seeded subset of the training queries minilm-ft trains on")

@@ -25,6 +25,9 @@ from .sections import LossConfig, StudentConfig, TeacherConfig
 # The configs.
 
 
+# unlabelled_queries=auto: this file of the training folder, where the job builds the candidates.
+AUTO_UNLABELLED = "auto"
+UNLABELLED_FILE = "unlabelled_queries.jsonl"
 RESUME_HELP = "same: resume only the same run (config, data files, teacher; else fail naming what differs); any: any"
 
 
@@ -106,7 +109,7 @@ class TeacherTrainConfig:
     val_candidates: str = option(
         "all",
         "validation candidates per query: all (every document; refused beyond 1,000,000 queries x documents) "
-        "| bm25:K | a TREC run file",
+        "| bm25:K | random:K | a TREC run file",
     )
     validate_before: bool = option(
         True, "also score the validation pairs with the model before training (false: only after)"
@@ -187,19 +190,25 @@ class DistillConfig:
     val_teacher_data: str | None = option(
         None, "pre-scored validation Parquet (jobs/score_teacher.py) instead of scoring the validation pairs"
     )
-    candidates: str = option("bm25:8", "training candidates per query: all | bm25:K | a TREC run file")
+    candidates: str = option(
+        "random:3",
+        "training candidates per query: all | bm25:K | random:K (K drawn uniformly, seeded) | a TREC run file; "
+        "the student is judged on every candidate it ranks, so uniform draws over many queries teach it the whole "
+        "of the teacher's ranking",
+    )
     val_candidates: str = option(
         "all",
         "validation candidates per query: all (every document; refused beyond 1,000,000 queries x documents) "
-        "| bm25:K | a TREC run file",
+        "| bm25:K | random:K | a TREC run file",
     )
     max_train_queries: int | None = option(None, "seeded subset of training queries")
     unlabelled_queries: str = option(
-        "",
+        "auto",
         "more training queries, without labels, that the teacher scores like the others (the teacher's fine-tuning "
         "and the bi-encoder baselines use only the labelled ones): rest (the training split's queries left out by "
         "max_train_queries, labels unused) | a queries file as queries.jsonl (a relative path is looked up in the "
-        "training folder first) | empty: none",
+        "training folder first) | auto: the training folder's unlabelled_queries.jsonl when it has one and the job "
+        "builds the candidates (the bundled demo ships 600), else none | empty: none",
     )
     max_unlabelled_queries: int | None = option(None, "seeded subset of the unlabelled queries")
     max_val_queries: int | None = option(None, "seeded subset of validation queries")
@@ -211,7 +220,7 @@ class DistillConfig:
     weight_decay: float = option(0.01, "AdamW weight decay")
     warmup_steps: int = option(20, "linear warm-up steps before cosine decay")
     grad_clip: float = option(1.0, "gradient-norm clip (0: off)")
-    seed: int = option(0, "seed for subsets, shuffling and initialisation")
+    seed: int = option(0, "seed for subsets, random:K candidates, shuffling and initialisation")
     num_workers: int = option(1, "Ray Train workers")
     use_gpu: bool = option(False, "train and score on GPUs (gpus_per_worker, teacher_gpus)")
     cpus_per_worker: float = option(1.0, "CPUs per training worker")
@@ -335,10 +344,10 @@ class DistillConfig:
         unknown = [m for m in self.baselines if m not in ("minilm", "minilm-ft")]
         if unknown:
             raise ConfigError(f"baselines: unknown {unknown}; choose from minilm, minilm-ft")
-        if self.unlabelled_queries and (
+        if self.unlabelled_queries not in ("", AUTO_UNLABELLED) and (
             self.candidates_spec.is_run or self.teacher_data or (self.rounds > 1 and self.round_pool_spec.kind in ("run", "student"))
         ):
             raise ConfigError(
                 "unlabelled_queries are scored by the live teacher over candidates built in the job: they need "
-                "candidates all or bm25:K, no teacher_data, and (with rounds) round_pool all or bm25:K"
+                "candidates all, bm25:K or random:K, no teacher_data, and (with rounds) round_pool all or bm25:K"
             )

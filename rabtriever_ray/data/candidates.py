@@ -7,12 +7,14 @@ A reference names a (query, document) pair and the document's rank for the query
 - ``all``: every document for every query, ranked in corpus order (small corpora, e.g. the 8 ESConv strategies);
   refused when queries x documents exceeds `MAX_ALL_PAIRS`.
 - ``bm25:K``: the top K documents per query by BM25 (bm25s over title + text), ranked by score.
+- ``random:K``: K documents per query drawn uniformly without replacement (`random_hits`), in the order drawn.
 - a TREC run (``qid Q0 docid rank score tag``, a file or a folder of shards): the documents it lists, by rank.
 - ``student:K`` (round pools only): the previous round's student's first stage (`rounds.student_pool_references`).
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -95,9 +97,21 @@ class BM25Index:
         return [[self.doc_ids[i] for i in row] for row in indices], scores
 
 
-def candidate_references(data: BeirData, spec, query_ids: Sequence[str]) -> tuple[pa.Table, list]:
-    """The references of ``spec`` (a parsed `specs.CandidateSpec`: all, bm25:K or a run) for ``query_ids`` of an
-    in-process folder, and the files they name (a run's)."""
+def random_hits(doc_ids: Sequence[str], query_ids: Sequence[str], k: int, seed: int = 0) -> list[list[str]]:
+    """``k`` of ``doc_ids`` per query, drawn uniformly without replacement (all of them, shuffled, when ``k`` is
+    not smaller). A query's draw depends only on its id, the seed and the corpus, not on the other queries."""
+    hits = []
+    for query_id in query_ids:
+        rng = np.random.default_rng([seed, zlib.crc32(query_id.encode())])
+        hits.append([doc_ids[i] for i in rng.choice(len(doc_ids), size=min(k, len(doc_ids)), replace=False)])
+    return hits
+
+
+def candidate_references(
+    data: BeirData, spec, query_ids: Sequence[str], seed: int = 0
+) -> tuple[pa.Table, list]:
+    """The references of ``spec`` (a parsed `specs.CandidateSpec`: all, bm25:K, random:K or a run) for
+    ``query_ids`` of an in-process folder, and the files they name (a run's). ``seed`` seeds random:K."""
     if spec.kind == "all":
         doc_ids = list(data.corpus)
         if len(query_ids) * len(doc_ids) > MAX_ALL_PAIRS:
@@ -110,6 +124,8 @@ def candidate_references(data: BeirData, spec, query_ids: Sequence[str]) -> tupl
     if spec.kind == "bm25":
         hits, _ = BM25Index.from_corpus(data).search([data.queries[q].text for q in query_ids], spec.k)
         return ranked_references(query_ids, hits), []
+    if spec.kind == "random":
+        return ranked_references(query_ids, random_hits(list(data.corpus), query_ids, spec.k, seed)), []
     if spec.kind == "run":
         tables, _, files = read_run(spec.path, queries=input_files(data.root, "queries"))
         return pa.concat_tables(tables), files

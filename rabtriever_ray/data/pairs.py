@@ -126,12 +126,12 @@ def build_pairs(
 ) -> pa.Table:
     """Candidate pairs of an in-process folder (`PAIR_SCHEMA`), query by query in the order of ``query_ids``
     (default: the `sampling` sample of ``max_queries``), each list in rank order. In training mode the qrel
-    positives a list misses are added after it."""
+    positives a list misses are added after it. ``seed`` also seeds ``random:K`` candidates."""
     spec = parse_spec(candidates, "candidates", CANDIDATES, DataError)
     query_ids = (
         list(query_ids) if query_ids is not None else sample_query_ids(list(data.queries), max_queries, seed)
     )
-    refs, files = candidate_references(data, spec, query_ids)
+    refs, files = candidate_references(data, spec, query_ids, seed)
     return pairs_from_references(data, refs, query_ids, training, files)
 
 

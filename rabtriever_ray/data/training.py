@@ -8,7 +8,8 @@ from
 
 - ``rest``: the training split's queries that ``max_train_queries`` left out, their labels unused, or
 - a queries file in the ``queries.jsonl`` format (JSONL, JSONL.gz or Parquet, read with the same checks: a bad
-  line is an error naming the file and line),
+  line is an error naming the file and line), or
+- ``auto`` (`unlabelled_source`): the training folder's ``unlabelled_queries.jsonl`` when it has one,
 
 and never include a validation query (same id or same text) or a labelled training query.
 """
@@ -19,6 +20,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
+from ..config.schema import AUTO_UNLABELLED, UNLABELLED_FILE
 from .beir import BeirData, Query, query_dict
 from .checks import read_checked
 from .rows import DataError
@@ -26,6 +28,16 @@ from .sampling import sample_query_ids
 from .tasks import LocalTasks
 
 logger = logging.getLogger(__name__)
+
+
+def unlabelled_source(cfg, plan) -> str:
+    """A distillation's ``unlabelled_queries`` (``cfg``, a `DistillConfig`; ``plan``, its `DistillPlan`) with
+    ``auto`` resolved: the training folder's `UNLABELLED_FILE` where the job builds its training candidates (not
+    from a run file or pre-scored data) and the folder has one, else none."""
+    if cfg.unlabelled_queries != AUTO_UNLABELLED:
+        return cfg.unlabelled_queries
+    builds = not (cfg.teacher_data or plan.stream_train or plan.stream_rounds)
+    return UNLABELLED_FILE if builds and (plan.train_root / UNLABELLED_FILE).is_file() else ""
 
 
 def unlabelled_file(source: str, train_root: Path) -> Path:
