@@ -3,7 +3,7 @@ fine-tuned, and Rabtriever, on one task's validation queries, with what each lea
 
     python benchmarks/quality.py --task demo                         # the main job: the bundled demo, embedded defaults
     python benchmarks/quality.py --task esconv                       # ESConv strategy selection (../shared/datasets)
-    python benchmarks/quality.py --task demo unlabelled_queries=unlabelled_queries.jsonl   # any distillation key
+    python benchmarks/quality.py --task demo candidates=all max_unlabelled_queries=300   # any distillation key
     python benchmarks/quality.py --task esconv --config configs/esconv_strategy_gpu.yaml   # the GPU recipe
     python benchmarks/quality.py --report runs/demo/report.json      # tabulate a finished distillation
 
@@ -18,7 +18,7 @@ of each (a student that puts one document first for many queries has learnt a bi
 Tasks:
 
 - ``demo``: `jobs/distill.py` as the README runs it (local Ray, the default model, the bundled demo data: 150
-  labelled training queries, 60 validation queries x 30 skills).
+  labelled and 600 unlabelled training queries, 60 validation queries x 30 skills).
 - ``esconv``: ``configs/esconv_strategy.yaml`` with ``max_val_queries=300``: ESConv strategy selection, 300
   labelled training queries, the validation on 300 seeded queries of esconv_strategy_dev x all 8 strategies. Needs
   ``../shared/datasets`` (or ``data_dir=``); skipped, saying why, without it. Over an hour on 2 CPU cores.
