@@ -90,7 +90,7 @@ def run_distill(cfg: DistillConfig, fail_once_after_step: tuple[str, int] | None
         cfg, teacher=dataclasses.replace(cfg.teacher, model=resolve_spec(cfg.teacher.model))
     )
     plan = plan_distill(cfg)
-    cfg = dataclasses.replace(cfg, unlabelled_queries=unlabelled_source(cfg, plan))
+    cfg = dataclasses.replace(cfg, unlabelled_queries=unlabelled_source(cfg, plan.train_root))
     if cfg.val_teacher_data:
         val_data, val_pairs = read_beir(plan.val_root, cfg.val_split), None
     else:

@@ -89,7 +89,7 @@ def test_auto_takes_the_training_folders_unlabelled_queries_where_the_job_builds
     # The embedded defaults train on the demo's unlabelled instructions; a folder without the file trains on none.
     default = load_config(DistillConfig, None, [])
     assert default.unlabelled_queries == "auto"
-    assert unlabelled_source(default, plan_distill(default)) == "unlabelled_queries.jsonl"
+    assert unlabelled_source(default, plan_distill(default).train_root) == "unlabelled_queries.jsonl"
     bare = tmp_path / "data"
     shutil.copytree(DEMO_DATA, bare)
     (bare / "unlabelled_queries.jsonl").unlink()
@@ -105,7 +105,7 @@ def test_auto_takes_the_training_folders_unlabelled_queries_where_the_job_builds
 
 def _planned(*overrides):
     config = load_config(DistillConfig, None, list(overrides))
-    return config, plan_distill(config)
+    return config, plan_distill(config).train_root
 
 
 def test_the_demo_ships_unlabelled_instructions_apart_from_its_judged_queries():

@@ -308,6 +308,14 @@ class DistillConfig:
         )
     }
 
+    @property
+    def builds_candidates(self) -> bool:
+        """Whether the job builds every training pair's candidates itself (all, bm25:K, random:K; with rounds, an
+        all or bm25:K pool), so that unlabelled queries can join: not from a run file, a student pool or
+        ``teacher_data``."""
+        pooled_elsewhere = self.rounds > 1 and self.round_pool_spec.kind in ("run", "student")
+        return not (self.candidates_spec.is_run or self.teacher_data or pooled_elsewhere)
+
     def __post_init__(self) -> None:
         plain = TeacherTrainConfig()
         for key in self.DERIVED["finetune"]:
@@ -344,9 +352,7 @@ class DistillConfig:
         unknown = [m for m in self.baselines if m not in ("minilm", "minilm-ft")]
         if unknown:
             raise ConfigError(f"baselines: unknown {unknown}; choose from minilm, minilm-ft")
-        if self.unlabelled_queries not in ("", AUTO_UNLABELLED) and (
-            self.candidates_spec.is_run or self.teacher_data or (self.rounds > 1 and self.round_pool_spec.kind in ("run", "student"))
-        ):
+        if self.unlabelled_queries not in ("", AUTO_UNLABELLED) and not self.builds_candidates:
             raise ConfigError(
                 "unlabelled_queries are scored by the live teacher over candidates built in the job: they need "
                 "candidates all, bm25:K or random:K, no teacher_data, and (with rounds) round_pool all or bm25:K"

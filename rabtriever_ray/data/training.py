@@ -30,14 +30,13 @@ from .tasks import LocalTasks
 logger = logging.getLogger(__name__)
 
 
-def unlabelled_source(cfg, plan) -> str:
-    """A distillation's ``unlabelled_queries`` (``cfg``, a `DistillConfig`; ``plan``, its `DistillPlan`) with
-    ``auto`` resolved: the training folder's `UNLABELLED_FILE` where the job builds its training candidates (not
-    from a run file or pre-scored data) and the folder has one, else none."""
+def unlabelled_source(cfg, train_root: Path) -> str:
+    """A distillation's ``unlabelled_queries`` (``cfg``, a `DistillConfig`) with ``auto`` resolved: the training
+    folder's `UNLABELLED_FILE` where the job builds its training candidates (``cfg.builds_candidates``) and the
+    folder has one, else none."""
     if cfg.unlabelled_queries != AUTO_UNLABELLED:
         return cfg.unlabelled_queries
-    builds = not (cfg.teacher_data or plan.stream_train or plan.stream_rounds)
-    return UNLABELLED_FILE if builds and (plan.train_root / UNLABELLED_FILE).is_file() else ""
+    return UNLABELLED_FILE if cfg.builds_candidates and (train_root / UNLABELLED_FILE).is_file() else ""
 
 
 def unlabelled_file(source: str, train_root: Path) -> Path:
